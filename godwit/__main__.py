@@ -1,0 +1,3 @@
+from godwit.cli import main
+
+main()

@@ -1,0 +1,265 @@
+"""The godwit agent: one per host, serving the HTTP/JSON API described in api.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import socket
+import ssl
+import time
+import uuid
+from pathlib import Path
+
+from aiohttp import web
+
+from godwit import __version__
+from godwit.api import AgentClient
+from godwit.containers import ContainerStore
+from godwit.criu import CriuCapabilities, probe
+from godwit.errors import Conflict, GodwitError, NotFound
+from godwit.migration import MigrationOptions
+from godwit.migration.receiver import Receiver
+from godwit.migration.report import EventStream, MigrationReport, ReportArchive
+from godwit.migration.source import SourceContext, SourceMigration
+from godwit.runc import Runc
+
+log = logging.getLogger("godwit.agent")
+RESTORE_TIMEOUT_S = 600
+
+
+class Agent:
+    """State and request handlers of one host's agent."""
+
+    def __init__(self, name: str, state_dir: Path, runc_root: Path,
+                 client_ssl: ssl.SSLContext | None = None) -> None:
+        self.name = name
+        self.state_dir = state_dir
+        self.runc = Runc(runc_root)
+        self.store = ContainerStore(state_dir, self.runc, name)
+        self.receiver = Receiver(self.store, state_dir)
+        self.reports = ReportArchive(state_dir / "reports")
+        self.client_ssl = client_ssl
+        self.caps: CriuCapabilities | None = None
+        self.migrating: dict[str, asyncio.Task] = {}
+
+    async def start(self) -> None:
+        self.caps = await probe()
+        self.receiver.sweep()
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[error_middleware], client_max_size=1 << 20)
+        app.add_routes([
+            web.get("/v1/info", self.info),
+            web.get("/v1/containers", self.list_containers),
+            web.post("/v1/containers", self.run_container),
+            web.get("/v1/containers/{name}", self.get_container),
+            web.delete("/v1/containers/{name}", self.remove_container),
+            web.post("/v1/containers/{name}/exec", self.exec_container),
+            web.post("/v1/containers/{name}/signal", self.signal_container),
+            web.post("/v1/containers/{name}/migrate", self.migrate),
+            web.get("/v1/migrations", self.history),
+            web.get("/v1/migrations/{id}", self.report),
+            web.post("/v1/incoming", self.prepare_incoming),
+            web.put("/v1/incoming/{id}/{what}", self.upload_incoming),
+            web.post("/v1/incoming/{id}/restore", self.restore_incoming),
+            web.post("/v1/incoming/{id}/commit", self.commit_incoming),
+            web.get("/v1/incoming/{id}", self.incoming_state),
+            web.delete("/v1/incoming/{id}", self.abort_incoming),
+        ])
+        return app
+
+    # host and containers
+    async def info(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.describe_host())
+
+    async def describe_host(self) -> dict:
+        return {
+            "name": self.name,
+            "godwit": __version__,
+            "runc": await self.runc.version(),
+            "criu": self.caps.to_json() if self.caps else None,
+            "time": time.time(),
+            "containers": len(await self.store.list()),
+            "mem_available": _mem_available(),
+            "disk_free": shutil.disk_usage(self.state_dir).free,
+        }
+
+    async def list_containers(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.store.list())
+
+    async def get_container(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.store.describe(request.match_info["name"]))
+
+    async def run_container(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        await self.store.create(str(body.get("name", "")), Path(str(body.get("bundle", ""))))
+        return web.json_response(await self.store.describe(body["name"]), status=201)
+
+    async def remove_container(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name in self.migrating:
+            raise Conflict(f"container {name} is being migrated")
+        await self.store.remove(name)
+        return web.json_response({"removed": name})
+
+    async def exec_container(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        argv = (await _json_body(request)).get("argv")
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise GodwitError("exec needs a command")
+        self.store.record(name)
+        code, out, err = await self.runc.exec(name, argv)
+        return web.json_response({"exit_code": code, "stdout": out, "stderr": err})
+
+    async def signal_container(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        signal = str((await _json_body(request)).get("signal", "TERM"))
+        self.store.record(name)
+        await self.runc.kill(name, signal)
+        return web.json_response({"signalled": name, "signal": signal})
+
+    # migrations, source side
+    async def migrate(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        options = MigrationOptions.from_json(await _json_body(request))
+        self.store.record(name)
+        if name in self.migrating:
+            raise Conflict(f"container {name} is already being migrated")
+        events = EventStream(self.new_report(name, options))
+        task = asyncio.create_task(self.run_migration(name, options, events))
+        self.migrating[name] = task
+        task.add_done_callback(lambda _: self.migrating.pop(name, None))
+        return await _stream_events(request, events)
+
+    def new_report(self, name: str, options: MigrationOptions) -> MigrationReport:
+        return MigrationReport(
+            id=str(uuid.uuid4()), container=name, source=self.name,
+            destination=options.to, strategy=self.pick_strategy(options),
+            options=options.to_json(),
+        )
+
+    def pick_strategy(self, options: MigrationOptions) -> str:
+        """Post-copy and pre-copy come with their own issues; stop-and-copy always works."""
+        if options.strategy == "pre-copy" and not (self.caps and self.caps.soft_dirty):
+            raise GodwitError(
+                f"pre-copy is not supported on {self.name}: the kernel has no soft-dirty tracking"
+            )
+        if options.strategy in ("pre-copy", "post-copy"):
+            raise GodwitError(f"strategy {options.strategy} is not implemented yet")
+        return "stop-and-copy"
+
+    async def run_migration(self, name: str, options: MigrationOptions,
+                            events: EventStream) -> None:
+        work_dir = self.state_dir / "outgoing" / events.report.id
+        async with AgentClient(options.to, self.client_ssl, timeout=RESTORE_TIMEOUT_S) as dest:
+            ctx = SourceContext(self.store, dest, work_dir)
+            try:
+                migration = SourceMigration(ctx, name, options, events)
+            except GodwitError as exc:
+                events.report.result, events.report.error = "failed", str(exc)
+                events.close()
+                return
+            await migration.execute()
+        self.reports.save(events.report)
+        log.info("migration %s of %s: %s", events.report.id, name, events.report.result)
+
+    async def history(self, request: web.Request) -> web.Response:
+        return web.json_response(self.reports.all())
+
+    async def report(self, request: web.Request) -> web.Response:
+        report = self.reports.load(request.match_info["id"].replace("/", ""))
+        if report is None:
+            raise NotFound(f"no migration {request.match_info['id']} on {self.name}")
+        return web.json_response(report)
+
+    # migrations, destination side
+    async def prepare_incoming(self, request: web.Request) -> web.Response:
+        return web.json_response(self.receiver.prepare(await _json_body(request)))
+
+    async def upload_incoming(self, request: web.Request) -> web.Response:
+        info = request.match_info
+        return web.json_response(await self.receiver.receive(info["id"], info["what"],
+                                                             request.content))
+
+    async def restore_incoming(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.receiver.restore(request.match_info["id"]))
+
+    async def commit_incoming(self, request: web.Request) -> web.Response:
+        return web.json_response(self.receiver.commit(request.match_info["id"]))
+
+    async def incoming_state(self, request: web.Request) -> web.Response:
+        return web.json_response(self.receiver.state(request.match_info["id"]))
+
+    async def abort_incoming(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.receiver.abort(request.match_info["id"]))
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Every failure becomes `{"error": "one line"}` with a fitting status."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except NotFound as exc:
+        return web.json_response({"error": str(exc)}, status=404)
+    except Conflict as exc:
+        return web.json_response({"error": str(exc)}, status=409)
+    except GodwitError as exc:
+        return web.json_response({"error": str(exc)}, status=400)
+    except Exception as exc:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return web.json_response({"error": f"internal error: {exc}"}, status=500)
+
+
+async def _json_body(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        raise GodwitError("request body is not valid JSON") from exc
+    if not isinstance(body, dict):
+        raise GodwitError("request body must be a JSON object")
+    return body
+
+
+async def _stream_events(request: web.Request, events: EventStream) -> web.StreamResponse:
+    """Send events as NDJSON; a client that goes away does not stop the migration."""
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    while (event := await events.queue.get()) is not None:
+        try:
+            await response.write(json.dumps(event).encode() + b"\n")
+        except (ConnectionError, RuntimeError):
+            log.warning("client left while migration %s runs on", events.report.id)
+            return response
+    await response.write_eof()
+    return response
+
+
+def _mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def serve(agent: Agent, listen: str, server_ssl: ssl.SSLContext | None = None) -> None:
+    """Run an agent until cancelled."""
+    host, _, port = listen.rpartition(":")
+    await agent.start()
+    runner = web.AppRunner(agent.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host or "0.0.0.0", int(port), ssl_context=server_ssl,
+                       reuse_address=True)
+    await site.start()
+    log.info("agent %s listening on %s", agent.name, listen)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def default_name() -> str:
+    return socket.gethostname()

@@ -1,0 +1,209 @@
+"""Container commands: run, ps, exec, kill, rm, migrate, history, report."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from godwit.cli.common import (
+    Context,
+    console,
+    emit_json,
+    err_console,
+    gather_hosts,
+    json_option,
+    locate,
+    run,
+)
+from godwit.cli.render import containers_table, follow_migration, report_table
+from godwit.errors import GodwitError
+from godwit.migration import STRATEGIES, MigrationOptions
+
+pass_ctx = click.make_pass_decorator(Context)
+host_option = click.option("--host", "-H", help="Host name from the config, or ADDR:PORT.")
+
+
+@click.command("run")
+@click.argument("name")
+@click.option("--bundle", required=True, type=click.Path(file_okay=False),
+              help="OCI bundle directory (config.json + rootfs) on the host.")
+@host_option
+@json_option
+@pass_ctx
+def run_cmd(ctx: Context, name: str, bundle: str, host: str | None, as_json: bool) -> None:
+    """Start container NAME from a bundle on a host (stdio is /dev/null)."""
+    target = host or _only_host(ctx)
+
+    async def go() -> dict:
+        async with ctx.client(target) as agent:
+            return await agent.run(name, str(Path(bundle).resolve()))
+
+    result = run(go())
+    emit_json(result) if as_json else console.print(f"{name} running on {result['host']}")
+
+
+def _only_host(ctx: Context) -> str:
+    hosts = ctx.host_names()
+    if len(hosts) > 1:
+        raise GodwitError("several hosts configured: choose one with --host")
+    return hosts[0]
+
+
+@click.command("ps")
+@host_option
+@json_option
+@pass_ctx
+def ps_cmd(ctx: Context, host: str | None, as_json: bool) -> None:
+    """List containers on every configured host."""
+    found = run(gather_hosts(ctx, [host] if host else ctx.host_names(),
+                             lambda a: a.containers()))
+    rows = [row for r in found.values() if isinstance(r, list) for row in r]
+    errors = {h: str(r) for h, r in found.items() if isinstance(r, GodwitError)}
+    if as_json:
+        emit_json({"containers": rows, "errors": errors})
+    else:
+        console.print(containers_table(rows))
+        for h, message in errors.items():
+            err_console.print(f"warning: {h}: {message}")
+    if errors and not rows:
+        sys.exit(1)
+
+
+@click.command("exec")
+@click.argument("name")
+@click.argument("argv", nargs=-1, required=True)
+@host_option
+@pass_ctx
+def exec_cmd(ctx: Context, name: str, argv: tuple[str, ...], host: str | None) -> None:
+    """Run a command inside container NAME and print its output."""
+
+    async def go() -> dict:
+        async with ctx.client(host or await locate(ctx, name)) as agent:
+            return await agent.exec(name, list(argv))
+
+    result = run(go())
+    sys.stdout.write(result["stdout"])
+    sys.stderr.write(result["stderr"])
+    sys.exit(result["exit_code"])
+
+
+@click.command("kill")
+@click.argument("name")
+@click.option("--signal", "-s", default="TERM", show_default=True)
+@host_option
+@pass_ctx
+def kill_cmd(ctx: Context, name: str, signal: str, host: str | None) -> None:
+    """Send a signal to the init process of container NAME."""
+
+    async def go() -> dict:
+        async with ctx.client(host or await locate(ctx, name)) as agent:
+            return await agent.signal(name, signal)
+
+    run(go())
+
+
+@click.command("rm")
+@click.argument("name")
+@host_option
+@pass_ctx
+def rm_cmd(ctx: Context, name: str, host: str | None) -> None:
+    """Kill and remove container NAME."""
+
+    async def go() -> dict:
+        async with ctx.client(host or await locate(ctx, name)) as agent:
+            return await agent.remove(name)
+
+    run(go())
+    console.print(f"{name} removed")
+
+
+@click.command("migrate")
+@click.argument("name")
+@click.option("--to", "to", required=True, help="Destination host (name or ADDR:PORT).")
+@click.option("--from", "source", help="Source host; found automatically when omitted.")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="auto", show_default=True)
+@click.option("--shared-storage", is_flag=True,
+              help="The rootfs is on storage both hosts see at the same path: do not copy it.")
+@click.option("--tcp-established", is_flag=True, help="Checkpoint established TCP connections.")
+@click.option("--compress", is_flag=True, help="zstd-compress the transfer.")
+@click.option("--bandwidth", type=float, help="Limit the transfer to this many MB/s.")
+@click.option("--commit-timeout", type=float, default=60.0, show_default=True,
+              help="Seconds the destination waits for the commit before fencing its copy.")
+@json_option
+@pass_ctx
+def migrate_cmd(ctx: Context, name: str, to: str, source: str | None, as_json: bool,
+                **opts: object) -> None:
+    """Live-migrate container NAME to another host."""
+    options = MigrationOptions(to=ctx.config.address(to), bandwidth_mbps=opts.pop("bandwidth"),
+                               **opts)  # type: ignore[arg-type]
+    report = run(_migrate(ctx, name, source, options, quiet=as_json))
+    if as_json:
+        emit_json(report)
+    else:
+        console.print(report_table(report))
+    if report.get("result") != "ok":
+        if not as_json:
+            err_console.print(f"error: migration failed: {report.get('error')}; "
+                              f"container {report.get('outcome')}")
+        sys.exit(1)
+
+
+async def _migrate(ctx: Context, name: str, source: str | None,
+                   options: MigrationOptions, quiet: bool) -> dict:
+    source = source or await locate(ctx, name)
+    if ctx.config.address(source) == options.to:
+        raise GodwitError(f"container {name} is already on {source}")
+    async with ctx.client(options.to, timeout=10) as dest:
+        await dest.info()
+    async with ctx.client(source, timeout=600) as agent:
+        events = agent.migrate(name, options.to_json())
+        if quiet:
+            return [e async for e in events if e["event"] == "result"][-1]["report"]
+        console.print(f"migrating {name}: {source} → {ctx.config.name_of(options.to)}")
+        return await follow_migration(events)
+
+
+@click.command("history")
+@host_option
+@json_option
+@pass_ctx
+def history_cmd(ctx: Context, host: str | None, as_json: bool) -> None:
+    """Migrations recorded by the source agents."""
+    found = run(gather_hosts(ctx, [host] if host else ctx.host_names(), lambda a: a.history()))
+    reports = sorted((r for v in found.values() if isinstance(v, list) for r in v),
+                     key=lambda r: r["started_at"])
+    if as_json:
+        emit_json(reports)
+        return
+    from rich.table import Table
+
+    from godwit.cli.render import seconds, size
+
+    table = Table(box=None, header_style="bold")
+    for column in ("ID", "CONTAINER", "ROUTE", "STRATEGY", "RESULT", "DOWNTIME", "BYTES"):
+        table.add_column(column)
+    for r in reports:
+        table.add_row(r["id"][:8], r["container"], f"{r['source']} → {r['destination']}",
+                      r["strategy"], r["result"], seconds(r.get("downtime_s")),
+                      size(r.get("image_bytes", 0) + r.get("rootfs_bytes", 0)))
+    console.print(table)
+
+
+@click.command("report")
+@click.argument("migration_id")
+@host_option
+@json_option
+@pass_ctx
+def report_cmd(ctx: Context, migration_id: str, host: str | None, as_json: bool) -> None:
+    """Print the report of one migration (an ID prefix is enough)."""
+    found = run(gather_hosts(ctx, [host] if host else ctx.host_names(), lambda a: a.history()))
+    matches = [r for v in found.values() if isinstance(v, list) for r in v
+               if r["id"].startswith(migration_id)]
+    if len(matches) != 1:
+        raise GodwitError(f"{'no' if not matches else 'several'} migrations match {migration_id}")
+    emit_json(matches[0]) if as_json else console.print(report_table(matches[0]))
+
+
+COMMANDS = (run_cmd, ps_cmd, exec_cmd, kill_cmd, rm_cmd, migrate_cmd, history_cmd, report_cmd)

@@ -1,0 +1,72 @@
+"""Host commands: hosts (list with live facts), hosts add, hosts rm."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.table import Table
+
+from godwit.cli.common import Context, console, emit_json, gather_hosts, json_option, run
+from godwit.cli.render import size
+from godwit.errors import GodwitError
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group("hosts", invoke_without_command=True)
+@json_option
+@click.pass_context
+def hosts(click_ctx: click.Context, as_json: bool) -> None:
+    """List configured hosts with what their agents report."""
+    if click_ctx.invoked_subcommand:
+        return
+    ctx: Context = click_ctx.obj
+    names = ctx.host_names()
+    found = run(gather_hosts(ctx, names, lambda a: a.info()))
+    if as_json:
+        emit_json({h: ({"error": str(r)} if isinstance(r, GodwitError) else r)
+                   for h, r in found.items()})
+    else:
+        console.print(_hosts_table(ctx, found))
+    if all(isinstance(r, GodwitError) for r in found.values()):
+        sys.exit(1)
+
+
+def _hosts_table(ctx: Context, found: dict) -> Table:
+    table = Table(box=None, header_style="bold")
+    for column in ("HOST", "ADDRESS", "STATE", "CONTAINERS", "CRIU", "LAZY", "MEM FREE"):
+        table.add_column(column)
+    for host, info in found.items():
+        address = ctx.config.hosts.get(host, host)
+        if isinstance(info, GodwitError):
+            table.add_row(host, address, f"[red]down[/]: {info}", "", "", "", "")
+            continue
+        criu = info.get("criu") or {}
+        table.add_row(host, address, "[green]up[/]", str(info["containers"]),
+                      criu.get("version", "?") + ("" if criu.get("check_ok") else " (broken)"),
+                      "yes" if criu.get("lazy_pages") else "no", size(info["mem_available"]))
+    return table
+
+
+@hosts.command("add")
+@click.argument("name")
+@click.argument("address")
+@pass_ctx
+def hosts_add(ctx: Context, name: str, address: str) -> None:
+    """Remember host NAME at ADDRESS (host[:port])."""
+    ctx.config.add_host(name, address)
+    ctx.config.save()
+    console.print(f"{name} = {ctx.config.hosts[name]}")
+
+
+@hosts.command("rm")
+@click.argument("name")
+@pass_ctx
+def hosts_rm(ctx: Context, name: str) -> None:
+    """Forget host NAME."""
+    ctx.config.remove_host(name)
+    ctx.config.save()
+
+
+COMMANDS = (hosts,)

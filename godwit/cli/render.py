@@ -1,0 +1,91 @@
+"""Rich rendering of container lists, migration progress and reports."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from godwit.cli.common import console
+
+
+def size(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def containers_table(rows: list[dict]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for column in ("NAME", "HOST", "STATUS", "PID", "ROOTFS"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], row["host"], row["status"], str(row["pid"]), row["rootfs"])
+    return table
+
+
+def report_table(report: dict) -> Table:
+    """The figures of one migration, phases last."""
+    table = Table(title=f"migration {report['id'][:8]} of {report['container']}",
+                  box=None, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("result", f"{report['result']}: {report.get('outcome', '')}"),
+        ("route", f"{report['source']} → {report['destination']} ({report['strategy']})"),
+        ("downtime", seconds(report.get("downtime_s"))),
+        ("total", seconds(report.get("total_s"))),
+        ("images", size(report.get("image_bytes"))),
+        ("rootfs", size(report.get("rootfs_bytes"))),
+        ("on the wire", size(report.get("wire_bytes"))),
+    ]
+    if report.get("error"):
+        rows.insert(1, ("error", report["error"]))
+    for key, value in rows:
+        table.add_row(key, value)
+    for phase in report.get("phases", []):
+        table.add_row(f"  {phase['name']}", seconds(phase.get("seconds")))
+    return table
+
+
+async def follow_migration(events: AsyncIterator[dict]) -> dict:
+    """Show phases and transfer bars while a migration runs; return its report."""
+    report: dict = {}
+    bars: dict[str, TaskID] = {}
+    columns = (TextColumn("{task.description:<12}"), BarColumn(), DownloadColumn(),
+               TransferSpeedColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        async for event in events:
+            kind = event["event"]
+            if kind == "progress":
+                name = event["name"]
+                if name not in bars:
+                    bars[name] = progress.add_task(name, total=event["total"] or 1)
+                progress.update(bars[name], completed=event["done"], total=event["total"] or 1)
+            elif kind == "phase" and event["state"] == "end":
+                progress.console.print(f"  [green]✓[/] {event['name']:<12} "
+                                       f"{seconds(event.get('seconds'))}")
+            elif kind == "log":
+                progress.console.print(f"  {event['message']}")
+            elif kind == "result":
+                report = event["report"]
+    return report

@@ -1,0 +1,167 @@
+"""The containers of one host: godwit's records beside runc's own state."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from godwit.bundle import load_config, rewrite_for_host
+from godwit.errors import Conflict, GodwitError, NotFound
+from godwit.runc import ContainerState, Runc
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_name(name: str) -> str:
+    """Container names become paths and cgroup names: keep them tame."""
+    if not NAME_PATTERN.match(name or ""):
+        raise GodwitError(f"invalid container name {name!r} (letters, digits, _ . -; max 64)")
+    return name
+
+
+@dataclass
+class ContainerRecord:
+    """What godwit remembers about a container on this host."""
+
+    name: str
+    rootfs: str
+    rootfs_owned: bool
+    created_at: float
+    origin: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class ContainerStore:
+    """Records under `<state>/containers/<name>/` plus the runc root of this host."""
+
+    def __init__(self, state_dir: Path, runc: Runc, host: str) -> None:
+        self.root = state_dir / "containers"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.runc = runc
+        self.host = host
+
+    def dir(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def bundle_dir(self, name: str) -> Path:
+        return self.dir(name) / "bundle"
+
+    def cgroups_path(self, name: str) -> str:
+        """Per-host cgroup path, so that hosts sharing a kernel never collide."""
+        return f"/godwit/{self.host}/{name}"
+
+    def record(self, name: str) -> ContainerRecord:
+        path = self.dir(name) / "record.json"
+        if not path.exists():
+            raise NotFound(f"container {name} not found on {self.host}")
+        return ContainerRecord(**json.loads(path.read_text()))
+
+    def save(self, record: ContainerRecord) -> None:
+        path = self.dir(record.name) / "record.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record.to_json(), indent=1))
+        tmp.replace(path)
+
+    def exists(self, name: str) -> bool:
+        return (self.dir(name) / "record.json").exists()
+
+    def install_bundle(self, name: str, config: dict, rootfs: Path) -> Path:
+        """Write this host's config.json for a container (own cgroup path, absolute rootfs)."""
+        bundle = self.bundle_dir(name)
+        bundle.mkdir(parents=True, exist_ok=True)
+        host_config = rewrite_for_host(config, rootfs=rootfs, cgroups_path=self.cgroups_path(name))
+        (bundle / "config.json").write_text(json.dumps(host_config, indent=1))
+        return bundle
+
+    def config(self, name: str) -> dict:
+        return load_config(self.bundle_dir(name))
+
+    async def create(self, name: str, bundle: Path) -> ContainerRecord:
+        """Start a container from an operator's bundle directory (used in place)."""
+        check_name(name)
+        if self.exists(name) or await self._runc_knows(name):
+            raise Conflict(f"container {name} already exists on {self.host}")
+        config, rootfs = _read_bundle(bundle)
+        record = ContainerRecord(name, str(rootfs), False, time.time())
+        self.save(record)
+        try:
+            await self.runc.run_detached(name, self.install_bundle(name, config, rootfs))
+        except GodwitError:
+            await self.runc.delete(name)
+            self.forget(name)
+            raise
+        return record
+
+    async def _runc_knows(self, name: str) -> bool:
+        try:
+            await self.runc.state(name)
+        except NotFound:
+            return False
+        return True
+
+    async def state(self, name: str) -> ContainerState | None:
+        try:
+            return await self.runc.state(name)
+        except NotFound:
+            return None
+
+    async def describe(self, name: str) -> dict:
+        record = self.record(name)
+        state = await self.state(name)
+        return _describe(record, state, self.host)
+
+    async def list(self) -> list[dict]:
+        states = {s.name: s for s in await self.runc.list()}
+        records = sorted(p.parent.name for p in self.root.glob("*/record.json"))
+        return [_describe(self.record(n), states.get(n), self.host) for n in records]
+
+    async def remove(self, name: str) -> None:
+        """Kill and delete a container and everything godwit kept for it."""
+        self.record(name)
+        await self.runc.delete(name)
+        self.forget(name)
+
+    def forget(self, name: str, *, keep_rootfs: bool = False) -> None:
+        """Drop the record, this host's bundle and an owned rootfs (never an operator's)."""
+        directory = self.dir(name)
+        if not keep_rootfs:
+            shutil.rmtree(directory, ignore_errors=True)
+            return
+        for entry in directory.glob("*"):
+            if entry.name != "rootfs":
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def _read_bundle(bundle: Path) -> tuple[dict, Path]:
+    """Validate an operator's bundle; return its config and absolute rootfs path."""
+    if not bundle.is_dir():
+        raise GodwitError(f"bundle {bundle} is not a directory")
+    try:
+        config = load_config(bundle)
+    except FileNotFoundError as exc:
+        raise GodwitError(f"bundle {bundle} has no config.json") from exc
+    except ValueError as exc:
+        raise GodwitError(f"bundle {bundle}: config.json is not valid JSON") from exc
+    root = config.get("root", {}).get("path")
+    if not root:
+        raise GodwitError(f"bundle {bundle}: config.json has no root.path")
+    rootfs = (bundle / root).resolve()
+    if not rootfs.is_dir():
+        raise GodwitError(f"bundle {bundle}: rootfs {rootfs} is not a directory")
+    return config, rootfs
+
+
+def _describe(record: ContainerRecord, state: ContainerState | None, host: str) -> dict:
+    return {
+        **record.to_json(),
+        "host": host,
+        "status": state.status if state else "missing",
+        "pid": state.pid if state else 0,
+    }

@@ -1,0 +1,77 @@
+"""Fencing of a restored-but-uncommitted container, independent of the agent process.
+
+Before a destination restores a container it writes a decision file reading `pending`
+and starts this watchdog in its own session. Whoever changes the decision first wins,
+under an exclusive flock: the agent's commit writes `committed`, an abort writes
+`aborted`, the watchdog at the deadline writes `fenced` and deletes the container.
+So a destination copy runs for good only if the source heard "committed", even when the
+destination agent dies between restore and commit.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PENDING, COMMITTED, ABORTED, FENCED = "pending", "committed", "aborted", "fenced"
+
+
+def read_decision(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return ABORTED
+
+
+def decide(path: Path, new: str) -> str:
+    """Move `pending` to `new` atomically; return the decision that holds afterwards."""
+    with open(path, "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        current = f.read().strip()
+        if current != PENDING:
+            return current
+        f.seek(0)
+        f.truncate()
+        f.write(new)
+        f.flush()
+        os.fsync(f.fileno())
+        return new
+
+
+def start_watchdog(
+    decision: Path, seconds: float, runc_root: Path, name: str, container_dir: Path
+) -> None:
+    """Arm the watchdog; it outlives the agent."""
+    decision.write_text(PENDING)
+    argv = [sys.executable, "-m", "godwit.fence", str(decision), str(seconds), str(runc_root),
+            name, str(container_dir)]
+    subprocess.Popen(
+        argv, start_new_session=True, close_fds=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def watchdog(
+    decision: Path, seconds: float, runc_root: Path, name: str, container_dir: Path
+) -> None:
+    """Sleep until the deadline; fence the container unless the decision was taken."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if read_decision(decision) != PENDING:
+            return
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    if decide(decision, FENCED) == FENCED:
+        runc = os.environ.get("GODWIT_RUNC", "runc")
+        subprocess.run([runc, "--root", str(runc_root), "delete", "--force", name],
+                       stdin=subprocess.DEVNULL, capture_output=True, check=False)
+        shutil.rmtree(container_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    decision_file, seconds, runc_root, container, container_dir = sys.argv[1:6]
+    watchdog(Path(decision_file), float(seconds), Path(runc_root), container, Path(container_dir))

@@ -1,0 +1,52 @@
+"""Migration strategies and their options."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from godwit.errors import GodwitError
+
+STRATEGIES = ("auto", "stop-and-copy", "post-copy", "pre-copy")
+
+
+@dataclass(frozen=True)
+class MigrationOptions:
+    """What the operator asked for; validated before anything is touched."""
+
+    to: str
+    strategy: str = "auto"
+    shared_storage: bool = False
+    tcp_established: bool = False
+    compress: bool = False
+    bandwidth_mbps: float | None = None
+    commit_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            choices = ", ".join(STRATEGIES)
+            raise GodwitError(f"unknown strategy {self.strategy!r} (one of {choices})")
+        if self.bandwidth_mbps is not None and self.bandwidth_mbps <= 0:
+            raise GodwitError("--bandwidth must be a positive number of MB/s")
+        if self.commit_timeout < 5:
+            raise GodwitError("commit timeout must be at least 5 seconds")
+
+    @classmethod
+    def from_json(cls, data: dict) -> MigrationOptions:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise GodwitError(f"unknown migration option(s): {', '.join(sorted(unknown))}")
+        if not data.get("to"):
+            raise GodwitError("a destination host is required")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise GodwitError(f"bad migration options: {exc}") from exc
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @property
+    def rate_limit(self) -> float | None:
+        """Bytes per second on the wire, or None for unlimited."""
+        return self.bandwidth_mbps * 1e6 if self.bandwidth_mbps else None

@@ -1,0 +1,259 @@
+"""Source side of a migration: the steps every strategy shares, and the safety net.
+
+The container is frozen (`runc pause`) and dumped with `--leave-running`, so the source
+keeps a paused copy until the destination has committed. On any failure the destination
+copy is aborted (or left to its fence watchdog) and the source copy is resumed: exactly
+one copy runs afterwards. Only when a commit was sent and its outcome cannot be learnt
+does the source stay paused and the migration end "in-doubt".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from godwit.api import AgentClient, AgentUnreachable
+from godwit.containers import ContainerStore
+from godwit.errors import GodwitError
+from godwit.migration import MigrationOptions
+from godwit.migration.report import EventStream
+from godwit.runc import CheckpointOptions
+from godwit.transport import TreePlan, diff_manifests, plan_tree, scan_tree, send_tree
+
+FENCE_MARGIN_S = 3.0
+PROGRESS_INTERVAL_S = 0.1
+
+
+class InDoubt(GodwitError):
+    """A commit was sent but whether the destination took it is unknown."""
+
+
+@dataclass
+class SourceContext:
+    """What a strategy needs from the source agent."""
+
+    store: ContainerStore
+    dest: AgentClient
+    work_dir: Path
+
+
+class SourceMigration:
+    """Stop-and-copy, and the base of the other strategies."""
+
+    strategy = "stop-and-copy"
+
+    def __init__(self, ctx: SourceContext, name: str, options: MigrationOptions,
+                 events: EventStream) -> None:
+        self.ctx, self.name, self.options, self.events = ctx, name, options, events
+        self.report = events.report
+        self.record = ctx.store.record(name)
+        self.images = ctx.work_dir / "images"
+        self.prepared = self.frozen = False
+        self.restore_sent_at: float | None = None
+        self.manifest: dict | None = None
+
+    @property
+    def runc(self):
+        return self.ctx.store.runc
+
+    @property
+    def shared(self) -> bool:
+        return self.options.shared_storage
+
+    async def execute(self) -> None:
+        """Run the migration to an outcome; never raises."""
+        try:
+            await self.migrate()
+            self.report.result = "ok"
+            self.report.outcome = f"running on {self.report.destination}"
+        except InDoubt as exc:
+            self.report.result, self.report.error = "in-doubt", str(exc)
+            self.report.outcome = f"paused on {self.report.source}, destination unreachable"
+        except Exception as exc:  # every failure ends in a rollback, whatever raised it
+            self.report.result, self.report.error = "failed", _one_line(exc)
+            self.report.outcome = await self.rollback()
+        finally:
+            self.report.finished_at = time.time()
+            self.events.close()
+
+    async def migrate(self) -> None:
+        await self.prepare_destination()
+        if not self.shared:
+            await self.send_rootfs(initial=True)
+        await self.freeze()
+        await self.dump()
+        if not self.shared:
+            await self.send_rootfs(initial=False)
+        await self.send_images()
+        await self.restore()
+        await self.verify()
+        await self.commit()
+        await self.cleanup_source()
+
+    # steps
+    async def prepare_destination(self) -> None:
+        with self.events.phase("prepare"):
+            info = await self.ctx.dest.info()
+            if not info.get("criu", {}).get("check_ok"):
+                raise GodwitError(f"CRIU does not work on {self.report.destination}")
+            await self.ctx.dest.prepare_incoming(self.incoming_request())
+            self.prepared = True
+
+    def incoming_request(self) -> dict:
+        return {
+            "id": self.report.id,
+            "name": self.name,
+            "source": self.report.source,
+            "config": self.ctx.store.config(self.name),
+            "shared_rootfs": self.record.rootfs if self.shared else None,
+            "commit_timeout": self.options.commit_timeout,
+            "tcp_established": self.options.tcp_established,
+            "strategy": self.strategy,
+        }
+
+    async def send_rootfs(self, *, initial: bool) -> None:
+        """First pass while running; second pass, frozen, carries only what changed."""
+        root = Path(self.record.rootfs)
+        phase = "rootfs" if initial else "rootfs-sync"
+        with self.events.phase(phase):
+            manifest = await asyncio.to_thread(scan_tree, root)
+            if initial:
+                plan = await asyncio.to_thread(plan_tree, root)
+            else:
+                changed, deleted = diff_manifests(self.manifest or {}, manifest)
+                plan = await asyncio.to_thread(plan_tree, root, changed, deleted)
+            self.manifest = manifest
+            self.report.rootfs_bytes += await self.upload("rootfs", plan, phase)
+
+    async def freeze(self) -> None:
+        with self.events.phase("freeze"):
+            await self.runc.pause(self.name)
+            self.frozen = True
+            self.report.frozen_at = time.time()
+
+    async def dump(self) -> None:
+        self.images.mkdir(parents=True, exist_ok=True)
+        opts = CheckpointOptions(
+            image_path=self.images, work_path=self.ctx.work_dir / "dump-work",
+            leave_running=True, tcp_established=self.options.tcp_established,
+        )
+        with self.events.phase("dump"):
+            await self.runc.checkpoint(self.name, opts)
+
+    async def send_images(self) -> None:
+        with self.events.phase("images"):
+            plan = await asyncio.to_thread(plan_tree, self.images)
+            self.report.image_bytes += await self.upload("images", plan, "images")
+
+    async def restore(self) -> None:
+        with self.events.phase("restore"):
+            self.restore_sent_at = time.monotonic()
+            await self.ctx.dest.restore_incoming(self.report.id)
+            self.report.resumed_at = time.time()
+            self.report.downtime_s = self.report.resumed_at - (self.report.frozen_at or 0)
+
+    async def verify(self) -> None:
+        """The restored copy must still be running a moment later."""
+        with self.events.phase("verify"):
+            await asyncio.sleep(0.2)
+            state = await self.ctx.dest.container(self.name)
+            if state.get("status") != "running":
+                raise GodwitError(f"restored container is {state.get('status')} on destination")
+
+    async def commit(self) -> None:
+        with self.events.phase("commit"):
+            try:
+                await self.ctx.dest.commit_incoming(self.report.id)
+            except AgentUnreachable:
+                await self.learn_commit_outcome()
+
+    async def learn_commit_outcome(self) -> None:
+        """The commit answer was lost: ask until the fence deadline passes."""
+        while time.monotonic() < self.fence_deadline():
+            state = await self.destination_state()
+            if state == "committed":
+                return
+            if state in ("fenced", "aborted", "unknown"):
+                raise GodwitError(f"destination copy was {state} before the commit")
+            await asyncio.sleep(0.5)
+        raise InDoubt("commit sent but the destination is unreachable; source copy left paused")
+
+    async def cleanup_source(self) -> None:
+        """The destination runs the container for good: delete the paused source copy."""
+        with self.events.phase("cleanup"):
+            try:
+                await self.runc.delete(self.name)
+            except GodwitError as exc:
+                self.events.log(f"warning: source copy not deleted: {exc}")
+            self.ctx.store.forget(self.name, keep_rootfs=self.shared)
+            shutil.rmtree(self.ctx.work_dir, ignore_errors=True)
+
+    # transfers
+    async def upload(self, what: str, plan: TreePlan, phase: str) -> int:
+        """Stream a tree plan to the destination; returns the payload bytes sent."""
+        last = 0.0
+
+        def on_progress(done: int) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= PROGRESS_INTERVAL_S or done >= plan.total_bytes:
+                last = now
+                self.events.progress(phase, done, plan.total_bytes)
+
+        body = send_tree(plan, compress=self.options.compress,
+                         rate_limit=self.options.rate_limit, on_progress=on_progress)
+        result = await self.ctx.dest.upload(self.report.id, what, body)
+        self.report.wire_bytes += int(result.get("wire_bytes", result.get("bytes", 0)))
+        return plan.total_bytes
+
+    # safety net
+    def fence_deadline(self) -> float:
+        assert self.restore_sent_at is not None
+        return self.restore_sent_at + self.options.commit_timeout + FENCE_MARGIN_S
+
+    async def destination_state(self) -> str | None:
+        try:
+            return (await self.ctx.dest.incoming_state(self.report.id)).get("state")
+        except GodwitError:
+            return None
+
+    async def rollback(self) -> str:
+        """Undo a failed migration; return where the container runs now."""
+        dest_state = await self.abort_destination() if self.prepared else "aborted"
+        if dest_state == "committed":
+            await self.cleanup_source()
+            self.report.result, self.report.error = "ok", None
+            return f"running on {self.report.destination}"
+        if not self.frozen:
+            return f"running on {self.report.source} (never frozen)"
+        try:
+            await self.runc.resume(self.name)
+        except GodwitError as exc:
+            return f"could not resume on {self.report.source}: {exc}"
+        self.report.resumed_at = time.time()
+        self.report.downtime_s = self.report.resumed_at - (self.report.frozen_at or 0)
+        return f"running on {self.report.source} (resumed)"
+
+    async def abort_destination(self) -> str:
+        """Abort the destination copy; after a restore request, wait for proof or the fence."""
+        while True:
+            try:
+                return (await self.ctx.dest.abort_incoming(self.report.id)).get("state", "")
+            except AgentUnreachable:
+                if self.restore_sent_at is None:
+                    return "unreachable"
+            except GodwitError as exc:
+                if "committed" in str(exc):
+                    return "committed"
+                return "refused"
+            if time.monotonic() >= self.fence_deadline():
+                return "fenced"
+            await asyncio.sleep(0.5)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,116 @@
+"""A throwaway cluster on this machine: netns hosts, each with a running agent, and a CLI
+config that knows them. Used by the demo, the integration tests and the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from godwit.api import DEFAULT_PORT
+from godwit.netns import HostNetwork, TestHost, cleanup_stale
+
+AGENT_START_TIMEOUT_S = 15
+
+
+class Testbed:
+    """`with Testbed(["a", "b"]) as bed:` gives hosts with agents; everything goes at exit."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, hosts: list[str], *, prefix: str = "gwt",
+                 subnet: str = "10.231.0.0/24") -> None:
+        self.names = hosts
+        self.prefix = prefix
+        self.net = HostNetwork(prefix=prefix, subnet=subnet,
+                               base_dir=Path(f"/run/godwit-{prefix}"))
+        self.work = Path(tempfile.mkdtemp(prefix=f"godwit-{prefix}-", dir="/var/tmp"))
+        self.config_path = self.work / "cli.json"
+        self.agents: dict[str, subprocess.Popen] = {}
+
+    def __enter__(self) -> Testbed:
+        cleanup_stale(self.prefix, base_dir=self.net.base_dir)
+        try:
+            for name in self.names:
+                self.net.add_host(name)
+            self._write_cli_config()
+            for name in self.names:
+                self.start_agent(name)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for name in list(self.agents):
+            self.stop_agent(name)
+        self.net.destroy()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def host(self, name: str) -> TestHost:
+        return self.net.hosts[name]
+
+    def address(self, name: str) -> str:
+        return f"{self.host(name).address}:{DEFAULT_PORT}"
+
+    def _write_cli_config(self) -> None:
+        hosts = {name: self.address(name) for name in self.names}
+        self.config_path.write_text(json.dumps({"hosts": hosts, "tls": None}))
+
+    def start_agent(self, name: str) -> subprocess.Popen:
+        """Start (or restart) the agent of a host inside its network namespace."""
+        host = self.host(name)
+        host.state_dir.mkdir(parents=True, exist_ok=True)
+        log = open(host.state_dir / "agent.log", "ab")  # noqa: SIM115 - owned by the process
+        argv = [sys.executable, "-m", "godwit", "agent", "--listen", self.address(name),
+                "--state-dir", str(host.state_dir), "--runc-root", str(host.runc_root),
+                "--name", name]
+        proc = self.net.run_in(host, argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        self.agents[name] = proc
+        self._wait_ready(name, proc)
+        return proc
+
+    def _wait_ready(self, name: str, proc: subprocess.Popen) -> None:
+        deadline = time.monotonic() + AGENT_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"agent {name} exited: {self.agent_log(name)[-500:]}")
+            try:
+                urllib.request.urlopen(f"http://{self.address(name)}/v1/info", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"agent {name} did not start in {AGENT_START_TIMEOUT_S} s")
+
+    def stop_agent(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.agents.pop(name, None)
+        if proc and proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def agent_log(self, name: str) -> str:
+        path = self.host(name).state_dir / "agent.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def godwit(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        """Run the CLI against this testbed; output captured as text."""
+        env = {**os.environ, "GODWIT_CONFIG": str(self.config_path), "COLUMNS": "120"}
+        return subprocess.run([sys.executable, "-m", "godwit", *args], env=env, text=True,
+                              capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def bundle_dir(self, name: str) -> Path:
+        return self.work / "bundles" / name

@@ -1,0 +1,169 @@
+"""End-to-end stop-and-copy migrations between netns hosts, with real runc and CRIU."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import cli_json, copies, wait_for
+
+from godwit.bundle import counter_bundle, load_config, read_count, save_config
+from godwit.testbed import Testbed
+from godwit.workloads import memhog_bundle, read_state
+
+pytestmark = pytest.mark.integration
+
+
+def start(bed: Testbed, name: str, bundle: Path, host: str = "a") -> None:
+    result = bed.godwit("run", name, "--bundle", str(bundle), "--host", host)
+    assert result.returncode == 0, result.stderr
+
+
+def rootfs_of(bed: Testbed, name: str) -> Path:
+    rows = cli_json(bed, "ps")["containers"]
+    return Path(next(r["rootfs"] for r in rows if r["name"] == name))
+
+
+def migrate(bed: Testbed, name: str, to: str, *extra: str) -> tuple[int, dict]:
+    result = bed.godwit("migrate", name, "--to", to, "--json", *extra)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.returncode, json.loads(result.stdout) if result.stdout.strip() else {}
+
+
+def remove(bed: Testbed, name: str) -> None:
+    bed.godwit("rm", name)
+
+
+def test_counter_keeps_its_memory_across_migration(bed: Testbed) -> None:
+    start(bed, "counter", counter_bundle(bed.bundle_dir("counter")))
+    source_rootfs = rootfs_of(bed, "counter")
+    wait_for(lambda: (read_count(source_rootfs) or 0) >= 20, what="counter to reach 20")
+    code, report = migrate(bed, "counter", "b")
+    assert code == 0 and report["result"] == "ok", report
+    assert copies(bed, "counter") == [("b", "running")]
+    at_freeze = read_count(source_rootfs)
+    dest_rootfs = rootfs_of(bed, "counter")
+    assert dest_rootfs != source_rootfs, "rootfs should have been transferred"
+    # A restarted shell would count from 1 again; a migrated one goes on from where it was.
+    after = wait_for(lambda: (c := read_count(dest_rootfs)) and c > at_freeze + 5 and c,
+                     what="counter to continue on b")
+    assert after > at_freeze >= 20
+    assert report["rootfs_bytes"] > 0 and report["image_bytes"] > 0
+    assert 0 < report["downtime_s"] < report["total_s"]
+    remove(bed, "counter")
+
+
+def test_256_mib_memory_is_preserved(bed: Testbed) -> None:
+    start(bed, "mem256", memhog_bundle(bed.bundle_dir("mem256"), 256, seed=7, dirty_pps=0))
+    rootfs = rootfs_of(bed, "mem256")
+    before = wait_for(lambda: read_state(rootfs).get("status") == "ready" and read_state(rootfs),
+                      timeout=60, what="memhog ready")
+    code, report = migrate(bed, "mem256", "b")
+    assert code == 0, report
+    assert report["image_bytes"] >= 256 << 20
+    dest = rootfs_of(bed, "mem256")
+    assert bed.godwit("kill", "mem256", "--signal", "USR1").returncode == 0
+    verified = wait_for(lambda: read_state(dest).get("status") == "verified" and read_state(dest),
+                        timeout=60, what="memhog verification on b")
+    assert verified["ok"] == 1
+    assert verified["checksum"] == verified["expected"] == before["checksum"]
+    assert verified["counter"] > before["counter"]
+    remove(bed, "mem256")
+
+
+def test_shared_storage_moves_no_rootfs(bed: Testbed) -> None:
+    start(bed, "shared", counter_bundle(bed.bundle_dir("shared")))
+    rootfs = rootfs_of(bed, "shared")
+    wait_for(lambda: (read_count(rootfs) or 0) >= 5, what="counter")
+    code, report = migrate(bed, "shared", "b", "--shared-storage")
+    assert code == 0, report
+    assert report["rootfs_bytes"] == 0
+    assert rootfs_of(bed, "shared") == rootfs
+    before = read_count(rootfs)
+    wait_for(lambda: (read_count(rootfs) or 0) > before + 3, what="counter on b")
+    assert copies(bed, "shared") == [("b", "running")]
+    remove(bed, "shared")
+
+
+def test_destination_killed_mid_transfer_leaves_container_on_source(bed: Testbed) -> None:
+    start(bed, "victim", memhog_bundle(bed.bundle_dir("victim"), 256, seed=3))
+    rootfs = rootfs_of(bed, "victim")
+    wait_for(lambda: read_state(rootfs).get("status") == "ready", timeout=60, what="memhog")
+    env_cmd = [sys.executable, "-m", "godwit", "migrate", "victim", "--to", "b", "--json",
+               "--bandwidth", "40"]
+    proc = subprocess.Popen(env_cmd, env={"GODWIT_CONFIG": str(bed.config_path)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    staging = bed.host("b").state_dir / "incoming"
+    wait_for(lambda: any(staging.glob("*/images/*")), timeout=30, what="images upload to start")
+    bed.stop_agent("b", signal.SIGKILL)
+    out, _err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    report = json.loads(out)
+    assert report["result"] == "failed" and "resumed" in report["outcome"], report
+    bed.start_agent("b")
+    assert copies(bed, "victim") == [("a", "running")]
+    counter = read_state(rootfs)["counter"]
+    wait_for(lambda: read_state(rootfs)["counter"] > counter + 10, what="memhog to run on a")
+    remove(bed, "victim")
+
+
+def test_restore_failure_on_destination_resumes_source(bed: Testbed, tmp_path: Path) -> None:
+    """A host-local volume missing on the destination makes runc restore fail there."""
+    volume = tmp_path / "volume-only-on-a"
+    volume.mkdir()
+    bundle = counter_bundle(bed.bundle_dir("local-vol"))
+    config = load_config(bundle)
+    config["mounts"].append({"destination": "/data", "type": "bind", "source": str(volume),
+                             "options": ["rbind", "rw"]})
+    save_config(bundle, config)
+    start(bed, "local-vol", bundle)
+    rootfs = rootfs_of(bed, "local-vol")
+    wait_for(lambda: (read_count(rootfs) or 0) >= 5, what="counter")
+    volume.rmdir()  # the container keeps its mount; host b cannot bind it any more
+    code, report = migrate(bed, "local-vol", "b")
+    assert code != 0
+    assert report["result"] == "failed" and "restore" in report["error"], report
+    assert copies(bed, "local-vol") == [("a", "running")]
+    before = read_count(rootfs)
+    wait_for(lambda: (read_count(rootfs) or 0) > before + 3, what="counter resumed on a")
+    remove(bed, "local-vol")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["migrate", "nosuch", "--to", "b"], "not found"),
+        (["migrate", "x", "--to", "b", "--strategy", "warp"], "Invalid value"),
+        (["run", "bad", "--bundle", "/nonexistent/bundle", "--host", "a"], "not a directory"),
+        (["run", "bad", "--bundle", "/tmp", "--host", "a"], "no config.json"),
+        (["run", "../evil", "--bundle", "/tmp", "--host", "a"], "invalid container name"),
+        (["ps", "--host", "127.0.0.1:1"], "cannot connect"),
+        (["exec", "nosuch", "true"], "not found"),
+        (["hosts", "rm", "nosuch"], "no host"),
+    ],
+)
+def test_bad_input_gives_one_line_error(bed: Testbed, args: list[str], message: str) -> None:
+    result = bed.godwit(*args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr, result.stderr
+
+
+def test_migrate_to_unreachable_host_touches_nothing(bed: Testbed) -> None:
+    start(bed, "stay", counter_bundle(bed.bundle_dir("stay")))
+    result = bed.godwit("migrate", "stay", "--to", "127.0.0.1:1")
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and "cannot connect" in result.stderr
+    assert copies(bed, "stay") == [("a", "running")]
+    remove(bed, "stay")
+
+
+def test_history_records_every_migration(bed: Testbed) -> None:
+    reports = cli_json(bed, "history")
+    assert {r["container"] for r in reports} >= {"counter", "mem256", "victim", "local-vol"}
+    failed = [r for r in reports if r["container"] == "local-vol"]
+    assert failed and failed[-1]["result"] == "failed"
