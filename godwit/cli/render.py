@@ -11,7 +11,6 @@ from rich.progress import (
     TaskID,
     TextColumn,
     TimeElapsedColumn,
-    TransferSpeedColumn,
 )
 from rich.table import Table
 
@@ -36,10 +35,11 @@ def seconds(s: float | None) -> str:
 
 def containers_table(rows: list[dict]) -> Table:
     table = Table(box=None, header_style="bold")
-    for column in ("NAME", "HOST", "STATUS", "PID", "ROOTFS"):
+    for column in ("NAME", "HOST", "STATUS", "PID", "FROM"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["name"], row["host"], row["status"], str(row["pid"]), row["rootfs"])
+        table.add_row(row["name"], row["host"], row["status"], str(row["pid"]),
+                      row.get("origin") or "")
     return table
 
 
@@ -71,8 +71,8 @@ async def follow_migration(events: AsyncIterator[dict]) -> dict:
     """Show phases and transfer bars while a migration runs; return its report."""
     report: dict = {}
     bars: dict[str, TaskID] = {}
-    columns = (TextColumn("{task.description:<12}"), BarColumn(), DownloadColumn(),
-               TransferSpeedColumn(), TimeElapsedColumn())
+    columns = (TextColumn("  {task.description:<12}"), BarColumn(), DownloadColumn(),
+               TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         async for event in events:
             kind = event["event"]

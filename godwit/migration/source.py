@@ -97,7 +97,10 @@ class SourceMigration:
     async def prepare_destination(self) -> None:
         with self.events.phase("prepare"):
             info = await self.ctx.dest.info()
-            if not info.get("criu", {}).get("check_ok"):
+            self.report.destination = info.get("name") or self.report.destination
+            if info.get("name") == self.report.source:
+                raise GodwitError(f"{self.name} is already on {self.report.source}")
+            if not (info.get("criu") or {}).get("check_ok"):
                 raise GodwitError(f"CRIU does not work on {self.report.destination}")
             await self.ctx.dest.prepare_incoming(self.incoming_request())
             self.prepared = True
