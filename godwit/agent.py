@@ -10,9 +10,12 @@ import socket
 import ssl
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from godwit import __version__
 from godwit.api import AgentClient
@@ -33,7 +36,7 @@ class Agent:
     """State and request handlers of one host's agent."""
 
     def __init__(self, name: str, state_dir: Path, runc_root: Path,
-                 client_ssl: ssl.SSLContext | None = None) -> None:
+                 client_ssl: Callable[[], ssl.SSLContext] | None = None) -> None:
         self.name = name
         self.state_dir = state_dir
         self.runc = Runc(runc_root)
@@ -49,7 +52,8 @@ class Agent:
         self.receiver.sweep()
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[error_middleware], client_max_size=1 << 20)
+        middlewares = [error_middleware, agents_only_middleware]
+        app = web.Application(middlewares=middlewares, client_max_size=1 << 20)
         app.add_routes([
             web.get("/v1/info", self.info),
             web.get("/v1/containers", self.list_containers),
@@ -153,7 +157,8 @@ class Agent:
     async def run_migration(self, name: str, options: MigrationOptions,
                             events: EventStream) -> None:
         work_dir = self.state_dir / "outgoing" / events.report.id
-        async with AgentClient(options.to, self.client_ssl, timeout=RESTORE_TIMEOUT_S) as dest:
+        ssl_context = self.client_ssl() if self.client_ssl else None
+        async with AgentClient(options.to, ssl_context, timeout=RESTORE_TIMEOUT_S) as dest:
             ctx = SourceContext(self.store, dest, work_dir)
             try:
                 migration = SourceMigration(ctx, name, options, events)
@@ -212,6 +217,29 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except Exception as exc:
         log.exception("internal error on %s %s", request.method, request.path)
         return web.json_response({"error": f"internal error: {exc}"}, status=500)
+
+
+@web.middleware
+async def agents_only_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Only agents (certificates with serverAuth) may push a migration into this host;
+    operator certificates drive migrations through the source agent instead."""
+    if request.path.startswith("/v1/incoming") and request.secure and not _peer_is_agent(request):
+        return web.json_response({"error": "only agent certificates may send migrations"},
+                                 status=403)
+    return await handler(request)
+
+
+def _peer_is_agent(request: web.Request) -> bool:
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+    if not der:
+        return False
+    try:
+        usage = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
+            x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+    return ExtendedKeyUsageOID.SERVER_AUTH in usage
 
 
 async def _json_body(request: web.Request) -> dict:

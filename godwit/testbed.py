@@ -16,6 +16,8 @@ from pathlib import Path
 
 from godwit.api import DEFAULT_PORT
 from godwit.netns import HostNetwork, TestHost, cleanup_stale
+from godwit.pki import CertificateAuthority
+from godwit.tls import client_context
 
 AGENT_START_TIMEOUT_S = 15
 
@@ -64,17 +66,28 @@ class Testbed:
         return f"{self.host(name).address}:{DEFAULT_PORT}"
 
     def _write_cli_config(self) -> None:
+        """A CA for this testbed, an agent certificate per host, an operator certificate."""
+        self.ca = CertificateAuthority(self.work / "ca")
+        self.ca.init(f"godwit testbed {self.prefix}")
+        for name in self.names:
+            self.ca.issue_agent(name, [self.host(name).address])
+        self.ca.issue_client("operator")
+        operator = self.ca.bundle_for("operator")
+        tls = {key: str(getattr(operator, key)) for key in ("ca", "cert", "key", "crl")}
         hosts = {name: self.address(name) for name in self.names}
-        self.config_path.write_text(json.dumps({"hosts": hosts, "tls": None}))
+        self.config_path.write_text(json.dumps({"hosts": hosts, "tls": tls}))
+        self.operator_tls = operator
 
     def start_agent(self, name: str) -> subprocess.Popen:
         """Start (or restart) the agent of a host inside its network namespace."""
         host = self.host(name)
         host.state_dir.mkdir(parents=True, exist_ok=True)
         log = open(host.state_dir / "agent.log", "ab")  # noqa: SIM115 - owned by the process
+        files = self.ca.bundle_for(name)
         argv = [sys.executable, "-m", "godwit", "agent", "--listen", self.address(name),
                 "--state-dir", str(host.state_dir), "--runc-root", str(host.runc_root),
-                "--name", name]
+                "--name", name, "--tls-ca", str(files.ca), "--tls-cert", str(files.cert),
+                "--tls-key", str(files.key), "--tls-crl", str(files.crl)]
         proc = self.net.run_in(host, argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         self.agents[name] = proc
         self._wait_ready(name, proc)
@@ -82,11 +95,13 @@ class Testbed:
 
     def _wait_ready(self, name: str, proc: subprocess.Popen) -> None:
         deadline = time.monotonic() + AGENT_START_TIMEOUT_S
+        context = client_context(self.operator_tls)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"agent {name} exited: {self.agent_log(name)[-500:]}")
             try:
-                urllib.request.urlopen(f"http://{self.address(name)}/v1/info", timeout=1)
+                url = f"https://{self.address(name)}/v1/info"
+                urllib.request.urlopen(url, timeout=1, context=context)
                 return
             except OSError:
                 time.sleep(0.1)

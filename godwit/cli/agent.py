@@ -11,6 +11,9 @@ import click
 
 from godwit.agent import Agent, default_name, serve
 from godwit.api import normalize_address
+from godwit.tls import TLSFiles, client_context, server_context
+
+file_option = click.Path(dir_okay=False, exists=True)
 
 
 @click.command("agent")
@@ -20,14 +23,38 @@ from godwit.api import normalize_address
 @click.option("--runc-root", default="/run/godwit/runc", show_default=True,
               type=click.Path(file_okay=False), help="runc --root for this host's containers.")
 @click.option("--name", default=None, help="Host name reported to peers [default: hostname].")
+@click.option("--tls-ca", type=file_option, help="godwit CA certificate (PEM).")
+@click.option("--tls-cert", type=file_option, help="This agent's certificate (PEM).")
+@click.option("--tls-key", type=file_option, help="This agent's private key (PEM).")
+@click.option("--tls-crl", type=file_option, help="CRL from the CA; re-read when it changes.")
+@click.option("--insecure", is_flag=True,
+              help="Plain HTTP, no authentication: only for an isolated lab network.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def agent(listen: str, state_dir: str, runc_root: str, name: str | None, log_level: str) -> None:
-    """Serve this host's containers and accept migrations from peers."""
+def agent(listen: str, state_dir: str, runc_root: str, name: str | None, tls_ca: str | None,
+          tls_cert: str | None, tls_key: str | None, tls_crl: str | None, insecure: bool,
+          log_level: str) -> None:
+    """Serve this host's containers and accept migrations from authenticated peers."""
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    files = _tls_files(tls_ca, tls_cert, tls_key, tls_crl, insecure)
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
-    host_agent = Agent(name or default_name(), state, Path(runc_root))
+    client_ssl = (lambda: client_context(files)) if files else None
+    host_agent = Agent(name or default_name(), state, Path(runc_root), client_ssl=client_ssl)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(host_agent, normalize_address(listen)))
+        asyncio.run(serve(host_agent, normalize_address(listen),
+                          server_context(files) if files else None))
+
+
+def _tls_files(ca: str | None, cert: str | None, key: str | None, crl: str | None,
+               insecure: bool) -> TLSFiles | None:
+    if insecure:
+        if ca or cert or key:
+            raise click.UsageError("--insecure cannot be combined with --tls-* options")
+        logging.getLogger("godwit.agent").warning("running WITHOUT TLS: anyone can reach it")
+        return None
+    if not (ca and cert and key):
+        raise click.UsageError("TLS is required: pass --tls-ca, --tls-cert and --tls-key "
+                               "(see `godwit ca issue`), or --insecure for a lab network")
+    return TLSFiles(Path(ca), Path(cert), Path(key), Path(crl) if crl else None)
