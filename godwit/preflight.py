@@ -1,0 +1,187 @@
+"""Pre-flight checks before a container is frozen: clocks, CRIU/runc, CPU, resources.
+
+Every check returns :class:`Finding` s; :func:`verdict` says whether the migration may go on.
+The host facts are the agents' ``/v1/info`` dicts (``criu``, ``runc``, ``mem_available``,
+``disk_free``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from godwit.criu import _criu
+from godwit.errors import GodwitError
+
+Level = Literal["ok", "warn", "error"]
+Sample = tuple[float, float, float, float]  # t1 client send, t2 server recv, t3 server send, t4
+SKEW_WARN_S = 0.010
+SKEW_LIMIT_S = 0.500
+HEADROOM = 0.10  # warn when a resource would be more than 90 % used
+CPUINFO_IMAGE = "cpuinfo.img"
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    level: Level
+    message: str
+
+    def to_json(self) -> dict:
+        return {"check": self.check, "level": self.level, "message": self.message}
+
+
+@dataclass(frozen=True)
+class SkewResult:
+    """Server clock minus client clock, and the round trip it was measured over (seconds)."""
+
+    offset_s: float
+    delay_s: float
+    samples: int
+
+
+def verdict(findings: Iterable[Finding]) -> bool:
+    """True when no finding is an error."""
+    return all(f.level != "error" for f in findings)
+
+
+# clocks
+def offset_from_samples(samples: list[Sample]) -> tuple[float, float]:
+    """NTP (offset, delay) of the sample with the smallest delay."""
+    if not samples:
+        raise ValueError("no time samples")
+
+    def delay(s: Sample) -> float:
+        return (s[3] - s[0]) - (s[2] - s[1])
+
+    t1, t2, t3, t4 = min(samples, key=delay)
+    return ((t2 - t1) + (t3 - t4)) / 2, delay((t1, t2, t3, t4))
+
+
+async def measure_skew(
+    get_server_times: Callable[[], Awaitable[tuple[float, float]]], samples: int = 8
+) -> SkewResult:
+    """Ask the server ``samples`` times for its (receive, send) times; see offset_from_samples."""
+    taken: list[Sample] = []
+    for _ in range(samples):
+        t1 = time.time()
+        t2, t3 = await get_server_times()
+        taken.append((t1, t2, t3, time.time()))
+    offset, delay = offset_from_samples(taken)
+    return SkewResult(offset, delay, len(taken))
+
+
+def check_skew(skew: SkewResult, limit_s: float = SKEW_LIMIT_S) -> Finding:
+    """Warn above 10 ms, refuse above ``limit_s`` (timestamps in reports come from both hosts)."""
+    size = abs(skew.offset_s)
+    side = "ahead of" if skew.offset_s > 0 else "behind"
+    message = (f"destination clock {size * 1e3:.1f} ms {side} the source "
+               f"(±{skew.delay_s / 2 * 1e3:.1f} ms)")
+    level: Level = "error" if size > limit_s else "warn" if size > SKEW_WARN_S else "ok"
+    return Finding("clock", level, message)
+
+
+# CRIU and runc
+def compare_criu(local_info: dict, remote_info: dict,
+                 strategy: str = "stop-and-copy") -> list[Finding]:
+    """Can images dumped by the local (source) CRIU be restored by the remote (destination)?"""
+    local, remote = local_info.get("criu") or {}, remote_info.get("criu") or {}
+    findings = [_criu_versions(local.get("version"), remote.get("version"))]
+    if remote and not remote.get("check_ok", True):
+        findings.append(Finding("criu", "warn", "`criu check` fails on the destination: "
+                                f"{remote.get('check_message', '')}"))
+    if strategy == "post-copy" and not remote.get("lazy_pages"):
+        findings.append(Finding("lazy-pages", "error",
+                                "post-copy needs lazy pages (userfaultfd) on the destination"))
+    if strategy == "pre-copy" and not local.get("soft_dirty"):
+        findings.append(Finding("soft-dirty", "error",
+                                "pre-copy needs soft-dirty memory tracking on the source"))
+    findings.append(_runc_versions(local_info.get("runc"), remote_info.get("runc")))
+    return findings
+
+
+def _criu_versions(local: str | None, remote: str | None) -> Finding:
+    lv, rv = _version(local), _version(remote)
+    if lv is None or rv is None:
+        return Finding("criu", "error", f"CRIU version unknown: source {local}, dest {remote}")
+    if lv[0] != rv[0]:
+        return Finding("criu", "error", f"CRIU major versions differ: {local} -> {remote}")
+    if rv < lv:
+        return Finding("criu", "warn", f"destination CRIU {remote} is older than {local}")
+    return Finding("criu", "ok", f"CRIU {local} -> {remote}")
+
+
+def _runc_versions(local: str | None, remote: str | None) -> Finding:
+    if local == remote:
+        return Finding("runc", "ok", f"runc {local} on both hosts")
+    return Finding("runc", "warn", f"runc versions differ: {local} -> {remote}")
+
+
+def _version(text: str | None) -> tuple[int, ...] | None:
+    """'4.2.1' -> (4, 2, 1); None for 'missing', 'unknown' or None."""
+    parts = (text or "").split("-")[0].split(".")
+    return tuple(int(p) for p in parts) if all(p.isdigit() for p in parts) else None
+
+
+# CPU
+async def cpuinfo_dump(directory: Path) -> Path:
+    """Source side: ``criu cpuinfo dump`` into ``directory``; returns the image path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rc, out = await _criu("cpuinfo", "dump", "-D", str(directory))
+    if rc != 0:
+        raise GodwitError(f"criu cpuinfo dump failed: {_last_line(out)}")
+    return directory / CPUINFO_IMAGE
+
+
+async def cpuinfo_check(directory: Path) -> Finding:
+    """Destination side: ``criu cpuinfo check`` of the source's image in ``directory``."""
+    rc, out = await _criu("cpuinfo", "check", "-D", str(directory))
+    if rc == 0:
+        return Finding("cpu", "ok", "the destination CPU can run the source's processes")
+    return Finding("cpu", "error", f"CPU incompatible: {_last_line(out)}")
+
+
+async def cpuinfo_image() -> bytes:
+    """The local ``cpuinfo.img`` as bytes, to send to the destination."""
+    with tempfile.TemporaryDirectory(prefix="godwit-cpuinfo-") as tmp:
+        return (await cpuinfo_dump(Path(tmp))).read_bytes()
+
+
+async def check_cpuinfo_image(image: bytes) -> Finding:
+    """:func:`cpuinfo_check` of an image received as bytes."""
+    with tempfile.TemporaryDirectory(prefix="godwit-cpuinfo-") as tmp:
+        (Path(tmp) / CPUINFO_IMAGE).write_bytes(image)
+        return await cpuinfo_check(Path(tmp))
+
+
+def _last_line(out: str) -> str:
+    lines = [line for line in out.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no output"
+
+
+# resources
+def check_resources(dest_info: dict, needed_mem: int, needed_disk: int) -> list[Finding]:
+    """Enough free memory and disk (bytes) on the destination, with 10 % headroom."""
+    return [
+        _resource("memory", dest_info.get("mem_available"), needed_mem),
+        _resource("disk", dest_info.get("disk_free"), needed_disk),
+    ]
+
+
+def _resource(check: str, available: int | None, needed: int) -> Finding:
+    if available is None:
+        return Finding(check, "warn", f"destination did not report free {check}")
+    text = f"{check}: need {_mib(needed)}, destination has {_mib(available)}"
+    if available < needed:
+        return Finding(check, "error", f"not enough {text}")
+    if available < needed * (1 + HEADROOM):
+        return Finding(check, "warn", f"little headroom for {text}")
+    return Finding(check, "ok", text)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
