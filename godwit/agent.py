@@ -25,7 +25,8 @@ from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.migration import MigrationOptions
 from godwit.migration.receiver import Receiver
 from godwit.migration.report import EventStream, MigrationReport, ReportArchive
-from godwit.migration.source import SourceContext, SourceMigration
+from godwit.migration.source import SourceContext, SourceMigration, migration_needs
+from godwit.preflight import check_cpuinfo_image, run_checks
 from godwit.runc import Runc
 
 log = logging.getLogger("godwit.agent")
@@ -63,6 +64,9 @@ class Agent:
             web.post("/v1/containers/{name}/exec", self.exec_container),
             web.post("/v1/containers/{name}/signal", self.signal_container),
             web.post("/v1/containers/{name}/migrate", self.migrate),
+            web.get("/v1/time", self.clock),
+            web.post("/v1/preflight", self.preflight),
+            web.post("/v1/preflight/cpuinfo", self.check_cpuinfo),
             web.get("/v1/migrations", self.history),
             web.get("/v1/migrations/{id}", self.report),
             web.post("/v1/incoming", self.prepare_incoming),
@@ -159,7 +163,7 @@ class Agent:
         work_dir = self.state_dir / "outgoing" / events.report.id
         ssl_context = self.client_ssl() if self.client_ssl else None
         async with AgentClient(options.to, ssl_context, timeout=RESTORE_TIMEOUT_S) as dest:
-            ctx = SourceContext(self.store, dest, work_dir)
+            ctx = SourceContext(self.store, dest, work_dir, await self.describe_host())
             try:
                 migration = SourceMigration(ctx, name, options, events)
             except GodwitError as exc:
@@ -169,6 +173,32 @@ class Agent:
             await migration.execute()
         self.reports.save(events.report)
         log.info("migration %s of %s: %s", events.report.id, name, events.report.result)
+
+    # pre-flight
+    async def clock(self, request: web.Request) -> web.Response:
+        received = time.time()
+        return web.json_response({"received": received, "sent": time.time()})
+
+    async def check_cpuinfo(self, request: web.Request) -> web.Response:
+        finding = await check_cpuinfo_image(await request.read())
+        return web.json_response(finding.to_json())
+
+    async def preflight(self, request: web.Request) -> web.Response:
+        """`godwit check`: the pre-flight checks from this host to another, nothing frozen."""
+        body = await _json_body(request)
+        options = MigrationOptions.from_json({"to": body.get("to", ""),
+                                              "strategy": body.get("strategy", "auto")})
+        name = body.get("container")
+        mem, disk = migration_needs(self.store, name, False) if name else (0, 0)
+        ssl_context = self.client_ssl() if self.client_ssl else None
+        async with AgentClient(options.to, ssl_context) as dest:
+            dest_info = await dest.info()
+            findings = await run_checks(
+                await self.describe_host(), dest_info, dest,
+                strategy=self.pick_strategy(options), needed_mem=mem, needed_disk=disk,
+                max_skew_s=options.max_clock_skew)
+        return web.json_response({"source": self.name, "destination": dest_info.get("name"),
+                                  "findings": [f.to_json() for f in findings]})
 
     async def history(self, request: web.Request) -> web.Response:
         return web.json_response(self.reports.all())

@@ -10,6 +10,9 @@ The protocol (all JSON unless noted, errors are `{"error": "one line"}` with 4xx
     POST   /v1/containers/{name}/exec        {"argv"} -> {"exit_code", "stdout", "stderr"}
     POST   /v1/containers/{name}/signal      {"signal"}
     POST   /v1/containers/{name}/migrate     {"to", "strategy", ...} -> NDJSON event stream
+    GET    /v1/time                          {"received", "sent"}: clock samples for skew checks
+    POST   /v1/preflight                     {"to", "strategy", "container"?} -> {"findings"}
+    POST   /v1/preflight/cpuinfo             body: a `criu cpuinfo dump` image -> a finding
     GET    /v1/migrations                    reports of past migrations (history)
     GET    /v1/migrations/{id}               one report
   destination side of a migration (agent to agent):
@@ -123,6 +126,17 @@ class AgentClient:
 
     def migrate(self, name: str, options: dict) -> AsyncIterator[dict]:
         return self.stream_events(f"/v1/containers/{name}/migrate", options)
+
+    async def time_pair(self) -> tuple[float, float]:
+        """(receive, send) times of the agent's clock for one request."""
+        stamps = await self.request("GET", "/v1/time")
+        return stamps["received"], stamps["sent"]
+
+    async def check_cpuinfo(self, image: bytes) -> dict:
+        return await self.request("POST", "/v1/preflight/cpuinfo", data=image)
+
+    async def preflight(self, body: dict) -> dict:
+        return await self.request("POST", "/v1/preflight", json=body)
 
     async def history(self) -> list[dict]:
         return await self.request("GET", "/v1/migrations")

@@ -13,6 +13,7 @@ from godwit.bundle import load_config, rewrite_for_host
 from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.runc import ContainerState, Runc
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -69,6 +70,15 @@ class ContainerStore:
         tmp.write_text(json.dumps(record.to_json(), indent=1))
         tmp.replace(path)
 
+    def memory_usage(self, name: str) -> int:
+        """Bytes of memory the container's cgroup uses now (0 when unknown)."""
+        path = self.cgroups_path(name).lstrip("/")
+        for candidate in (CGROUP_ROOT / "memory" / path / "memory.usage_in_bytes",
+                          CGROUP_ROOT / path / "memory.current"):
+            if candidate.exists():
+                return int(candidate.read_text())
+        return 0
+
     def exists(self, name: str) -> bool:
         return (self.dir(name) / "record.json").exists()
 
@@ -115,12 +125,13 @@ class ContainerStore:
     async def describe(self, name: str) -> dict:
         record = self.record(name)
         state = await self.state(name)
-        return _describe(record, state, self.host)
+        return _describe(record, state, self.host, self.memory_usage(name))
 
     async def list(self) -> list[dict]:
         states = {s.name: s for s in await self.runc.list()}
         records = sorted(p.parent.name for p in self.root.glob("*/record.json"))
-        return [_describe(self.record(n), states.get(n), self.host) for n in records]
+        return [_describe(self.record(n), states.get(n), self.host, self.memory_usage(n))
+                for n in records]
 
     async def remove(self, name: str) -> None:
         """Kill and delete a container and everything godwit kept for it."""
@@ -158,10 +169,12 @@ def _read_bundle(bundle: Path) -> tuple[dict, Path]:
     return config, rootfs
 
 
-def _describe(record: ContainerRecord, state: ContainerState | None, host: str) -> dict:
+def _describe(record: ContainerRecord, state: ContainerState | None, host: str,
+              memory: int) -> dict:
     return {
         **record.to_json(),
         "host": host,
+        "memory": memory,
         "status": state.status if state else "missing",
         "pid": state.pid if state else 0,
     }

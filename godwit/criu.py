@@ -23,7 +23,7 @@ class CriuCapabilities:
         return asdict(self)
 
 
-async def _criu(*args: str) -> tuple[int, str]:
+async def run_criu(*args: str) -> tuple[int, str]:
     """Run criu; return (exit code, combined output). A missing binary is exit code 127."""
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -39,7 +39,7 @@ async def _criu(*args: str) -> tuple[int, str]:
 
 
 async def _version() -> str:
-    rc, out = await _criu("--version")
+    rc, out = await run_criu("--version")
     if rc != 0:
         return "missing"
     first = out.splitlines()[0] if out else ""
@@ -47,14 +47,14 @@ async def _version() -> str:
 
 
 async def _feature(name: str) -> bool:
-    rc, _ = await _criu("check", "--feature", name)
+    rc, _ = await run_criu("check", "--feature", name)
     return rc == 0
 
 
 async def probe() -> CriuCapabilities:
     """Ask the local CRIU what it supports."""
     version = await _version()
-    rc, out = await _criu("check")
+    rc, out = await run_criu("check")
     lazy, dirty = await asyncio.gather(_feature("uffd-noncoop"), _feature("mem_dirty_track"))
     message = out.splitlines()[-1] if out else ""
     return CriuCapabilities(version, rc == 0, message, lazy, dirty)

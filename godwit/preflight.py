@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from godwit.criu import _criu
+from godwit.criu import run_criu
 from godwit.errors import GodwitError
 
 Level = Literal["ok", "warn", "error"]
@@ -131,7 +131,7 @@ def _version(text: str | None) -> tuple[int, ...] | None:
 async def cpuinfo_dump(directory: Path) -> Path:
     """Source side: ``criu cpuinfo dump`` into ``directory``; returns the image path."""
     directory.mkdir(parents=True, exist_ok=True)
-    rc, out = await _criu("cpuinfo", "dump", "-D", str(directory))
+    rc, out = await run_criu("cpuinfo", "dump", "-D", str(directory))
     if rc != 0:
         raise GodwitError(f"criu cpuinfo dump failed: {_last_line(out)}")
     return directory / CPUINFO_IMAGE
@@ -139,7 +139,7 @@ async def cpuinfo_dump(directory: Path) -> Path:
 
 async def cpuinfo_check(directory: Path) -> Finding:
     """Destination side: ``criu cpuinfo check`` of the source's image in ``directory``."""
-    rc, out = await _criu("cpuinfo", "check", "-D", str(directory))
+    rc, out = await run_criu("cpuinfo", "check", "-D", str(directory))
     if rc == 0:
         return Finding("cpu", "ok", "the destination CPU can run the source's processes")
     return Finding("cpu", "error", f"CPU incompatible: {_last_line(out)}")
@@ -185,3 +185,19 @@ def _resource(check: str, available: int | None, needed: int) -> Finding:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"
+
+
+# all checks of one migration
+async def run_checks(source_info: dict, dest_info: dict, dest, *, strategy: str,
+                     needed_mem: int, needed_disk: int, max_skew_s: float) -> list[Finding]:
+    """Every pre-flight check between this (source) host and ``dest`` (an AgentClient)."""
+    findings = compare_criu(source_info, dest_info, strategy)
+    findings.append(check_skew(await measure_skew(dest.time_pair), max_skew_s))
+    findings.extend(check_resources(dest_info, needed_mem, needed_disk))
+    findings.append(Finding(**await dest.check_cpuinfo(await cpuinfo_image())))
+    return findings
+
+
+def refusal(findings: Iterable[Finding]) -> str:
+    """One line naming every failed check."""
+    return "; ".join(f"{f.check}: {f.message}" for f in findings if f.level == "error")

@@ -17,7 +17,7 @@ from godwit.cli.common import (
     locate,
     run,
 )
-from godwit.cli.render import containers_table, follow_migration, report_table
+from godwit.cli.render import containers_table, findings_table, follow_migration, report_table
 from godwit.errors import GodwitError
 from godwit.migration import STRATEGIES, MigrationOptions
 
@@ -131,6 +131,8 @@ def rm_cmd(ctx: Context, name: str, host: str | None) -> None:
 @click.option("--bandwidth", type=float, help="Limit the transfer to this many MB/s.")
 @click.option("--commit-timeout", type=float, default=60.0, show_default=True,
               help="Seconds the destination waits for the commit before fencing its copy.")
+@click.option("--max-clock-skew", type=float, default=0.5, show_default=True,
+              help="Refuse when the hosts' clocks differ by more than this many seconds.")
 @json_option
 @pass_ctx
 def migrate_cmd(ctx: Context, name: str, to: str, source: str | None, as_json: bool,
@@ -194,9 +196,11 @@ def history_cmd(ctx: Context, host: str | None, as_json: bool) -> None:
 @click.command("report")
 @click.argument("migration_id")
 @host_option
+@click.option("--png", type=click.Path(dir_okay=False), help="Also draw a timeline PNG here.")
 @json_option
 @pass_ctx
-def report_cmd(ctx: Context, migration_id: str, host: str | None, as_json: bool) -> None:
+def report_cmd(ctx: Context, migration_id: str, host: str | None, png: str | None,
+               as_json: bool) -> None:
     """Print the report of one migration (an ID prefix is enough)."""
     found = run(gather_hosts(ctx, [host] if host else ctx.host_names(), lambda a: a.history()))
     matches = [r for v in found.values() if isinstance(v, list) for r in v
@@ -204,6 +208,41 @@ def report_cmd(ctx: Context, migration_id: str, host: str | None, as_json: bool)
     if len(matches) != 1:
         raise GodwitError(f"{'no' if not matches else 'several'} migrations match {migration_id}")
     emit_json(matches[0]) if as_json else console.print(report_table(matches[0]))
+    if png:
+        from godwit.plot import timeline_png
+
+        timeline_png(matches[0], Path(png))
+        if not as_json:
+            console.print(f"timeline written to {png}")
 
 
-COMMANDS = (run_cmd, ps_cmd, exec_cmd, kill_cmd, rm_cmd, migrate_cmd, history_cmd, report_cmd)
+@click.command("check")
+@click.argument("host")
+@click.option("--from", "sources", multiple=True,
+              help="Source host(s) [default: every other configured host].")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="auto", show_default=True)
+@click.option("--container", help="Size the memory/disk checks for this container.")
+@json_option
+@pass_ctx
+def check_cmd(ctx: Context, host: str, sources: tuple[str, ...], strategy: str,
+              container: str | None, as_json: bool) -> None:
+    """Pre-flight checks for migrations to HOST: CRIU/runc, CPU, clocks, resources."""
+    target = ctx.config.address(host)
+    origins = list(sources) or [h for h in ctx.host_names() if ctx.config.address(h) != target]
+    if not origins:
+        raise GodwitError("no source host to check from: pass --from")
+    body = {"to": target, "strategy": strategy, "container": container}
+    found = run(gather_hosts(ctx, origins, lambda a: a.preflight(body)))
+    if as_json:
+        emit_json({h: ({"error": str(r)} if isinstance(r, GodwitError) else r)
+                   for h, r in found.items()})
+    else:
+        console.print(findings_table(found))
+    failed = [r for r in found.values() if isinstance(r, GodwitError)
+              or any(f["level"] == "error" for f in r["findings"])]
+    if failed:
+        sys.exit(1)
+
+
+COMMANDS = (run_cmd, ps_cmd, exec_cmd, kill_cmd, rm_cmd, migrate_cmd, history_cmd, report_cmd,
+            check_cmd)

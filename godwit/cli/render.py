@@ -43,6 +43,24 @@ def containers_table(rows: list[dict]) -> Table:
     return table
 
 
+LEVEL_STYLE = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "error": "[red]error[/]"}
+
+
+def findings_table(found: dict) -> Table:
+    """Pre-flight findings per source host (or the error that stopped the check)."""
+    table = Table(box=None, header_style="bold")
+    for column in ("FROM", "CHECK", "LEVEL", "DETAIL"):
+        table.add_column(column)
+    for source, result in found.items():
+        if isinstance(result, Exception):
+            table.add_row(source, "agent", LEVEL_STYLE["error"], str(result))
+            continue
+        for f in result["findings"]:
+            table.add_row(source, f["check"], LEVEL_STYLE.get(f["level"], f["level"]),
+                          f["message"])
+    return table
+
+
 def report_table(report: dict) -> Table:
     """The figures of one migration, phases last."""
     table = Table(title=f"migration {report['id'][:8]} of {report['container']}",

@@ -20,6 +20,7 @@ class MigrationOptions:
     compress: bool = False
     bandwidth_mbps: float | None = None
     commit_timeout: float = 60.0
+    max_clock_skew: float = 0.5
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -27,6 +28,8 @@ class MigrationOptions:
             raise GodwitError(f"unknown strategy {self.strategy!r} (one of {choices})")
         if self.bandwidth_mbps is not None and self.bandwidth_mbps <= 0:
             raise GodwitError("--bandwidth must be a positive number of MB/s")
+        if self.max_clock_skew <= 0:
+            raise GodwitError("--max-clock-skew must be positive")
         if self.commit_timeout < 5:
             raise GodwitError("commit timeout must be at least 5 seconds")
 

@@ -43,6 +43,7 @@ class MigrationReport:
     rootfs_bytes: int = 0
     wire_bytes: int = 0
     options: dict = field(default_factory=dict)
+    preflight: list[dict] = field(default_factory=list)
     phases: list[Phase] = field(default_factory=list)
 
     @property

@@ -20,8 +20,18 @@ from godwit.containers import ContainerStore
 from godwit.errors import GodwitError
 from godwit.migration import MigrationOptions
 from godwit.migration.report import EventStream
+from godwit.preflight import refusal, run_checks, verdict
 from godwit.runc import CheckpointOptions
 from godwit.transport import TreePlan, diff_manifests, plan_tree, scan_tree, send_tree
+
+
+def migration_needs(store: ContainerStore, name: str, shared: bool) -> tuple[int, int]:
+    """(memory, disk) bytes a destination needs to take this container."""
+    memory = store.memory_usage(name)
+    if shared:
+        return memory, memory
+    rootfs = scan_tree(Path(store.record(name).rootfs))
+    return memory, memory + sum(m.size for m in rootfs.values() if m.type == "file")
 
 FENCE_MARGIN_S = 3.0
 PROGRESS_INTERVAL_S = 0.1
@@ -38,6 +48,7 @@ class SourceContext:
     store: ContainerStore
     dest: AgentClient
     work_dir: Path
+    local_info: dict
 
 
 class SourceMigration:
@@ -100,10 +111,25 @@ class SourceMigration:
             self.report.destination = info.get("name") or self.report.destination
             if info.get("name") == self.report.source:
                 raise GodwitError(f"{self.name} is already on {self.report.source}")
-            if not (info.get("criu") or {}).get("check_ok"):
-                raise GodwitError(f"CRIU does not work on {self.report.destination}")
+            await self.preflight(info)
             await self.ctx.dest.prepare_incoming(self.incoming_request())
             self.prepared = True
+
+    async def preflight(self, dest_info: dict) -> None:
+        """Refuse before anything is frozen when the destination cannot take the container."""
+        needed_mem, needed_disk = await asyncio.to_thread(
+            migration_needs, self.ctx.store, self.name, self.shared)
+        findings = await run_checks(
+            self.ctx.local_info, dest_info, self.ctx.dest, strategy=self.strategy,
+            needed_mem=needed_mem, needed_disk=needed_disk,
+            max_skew_s=self.options.max_clock_skew,
+        )
+        self.report.preflight = [f.to_json() for f in findings]
+        for finding in findings:
+            if finding.level != "ok":
+                self.events.log(f"pre-flight {finding.level}: {finding.message}")
+        if not verdict(findings):
+            raise GodwitError(f"pre-flight refused: {refusal(findings)}")
 
     def incoming_request(self) -> dict:
         return {
