@@ -69,7 +69,7 @@ class AgentClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> AgentClient:
-        connector = aiohttp.TCPConnector(ssl=self._ssl, limit=8)
+        connector = aiohttp.TCPConnector(ssl=self._ssl, limit=32)
         self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
         return self
 
