@@ -5,8 +5,17 @@ Layout for prefix ``gw`` and subnet ``10.231.0.0/24``::
     root ns:  gw-br (10.231.0.1/24) ── gw-v2 ┄┄ eth0 (10.231.0.2) in netns gw-a
                                      └─ gw-v3 ┄┄ eth0 (10.231.0.3) in netns gw-b
 
+With ``add_host(name, container_bridge=True)`` the host's eth0 is enslaved to a bridge
+``br0`` inside the host netns that carries the host address, so containers bridged there
+(godwit.network) share the hosts' L2 segment::
+
+    netns gw-a:  br0 (10.231.0.2/24) ── eth0 ┄┄ gw-v2 (root ns, on gw-br)
+                   └─ gwc… ┄┄ eth0 (container IP) in netns gwc-gw-a-<container>
+
 Every name created here starts with ``<prefix>-``, so runs with different prefixes
-coexist and :func:`cleanup_stale` can find the leftovers of a crashed run.
+coexist and :func:`cleanup_stale` can find the leftovers of a crashed run. Container
+netns of a host are expected to be named ``gwc-<host netns>-<container>``
+(``godwit.network.netns_name(host.netns, container)``) and are removed with the host.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ from typing import Any
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from godwit.network import DEFAULT_BRIDGE, NETNS_PREFIX
+
 DEFAULT_BASE_DIR = Path("/run/godwit-hosts")
 NETNS_DIR = Path("/run/netns")
 RUNC = "runc"
@@ -47,6 +58,7 @@ class TestHost:
     address: str
     state_dir: Path
     runc_root: Path
+    bridge: str | None = None  # the container bridge in the host netns, if any
 
 
 class HostNetwork:
@@ -58,8 +70,7 @@ class HostNetwork:
         subnet: str = "10.231.0.0/24",
         base_dir: Path = DEFAULT_BASE_DIR,
     ) -> None:
-        if not _PREFIX_RE.fullmatch(prefix):
-            raise ValueError(f"prefix must match {_PREFIX_RE.pattern}: {prefix!r}")
+        _check_prefix(prefix)
         self.prefix = prefix
         self.subnet = ipaddress.IPv4Network(subnet)
         self.base_dir = Path(base_dir)
@@ -75,8 +86,12 @@ class HostNetwork:
     def __exit__(self, *exc: object) -> None:
         self.destroy()
 
-    def add_host(self, name: str) -> TestHost:
-        """Create netns ``<prefix>-<name>`` with the next free address on the bridge."""
+    def add_host(self, name: str, *, container_bridge: bool = False) -> TestHost:
+        """Create netns ``<prefix>-<name>`` with the next free address on the bridge.
+
+        ``container_bridge``: the host address sits on a bridge ``br0`` in the host netns
+        that enslaves eth0, for containers with their own netns on the hosts' segment.
+        """
         if not _NAME_RE.fullmatch(name):
             raise ValueError(f"host name must match {_NAME_RE.pattern}: {name!r}")
         if name in self.hosts:
@@ -85,7 +100,8 @@ class HostNetwork:
         address = self._free_address()
         ns = f"{self.prefix}-{name}"
         state_dir = self.base_dir / ns
-        host = TestHost(name, ns, address, state_dir, state_dir / "runc")
+        bridge = DEFAULT_BRIDGE if container_bridge else None
+        host = TestHost(name, ns, address, state_dir, state_dir / "runc", bridge)
         self.hosts[name] = host
         try:
             netns.create(ns)
@@ -104,6 +120,8 @@ class HostNetwork:
         if host is None:
             return
         _delete_containers(host.runc_root)
+        others = [f"{NETNS_PREFIX}{h.netns}-" for h in self.hosts.values()]
+        _remove_netns_with_prefix(f"{NETNS_PREFIX}{host.netns}-", exclude=others)
         _delete_link(self._veth(host.address))
         _remove_netns(host.netns)
         shutil.rmtree(host.state_dir, ignore_errors=True)
@@ -170,33 +188,41 @@ class HostNetwork:
         with IPRoute(netns=host.netns, flags=0) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
             eth0 = ipr.link_lookup(ifname="eth0")[0]
-            ipr.addr("add", index=eth0, address=host.address, prefixlen=self.subnet.prefixlen)
-            ipr.link("set", index=eth0, state="up")
+            uplink = eth0
+            if host.bridge:
+                ipr.link("add", ifname=host.bridge, kind="bridge")
+                uplink = ipr.link_lookup(ifname=host.bridge)[0]
+                ipr.link("set", index=eth0, master=uplink, state="up")
+            ipr.addr("add", index=uplink, address=host.address, prefixlen=self.subnet.prefixlen)
+            ipr.link("set", index=uplink, state="up")
             ipr.route("add", dst="0.0.0.0/0", gateway=self.gateway)
 
 
 def cleanup_stale(prefix: str = "gw", base_dir: Path = DEFAULT_BASE_DIR) -> list[str]:
     """Remove leftovers of a crashed run: ``<prefix>-*`` netns (and their processes),
     links, state dirs and the runc containers in them. Returns the removed names."""
+    _check_prefix(prefix)
     mark = f"{prefix}-"
     removed: list[str] = []
     for state_dir in sorted(base_dir.glob(f"{mark}*")):
         _delete_containers(state_dir / "runc")
         shutil.rmtree(state_dir, ignore_errors=True)
         removed.append(str(state_dir))
-    pids = netns.ns_pids()
-    for ns in sorted(n for n in netns.listnetns() if n.startswith(mark)):
-        for pid in pids.get(ns, []):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        _remove_netns(ns)
-        removed.append(ns)
+    removed += _remove_netns_with_prefix(f"{NETNS_PREFIX}{mark}")  # containers first
+    removed += _remove_netns_with_prefix(mark)
     with IPRoute() as ipr:
         names = [link.get("ifname") for link in ipr.link("dump")]
     for name in sorted(n for n in names if n and n.startswith(mark)):
         _delete_link(name)
         removed.append(name)
     return removed
+
+
+def _check_prefix(prefix: str) -> None:
+    if not _PREFIX_RE.fullmatch(prefix):
+        raise ValueError(f"prefix must match {_PREFIX_RE.pattern}: {prefix!r}")
+    if f"{prefix}-" == NETNS_PREFIX:
+        raise ValueError(f"prefix {prefix!r} is reserved for container netns")
 
 
 def pick_free_subnet(base: str = "10.232.0.0/16", prefixlen: int = 24) -> str:
@@ -265,6 +291,20 @@ def _delete_link(name: str) -> None:
     with IPRoute() as ipr, contextlib.suppress(NetlinkError):
         for idx in ipr.link_lookup(ifname=name):
             ipr.link("del", index=idx)
+
+
+def _remove_netns_with_prefix(prefix: str, exclude: Sequence[str] = ()) -> list[str]:
+    """Kill the processes of, and remove, every named netns starting with ``prefix`` (but
+    not with a longer prefix in ``exclude``)."""
+    names = [n for n in netns.listnetns() if n.startswith(prefix)]
+    names = sorted(n for n in names if not any(n.startswith(x) for x in exclude if x != prefix))
+    pids = netns.ns_pids() if names else {}
+    for ns in names:
+        for pid in pids.get(ns, []):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _remove_netns(ns)
+    return names
 
 
 def _remove_netns(name: str) -> None:

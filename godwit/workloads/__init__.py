@@ -1,4 +1,5 @@
-"""Test workloads: memhog (touched memory with a verifiable checksum, see memhog.c)."""
+"""Test workloads: memhog (touched memory with a verifiable checksum, see memhog.c) and
+netserver (TCP/UDP counter server, see netserver.c), compiled statically for busybox."""
 
 from __future__ import annotations
 
@@ -13,22 +14,33 @@ from typing import Any
 from godwit.bundle import write_bundle
 
 MEMHOG_SOURCE = Path(__file__).with_name("memhog.c")
+NETSERVER_SOURCE = Path(__file__).with_name("netserver.c")
 DEFAULT_CACHE = Path("/var/cache/godwit/workloads")
 CFLAGS = ["-O2", "-static", "-Wall", "-Wextra"]
 
 
 def build_memhog(cache_dir: Path = DEFAULT_CACHE) -> Path:
     """Compile memhog.c statically into ``cache_dir`` (once per source/flags hash)."""
-    digest = hashlib.sha256(MEMHOG_SOURCE.read_bytes() + " ".join(CFLAGS).encode())
-    binary = Path(cache_dir) / f"memhog-{digest.hexdigest()[:16]}"
+    return _build(MEMHOG_SOURCE, cache_dir)
+
+
+def build_netserver(cache_dir: Path = DEFAULT_CACHE) -> Path:
+    """Compile netserver.c statically into ``cache_dir`` (once per source/flags hash)."""
+    return _build(NETSERVER_SOURCE, cache_dir)
+
+
+def _build(source: Path, cache_dir: Path) -> Path:
+    """``gcc -static`` ``source`` into ``cache_dir/<stem>-<hash>``, atomically."""
+    digest = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS).encode())
+    binary = Path(cache_dir) / f"{source.stem}-{digest.hexdigest()[:16]}"
     if binary.exists():
         return binary
     binary.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=binary.parent, prefix=".memhog-")
+    fd, tmp = tempfile.mkstemp(dir=binary.parent, prefix=f".{source.stem}-")
     os.close(fd)
     try:
         subprocess.run(
-            ["gcc", *CFLAGS, "-o", tmp, str(MEMHOG_SOURCE)],
+            ["gcc", *CFLAGS, "-o", tmp, str(source)],
             check=True,
             capture_output=True,
             text=True,
@@ -55,6 +67,18 @@ def memhog_bundle(
         args.append(str(dirty_pps))
     bundle_dir = write_bundle(bundle_dir, args, **kw)
     shutil.copy2(build_memhog(cache_dir), bundle_dir / "rootfs/bin/memhog")
+    return bundle_dir
+
+
+def netserver_bundle(
+    bundle_dir: Path, port: int = 7000, *, cache_dir: Path = DEFAULT_CACHE, **kw: Any
+) -> Path:
+    """Busybox bundle running ``netserver PORT`` (TCP and UDP on 0.0.0.0:PORT).
+
+    ``kw`` → oci_config; pass ``network_ns_path`` to run it in a godwit container netns.
+    """
+    bundle_dir = write_bundle(bundle_dir, ["netserver", str(port)], **kw)
+    shutil.copy2(build_netserver(cache_dir), bundle_dir / "rootfs/bin/netserver")
     return bundle_dir
 
 

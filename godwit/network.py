@@ -1,0 +1,470 @@
+"""Container networking on one host: a named netns per container, bridged to the host's L2.
+
+Layout (``host`` = a unique id of this host, ``c`` = the container)::
+
+    host netns:  br0 (host IP) ── eth0 uplink
+                  └─ gwc<hash(c)> ┄┄ eth0 (container IP, fixed MAC)  in netns gwc-<host>-<c>
+
+The container's config.json points at ``/run/netns/gwc-<host>-<c>``, so runc treats the
+netns as external: ``runc checkpoint`` passes ``--external net[<inode>]:extRootNetNS`` to
+CRIU and ``runc restore`` hands the netns at that path to CRIU, which restores the
+sockets into it. A migration moves the container's IP and MAC by re-creating the netns on
+the destination and switching the L2 path:
+
+* the host end of the veth is the switch: down = the container neither sends nor
+  receives anything (a frozen kernel socket cannot ACK or answer ARP), up = it is on the
+  segment; :func:`send_gratuitous_arp` then teaches the bridges where the MAC lives;
+* :class:`PacketHold` queues (NFQUEUE) every IPv4 packet entering a pre-created netns
+  until the socket is restored, then releases them at once, so TCP peers recover without
+  waiting for their retransmission timeout (this kernel has no ``plug`` qdisc).
+
+All netlink work runs in a short-lived thread (joined to the target netns when one is
+given): pyroute2's synchronous API cannot run inside an asyncio event loop, and setns
+changes only the calling thread. The functions block; call them via asyncio.to_thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import errno
+import hashlib
+import ipaddress
+import os
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pyroute2 import IPRoute, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+NETNS_DIR = Path("/run/netns")
+NETNS_PREFIX = "gwc-"
+VETH_PREFIX = "gwc"
+CONTAINER_IFNAME = "eth0"
+DEFAULT_BRIDGE = "br0"
+LINK_TIMEOUT_S = 2.0
+_CLONE_NEWNET = 0x40000000
+_LIBC = ctypes.CDLL(None, use_errno=True)
+# TCP states (include/net/tcp_states.h) that make CRIU need --tcp-established.
+_CONNECTED_TCP_STATES = {"01", "02", "03", "04", "05", "08", "09", "0B"}
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ContainerNet:
+    """A container's L3/L2 identity: ``ip`` in CIDR form, optional gateway, fixed MAC."""
+
+    ip: str
+    gateway: str | None = None
+    mac: str = ""
+
+    def __post_init__(self) -> None:
+        if "/" not in self.ip or self.prefixlen == 32:
+            raise ValueError(f"container ip needs a prefix, e.g. 10.0.0.5/24: {self.ip!r}")
+        if self.gateway is not None:
+            ipaddress.IPv4Address(self.gateway)
+        if not self.mac:
+            object.__setattr__(self, "mac", mac_for_ip(self.address))
+
+    @property
+    def address(self) -> str:
+        return str(ipaddress.IPv4Interface(self.ip).ip)
+
+    @property
+    def prefixlen(self) -> int:
+        return ipaddress.IPv4Interface(self.ip).network.prefixlen
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ContainerNet:
+        return cls(data["ip"], data.get("gateway"), data.get("mac") or "")
+
+
+def mac_for_ip(address: str) -> str:
+    """Locally administered unicast MAC ``02:00:<ip bytes>``: same IP, same MAC, any host."""
+    packed = ipaddress.IPv4Address(address.split("/")[0]).packed
+    return "02:00:" + ":".join(f"{b:02x}" for b in packed)
+
+
+def netns_name(host: str, container: str) -> str:
+    """Name of the container's netns; ``host`` must be unique per kernel (/run/netns is shared)."""
+    return f"{NETNS_PREFIX}{host}-{container}"
+
+
+def netns_path(host: str, container: str) -> Path:
+    """The path to put in config.json (``oci_config(network_ns_path=...)``)."""
+    return NETNS_DIR / netns_name(host, container)
+
+
+def host_veth_name(container: str) -> str:
+    """Host end of the container's veth (in the host netns): ``gwc`` + 10 hex digits."""
+    return VETH_PREFIX + hashlib.sha256(container.encode()).hexdigest()[:10]
+
+
+def config_with_netns(config: dict[str, Any], path: Path | str) -> dict[str, Any]:
+    """Copy of an OCI config.json whose network namespace is the (external) netns at
+    ``path``: a restore on another host must point at that host's container netns."""
+    new = copy.deepcopy(config)
+    linux = new.setdefault("linux", {})
+    others = [ns for ns in linux.get("namespaces", []) if ns.get("type") != "network"]
+    linux["namespaces"] = [*others, {"type": "network", "path": str(path)}]
+    return new
+
+
+def in_netns(name: str | None, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a fresh thread that joined netns ``name`` (None: the caller's netns)."""
+
+    def target() -> T:
+        if name is not None:
+            fd = os.open(NETNS_DIR / name, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _LIBC.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns({name}): {os.strerror(err)}")
+            finally:
+                os.close(fd)
+        return fn()
+
+    with ThreadPoolExecutor(1, thread_name_prefix="godwit-netns") as pool:
+        return pool.submit(target).result()  # the thread ends here, its netns with it
+
+
+def create_container_netns(
+    host: str,
+    container: str,
+    net: ContainerNet,
+    *,
+    bridge: str = DEFAULT_BRIDGE,
+    host_netns: str | None = None,
+    connected: bool = True,
+) -> Path:
+    """Create the container's netns, veth and addressing; return the netns path.
+
+    ``host_netns`` is where ``bridge`` lives (None: the caller's netns). With
+    ``connected=False`` the host end stays down (a migration target before the switch).
+    On failure everything created is removed.
+    """
+    name = netns_name(host, container)
+    if (NETNS_DIR / name).exists():
+        raise FileExistsError(f"netns {name} exists")
+    netns.create(name)
+    try:
+        in_netns(host_netns, lambda: _add_veth(name, container, bridge))
+        in_netns(name, lambda: _configure_container_side(net))
+        if connected:
+            set_link(container, True, host_netns=host_netns)
+    except BaseException:
+        delete_container_netns(host, container, host_netns=host_netns)
+        raise
+    return NETNS_DIR / name
+
+
+def _add_veth(container_netns: str, container: str, bridge: str) -> None:
+    veth = host_veth_name(container)
+    with IPRoute() as ipr:
+        br = _index(ipr, bridge)
+        peer = {"ifname": CONTAINER_IFNAME, "net_ns_fd": container_netns}
+        ipr.link("add", ifname=veth, kind="veth", peer=peer)
+        ipr.link("set", index=_index(ipr, veth), master=br)
+
+
+def _configure_container_side(net: ContainerNet) -> None:
+    with IPRoute() as ipr:
+        ipr.link("set", index=_index(ipr, "lo"), state="up")
+        eth0 = _index(ipr, CONTAINER_IFNAME)
+        ipr.link("set", index=eth0, address=net.mac)
+        ipr.addr("add", index=eth0, address=net.address, prefixlen=net.prefixlen)
+        ipr.link("set", index=eth0, state="up")  # no carrier until the host end is up
+        if net.gateway:
+            ipr.route("add", dst="0.0.0.0/0", gateway=net.gateway, oif=eth0)
+
+
+def set_link(
+    container: str, up: bool, *, host_netns: str | None = None, timeout: float = LINK_TIMEOUT_S
+) -> None:
+    """Connect (``up``) or isolate the container by its veth's host end.
+
+    Going up waits until the host end is operationally up (with STP off its bridge port
+    forwards from then on), so a frame sent right after gets through. IPv4 routes in the
+    container survive (its end stays administratively up, only the carrier goes).
+    """
+    veth = host_veth_name(container)
+
+    def switch() -> None:
+        with IPRoute() as ipr:
+            idx = _index(ipr, veth)
+            ipr.link("set", index=idx, state="up" if up else "down")
+            if up:
+                _wait_oper_up(ipr, idx, veth, timeout)
+
+    in_netns(host_netns, switch)
+
+
+def _wait_oper_up(ipr: IPRoute, idx: int, ifname: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while ipr.link("get", index=idx)[0].get("IFLA_OPERSTATE") != "UP":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{ifname} not operationally up after {timeout} s")
+        time.sleep(0.0005)
+
+
+def send_gratuitous_arp(
+    netns_name_: str, ifname: str = CONTAINER_IFNAME, *, count: int = 2,
+    timeout: float = LINK_TIMEOUT_S,
+) -> None:
+    """Broadcast ``count`` gratuitous ARP requests for the interface's IPv4 address from
+    inside the netns: the bridges learn the MAC's port, peers refresh their ARP cache."""
+
+    def send() -> socket.socket:
+        with IPRoute() as ipr:
+            idx = _index(ipr, ifname)
+            _wait_oper_up(ipr, idx, ifname, timeout)
+            link = ipr.link("get", index=idx)[0]
+            mac = bytes.fromhex(link.get("IFLA_ADDRESS").replace(":", ""))
+            addrs = [a.get("IFA_ADDRESS") for a in ipr.addr("dump", index=idx, family=2)]
+        if not addrs:
+            raise RuntimeError(f"{ifname} has no IPv4 address")
+        frame = _garp_frame(mac, ipaddress.IPv4Address(addrs[0]).packed)
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        try:
+            # Straight to the driver: the qdisc may not be re-activated yet after carrier-on.
+            sock.setsockopt(_SOL_PACKET, _PACKET_QDISC_BYPASS, 1)
+            sock.bind((ifname, 0))
+            for _ in range(count):
+                sock.send(frame)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    sock = in_netns(netns_name_, send)
+    # Closing a packet socket waits for an RCU grace period (5-15 ms): not on the clock.
+    threading.Thread(target=sock.close, daemon=True).start()
+
+
+_SOL_PACKET, _PACKET_QDISC_BYPASS = 263, 20
+
+
+def _garp_frame(mac: bytes, ip: bytes) -> bytes:
+    """Ethernet broadcast + ARP request "who-has IP tell IP" from ``mac``."""
+    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + ip + b"\x00" * 6 + ip
+    return b"\xff" * 6 + mac + struct.pack("!H", 0x0806) + arp
+
+
+def delete_container_netns(host: str, container: str, *, host_netns: str | None = None) -> None:
+    """Remove the veth (both ends) and the netns; missing pieces are fine."""
+
+    def delete_veth() -> None:
+        with IPRoute() as ipr, contextlib.suppress(NetlinkError):
+            for idx in ipr.link_lookup(ifname=host_veth_name(container)):
+                ipr.link("del", index=idx)
+
+    with contextlib.suppress(FileNotFoundError):  # the host netns may be gone already
+        in_netns(host_netns, delete_veth)
+    with contextlib.suppress(FileNotFoundError):
+        netns.remove(netns_name(host, container))
+
+
+def has_established_tcp(pid: int) -> bool:
+    """Whether the netns of ``pid`` has a connected TCP socket (then CRIU needs
+    ``--tcp-established``); listening and TIME_WAIT sockets do not count."""
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        if any(line.split()[3] in _CONNECTED_TCP_STATES for line in lines if line.strip()):
+            return True
+    return False
+
+
+def _index(ipr: IPRoute, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise FileNotFoundError(errno.ENODEV, f"no interface {ifname}")
+    return found[0]
+
+
+# Packet hold: NFQUEUE in the container netns, bound by a netlink socket of ours.
+
+_NETLINK_NETFILTER = 12
+_NFNL_SUBSYS_QUEUE = 3
+_NFQNL_MSG_PACKET, _NFQNL_MSG_CONFIG, _NFQNL_MSG_VERDICT_BATCH = 0, 2, 3
+_NFQA_PACKET_HDR, _NFQA_VERDICT_HDR = 1, 2
+_NFQA_CFG_CMD, _NFQA_CFG_PARAMS, _NFQA_CFG_QUEUE_MAXLEN = 1, 2, 3
+_NFQNL_CFG_CMD_BIND = 1
+_NFQNL_COPY_META = 1
+_NF_ACCEPT = 1
+_NLM_F_REQUEST, _NLM_F_ACK = 1, 4
+_NLMSG_ERROR = 2
+HOLD_QUEUE_MAXLEN = 8192
+HOLD_RCVBUF = 16 << 20
+
+
+class PacketHold:
+    """Queue every IPv4 packet entering eth0 of a container netns until :meth:`release`.
+
+    An iptables rule ``raw PREROUTING -i eth0 -j NFQUEUE`` (evaluated before CRIU's own
+    filter-table network lock) sends packets to a queue bound by this object's netlink
+    socket; the kernel keeps them until the verdict. If the socket closes (agent died,
+    :meth:`discard`), queued and further packets are dropped, never answered with a RST:
+    TCP peers then retransmit on their timeout. The queue is per netns, so number 0 is fine.
+    Only :meth:`release` removes the rule, after the restored sockets exist. Needs
+    nfnetlink_queue, xt_NFQUEUE, the raw table, ``iptables`` and ``nsenter``.
+    """
+
+    RULE = ("PREROUTING", "-i", CONTAINER_IFNAME, "-j", "NFQUEUE", "--queue-num", "0",
+            "-m", "comment", "--comment", "godwit-hold")
+
+    def __init__(self, netns_name_: str) -> None:
+        self.netns = netns_name_
+        self.sock: socket.socket | None = None
+        self.last_id = 0
+        self.held = 0
+        self.released_at: float | None = None
+
+    def start(self) -> PacketHold:
+        """Bind the queue, then install the rule (so nothing is dropped for lack of a reader)."""
+        self.sock = in_netns(self.netns, _nfqueue_socket)
+        try:
+            _nfq_request(self.sock, _NFQNL_MSG_CONFIG, _nla(_NFQA_CFG_CMD,
+                         struct.pack("!BxH", _NFQNL_CFG_CMD_BIND, 0)))
+            _nfq_request(self.sock, _NFQNL_MSG_CONFIG,
+                         _nla(_NFQA_CFG_PARAMS, struct.pack("!IB", 0, _NFQNL_COPY_META))
+                         + _nla(_NFQA_CFG_QUEUE_MAXLEN, struct.pack("!I", HOLD_QUEUE_MAXLEN)))
+            self._iptables("-I")
+        except BaseException:
+            self.sock.close()
+            self.sock = None
+            raise
+        return self
+
+    def pending(self) -> int:
+        """Packets held so far."""
+        self._drain()
+        return self.held
+
+    def release(self) -> int:
+        """Let every held packet through at once and stop holding; returns how many.
+
+        Also removes a rule left by a hold that died with its agent (a new, unstarted
+        :class:`PacketHold` for the same netns)."""
+        if self.sock is not None:
+            self._drain()
+            self._accept_all()
+        self.released_at = time.monotonic()
+        with contextlib.suppress(subprocess.CalledProcessError):  # no rule: nothing held
+            self._iptables("-D")
+        if self.sock is not None:
+            self._drain()
+            self._accept_all()  # packets queued while the rule was being removed
+            self._close()
+        return self.held
+
+    def discard(self) -> None:
+        """Abort: drop what is held and keep dropping (the rule stays, nobody reads the
+        queue) until the netns is deleted; a peer never gets a RST from the empty netns."""
+        self._close()
+
+    def _close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def _drain(self) -> None:
+        """Read the queue's notifications: count packets, remember the highest id."""
+        assert self.sock is not None
+        while True:
+            try:
+                data = self.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            for msg_type, payload in _nl_messages(data):
+                if msg_type == (_NFNL_SUBSYS_QUEUE << 8) | _NFQNL_MSG_PACKET:
+                    packet_id = _packet_id(payload)
+                    if packet_id is not None:
+                        self.last_id, self.held = max(self.last_id, packet_id), self.held + 1
+
+    def _accept_all(self) -> None:
+        """Batch verdict NF_ACCEPT for every id up to far beyond the last one seen."""
+        assert self.sock is not None
+        max_id = (self.last_id + (1 << 30)) & 0xFFFFFFFF
+        body = _nla(_NFQA_VERDICT_HDR, struct.pack("!II", _NF_ACCEPT, max_id))
+        self.sock.send(_nfq_message(_NFQNL_MSG_VERDICT_BATCH, body, ack=False))
+
+    def _iptables(self, action: str) -> None:
+        argv = ["nsenter", f"--net={NETNS_DIR / self.netns}", "iptables", "-w", "-t", "raw",
+                action, *self.RULE]
+        subprocess.run(argv, check=True, capture_output=True, stdin=subprocess.DEVNULL)
+
+
+def _nfqueue_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                         _NETLINK_NETFILTER)
+    sock.setsockopt(socket.SOL_SOCKET, 33, HOLD_RCVBUF)  # SO_RCVBUFFORCE
+    sock.bind((0, 0))
+    return sock
+
+
+def _nla(attr_type: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return struct.pack("=HH", length, attr_type) + payload + b"\x00" * (-length % 4)
+
+
+def _nfq_message(msg_type: int, body: bytes, *, ack: bool, queue: int = 0) -> bytes:
+    flags = _NLM_F_REQUEST | (_NLM_F_ACK if ack else 0)
+    nfgen = struct.pack("!BBH", socket.AF_UNSPEC, 0, queue)
+    header = struct.pack("=IHHII", 16 + len(nfgen) + len(body),
+                         (_NFNL_SUBSYS_QUEUE << 8) | msg_type, flags, 0, 0)
+    return header + nfgen + body
+
+
+def _nfq_request(sock: socket.socket, msg_type: int, body: bytes) -> None:
+    """Send one config message and wait (2 s at most) for its netlink ack."""
+    sock.send(_nfq_message(msg_type, body, ack=True))
+    sock.settimeout(2.0)
+    try:
+        while True:
+            for kind, payload in _nl_messages(sock.recv(1 << 16)):
+                if kind == _NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", payload)[0]
+                    if code:
+                        raise OSError(code, f"nfqueue config: {os.strerror(code)}")
+                    return
+    finally:
+        sock.settimeout(None)  # blocking again: _drain reads with MSG_DONTWAIT
+
+
+def _nl_messages(data: bytes) -> list[tuple[int, bytes]]:
+    out, offset = [], 0
+    while offset + 16 <= len(data):
+        length, msg_type = struct.unpack_from("=IH", data, offset)
+        if length < 16:
+            break
+        out.append((msg_type, data[offset + 16 : offset + length]))
+        offset += (length + 3) & ~3
+    return out
+
+
+def _packet_id(payload: bytes) -> int | None:
+    offset = 4  # nfgenmsg
+    while offset + 4 <= len(payload):
+        length, attr_type = struct.unpack_from("=HH", payload, offset)
+        if length < 4:
+            return None
+        if attr_type & 0x3FFF == _NFQA_PACKET_HDR:
+            return struct.unpack_from("!I", payload, offset + 4)[0]
+        offset += (length + 3) & ~3
+    return None
