@@ -19,13 +19,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from godwit import __version__
 from godwit.api import AgentClient
-from godwit.containers import ContainerStore
+from godwit.containers import ContainerStore, HostNetworking
 from godwit.criu import CriuCapabilities, probe
 from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.migration import MigrationOptions
 from godwit.migration.receiver import Receiver
 from godwit.migration.report import EventStream, MigrationReport, ReportArchive
 from godwit.migration.source import SourceContext, SourceMigration, migration_needs
+from godwit.network import ContainerNet
 from godwit.preflight import check_cpuinfo_image, run_checks
 from godwit.runc import Runc
 
@@ -37,11 +38,12 @@ class Agent:
     """State and request handlers of one host's agent."""
 
     def __init__(self, name: str, state_dir: Path, runc_root: Path,
-                 client_ssl: Callable[[], ssl.SSLContext] | None = None) -> None:
+                 client_ssl: Callable[[], ssl.SSLContext] | None = None,
+                 networking: HostNetworking | None = None) -> None:
         self.name = name
         self.state_dir = state_dir
         self.runc = Runc(runc_root)
-        self.store = ContainerStore(state_dir, self.runc, name)
+        self.store = ContainerStore(state_dir, self.runc, name, networking)
         self.receiver = Receiver(self.store, state_dir)
         self.reports = ReportArchive(state_dir / "reports")
         self.client_ssl = client_ssl
@@ -71,6 +73,7 @@ class Agent:
             web.get("/v1/migrations/{id}", self.report),
             web.post("/v1/incoming", self.prepare_incoming),
             web.put("/v1/incoming/{id}/{what}", self.upload_incoming),
+            web.post("/v1/incoming/{id}/activate", self.activate_incoming),
             web.post("/v1/incoming/{id}/restore", self.restore_incoming),
             web.post("/v1/incoming/{id}/commit", self.commit_incoming),
             web.get("/v1/incoming/{id}", self.incoming_state),
@@ -102,7 +105,8 @@ class Agent:
 
     async def run_container(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
-        await self.store.create(str(body.get("name", "")), Path(str(body.get("bundle", ""))))
+        net = _container_net(body.get("net"))
+        await self.store.create(str(body.get("name", "")), Path(str(body.get("bundle", ""))), net)
         return web.json_response(await self.store.describe(body["name"]), status=201)
 
     async def remove_container(self, request: web.Request) -> web.Response:
@@ -211,12 +215,15 @@ class Agent:
 
     # migrations, destination side
     async def prepare_incoming(self, request: web.Request) -> web.Response:
-        return web.json_response(self.receiver.prepare(await _json_body(request)))
+        return web.json_response(await self.receiver.prepare(await _json_body(request)))
 
     async def upload_incoming(self, request: web.Request) -> web.Response:
         info = request.match_info
         return web.json_response(await self.receiver.receive(info["id"], info["what"],
                                                              request.content))
+
+    async def activate_incoming(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.receiver.activate(request.match_info["id"]))
 
     async def restore_incoming(self, request: web.Request) -> web.Response:
         return web.json_response(await self.receiver.restore(request.match_info["id"]))
@@ -294,6 +301,15 @@ async def _stream_events(request: web.Request, events: EventStream) -> web.Strea
             return response
     await response.write_eof()
     return response
+
+
+def _container_net(raw: object) -> ContainerNet | None:
+    if not raw:
+        return None
+    try:
+        return ContainerNet.from_json(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise GodwitError(f"invalid container network: {exc}") from exc
 
 
 def _mem_available() -> int:

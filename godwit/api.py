@@ -4,7 +4,7 @@ The protocol (all JSON unless noted, errors are `{"error": "one line"}` with 4xx
 
     GET    /v1/info                          host facts: versions, CRIU features, time, resources
     GET    /v1/containers                    containers of this host
-    POST   /v1/containers                    {"name", "bundle"}: start a container from a bundle dir
+    POST   /v1/containers                    {"name", "bundle", "net"?}: start from a bundle dir
     GET    /v1/containers/{name}             one container
     DELETE /v1/containers/{name}             kill and remove
     POST   /v1/containers/{name}/exec        {"argv"} -> {"exit_code", "stdout", "stderr"}
@@ -19,7 +19,8 @@ The protocol (all JSON unless noted, errors are `{"error": "one line"}` with 4xx
     POST   /v1/incoming                      {"id", "name", "config", "rootfs", ...}: prepare
     PUT    /v1/incoming/{id}/rootfs          body: godwit tree stream (see transport.py)
     PUT    /v1/incoming/{id}/images          body: godwit tree stream
-    POST   /v1/incoming/{id}/restore         -> {"restored_at", "pid"}
+    POST   /v1/incoming/{id}/activate        source frozen: take over the container's address
+    POST   /v1/incoming/{id}/restore         -> {"restored_at", "pid", "held_packets"}
     POST   /v1/incoming/{id}/commit          the destination keeps the container
     GET    /v1/incoming/{id}                 {"state"}
     DELETE /v1/incoming/{id}                 abort: kill a restored copy, drop staged files
@@ -111,8 +112,9 @@ class AgentClient:
     async def container(self, name: str) -> dict:
         return await self.request("GET", f"/v1/containers/{name}")
 
-    async def run(self, name: str, bundle: str) -> dict:
-        return await self.request("POST", "/v1/containers", json={"name": name, "bundle": bundle})
+    async def run(self, name: str, bundle: str, net: dict | None = None) -> dict:
+        body = {"name": name, "bundle": bundle, "net": net}
+        return await self.request("POST", "/v1/containers", json=body)
 
     async def remove(self, name: str) -> dict:
         return await self.request("DELETE", f"/v1/containers/{name}")
@@ -150,6 +152,9 @@ class AgentClient:
 
     async def upload(self, migration_id: str, what: str, body: AsyncIterator[bytes]) -> dict:
         return await self.request("PUT", f"/v1/incoming/{migration_id}/{what}", data=body)
+
+    async def activate_incoming(self, migration_id: str) -> dict:
+        return await self.request("POST", f"/v1/incoming/{migration_id}/activate")
 
     async def restore_incoming(self, migration_id: str) -> dict:
         return await self.request("POST", f"/v1/incoming/{migration_id}/restore")

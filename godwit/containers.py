@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -9,8 +10,20 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from godwit.bundle import load_config, rewrite_for_host
 from godwit.errors import Conflict, GodwitError, NotFound
+from godwit.network import (
+    ContainerNet,
+    config_with_netns,
+    create_container_netns,
+    delete_container_netns,
+    netns_name,
+    netns_path,
+    send_gratuitous_arp,
+    set_link,
+)
 from godwit.runc import ContainerState, Runc
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -33,19 +46,51 @@ class ContainerRecord:
     rootfs_owned: bool
     created_at: float
     origin: str | None = None
+    net: dict | None = None  # ContainerNet.to_json() of a container on the host bridge
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class HostNetworking:
+    """Where this host's containers get their netns: a per-kernel-unique id and a bridge."""
+
+    netns_id: str
+    bridge: str = "br0"
+
+    def netns(self, name: str) -> str:
+        return netns_name(self.netns_id, name)
+
+    def create(self, name: str, net: ContainerNet, *, connected: bool = True) -> Path:
+        try:
+            return create_container_netns(self.netns_id, name, net, bridge=self.bridge,
+                                          connected=connected)
+        except (OSError, FileExistsError, NetlinkError) as exc:
+            raise GodwitError(f"cannot give {name} the address {net.ip} here: {exc}") from exc
+
+    def delete(self, name: str) -> None:
+        delete_container_netns(self.netns_id, name)
+
+    def isolate(self, name: str) -> None:
+        set_link(name, False)
+
+    def connect(self, name: str) -> None:
+        """Bring the container's link up and tell the L2 segment where its MAC is now."""
+        set_link(name, True)
+        send_gratuitous_arp(self.netns(name))
+
+
 class ContainerStore:
     """Records under `<state>/containers/<name>/` plus the runc root of this host."""
 
-    def __init__(self, state_dir: Path, runc: Runc, host: str) -> None:
+    def __init__(self, state_dir: Path, runc: Runc, host: str,
+                 networking: HostNetworking | None = None) -> None:
         self.root = state_dir / "containers"
         self.root.mkdir(parents=True, exist_ok=True)
         self.runc = runc
         self.host = host
+        self.networking = networking or HostNetworking(host)
 
     def dir(self, name: str) -> Path:
         return self.root / check_name(name)
@@ -82,32 +127,56 @@ class ContainerStore:
     def exists(self, name: str) -> bool:
         return (self.dir(name) / "record.json").exists()
 
-    def install_bundle(self, name: str, config: dict, rootfs: Path) -> Path:
-        """Write this host's config.json for a container (own cgroup path, absolute rootfs)."""
+    def install_bundle(self, name: str, config: dict, rootfs: Path, networked: bool) -> Path:
+        """Write this host's config.json for a container: own cgroup path, absolute rootfs,
+        and for a networked container this host's netns for it (never the source's)."""
         bundle = self.bundle_dir(name)
         bundle.mkdir(parents=True, exist_ok=True)
         host_config = rewrite_for_host(config, rootfs=rootfs, cgroups_path=self.cgroups_path(name))
+        if networked:
+            host_config = config_with_netns(host_config,
+                                            netns_path(self.networking.netns_id, name))
         (bundle / "config.json").write_text(json.dumps(host_config, indent=1))
         return bundle
 
     def config(self, name: str) -> dict:
         return load_config(self.bundle_dir(name))
 
-    async def create(self, name: str, bundle: Path) -> ContainerRecord:
+    async def create(self, name: str, bundle: Path,
+                     net: ContainerNet | None = None) -> ContainerRecord:
         """Start a container from an operator's bundle directory (used in place)."""
         check_name(name)
         if self.exists(name) or await self._runc_knows(name):
             raise Conflict(f"container {name} already exists on {self.host}")
         config, rootfs = _read_bundle(bundle)
-        record = ContainerRecord(name, str(rootfs), False, time.time())
+        if net:
+            self.check_address_free(net)
+        record = ContainerRecord(name, str(rootfs), False, time.time(),
+                                 net=net.to_json() if net else None)
         self.save(record)
         try:
-            await self.runc.run_detached(name, self.install_bundle(name, config, rootfs))
+            if net:
+                await asyncio.to_thread(self.networking.create, name, net)
+            bundle_dir = self.install_bundle(name, config, rootfs, networked=net is not None)
+            await self.runc.run_detached(name, bundle_dir)
         except GodwitError:
-            await self.runc.delete(name)
-            self.forget(name)
+            await self.discard(record)
             raise
         return record
+
+    def check_address_free(self, net: ContainerNet) -> None:
+        for path in self.root.glob("*/record.json"):
+            other = json.loads(path.read_text()).get("net") or {}
+            if other.get("ip", "").split("/")[0] == net.address:
+                raise Conflict(f"address {net.address} is already used by "
+                               f"{path.parent.name} on {self.host}")
+
+    async def discard(self, record: ContainerRecord) -> None:
+        """Kill the container and drop everything of it on this host, netns included."""
+        await self.runc.delete(record.name)
+        if record.net:
+            await asyncio.to_thread(self.networking.delete, record.name)
+        self.forget(record.name)
 
     async def _runc_knows(self, name: str) -> bool:
         try:
@@ -135,9 +204,7 @@ class ContainerStore:
 
     async def remove(self, name: str) -> None:
         """Kill and delete a container and everything godwit kept for it."""
-        self.record(name)
-        await self.runc.delete(name)
-        self.forget(name)
+        await self.discard(self.record(name))
 
     def forget(self, name: str, *, keep_rootfs: bool = False) -> None:
         """Drop the record, this host's bundle and an owned rootfs (never an operator's)."""

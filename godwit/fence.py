@@ -43,22 +43,21 @@ def decide(path: Path, new: str) -> str:
         return new
 
 
-def start_watchdog(
-    decision: Path, seconds: float, runc_root: Path, name: str, container_dir: Path
-) -> None:
-    """Arm the watchdog; it outlives the agent."""
+def start_watchdog(decision: Path, seconds: float, runc_root: Path, name: str,
+                   container_dir: Path, netns_id: str | None = None) -> None:
+    """Arm the watchdog; it outlives the agent. With `netns_id`, the container's netns is
+    deleted (isolating it) before the container is killed."""
     decision.write_text(PENDING)
     argv = [sys.executable, "-m", "godwit.fence", str(decision), str(seconds), str(runc_root),
-            name, str(container_dir)]
+            name, str(container_dir), netns_id or ""]
     subprocess.Popen(
         argv, start_new_session=True, close_fds=True,
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 
 
-def watchdog(
-    decision: Path, seconds: float, runc_root: Path, name: str, container_dir: Path
-) -> None:
+def watchdog(decision: Path, seconds: float, runc_root: Path, name: str,
+             container_dir: Path, netns_id: str = "") -> None:
     """Sleep until the deadline; fence the container unless the decision was taken."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -66,6 +65,10 @@ def watchdog(
             return
         time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
     if decide(decision, FENCED) == FENCED:
+        if netns_id:
+            from godwit.network import delete_container_netns
+
+            delete_container_netns(netns_id, name)
         runc = os.environ.get("GODWIT_RUNC", "runc")
         subprocess.run([runc, "--root", str(runc_root), "delete", "--force", name],
                        stdin=subprocess.DEVNULL, capture_output=True, check=False)
@@ -73,5 +76,6 @@ def watchdog(
 
 
 if __name__ == "__main__":
-    decision_file, seconds, runc_root, container, container_dir = sys.argv[1:6]
-    watchdog(Path(decision_file), float(seconds), Path(runc_root), container, Path(container_dir))
+    decision_file, seconds, runc_root, container, container_dir, netns = sys.argv[1:7]
+    watchdog(Path(decision_file), float(seconds), Path(runc_root), container,
+             Path(container_dir), netns)

@@ -41,7 +41,7 @@ class Testbed:
         cleanup_stale(self.prefix, base_dir=self.net.base_dir)
         try:
             for name in self.names:
-                self.net.add_host(name)
+                self.net.add_host(name, container_bridge=True)
             self._write_cli_config()
             for name in self.names:
                 self.start_agent(name)
@@ -87,7 +87,8 @@ class Testbed:
         argv = [sys.executable, "-m", "godwit", "agent", "--listen", self.address(name),
                 "--state-dir", str(host.state_dir), "--runc-root", str(host.runc_root),
                 "--name", name, "--tls-ca", str(files.ca), "--tls-cert", str(files.cert),
-                "--tls-key", str(files.key), "--tls-crl", str(files.crl)]
+                "--tls-key", str(files.key), "--tls-crl", str(files.crl),
+                "--netns-id", host.netns, "--container-bridge", str(host.bridge)]
         proc = self.net.run_in(host, argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         self.agents[name] = proc
         self._wait_ready(name, proc)

@@ -178,6 +178,6 @@ def test_cpuinfo_dump_failure_is_an_operator_error(tmp_path: Path,
     async def failing(*args: str) -> tuple[int, str]:
         return 1, "Error (criu/cr-service.c): boom\n"
 
-    monkeypatch.setattr(preflight, "_criu", failing)
+    monkeypatch.setattr(preflight, "run_criu", failing)
     with pytest.raises(GodwitError, match="boom"):
         asyncio.run(preflight.cpuinfo_dump(tmp_path))

@@ -11,6 +11,7 @@ import click
 
 from godwit.agent import Agent, default_name, serve
 from godwit.api import normalize_address
+from godwit.containers import HostNetworking
 from godwit.tls import TLSFiles, client_context, server_context
 
 file_option = click.Path(dir_okay=False, exists=True)
@@ -27,13 +28,17 @@ file_option = click.Path(dir_okay=False, exists=True)
 @click.option("--tls-cert", type=file_option, help="This agent's certificate (PEM).")
 @click.option("--tls-key", type=file_option, help="This agent's private key (PEM).")
 @click.option("--tls-crl", type=file_option, help="CRL from the CA; re-read when it changes.")
+@click.option("--container-bridge", default="br0", show_default=True,
+              help="Bridge (on the host's uplink) where networked containers are plugged.")
+@click.option("--netns-id", default=None,
+              help="Unique id in container netns names [default: the host name].")
 @click.option("--insecure", is_flag=True,
               help="Plain HTTP, no authentication: only for an isolated lab network.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def agent(listen: str, state_dir: str, runc_root: str, name: str | None, tls_ca: str | None,
-          tls_cert: str | None, tls_key: str | None, tls_crl: str | None, insecure: bool,
-          log_level: str) -> None:
+          tls_cert: str | None, tls_key: str | None, tls_crl: str | None,
+          container_bridge: str, netns_id: str | None, insecure: bool, log_level: str) -> None:
     """Serve this host's containers and accept migrations from authenticated peers."""
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -41,7 +46,10 @@ def agent(listen: str, state_dir: str, runc_root: str, name: str | None, tls_ca:
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
     client_ssl = (lambda: client_context(files)) if files else None
-    host_agent = Agent(name or default_name(), state, Path(runc_root), client_ssl=client_ssl)
+    host = name or default_name()
+    networking = HostNetworking(netns_id or host, container_bridge)
+    host_agent = Agent(host, state, Path(runc_root), client_ssl=client_ssl,
+                       networking=networking)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(host_agent, normalize_address(listen),
                           server_context(files) if files else None))

@@ -29,16 +29,22 @@ host_option = click.option("--host", "-H", help="Host name from the config, or A
 @click.argument("name")
 @click.option("--bundle", required=True, type=click.Path(file_okay=False),
               help="OCI bundle directory (config.json + rootfs) on the host.")
+@click.option("--ip", help="Give the container this address (CIDR) on the host bridge.")
+@click.option("--gateway", help="Default gateway of the container (with --ip).")
 @host_option
 @json_option
 @pass_ctx
-def run_cmd(ctx: Context, name: str, bundle: str, host: str | None, as_json: bool) -> None:
+def run_cmd(ctx: Context, name: str, bundle: str, ip: str | None, gateway: str | None,
+            host: str | None, as_json: bool) -> None:
     """Start container NAME from a bundle on a host (stdio is /dev/null)."""
     target = host or _only_host(ctx)
+    if gateway and not ip:
+        raise GodwitError("--gateway needs --ip")
+    net = {"ip": ip, "gateway": gateway} if ip else None
 
     async def go() -> dict:
         async with ctx.client(target) as agent:
-            return await agent.run(name, str(Path(bundle).resolve()))
+            return await agent.run(name, str(Path(bundle).resolve()), net)
 
     result = run(go())
     emit_json(result) if as_json else console.print(f"{name} running on {result['host']}")

@@ -6,14 +6,17 @@ Everything about an incoming migration lives on disk under `<state>/incoming/<id
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
 from godwit import fence
 from godwit.containers import ContainerRecord, ContainerStore, check_name
 from godwit.errors import Conflict, GodwitError, NotFound
+from godwit.network import ContainerNet, PacketHold
 from godwit.transport import TransferError, receive_tree
 
 ID_CHARS = set("0123456789abcdef-")
@@ -26,6 +29,7 @@ class Receiver:
         self.store = store
         self.root = state_dir / "incoming"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.holds: dict[str, PacketHold] = {}
 
     def _dir(self, migration_id: str) -> Path:
         if not migration_id or set(migration_id) - ID_CHARS:
@@ -38,8 +42,9 @@ class Receiver:
             raise NotFound(f"migration {migration_id} unknown on {self.store.host}")
         return json.loads(path.read_text())
 
-    def prepare(self, request: dict) -> dict:
-        """Reserve the name and a staging area; check a shared rootfs is visible here."""
+    async def prepare(self, request: dict) -> dict:
+        """Reserve the name and a staging area; check a shared rootfs is visible here;
+        for a networked container, make its netns now (link down, arriving packets held)."""
         name = check_name(request.get("name", ""))
         staging = self._dir(request.get("id", ""))
         if self.store.exists(name) or self._reserved(name):
@@ -50,9 +55,34 @@ class Receiver:
                 f"shared rootfs {shared} is not visible on {self.store.host}; "
                 "drop --shared-storage to transfer it"
             )
+        net = ContainerNet.from_json(request["net"]) if request.get("net") else None
+        if net:
+            self.store.check_address_free(net)
         staging.mkdir(parents=True)
         (staging / "request.json").write_text(json.dumps(request))
+        if net:
+            try:
+                await asyncio.to_thread(self._prepare_network, request["id"], name, net)
+            except GodwitError:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
         return {"id": request["id"], "staging": str(staging)}
+
+    def _prepare_network(self, migration_id: str, name: str, net: ContainerNet) -> None:
+        self.store.networking.create(name, net, connected=False)
+        try:
+            self.holds[migration_id] = PacketHold(self.store.networking.netns(name)).start()
+        except (OSError, subprocess.CalledProcessError) as exc:
+            self.store.networking.delete(name)
+            raise GodwitError(f"cannot hold packets for {name} here: {exc}") from exc
+
+    async def activate(self, migration_id: str) -> dict:
+        """The source is frozen and isolated: take over the container's MAC and address."""
+        request = self.request(migration_id)
+        if not request.get("net"):
+            raise GodwitError(f"migration {migration_id} has no network to activate")
+        await asyncio.to_thread(self.store.networking.connect, request["name"])
+        return {"activated": request["name"]}
 
     def _reserved(self, name: str) -> bool:
         for path in self.root.glob("*/request.json"):
@@ -86,18 +116,27 @@ class Receiver:
             raise Conflict(f"migration {migration_id} was already restored")
         name = request["name"]
         rootfs = self._place_rootfs(request, staging)
-        bundle = self.store.install_bundle(name, request["config"], rootfs)
+        bundle = self.store.install_bundle(name, request["config"], rootfs,
+                                           networked=bool(request.get("net")))
         record = ContainerRecord(name, str(rootfs), not request.get("shared_rootfs"),
-                                 time.time(), origin=request.get("source"))
+                                 time.time(), origin=request.get("source"),
+                                 net=request.get("net"))
         self.store.save(record)
         fence.start_watchdog(staging / "decision", float(request.get("commit_timeout", 60)),
-                             self.store.runc.root, name, self.store.dir(name))
+                             self.store.runc.root, name, self.store.dir(name),
+                             self.store.networking.netns_id if request.get("net") else None)
         try:
             await self._runc_restore(request, bundle, staging)
         except GodwitError as exc:
-            await self._discard(staging, name)
+            await self._discard(migration_id, staging, name, bool(record.net))
             raise GodwitError(f"restore failed on {self.store.host}: {exc}") from exc
-        return {"restored_at": time.time(), "pid": (await self.store.runc.state(name)).pid}
+        held = await self._release_packets(migration_id)
+        return {"restored_at": time.time(), "held_packets": held,
+                "pid": (await self.store.runc.state(name)).pid}
+
+    async def _release_packets(self, migration_id: str) -> int:
+        hold = self.holds.pop(migration_id, None)
+        return await asyncio.to_thread(hold.release) if hold else 0
 
     def _place_rootfs(self, request: dict, staging: Path) -> Path:
         if request.get("shared_rootfs"):
@@ -121,12 +160,24 @@ class Receiver:
         if not state or state.status != "running":
             raise GodwitError(f"container is {state.status if state else 'gone'} after restore")
 
-    async def _discard(self, staging: Path, name: str) -> None:
-        """Undo a restore that will not be committed."""
+    async def _discard(self, migration_id: str, staging: Path, name: str,
+                       networked: bool) -> None:
+        """Undo a restore that will not be committed: isolate first, then kill."""
         if fence.decide(staging / "decision", fence.ABORTED) == fence.COMMITTED:
             raise Conflict(f"container {name} was already committed here")
+        await self._drop_network(migration_id, name, networked)
         await self.store.runc.delete(name)
         self.store.forget(name)
+
+    async def _drop_network(self, migration_id: str, name: str, networked: bool) -> None:
+        """Isolate, drop held packets (never let a peer reach an empty netns), delete."""
+        if not networked:
+            return
+        await asyncio.to_thread(self.store.networking.isolate, name)
+        hold = self.holds.pop(migration_id, None)
+        if hold:
+            hold.discard()
+        await asyncio.to_thread(self.store.networking.delete, name)
 
     def commit(self, migration_id: str) -> dict:
         """The source heard the restore succeeded: keep the container for good."""
@@ -147,7 +198,9 @@ class Receiver:
             return {"state": "unknown"}
         request = self.request(migration_id)
         if (staging / "decision").exists():
-            await self._discard(staging, request["name"])
+            await self._discard(migration_id, staging, request["name"], bool(request.get("net")))
+        else:
+            await self._drop_network(migration_id, request["name"], bool(request.get("net")))
         shutil.rmtree(staging, ignore_errors=True)
         return {"state": fence.ABORTED}
 
@@ -164,4 +217,8 @@ class Receiver:
             decision = staging / "decision"
             old = time.time() - staging.stat().st_mtime > keep_finished_s
             if not decision.exists() or (self._finished(staging) and old):
+                request = json.loads((staging / "request.json").read_text()) \
+                    if (staging / "request.json").exists() else {}
+                if request.get("net") and not decision.exists():
+                    self.store.networking.delete(request["name"])
                 shutil.rmtree(staging, ignore_errors=True)

@@ -42,6 +42,7 @@ class MigrationReport:
     image_bytes: int = 0
     rootfs_bytes: int = 0
     wire_bytes: int = 0
+    held_packets: int = 0
     options: dict = field(default_factory=dict)
     preflight: list[dict] = field(default_factory=list)
     phases: list[Phase] = field(default_factory=list)

@@ -20,6 +20,7 @@ from godwit.containers import ContainerStore
 from godwit.errors import GodwitError
 from godwit.migration import MigrationOptions
 from godwit.migration.report import EventStream
+from godwit.network import has_established_tcp
 from godwit.preflight import refusal, run_checks, verdict
 from godwit.runc import CheckpointOptions
 from godwit.transport import TreePlan, diff_manifests, plan_tree, scan_tree, send_tree
@@ -62,7 +63,8 @@ class SourceMigration:
         self.report = events.report
         self.record = ctx.store.record(name)
         self.images = ctx.work_dir / "images"
-        self.prepared = self.frozen = False
+        self.prepared = self.frozen = self.isolated = False
+        self.tcp_established = options.tcp_established or bool(self.record.net)
         self.restore_sent_at: float | None = None
         self.manifest: dict | None = None
 
@@ -139,8 +141,9 @@ class SourceMigration:
             "config": self.ctx.store.config(self.name),
             "shared_rootfs": self.record.rootfs if self.shared else None,
             "commit_timeout": self.options.commit_timeout,
-            "tcp_established": self.options.tcp_established,
+            "tcp_established": self.tcp_established,
             "strategy": self.strategy,
+            "net": self.record.net,
         }
 
     async def send_rootfs(self, *, initial: bool) -> None:
@@ -159,18 +162,34 @@ class SourceMigration:
 
     async def freeze(self) -> None:
         with self.events.phase("freeze"):
+            self.report.frozen_at = time.time()  # processes stop during the pause call
             await self.runc.pause(self.name)
             self.frozen = True
-            self.report.frozen_at = time.time()
+        if self.record.net:
+            await self.move_address()
+
+    async def move_address(self) -> None:
+        """Isolate the frozen source copy; the destination answers for its MAC and IP from
+        now on, holding arriving packets until the restore."""
+        with self.events.phase("switch"):
+            await asyncio.to_thread(self.ctx.store.networking.isolate, self.name)
+            self.isolated = True
+            await self.ctx.dest.activate_incoming(self.report.id)
 
     async def dump(self) -> None:
         self.images.mkdir(parents=True, exist_ok=True)
         opts = CheckpointOptions(
             image_path=self.images, work_path=self.ctx.work_dir / "dump-work",
-            leave_running=True, tcp_established=self.options.tcp_established,
+            leave_running=True, tcp_established=self.tcp_established or await self.has_tcp(),
         )
         with self.events.phase("dump"):
             await self.runc.checkpoint(self.name, opts)
+
+    async def has_tcp(self) -> bool:
+        """Connected TCP sockets need --tcp-established (the dump fails otherwise)."""
+        state = await self.ctx.store.state(self.name)
+        self.tcp_established = bool(state and state.pid and has_established_tcp(state.pid))
+        return self.tcp_established
 
     async def send_images(self) -> None:
         with self.events.phase("images"):
@@ -180,8 +199,9 @@ class SourceMigration:
     async def restore(self) -> None:
         with self.events.phase("restore"):
             self.restore_sent_at = time.monotonic()
-            await self.ctx.dest.restore_incoming(self.report.id)
+            restored = await self.ctx.dest.restore_incoming(self.report.id)
             self.report.resumed_at = time.time()
+            self.report.held_packets = int(restored.get("held_packets", 0))
             self.report.downtime_s = self.report.resumed_at - (self.report.frozen_at or 0)
 
     async def verify(self) -> None:
@@ -217,6 +237,8 @@ class SourceMigration:
                 await self.runc.delete(self.name)
             except GodwitError as exc:
                 self.events.log(f"warning: source copy not deleted: {exc}")
+            if self.record.net:
+                await asyncio.to_thread(self.ctx.store.networking.delete, self.name)
             self.ctx.store.forget(self.name, keep_rootfs=self.shared)
             shutil.rmtree(self.ctx.work_dir, ignore_errors=True)
 
@@ -259,6 +281,8 @@ class SourceMigration:
         if not self.frozen:
             return f"running on {self.report.source} (never frozen)"
         try:
+            if self.isolated:
+                await asyncio.to_thread(self.ctx.store.networking.connect, self.name)
             await self.runc.resume(self.name)
         except GodwitError as exc:
             return f"could not resume on {self.report.source}: {exc}"

@@ -1,0 +1,96 @@
+"""Issue 4 end to end through godwit: a server container keeps its IP and its connected
+TCP client (and its UDP service) across `godwit migrate`."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+
+import pytest
+from netclient import Client, tcp_counters
+
+from godwit.netns import TestHost
+from godwit.testbed import Testbed
+from godwit.workloads import netserver_bundle
+
+pytestmark = pytest.mark.integration
+STALL_TOLERANCE = 0.2
+
+
+@pytest.fixture(scope="module")
+def client_host(bed: Testbed) -> TestHost:
+    return bed.net.add_host("cl")
+
+
+@pytest.fixture
+def server(bed: Testbed) -> Iterator[str]:
+    """A netserver container with its own address on host a's bridge; yields the address."""
+    hosts = list(bed.net.subnet.hosts())
+    address = str(hosts[200])
+    bundle = netserver_bundle(bed.bundle_dir("srv"))
+    result = bed.godwit("run", "srv", "--bundle", str(bundle), "--host", "a",
+                        "--ip", f"{address}/{bed.net.subnet.prefixlen}",
+                        "--gateway", bed.net.gateway)
+    assert result.returncode == 0, result.stderr
+    yield address
+    bed.godwit("rm", "srv")
+
+
+def migrate(bed: Testbed) -> dict:
+    result = bed.godwit("migrate", "srv", "--to", "b", "--json")
+    assert result.returncode == 0, result.stderr + result.stdout
+    return json.loads(result.stdout)
+
+
+def test_tcp_connection_and_ip_survive_migration(bed: Testbed, client_host: TestHost,
+                                                 server: str) -> None:
+    resets = tcp_counters(client_host)["EstabResets"]
+    client = Client(client_host, server, socket.SOCK_STREAM)
+    try:
+        client.wait_replies(50)
+        report = migrate(bed)
+        client.wait_replies(100)
+    finally:
+        client.close()
+    stall, downtime = client.max_stall(), report["downtime_s"]
+    print(f"\nTCP via godwit: stall {stall * 1e3:.0f} ms, reported downtime "
+          f"{downtime * 1e3:.0f} ms, {report['held_packets']} packets held")
+    assert client.errors == []
+    numbers = [n for _, n, _ in client.replies]
+    assert numbers == list(range(1, len(numbers) + 1)), "a request was lost or duplicated"
+    assert all(n == count for _, n, count in client.replies), "the server lost or repeated one"
+    assert tcp_counters(client_host)["EstabResets"] == resets, "the client saw a reset"
+    assert report["held_packets"] > 0
+    assert abs(stall - downtime) <= STALL_TOLERANCE * downtime
+
+
+def test_udp_service_continues_after_migration(bed: Testbed, client_host: TestHost,
+                                               server: str) -> None:
+    client = Client(client_host, server, socket.SOCK_DGRAM)
+    try:
+        client.wait_replies(50)
+        migrate(bed)
+        client.wait_replies(100)
+    finally:
+        client.close()
+    counts = [count for _, _, count in client.replies]
+    assert counts == sorted(counts) and counts[-1] > counts[0] + 100, "server state lost"
+
+
+def test_destination_without_the_bridge_is_a_clear_error(bed: Testbed, server: str) -> None:
+    """Host b cannot take an address its bridge does not exist for: refused, a stays."""
+    bed.stop_agent("b")
+    argv_bridge = bed.host("b").bridge
+    bed.host("b").bridge = "nobr0"
+    try:
+        bed.start_agent("b")
+        result = bed.godwit("migrate", "srv", "--to", "b")
+        assert result.returncode != 0
+        assert "cannot give srv the address" in result.stderr, result.stderr
+    finally:
+        bed.stop_agent("b")
+        bed.host("b").bridge = argv_bridge
+        bed.start_agent("b")
+    rows = json.loads(bed.godwit("ps", "--json").stdout)["containers"]
+    assert [(r["host"], r["status"]) for r in rows if r["name"] == "srv"] == [("a", "running")]
