@@ -1,0 +1,534 @@
+"""Downtime and total time of a live migration: godwit versus the manual runc/CRIU recipe.
+
+    .venv/bin/python bench/migrate.py [--sizes 64,256,1024] [--repeat 3]
+        [--out bench/results/migrate.json] [--strategies stop-and-copy]
+
+Two netns hosts a and b with agents (godwit.testbed) on this machine. For every size N a
+fresh memhog container touches N MiB of incompressible memory (no dirtying), is migrated
+a → b, then verified: SIGUSR1 makes memhog recompute the checksum of its whole buffer,
+which must equal the one from before the migration (a mismatch aborts the benchmark).
+Methods, interleaved per repetition so that noise spreads evenly:
+
+* godwit STRATEGY: ``godwit migrate NAME --to b --strategy STRATEGY --json``, the default
+  transfer mode (rootfs streamed by the agents, once running and a diff while frozen);
+  downtime, total, image bytes and phases come from godwit's own report. Downtime runs
+  from the end of ``runc pause`` to the destination's answer to the restore request.
+* godwit STRATEGY --shared-storage: the same, rootfs not copied (like the manual recipe).
+* manual: what an operator does by hand: ``runc checkpoint`` on a (stops the container),
+  ``cp -a`` of the image dir into a dir of b, ``runc restore -d`` on b with a config.json
+  holding b's own cgroupsPath and the same rootfs (shared storage). runc runs inside the
+  host's netns, like the agents. Downtime = total = start of ``runc checkpoint`` to
+  ``runc restore`` returning (no phase runs before the freeze).
+
+Both hosts share one kernel, one disk and two vCPUs: the manual "copy" is a local ``cp``
+(in-kernel copy_file_range) and godwit's transfer is the agents' HTTPS (the testbed's mutual
+TLS, sha256 per file) over a veth bridge, so neither includes a real network.
+Prints a table (medians) and writes every raw run, the medians and machine info as JSON,
+plus the tables as Markdown next to it (same name, .md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rich.console import Console
+from rich.table import Table
+
+from godwit.bundle import load_config, rewrite_for_host, save_config
+from godwit.netns import pick_free_subnet
+from godwit.testbed import Testbed
+from godwit.workloads import memhog_bundle, read_state
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "bench" / "results" / "migrate.json"
+PREFIX = "gwbench"
+MiB = 1 << 20
+READY_TIMEOUT_S = 120  # memhog filling and checksumming its buffer
+VERIFY_TIMEOUT_S = 120
+MIGRATE_TIMEOUT_S = 300
+RUNC_TIMEOUT_S = 180
+CGROUP_FS = Path("/sys/fs/cgroup")
+
+console = Console(width=None if sys.stdout.isatty() else 160)
+T = TypeVar("T")
+
+
+class BenchError(RuntimeError):
+    """A run failed or lost memory: the benchmark stops."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One column group of the table."""
+
+    key: str
+    label: str
+    kind: str  # "godwit" | "manual"
+    strategy: str | None = None
+    shared: bool = False
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
+    """Poll until predicate() is truthy; return its value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.02)
+    raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_status(rootfs: Path, status: str, timeout: float) -> dict[str, Any]:
+    """memhog's state once it reads ``status``."""
+    def probe() -> dict[str, Any]:
+        state = read_state(rootfs)
+        return state if state.get("status") == status else {}
+
+    return wait_for(probe, timeout, f"memhog {status} in {rootfs}")
+
+
+def check_memory(before: dict[str, Any], after: dict[str, Any], where: str) -> None:
+    """The restored buffer must hash to what it did before, and the process went on."""
+    same = after.get("checksum") == after.get("expected") == before.get("checksum")
+    if after.get("ok") != 1 or not same:
+        raise BenchError(f"MEMORY LOST ({where}): before {before} / after {after}")
+    if after.get("counter", 0) <= before.get("counter", 0):
+        raise BenchError(f"memhog restarted instead of resuming ({where}): {after}")
+
+
+def tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def remove_cgroup(rel: str, *, parents: bool = False) -> None:
+    """rmdir ``rel`` (and, with ``parents``, its parents while empty) in every hierarchy."""
+    parts = Path(rel.strip("/")).parts
+    last = 0 if parents else len(parts) - 1
+    for hierarchy in [CGROUP_FS, *CGROUP_FS.iterdir()]:
+        for depth in range(len(parts), last, -1):
+            with contextlib.suppress(OSError):
+                (hierarchy / Path(*parts[:depth])).rmdir()
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# ------------------------------------------------------------------------ godwit
+
+
+def godwit(bed: Testbed, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    result = bed.godwit(*args, timeout=timeout)
+    if result.returncode != 0:
+        raise BenchError(f"godwit {' '.join(args)} failed: {result.stderr.strip()[-800:]}")
+    return result
+
+
+def godwit_rootfs(bed: Testbed, name: str) -> Path:
+    rows = json.loads(godwit(bed, "ps", "--json").stdout)["containers"]
+    return Path(next(r["rootfs"] for r in rows if r["name"] == name))
+
+
+def godwit_migrate(bed: Testbed, method: Method, name: str) -> tuple[dict[str, Any], float]:
+    """Migrate a → b; returns godwit's report and the CLI's wall time."""
+    args = ["migrate", name, "--to", "b", "--json", "--strategy", str(method.strategy)]
+    args += ["--shared-storage"] if method.shared else []
+    started = time.perf_counter()
+    result = bed.godwit(*args, timeout=MIGRATE_TIMEOUT_S)
+    wall = time.perf_counter() - started
+    try:
+        report = json.loads(result.stdout)
+    except ValueError:
+        raise BenchError(f"godwit migrate gave no report: {result.stderr.strip()}") from None
+    if result.returncode != 0 or report.get("result") != "ok":
+        raise BenchError(f"godwit migrate failed: {report.get('error')} ({report.get('outcome')})")
+    return report, wall
+
+
+def run_godwit(bed: Testbed, method: Method, mib: int, name: str) -> dict[str, Any]:
+    """One godwit migration of a fresh memhog container, verified, then removed."""
+    bundle = memhog_bundle(bed.bundle_dir(name), mib, dirty_pps=0)
+    try:
+        godwit(bed, "run", name, "--bundle", str(bundle), "--host", "a")
+        wait_status(bundle / "rootfs", "ready", READY_TIMEOUT_S)
+        before = read_state(bundle / "rootfs")
+        report, wall = godwit_migrate(bed, method, name)
+        godwit(bed, "kill", name, "--signal", "USR1")
+        after = wait_status(godwit_rootfs(bed, name), "verified", VERIFY_TIMEOUT_S)
+        check_memory(before, after, f"{method.label}, {mib} MiB")
+    finally:
+        bed.godwit("rm", name)
+        shutil.rmtree(bundle, ignore_errors=True)
+        for host in ("a", "b"):
+            remove_cgroup(f"/godwit/{host}/{name}")
+    return godwit_result(report, wall)
+
+
+def godwit_result(report: dict[str, Any], wall: float) -> dict[str, Any]:
+    return {
+        "downtime_s": report["downtime_s"],
+        "total_s": report["total_s"],
+        "image_bytes": report["image_bytes"],
+        "rootfs_bytes": report["rootfs_bytes"],
+        "wire_bytes": report["wire_bytes"],
+        "phases": {p["name"]: p["seconds"] for p in report["phases"]},
+        "cli_wall_s": wall,
+        "report": report,
+    }
+
+
+# ------------------------------------------------------------------------ manual recipe
+
+
+def runc(bed: Testbed, host: str, args: list[str], log: Path) -> None:
+    """``runc --root <host's root> ARGS`` in the host's netns; stdio /dev/null (a pipe
+    would hang ``run/restore -d``), errors from the JSON log file."""
+    argv = ["runc", "--root", str(bed.host(host).runc_root), "--log", str(log),
+            "--log-format", "json", *args]
+    dev = subprocess.DEVNULL
+    proc = bed.net.run_in(host, argv, stdin=dev, stdout=dev, stderr=dev)
+    try:
+        code = proc.wait(RUNC_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise BenchError(f"runc {args[0]} on {host} took over {RUNC_TIMEOUT_S} s") from None
+    if code != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+        raise BenchError(f"runc {args[0]} on {host} failed: {' | '.join(tail)}")
+
+
+def host_dir(bed: Testbed, host: str, name: str) -> Path:
+    path = bed.host(host).state_dir / "manual" / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def host_bundle(bed: Testbed, host: str, name: str, config: dict, rootfs: Path) -> Path:
+    """A bundle dir on ``host``: config.json with its own cgroupsPath, the shared rootfs."""
+    bundle = host_dir(bed, host, name) / "bundle"
+    bundle.mkdir(exist_ok=True)
+    cgroup = f"/{PREFIX}/{host}/{name}"
+    save_config(bundle, rewrite_for_host(config, rootfs=rootfs, cgroups_path=cgroup))
+    return bundle
+
+
+def manual_migrate(bed: Testbed, name: str) -> dict[str, float]:
+    """checkpoint on a → cp -a to b → restore on b; seconds of each step."""
+    src, dst = host_dir(bed, "a", name), host_dir(bed, "b", name)
+    t0 = time.perf_counter()
+    runc(bed, "a", ["checkpoint", "--image-path", str(src / "images"), "--work-path",
+                    str(src / "work"), name], src / "runc.log")
+    t1 = time.perf_counter()
+    subprocess.run(["cp", "-a", str(src / "images"), str(dst / "images")], check=True,
+                   timeout=RUNC_TIMEOUT_S)
+    t2 = time.perf_counter()
+    runc(bed, "b", ["restore", "--detach", "--bundle", str(dst / "bundle"), "--image-path",
+                    str(dst / "images"), "--work-path", str(dst / "work"), name],
+         dst / "runc.log")
+    t3 = time.perf_counter()
+    return {"checkpoint": t1 - t0, "copy": t2 - t1, "restore": t3 - t2}
+
+
+def run_manual(bed: Testbed, mib: int, name: str) -> dict[str, Any]:
+    """One hand-made migration of a fresh memhog container, verified, then removed."""
+    bundle = memhog_bundle(bed.bundle_dir(name), mib, dirty_pps=0)
+    rootfs = (bundle / "rootfs").resolve()
+    config = load_config(bundle)
+    try:
+        bundle_a = host_bundle(bed, "a", name, config, rootfs)
+        host_bundle(bed, "b", name, config, rootfs)
+        log = host_dir(bed, "a", name) / "runc.log"
+        runc(bed, "a", ["run", "--detach", "--bundle", str(bundle_a), name], log)
+        wait_status(rootfs, "ready", READY_TIMEOUT_S)
+        before = read_state(rootfs)
+        steps = manual_migrate(bed, name)
+        image_bytes = tree_bytes(host_dir(bed, "b", name) / "images")
+        runc(bed, "b", ["kill", name, "USR1"], host_dir(bed, "b", name) / "runc.log")
+        after = wait_status(rootfs, "verified", VERIFY_TIMEOUT_S)
+        check_memory(before, after, f"manual, {mib} MiB")
+    finally:
+        cleanup_manual(bed, name, bundle)
+    total = sum(steps.values())
+    return {"downtime_s": total, "total_s": total, "image_bytes": image_bytes,
+            "rootfs_bytes": 0, "wire_bytes": image_bytes, "phases": steps}
+
+
+def cleanup_manual(bed: Testbed, name: str, bundle: Path) -> None:
+    for host in ("a", "b"):
+        log = bed.host(host).state_dir / "manual" / f"{name}-delete.log"
+        with contextlib.suppress(BenchError):
+            runc(bed, host, ["delete", "--force", name], log)
+        shutil.rmtree(bed.host(host).state_dir / "manual", ignore_errors=True)
+        remove_cgroup(f"/{PREFIX}/{host}/{name}", parents=True)
+    shutil.rmtree(bundle, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------ the benchmark
+
+
+def methods_for(strategies: list[str]) -> list[Method]:
+    methods = []
+    for s in strategies:
+        methods.append(Method(f"godwit-{s}", f"godwit {s}", "godwit", s))
+        methods.append(Method(f"godwit-{s}-shared", f"godwit {s} shared-storage",
+                              "godwit", s, shared=True))
+    return [*methods, Method("manual", "manual runc+cp", "manual")]
+
+
+def run_one(bed: Testbed, method: Method, index: int, mib: int, rep: int) -> dict[str, Any]:
+    name = f"{PREFIX}-{index}-{mib}-{rep}"
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    if method.kind == "manual":
+        result = run_manual(bed, mib, name)
+    else:
+        result = run_godwit(bed, method, mib, name)
+    run = {"method": method.key, "mib": mib, "repeat": rep, **result,
+           "run_wall_s": time.perf_counter() - started, "loadavg_1min_before": load}
+    console.print(f"  {mib:>5} MiB #{rep + 1} {method.label:<40} downtime "
+                  f"{run['downtime_s'] * 1000:7.0f} ms   total {run['total_s'] * 1000:7.0f} ms"
+                  f"   ({run['run_wall_s']:.1f} s)")
+    return run
+
+
+def run_all(bed: Testbed, methods: list[Method], sizes: list[int],
+            repeat: int) -> list[dict[str, Any]]:
+    """Sizes in order; within a size, methods interleaved per repetition."""
+    runs = []
+    for mib in sizes:
+        for rep in range(repeat):
+            for index, method in enumerate(methods):
+                runs.append(run_one(bed, method, index, mib, rep))
+    return runs
+
+
+def summarize(runs: list[dict[str, Any]], methods: list[Method],
+              sizes: list[int]) -> dict[str, Any]:
+    """Medians per size and method (phases too)."""
+    summary: dict[str, Any] = {}
+    for mib in sizes:
+        summary[str(mib)] = {}
+        for m in methods:
+            mine = [r for r in runs if r["mib"] == mib and r["method"] == m.key]
+            phases = list(dict.fromkeys(p for r in mine for p in r["phases"]))
+            summary[str(mib)][m.key] = {
+                "runs": len(mine),
+                "downtime_ms": median([r["downtime_s"] * 1000 for r in mine]),
+                "total_ms": median([r["total_s"] * 1000 for r in mine]),
+                "image_mib": median([r["image_bytes"] / MiB for r in mine]),
+                "rootfs_mib": median([r["rootfs_bytes"] / MiB for r in mine]),
+                "phases_ms": {p: median([r["phases"].get(p, 0) * 1000 for r in mine])
+                              for p in phases},
+            }
+    return summary
+
+
+# ------------------------------------------------------------------------ output
+
+
+def command_lines(argv: list[str]) -> list[str]:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+
+
+def command_line(argv: list[str]) -> str:
+    lines = [line.strip() for line in command_lines(argv) if line.strip()]
+    return lines[0] if lines else "unknown"
+
+
+def source_digest() -> str:
+    """Hash of godwit's sources: ties figures to the code they measured (the tree is dirty)."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "godwit").rglob("*.py")):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    meminfo = Path("/proc/meminfo").read_text().split()
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "kernel": platform.release(),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "mem_gib": round(int(meminfo[meminfo.index("MemTotal:") + 1]) / (1 << 20), 1),
+        "criu": command_line(["criu", "--version"]).removeprefix("Version: "),
+        "runc": command_line(["runc", "--version"]).removeprefix("runc version "),
+        "python": platform.python_version(),
+        "godwit_commit": command_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
+        "godwit_dirty": bool(command_lines(["git", "-C", str(ROOT), "status", "--porcelain"])),
+        "godwit_tree_sha256": source_digest(),
+        "state_fs": command_line(["stat", "-f", "-c", "%T", "/run"]),
+        "loadavg_before": os.getloadavg(),
+        "busy_processes_before": busy_processes(),
+    }
+
+
+def busy_processes(threshold_pct: float = 10.0) -> list[str]:
+    """Other processes using CPU right now (one-second sample): they skew the figures."""
+    out = command_lines(["top", "-b", "-c", "-n", "2", "-d", "1", "-w", "200"])
+    last = max((i for i, line in enumerate(out) if line.lstrip().startswith("PID")), default=-1)
+    busy = []
+    for line in out[last + 1:]:
+        fields = line.split(None, 11)
+        if len(fields) == 12 and float(fields[8].replace(",", ".")) >= threshold_pct:
+            busy.append(f"{fields[8]}% {fields[11][:80]}")
+    return busy
+
+
+def table_rows(summary: dict[str, Any], methods: list[Method]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the main table: size, per method downtime/total, image MiB."""
+    header = ["size"]
+    for m in methods:
+        header += [f"{m.label} downtime ms", f"{m.label} total ms"]
+    header.append("image MiB")
+    rows = []
+    for mib, by_method in summary.items():
+        row = [f"{mib} MiB"]
+        for m in methods:
+            row += [f"{by_method[m.key]['downtime_ms']:.0f}", f"{by_method[m.key]['total_ms']:.0f}"]
+        row.append(f"{by_method[methods[0].key]['image_mib']:.1f}")
+        rows.append(row)
+    return header, rows
+
+
+def phase_rows(summary: dict[str, Any], methods: list[Method]) -> tuple[list[str], list[list[str]]]:
+    """Where the time goes: median ms of every phase, one row per size and method."""
+    header = ["size", "method", "phases (median ms)"]
+    rows = []
+    for mib, by_method in summary.items():
+        for m in methods:
+            phases = by_method[m.key]["phases_ms"]
+            text = ", ".join(f"{name} {ms:.0f}" for name, ms in phases.items())
+            rows.append([f"{mib} MiB", m.label, text])
+    return header, rows
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def rich_table(title: str, header: list[str], rows: list[list[str]]) -> Table:
+    table = Table(title=title, header_style="bold", title_justify="left")
+    for i, column in enumerate(header):
+        table.add_column(column, justify="right" if i and "phases" not in column else "left")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def report(result: dict[str, Any], methods: list[Method], out: Path) -> None:
+    """Print both tables; write JSON and Markdown."""
+    main = table_rows(result["summary"], methods)
+    phases = phase_rows(result["summary"], methods)
+    console.print(rich_table("migration of a memhog container a → b (medians)", *main))
+    console.print(rich_table("where the time goes", *phases))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(*main) + "\n\n" + markdown(*phases) + "\n")
+    console.print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+# ------------------------------------------------------------------------ main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="64,256,1024", help="MiB of touched memory")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--strategies", default="stop-and-copy",
+                        help="comma-separated, passed to godwit migrate --strategy")
+    args = parser.parse_args(argv)
+    args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    if not args.sizes or min(args.sizes) <= 0 or args.repeat < 1:
+        parser.error("sizes must be positive MiB and --repeat at least 1")
+    return args
+
+
+MAIN_PID = os.getpid()
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    """SIGTERM cleans up like Ctrl-C, in this process only: children forked by pyroute2
+    inherit the handler and must not tear the testbed down."""
+    if os.getpid() != MAIN_PID:
+        os._exit(128 + signum)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def bench(args: argparse.Namespace) -> tuple[dict[str, Any], list[Method]]:
+    methods = methods_for(args.strategies)
+    started = time.perf_counter()
+    info = machine_info()
+    if info["busy_processes_before"]:
+        console.print("[yellow]warning: other processes are using CPU, figures will be "
+                      f"noisy: {info['busy_processes_before']}[/yellow]")
+    with Testbed(["a", "b"], prefix=PREFIX, subnet=pick_free_subnet()) as bed:
+        info["godwit_tls"] = json.loads(bed.config_path.read_text()).get("tls") is not None
+        runs = run_all(bed, methods, args.sizes, args.repeat)
+    return {
+        "benchmark": "migrate",
+        "machine": info,
+        "params": {"sizes_mib": args.sizes, "repeat": args.repeat,
+                   "strategies": args.strategies, "workload": "memhog dirty_pps=0"},
+        "methods": [asdict(m) for m in methods],
+        "summary": summarize(runs, methods, args.sizes),
+        "runs": runs,
+        "elapsed_s": time.perf_counter() - started,
+    }, methods
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        console.print("[red]needs root (netns, runc, CRIU)[/red]")
+        return 2
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        result, methods = bench(args)
+    except BenchError as exc:
+        console.print(f"[bold red]BENCHMARK FAILED:[/bold red] {exc}")
+        return 1
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; testbed cleaned up[/yellow]")
+        return 130
+    report(result, methods, args.out)
+    console.print(f"total benchmark time {result['elapsed_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
