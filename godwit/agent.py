@@ -22,15 +22,19 @@ from godwit.api import AgentClient
 from godwit.containers import ContainerStore, HostNetworking
 from godwit.criu import CriuCapabilities, probe
 from godwit.errors import Conflict, GodwitError, NotFound
-from godwit.migration import MigrationOptions
+from godwit.migration import MigrationOptions, choose_strategy
+from godwit.migration.post_copy import PostCopy
+from godwit.migration.pre_copy import PreCopy
 from godwit.migration.receiver import Receiver
 from godwit.migration.report import EventStream, MigrationReport, ReportArchive
 from godwit.migration.source import SourceContext, SourceMigration, migration_needs
 from godwit.network import ContainerNet
 from godwit.preflight import check_cpuinfo_image, run_checks
 from godwit.runc import Runc
+from godwit.tls import TLSFiles
 
 log = logging.getLogger("godwit.agent")
+STRATEGIES = {"stop-and-copy": SourceMigration, "post-copy": PostCopy, "pre-copy": PreCopy}
 RESTORE_TIMEOUT_S = 600
 
 
@@ -39,12 +43,13 @@ class Agent:
 
     def __init__(self, name: str, state_dir: Path, runc_root: Path,
                  client_ssl: Callable[[], ssl.SSLContext] | None = None,
-                 networking: HostNetworking | None = None) -> None:
+                 networking: HostNetworking | None = None, tls: TLSFiles | None = None) -> None:
+        self.tls = tls
         self.name = name
         self.state_dir = state_dir
         self.runc = Runc(runc_root)
         self.store = ContainerStore(state_dir, self.runc, name, networking)
-        self.receiver = Receiver(self.store, state_dir)
+        self.receiver = Receiver(self.store, state_dir, tls)
         self.reports = ReportArchive(state_dir / "reports")
         self.client_ssl = client_ssl
         self.caps: CriuCapabilities | None = None
@@ -148,30 +153,30 @@ class Agent:
     def new_report(self, name: str, options: MigrationOptions) -> MigrationReport:
         return MigrationReport(
             id=str(uuid.uuid4()), container=name, source=self.name,
-            destination=options.to, strategy=self.pick_strategy(options),
+            destination=options.to, strategy=self.pick_strategy(options, name, None),
             options=options.to_json(),
         )
 
-    def pick_strategy(self, options: MigrationOptions) -> str:
-        """Post-copy and pre-copy come with their own issues; stop-and-copy always works."""
-        if options.strategy == "pre-copy" and not (self.caps and self.caps.soft_dirty):
-            raise GodwitError(
-                f"pre-copy is not supported on {self.name}: the kernel has no soft-dirty tracking"
-            )
-        if options.strategy in ("pre-copy", "post-copy"):
-            raise GodwitError(f"strategy {options.strategy} is not implemented yet")
-        return "stop-and-copy"
+    def pick_strategy(self, options: MigrationOptions, name: str | None,
+                      dest_info: dict | None) -> str:
+        caps = self.caps.to_json() if self.caps else {}
+        memory = self.store.memory_usage(name) if name else 0
+        return choose_strategy(options.strategy, caps, (dest_info or {}).get("criu"), memory)
 
     async def run_migration(self, name: str, options: MigrationOptions,
                             events: EventStream) -> None:
         work_dir = self.state_dir / "outgoing" / events.report.id
         ssl_context = self.client_ssl() if self.client_ssl else None
         async with AgentClient(options.to, ssl_context, timeout=RESTORE_TIMEOUT_S) as dest:
-            ctx = SourceContext(self.store, dest, work_dir, await self.describe_host())
+            ctx = SourceContext(self.store, dest, work_dir, await self.describe_host(),
+                                self.tls)
             try:
-                migration = SourceMigration(ctx, name, options, events)
+                strategy = self.pick_strategy(options, name, await dest.info())
+                events.report.strategy = strategy
+                migration = STRATEGIES[strategy](ctx, name, options, events)
             except GodwitError as exc:
                 events.report.result, events.report.error = "failed", str(exc)
+                events.report.outcome = f"running on {self.name} (never frozen)"
                 events.close()
                 return
             await migration.execute()
@@ -199,7 +204,8 @@ class Agent:
             dest_info = await dest.info()
             findings = await run_checks(
                 await self.describe_host(), dest_info, dest,
-                strategy=self.pick_strategy(options), needed_mem=mem, needed_disk=disk,
+                strategy=self.pick_strategy(options, name, dest_info),
+                needed_mem=mem, needed_disk=disk,
                 max_skew_s=options.max_clock_skew)
         return web.json_response({"source": self.name, "destination": dest_info.get("name"),
                                   "findings": [f.to_json() for f in findings]})
@@ -226,7 +232,10 @@ class Agent:
         return web.json_response(await self.receiver.activate(request.match_info["id"]))
 
     async def restore_incoming(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.receiver.restore(request.match_info["id"]))
+        body = await _json_body(request) if request.can_read_body else {}
+        page_server = body.get("page_server")
+        return web.json_response(await self.receiver.restore(request.match_info["id"],
+                                                             page_server))
 
     async def commit_incoming(self, request: web.Request) -> web.Response:
         return web.json_response(self.receiver.commit(request.match_info["id"]))

@@ -20,9 +20,9 @@ The protocol (all JSON unless noted, errors are `{"error": "one line"}` with 4xx
     PUT    /v1/incoming/{id}/rootfs          body: godwit tree stream (see transport.py)
     PUT    /v1/incoming/{id}/images          body: godwit tree stream
     POST   /v1/incoming/{id}/activate        source frozen: take over the container's address
-    POST   /v1/incoming/{id}/restore         -> {"restored_at", "pid", "held_packets"}
+    POST   /v1/incoming/{id}/restore         {"page_server"?} -> {"restored_at", "pid", ...}
     POST   /v1/incoming/{id}/commit          the destination keeps the container
-    GET    /v1/incoming/{id}                 {"state"}
+    GET    /v1/incoming/{id}                 {"state", "pages"?}
     DELETE /v1/incoming/{id}                 abort: kill a restored copy, drop staged files
 """
 
@@ -156,8 +156,9 @@ class AgentClient:
     async def activate_incoming(self, migration_id: str) -> dict:
         return await self.request("POST", f"/v1/incoming/{migration_id}/activate")
 
-    async def restore_incoming(self, migration_id: str) -> dict:
-        return await self.request("POST", f"/v1/incoming/{migration_id}/restore")
+    async def restore_incoming(self, migration_id: str, body: dict | None = None) -> dict:
+        return await self.request("POST", f"/v1/incoming/{migration_id}/restore",
+                                  json=body or {})
 
     async def commit_incoming(self, migration_id: str) -> dict:
         return await self.request("POST", f"/v1/incoming/{migration_id}/commit")

@@ -98,6 +98,10 @@ class ContainerStore:
     def bundle_dir(self, name: str) -> Path:
         return self.dir(name) / "bundle"
 
+    def criu_config(self, name: str) -> Path:
+        """Per-container CRIU options (post-copy page server), read by runc via annotation."""
+        return self.dir(name) / "criu.conf"
+
     def cgroups_path(self, name: str) -> str:
         """Per-host cgroup path, so that hosts sharing a kernel never collide."""
         return f"/godwit/{self.host}/{name}"
@@ -136,6 +140,8 @@ class ContainerStore:
         if networked:
             host_config = config_with_netns(host_config,
                                             netns_path(self.networking.netns_id, name))
+        annotations = host_config.setdefault("annotations", {})
+        annotations["org.criu.config"] = str(self.criu_config(name))
         (bundle / "config.json").write_text(json.dumps(host_config, indent=1))
         return bundle
 

@@ -37,7 +37,7 @@ class CheckpointOptions:
     work_path: Path
     leave_running: bool = False
     tcp_established: bool = False
-    parent_path: Path | None = None
+    parent_path: Path | str | None = None
     pre_dump: bool = False
     lazy_pages: bool = False
     page_server: str | None = None
@@ -169,6 +169,34 @@ class Runc:
         if opts.page_server:
             args += ["--page-server", opts.page_server]
         await _run(self._argv(*args, name))
+
+    async def start_lazy_checkpoint(self, name: str, opts: CheckpointOptions,
+                                    page_server: str) -> asyncio.subprocess.Process:
+        """Dump with lazy pages; return once the small images are written and the page
+        server listens (runc's status fd). The process serves pages until the destination
+        has them all; it runs in its own session so that a rollback can kill runc and CRIU."""
+        read_end, write_end = os.pipe()  # a write-only status fd, as runc requires
+        args = ["checkpoint", "--lazy-pages", "--page-server", page_server,
+                "--status-fd", str(write_end), "--leave-running",
+                "--image-path", str(opts.image_path), "--work-path", str(opts.work_path)]
+        if opts.tcp_established:
+            args.append("--tcp-established")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._argv(*args, name), pass_fds=(write_end,), start_new_session=True,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE)
+        finally:
+            os.close(write_end)
+        try:
+            ready = await asyncio.to_thread(os.read, read_end, 1)
+        finally:
+            os.close(read_end)
+        if ready != b"\0":
+            err = (await proc.stderr.read()).decode(errors="replace") if proc.stderr else ""
+            await proc.wait()
+            raise RuncError(_last_error_line(err) or "lazy checkpoint failed")
+        return proc
 
     async def restore(
         self, name: str, bundle: Path, image_path: Path, work_path: Path, *,

@@ -62,7 +62,7 @@ def test_256_mib_memory_is_preserved(bed: Testbed) -> None:
     rootfs = rootfs_of(bed, "mem256")
     before = wait_for(lambda: read_state(rootfs).get("status") == "ready" and read_state(rootfs),
                       timeout=60, what="memhog ready")
-    code, report = migrate(bed, "mem256", "b")
+    code, report = migrate(bed, "mem256", "b", "--strategy", "stop-and-copy")
     assert code == 0, report
     assert report["image_bytes"] >= 256 << 20
     dest = rootfs_of(bed, "mem256")
@@ -94,7 +94,7 @@ def test_destination_killed_mid_transfer_leaves_container_on_source(bed: Testbed
     rootfs = rootfs_of(bed, "victim")
     wait_for(lambda: read_state(rootfs).get("status") == "ready", timeout=60, what="memhog")
     env_cmd = [sys.executable, "-m", "godwit", "migrate", "victim", "--to", "b", "--json",
-               "--bandwidth", "40"]
+               "--strategy", "stop-and-copy", "--bandwidth", "40"]
     proc = subprocess.Popen(env_cmd, env={"GODWIT_CONFIG": str(bed.config_path)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     staging = bed.host("b").state_dir / "incoming"

@@ -49,7 +49,7 @@ def agent(listen: str, state_dir: str, runc_root: str, name: str | None, tls_ca:
     host = name or default_name()
     networking = HostNetworking(netns_id or host, container_bridge)
     host_agent = Agent(host, state, Path(runc_root), client_ssl=client_ssl,
-                       networking=networking)
+                       networking=networking, tls=files)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(host_agent, normalize_address(listen),
                           server_context(files) if files else None))

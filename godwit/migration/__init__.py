@@ -53,3 +53,23 @@ class MigrationOptions:
     def rate_limit(self) -> float | None:
         """Bytes per second on the wire, or None for unlimited."""
         return self.bandwidth_mbps * 1e6 if self.bandwidth_mbps else None
+
+
+AUTO_LAZY_MIN_BYTES = 256 << 20  # below this, stop-and-copy's freeze is already short
+
+
+def choose_strategy(requested: str, source: dict, dest: dict | None, memory: int) -> str:
+    """The strategy to run: the operator's choice, or for `auto` the best the two hosts
+    support for a container of this memory size. `source`/`dest` are CRIU capabilities."""
+    if requested == "pre-copy" and not source.get("soft_dirty"):
+        raise GodwitError("pre-copy is not supported on this host: "
+                          "the kernel has no soft-dirty memory tracking")
+    if requested != "auto":
+        return requested
+    if memory < AUTO_LAZY_MIN_BYTES:
+        return "stop-and-copy"
+    if source.get("soft_dirty"):
+        return "pre-copy"
+    if source.get("lazy_pages") and (dest or {}).get("lazy_pages"):
+        return "post-copy"
+    return "stop-and-copy"

@@ -7,7 +7,9 @@ Everything about an incoming migration lives on disk under `<state>/incoming/<id
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -15,18 +17,25 @@ from pathlib import Path
 
 from godwit import fence
 from godwit.containers import ContainerRecord, ContainerStore, check_name
+from godwit.criu import lazy_pages_verdict, log_error, start_lazy_pages
 from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.network import ContainerNet, PacketHold
+from godwit.tls import TLSFiles
 from godwit.transport import TransferError, receive_tree
 
 ID_CHARS = set("0123456789abcdef-")
+PAGES = "pages"
+UPLOADS = re.compile(r"rootfs|images|pre-[1-9]")
 
 
 class Receiver:
     """Incoming migrations of one agent."""
 
-    def __init__(self, store: ContainerStore, state_dir: Path) -> None:
+    def __init__(self, store: ContainerStore, state_dir: Path,
+                 tls: TLSFiles | None = None) -> None:
         self.store = store
+        self.tls = tls
+        self.page_watchers: set[asyncio.Task] = set()
         self.root = state_dir / "incoming"
         self.root.mkdir(parents=True, exist_ok=True)
         self.holds: dict[str, PacketHold] = {}
@@ -96,7 +105,7 @@ class Receiver:
 
     async def receive(self, migration_id: str, what: str, stream) -> dict:
         """Receive the rootfs or the CRIU images as a godwit tree stream."""
-        if what not in ("rootfs", "images"):
+        if not UPLOADS.fullmatch(what):
             raise NotFound(f"nothing to upload as {what!r}")
         self.request(migration_id)
         dest = self._dir(migration_id) / what
@@ -108,8 +117,9 @@ class Receiver:
         return {"files": stats.files, "bytes": stats.bytes, "wire_bytes": stats.wire_bytes,
                 "seconds": stats.seconds}
 
-    async def restore(self, migration_id: str) -> dict:
-        """Restore the container; arm the fence first so an unconfirmed copy cannot survive."""
+    async def restore(self, migration_id: str, page_server: str | None = None) -> dict:
+        """Restore the container; arm the fence first so an unconfirmed copy cannot survive.
+        With `page_server` (post-copy) memory comes later, pulled from the source."""
         request = self.request(migration_id)
         staging = self._dir(migration_id)
         if (staging / "decision").exists():
@@ -125,11 +135,17 @@ class Receiver:
         fence.start_watchdog(staging / "decision", float(request.get("commit_timeout", 60)),
                              self.store.runc.root, name, self.store.dir(name),
                              self.store.networking.netns_id if request.get("net") else None)
+        lazy = await self._start_lazy_pages(staging, page_server) if page_server else None
         try:
-            await self._runc_restore(request, bundle, staging)
+            await self._runc_restore(request, bundle, staging, lazy=lazy is not None)
         except GodwitError as exc:
+            if lazy and lazy.returncode is None:
+                lazy.kill()
+            detail = log_error(staging / "work", "restore.log") or str(exc)
             await self._discard(migration_id, staging, name, bool(record.net))
-            raise GodwitError(f"restore failed on {self.store.host}: {exc}") from exc
+            raise GodwitError(f"restore failed on {self.store.host}: {detail}") from exc
+        if lazy:
+            self._watch_pages(migration_id, lazy, name, bool(record.net))
         held = await self._release_packets(migration_id)
         return {"restored_at": time.time(), "held_packets": held,
                 "pid": (await self.store.runc.state(name)).pid}
@@ -148,13 +164,40 @@ class Receiver:
         (staging / "rootfs").rename(target)
         return target
 
-    async def _runc_restore(self, request: dict, bundle: Path, staging: Path) -> None:
+    async def _start_lazy_pages(self, staging: Path, page_server: str):
+        (staging / "work").mkdir(exist_ok=True)
+        (staging / PAGES).write_text("transferring")
+        return await start_lazy_pages(staging / "images", staging / "work", page_server,
+                                      self.tls)
+
+    def _watch_pages(self, migration_id: str, daemon, name: str, networked: bool) -> None:
+        task = asyncio.create_task(self._pages_outcome(migration_id, daemon, name, networked))
+        self.page_watchers.add(task)
+        task.add_done_callback(self.page_watchers.discard)
+
+    async def _pages_outcome(self, migration_id: str, daemon, name: str,
+                             networked: bool) -> None:
+        """When the lazy-pages daemon ends, either every page arrived or this copy is
+        broken (it would run on zero-filled memory) and is killed at once."""
+        code = await daemon.wait()
+        staging = self._dir(migration_id)
+        ok, detail = lazy_pages_verdict(staging / "work")
+        state = await self.store.state(name)
+        if code == 0 and ok and state and state.status == "running":
+            (staging / PAGES).write_text("complete")
+            return
+        (staging / PAGES).write_text(f"failed: {detail}")
+        with contextlib.suppress(GodwitError):
+            await self._discard(migration_id, staging, name, networked)
+
+    async def _runc_restore(self, request: dict, bundle: Path, staging: Path,
+                            lazy: bool) -> None:
         name = request["name"]
         work = staging / "work"
         work.mkdir(exist_ok=True)
         await self.store.runc.restore(
             name, bundle, staging / "images", work,
-            tcp_established=bool(request.get("tcp_established")),
+            tcp_established=bool(request.get("tcp_established")), lazy_pages=lazy,
         )
         state = await self.store.state(name)
         if not state or state.status != "running":
@@ -183,11 +226,14 @@ class Receiver:
         """The source heard the restore succeeded: keep the container for good."""
         staging = self._dir(migration_id)
         self.request(migration_id)
+        pages = self._pages(staging)
+        if pages not in (None, "complete"):
+            raise Conflict(f"migration {migration_id} cannot commit: memory pages {pages}")
         decision = fence.decide(staging / "decision", fence.COMMITTED) \
             if (staging / "decision").exists() else "not restored"
         if decision != fence.COMMITTED:
             raise Conflict(f"migration {migration_id} cannot commit: {decision}")
-        for leftover in ("images", "work", "rootfs"):
+        for leftover in ("images", "rootfs", *(p.name for p in staging.glob("pre-*"))):
             shutil.rmtree(staging / leftover, ignore_errors=True)
         return {"state": fence.COMMITTED}
 
@@ -209,7 +255,16 @@ class Receiver:
         if not staging.exists():
             return {"state": "unknown"}
         decision = staging / "decision"
-        return {"state": fence.read_decision(decision) if decision.exists() else "prepared"}
+        state = {"state": fence.read_decision(decision) if decision.exists() else "prepared"}
+        if (pages := self._pages(staging)) is not None:
+            state["pages"] = pages
+        return state
+
+    @staticmethod
+    def _pages(staging: Path) -> str | None:
+        """Post-copy only: transferring, complete, or failed: <why>."""
+        path = staging / PAGES
+        return path.read_text() if path.exists() else None
 
     def sweep(self, keep_finished_s: float = 86400) -> None:
         """At agent start: drop staging areas that never reached a restore, and old ones."""

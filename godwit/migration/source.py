@@ -17,12 +17,14 @@ from pathlib import Path
 
 from godwit.api import AgentClient, AgentUnreachable
 from godwit.containers import ContainerStore
+from godwit.criu import log_error
 from godwit.errors import GodwitError
 from godwit.migration import MigrationOptions
 from godwit.migration.report import EventStream
 from godwit.network import has_established_tcp
 from godwit.preflight import refusal, run_checks, verdict
 from godwit.runc import CheckpointOptions
+from godwit.tls import TLSFiles
 from godwit.transport import TreePlan, diff_manifests, plan_tree, scan_tree, send_tree
 
 
@@ -50,6 +52,7 @@ class SourceContext:
     dest: AgentClient
     work_dir: Path
     local_info: dict
+    tls: TLSFiles | None = None
 
 
 class SourceMigration:
@@ -96,6 +99,10 @@ class SourceMigration:
         await self.prepare_destination()
         if not self.shared:
             await self.send_rootfs(initial=True)
+        await self.migrate_frozen()
+
+    async def migrate_frozen(self) -> None:
+        """Everything from the freeze on."""
         await self.freeze()
         await self.dump()
         if not self.shared:
@@ -176,19 +183,27 @@ class SourceMigration:
             self.isolated = True
             await self.ctx.dest.activate_incoming(self.report.id)
 
+    def dump_options(self) -> CheckpointOptions:
+        return CheckpointOptions(image_path=self.images,
+                                 work_path=self.ctx.work_dir / "dump-work",
+                                 leave_running=True, tcp_established=self.tcp_established)
+
     async def dump(self) -> None:
         self.images.mkdir(parents=True, exist_ok=True)
-        opts = CheckpointOptions(
-            image_path=self.images, work_path=self.ctx.work_dir / "dump-work",
-            leave_running=True, tcp_established=self.tcp_established or await self.has_tcp(),
-        )
+        await self.has_tcp()
+        opts = self.dump_options()
         with self.events.phase("dump"):
-            await self.runc.checkpoint(self.name, opts)
+            try:
+                await self.runc.checkpoint(self.name, opts)
+            except GodwitError as exc:
+                raise GodwitError(f"dump failed: {log_error(opts.work_path, 'dump.log') or exc}"
+                                  ) from exc
 
     async def has_tcp(self) -> bool:
         """Connected TCP sockets need --tcp-established (the dump fails otherwise)."""
         state = await self.ctx.store.state(self.name)
-        self.tcp_established = bool(state and state.pid and has_established_tcp(state.pid))
+        if state and state.pid and has_established_tcp(state.pid):
+            self.tcp_established = True
         return self.tcp_established
 
     async def send_images(self) -> None:
@@ -199,10 +214,15 @@ class SourceMigration:
     async def restore(self) -> None:
         with self.events.phase("restore"):
             self.restore_sent_at = time.monotonic()
-            restored = await self.ctx.dest.restore_incoming(self.report.id)
+            restored = await self.ctx.dest.restore_incoming(self.report.id,
+                                                            self.restore_request())
             self.report.resumed_at = time.time()
             self.report.held_packets = int(restored.get("held_packets", 0))
             self.report.downtime_s = self.report.resumed_at - (self.report.frozen_at or 0)
+
+    def restore_request(self) -> dict:
+        """What the destination's restore needs beyond the staged files."""
+        return {}
 
     async def verify(self) -> None:
         """The restored copy must still be running a moment later."""
@@ -280,15 +300,26 @@ class SourceMigration:
             return f"running on {self.report.destination}"
         if not self.frozen:
             return f"running on {self.report.source} (never frozen)"
+        await self.release_source()
         try:
             if self.isolated:
                 await asyncio.to_thread(self.ctx.store.networking.connect, self.name)
-            await self.runc.resume(self.name)
+            await self.resume_source()
         except GodwitError as exc:
             return f"could not resume on {self.report.source}: {exc}"
         self.report.resumed_at = time.time()
         self.report.downtime_s = self.report.resumed_at - (self.report.frozen_at or 0)
         return f"running on {self.report.source} (resumed)"
+
+    async def resume_source(self) -> None:
+        """Resume the paused copy (a copy that already runs again is fine)."""
+        state = await self.ctx.store.state(self.name)
+        if state and state.status == "running":
+            return
+        await self.runc.resume(self.name)
+
+    async def release_source(self) -> None:
+        """Strategy hook: stop whatever still holds the source before it resumes."""
 
     async def abort_destination(self) -> str:
         """Abort the destination copy; after a restore request, wait for proof or the fence."""

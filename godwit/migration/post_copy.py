@@ -1,0 +1,117 @@
+"""Post-copy: restore on the destination first, then pull memory pages on demand.
+
+The source dumps everything but memory (`runc checkpoint --lazy-pages`) and keeps serving
+pages from its frozen copy over a CRIU page server (mutual TLS, bound to the address the
+destination reaches it on). The destination restores at once; its `criu lazy-pages` daemon
+fills pages on fault and in the background. The freeze therefore no longer grows with the
+memory size.
+
+The guarantee differs from stop-and-copy: until every page has arrived, the only complete
+copy of the memory is the frozen source. If the transfer breaks, the destination copy is
+incomplete and is killed (isolated first), and the source resumes from its frozen state:
+exactly one copy runs, but what the destination computed since the restore is lost, and
+TCP connections that exchanged data with it may be reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+from godwit.errors import GodwitError
+from godwit.migration.source import SourceMigration
+from godwit.tls import TLSFiles
+
+PAGES_POLL_S = 0.05
+
+
+class PostCopy(SourceMigration):
+    strategy = "post-copy"
+    page_server: asyncio.subprocess.Process | None = None
+    page_server_address = ""
+
+    async def dump(self) -> None:
+        self.images.mkdir(parents=True, exist_ok=True)
+        address = local_address_towards(self.ctx.dest.address.rpartition(":")[0])
+        self.page_server_address = f"{address}:{free_port(address)}"
+        write_criu_config(self.ctx.store.criu_config(self.name), address, self.ctx.tls)
+        await self.has_tcp()
+        opts = self.dump_options()
+        with self.events.phase("dump"):
+            self.page_server = await self.runc.start_lazy_checkpoint(
+                self.name, opts, self.page_server_address)
+
+    def restore_request(self) -> dict:
+        return {"page_server": self.page_server_address}
+
+    async def verify(self) -> None:
+        await self.wait_for_pages()
+        await super().verify()
+
+    async def wait_for_pages(self) -> None:
+        """Until the destination holds every page, the frozen source is the only full copy."""
+        with self.events.phase("pages"):
+            while (state := await self.destination_pages()) == "transferring":
+                if time.monotonic() > self.fence_deadline():
+                    raise GodwitError("memory pages did not all arrive before the deadline")
+                await asyncio.sleep(PAGES_POLL_S)
+            if state != "complete":
+                raise GodwitError(f"post-copy page transfer failed: {state}")
+            assert self.page_server
+            if await self.page_server.wait() != 0:
+                raise GodwitError("the source page server failed")
+
+    async def destination_pages(self) -> str:
+        try:
+            state = await self.ctx.dest.incoming_state(self.report.id)
+        except GodwitError as exc:
+            return f"destination unreachable ({exc})"
+        return state.get("pages") or state.get("state", "unknown")
+
+    async def release_source(self) -> None:
+        """Rollback: freeze the ptrace-stopped tasks, then stop the page server, so the
+        source stays paused until it is resumed on purpose."""
+        if self.page_server and self.page_server.returncode is None:
+            with contextlib.suppress(GodwitError):
+                await self.runc.pause(self.name)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.page_server.pid, signal.SIGKILL)
+            await self.page_server.wait()
+        self.ctx.store.criu_config(self.name).unlink(missing_ok=True)
+
+    async def cleanup_source(self) -> None:
+        self.ctx.store.criu_config(self.name).unlink(missing_ok=True)
+        await super().cleanup_source()
+
+
+def write_criu_config(path: Path, address: str, tls: TLSFiles | None) -> None:
+    """CRIU options runc cannot pass: the page server's bind address and its TLS identity
+    (runc hands CRIU this file through the container's `org.criu.config` annotation).
+    As a server CRIU would match the client's certificate against its own address, so
+    the name check is off here; the client still needs a certificate of the godwit CA (and
+    not revoked), and it checks the source's name itself."""
+    lines = [f"address {address}"]
+    if tls:
+        lines += ["tls", f"tls-cacert {tls.ca}", f"tls-cert {tls.cert}", f"tls-key {tls.key}",
+                  "tls-no-cn-verify"]
+        if tls.crl:
+            lines.append(f"tls-cacrl {tls.crl}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def local_address_towards(host: str) -> str:
+    """This host's address on the route to `host` (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, 9))
+        return probe.getsockname()[0]
+
+
+def free_port(address: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((address, 0))
+        return probe.getsockname()[1]

@@ -1,0 +1,104 @@
+"""Post-copy (lazy pages over a mutual-TLS CRIU page server) and strategy selection."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import cli_json, copies, wait_for
+
+from godwit.testbed import Testbed
+from godwit.workloads import memhog_bundle, read_state
+
+pytestmark = pytest.mark.integration
+
+
+def start_memhog(bed: Testbed, name: str, mib: int) -> tuple[Path, dict]:
+    bundle = memhog_bundle(bed.bundle_dir(name), mib, seed=11, dirty_pps=0)
+    result = bed.godwit("run", name, "--bundle", str(bundle), "--host", "a")
+    assert result.returncode == 0, result.stderr
+    rootfs = bundle / "rootfs"
+    state = wait_for(lambda: read_state(rootfs).get("status") == "ready" and read_state(rootfs),
+                     timeout=120, what="memhog ready")
+    return rootfs, state
+
+
+def verify(bed: Testbed, name: str, rootfs: Path) -> dict:
+    """Ask memhog to checksum all its memory again (SIGUSR1) and return its verdict."""
+    assert bed.godwit("kill", name, "--signal", "USR1").returncode == 0
+    return wait_for(lambda: read_state(rootfs).get("status") == "verified" and read_state(rootfs),
+                    timeout=120, what=f"{name} verification")
+
+
+def rootfs_on(bed: Testbed, name: str) -> Path:
+    rows = cli_json(bed, "ps")["containers"]
+    return Path(next(r["rootfs"] for r in rows if r["name"] == name))
+
+
+def test_post_copy_moves_1_gib_with_every_byte(bed: Testbed) -> None:
+    _, before = start_memhog(bed, "lazy1g", 1024)
+    result = bed.godwit("migrate", "lazy1g", "--to", "b", "--strategy", "auto", "--json")
+    report = json.loads(result.stdout)
+    assert result.returncode == 0 and report["result"] == "ok", report
+    assert report["strategy"] == "post-copy", "auto should pick post-copy for 1 GiB here"
+    assert report["image_bytes"] < 16 << 20, "memory must not travel as image files"
+    assert "pages" in {p["name"] for p in report["phases"]}
+    verified = verify(bed, "lazy1g", rootfs_on(bed, "lazy1g"))
+    assert verified["ok"] == 1 and verified["checksum"] == before["checksum"]
+    assert verified["counter"] > before["counter"]
+    assert copies(bed, "lazy1g") == [("b", "running")]
+    bed.godwit("rm", "lazy1g")
+
+
+def test_auto_keeps_stop_and_copy_for_small_containers(bed: Testbed) -> None:
+    start_memhog(bed, "small", 16)
+    report = cli_json(bed, "migrate", "small", "--to", "b")
+    assert report["strategy"] == "stop-and-copy"
+    bed.godwit("rm", "small")
+
+
+def kill_lazy_daemon_mid_transfer(bed: Testbed) -> None:
+    staging = bed.host("b").state_dir / "incoming"
+    wait_for(lambda: any(p.read_text() == "transferring" for p in staging.glob("*/pages")),
+             timeout=60, what="post-copy page transfer to start")
+    time.sleep(0.5)
+    subprocess.run(["pkill", "-KILL", "-f", f"lazy-pages.*{bed.host('b').state_dir}"],
+                   check=True)
+
+
+def test_broken_page_transfer_resumes_the_source(bed: Testbed) -> None:
+    rootfs, before = start_memhog(bed, "cut", 1024)
+    env = {"GODWIT_CONFIG": str(bed.config_path), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    migrate = subprocess.Popen(
+        [sys.executable, "-m", "godwit", "migrate", "cut", "--to", "b", "--strategy",
+         "post-copy", "--json"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kill_lazy_daemon_mid_transfer(bed)
+    out, _ = migrate.communicate(timeout=300)
+    report = json.loads(out)
+    assert migrate.returncode != 0 and report["result"] == "failed", report
+    assert "post-copy page transfer failed" in report["error"]
+    assert copies(bed, "cut") == [("a", "running")], "the incomplete copy must be gone"
+    verified = verify(bed, "cut", rootfs)
+    assert verified["ok"] == 1 and verified["checksum"] == before["checksum"]
+    bed.godwit("rm", "cut")
+
+
+def test_pre_copy_runs_where_the_kernel_tracks_dirty_memory(bed: Testbed) -> None:
+    """Here (no soft-dirty) a clear refusal; on a kernel with it, a verified migration."""
+    _, before = start_memhog(bed, "pre", 64)
+    soft_dirty = cli_json(bed, "hosts")["a"]["criu"]["soft_dirty"]
+    result = bed.godwit("migrate", "pre", "--to", "b", "--strategy", "pre-copy")
+    assert "Traceback" not in result.stderr
+    if not soft_dirty:
+        assert result.returncode != 0 and "soft-dirty" in result.stderr
+        assert copies(bed, "pre") == [("a", "running")]
+    else:
+        assert result.returncode == 0, result.stderr
+        verified = verify(bed, "pre", rootfs_on(bed, "pre"))
+        assert verified["ok"] == 1 and verified["checksum"] == before["checksum"]
+    bed.godwit("rm", "pre")
