@@ -11,6 +11,7 @@ import ssl
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -18,7 +19,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from godwit import __version__
-from godwit.api import AgentClient
+from godwit.api import DEFAULT_PORT, AgentClient
 from godwit.containers import ContainerStore, HostNetworking
 from godwit.criu import CriuCapabilities, probe
 from godwit.errors import Conflict, GodwitError, NotFound
@@ -30,6 +31,7 @@ from godwit.migration.report import EventStream, MigrationReport, ReportArchive
 from godwit.migration.source import SourceContext, SourceMigration, migration_needs
 from godwit.network import ContainerNet
 from godwit.preflight import check_cpuinfo_image, run_checks
+from godwit.qos import QosPolicy, apply_policy, clear_policy, describe_policy
 from godwit.runc import Runc
 from godwit.tls import TLSFiles
 
@@ -43,8 +45,11 @@ class Agent:
 
     def __init__(self, name: str, state_dir: Path, runc_root: Path,
                  client_ssl: Callable[[], ssl.SSLContext] | None = None,
-                 networking: HostNetworking | None = None, tls: TLSFiles | None = None) -> None:
+                 networking: HostNetworking | None = None, tls: TLSFiles | None = None,
+                 qos: QosSetting | None = None) -> None:
         self.tls = tls
+        self.qos = qos
+        self.port = DEFAULT_PORT
         self.name = name
         self.state_dir = state_dir
         self.runc = Runc(runc_root)
@@ -58,6 +63,13 @@ class Agent:
     async def start(self) -> None:
         self.caps = await probe()
         self.receiver.sweep()
+        if self.qos:
+            await asyncio.to_thread(apply_policy, self.qos.uplink, self.qos.policy)
+            log.info("migration traffic on %s shaped: %s", self.qos.uplink, self.qos.policy)
+
+    async def stop(self) -> None:
+        if self.qos:
+            await asyncio.to_thread(clear_policy, self.qos.uplink)
 
     def app(self) -> web.Application:
         middlewares = [error_middleware, agents_only_middleware]
@@ -100,6 +112,8 @@ class Agent:
             "containers": len(await self.store.list()),
             "mem_available": _mem_available(),
             "disk_free": shutil.disk_usage(self.state_dir).free,
+            "qos": await asyncio.to_thread(describe_policy, self.qos.uplink)
+            if self.qos else None,
         }
 
     async def list_containers(self, request: web.Request) -> web.Response:
@@ -169,7 +183,7 @@ class Agent:
         ssl_context = self.client_ssl() if self.client_ssl else None
         async with AgentClient(options.to, ssl_context, timeout=RESTORE_TIMEOUT_S) as dest:
             ctx = SourceContext(self.store, dest, work_dir, await self.describe_host(),
-                                self.tls)
+                                self.tls, self.port)
             try:
                 strategy = self.pick_strategy(options, name, await dest.info())
                 events.report.strategy = strategy
@@ -331,6 +345,7 @@ def _mem_available() -> int:
 async def serve(agent: Agent, listen: str, server_ssl: ssl.SSLContext | None = None) -> None:
     """Run an agent until cancelled."""
     host, _, port = listen.rpartition(":")
+    agent.port = int(port)
     await agent.start()
     runner = web.AppRunner(agent.app(), access_log=None)
     await runner.setup()
@@ -342,6 +357,15 @@ async def serve(agent: Agent, listen: str, server_ssl: ssl.SSLContext | None = N
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
+        await agent.stop()
+
+
+@dataclass(frozen=True)
+class QosSetting:
+    """Shape this host's outgoing migration traffic on `uplink` (see qos.py)."""
+
+    uplink: str
+    policy: QosPolicy
 
 
 def default_name() -> str:

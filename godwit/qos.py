@@ -4,7 +4,8 @@ Layout on the uplink's egress (handles in hex, ``6777`` = "gw")::
 
     6777: htb root, unclassified traffic -> 6777:20
       6777:1  link       rate = ceil = link rate
-        6777:10  migration  rate R, ceil C     <- u32: TCP sport or dport == agent port
+        6777:10  migration  rate R, ceil C     <- u32: TCP sport or dport in the agent's
+                                                  32-port block (agent + page servers)
         6777:20  default    rate link - R, ceil link
 
 Each leaf gets a pfifo with an explicit limit, independent of the device's txqueuelen
@@ -36,6 +37,7 @@ BURST_S = 0.001  # bucket size: 1 ms of the rate (the tc default, ~1 MTU, unders
 MTU = 1600
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 PRIO = {ETH_P_IP: 1, ETH_P_IPV6: 2}
+PORT_BLOCK_MASK = 0xFFE0
 
 
 @dataclass(frozen=True)
@@ -111,13 +113,22 @@ def _rates(rate_mbit: float, ceil_mbit: float) -> dict:
             "cburst": max(MTU, round(ceil * BURST_S))}
 
 
+def migration_ports(agent_port: int) -> range:
+    """The aligned block of 32 ports around the agent port: the agent's own, and the CRIU
+    page servers of post-copy migrations, so one u32 mask classifies all of them."""
+    start = agent_port & PORT_BLOCK_MASK
+    return range(start, start + 32)
+
+
 def _port_matches(port: int) -> Iterator[tuple[int, list[str]]]:
-    """u32 keys ("value/mask+offset" from the network header) for TCP sport/dport == port."""
+    """u32 keys ("value/mask+offset" from the network header) for a TCP sport/dport in the
+    migration port block of `port`."""
     ipv4 = ["0x0/0x1fff+6", "0x6/0xff+9"]  # not a later fragment; protocol TCP
     ipv6 = ["0x6/0xff+6"]  # next header TCP
+    block = port & PORT_BLOCK_MASK
     for offset in (0, 2):  # source port, destination port
-        yield ETH_P_IP, [*ipv4, f"0x{port:04x}/0xffff+{20 + offset}"]
-        yield ETH_P_IPV6, [*ipv6, f"0x{port:04x}/0xffff+{40 + offset}"]
+        yield ETH_P_IP, [*ipv4, f"0x{block:04x}/0x{PORT_BLOCK_MASK:04x}+{20 + offset}"]
+        yield ETH_P_IPV6, [*ipv6, f"0x{block:04x}/0x{PORT_BLOCK_MASK:04x}+{40 + offset}"]
 
 
 def _class_info(msg) -> dict:

@@ -28,7 +28,8 @@ class Testbed:
     __test__ = False  # not a pytest test class
 
     def __init__(self, hosts: list[str], *, prefix: str = "gwt",
-                 subnet: str = "10.231.0.0/24") -> None:
+                 subnet: str = "10.231.0.0/24", agent_args: list[str] = ()) -> None:
+        self.agent_args = list(agent_args)
         self.names = hosts
         self.prefix = prefix
         self.net = HostNetwork(prefix=prefix, subnet=subnet,
@@ -88,7 +89,8 @@ class Testbed:
                 "--state-dir", str(host.state_dir), "--runc-root", str(host.runc_root),
                 "--name", name, "--tls-ca", str(files.ca), "--tls-cert", str(files.cert),
                 "--tls-key", str(files.key), "--tls-crl", str(files.crl),
-                "--netns-id", host.netns, "--container-bridge", str(host.bridge)]
+                "--netns-id", host.netns, "--container-bridge", str(host.bridge),
+                *self.agent_args]
         proc = self.net.run_in(host, argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         self.agents[name] = proc
         self._wait_ready(name, proc)

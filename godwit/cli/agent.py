@@ -9,9 +9,10 @@ from pathlib import Path
 
 import click
 
-from godwit.agent import Agent, default_name, serve
+from godwit.agent import Agent, QosSetting, default_name, serve
 from godwit.api import normalize_address
 from godwit.containers import HostNetworking
+from godwit.qos import QosPolicy
 from godwit.tls import TLSFiles, client_context, server_context
 
 file_option = click.Path(dir_okay=False, exists=True)
@@ -32,13 +33,21 @@ file_option = click.Path(dir_okay=False, exists=True)
               help="Bridge (on the host's uplink) where networked containers are plugged.")
 @click.option("--netns-id", default=None,
               help="Unique id in container netns names [default: the host name].")
+@click.option("--qos-uplink", help="Shape outgoing migration traffic on this interface.")
+@click.option("--qos-link-mbit", type=float, help="Link rate of the uplink (Mbit/s).")
+@click.option("--qos-migration-mbit", type=float,
+              help="Rate guaranteed to migration traffic (Mbit/s); the rest is guaranteed "
+                   "to everything else.")
+@click.option("--qos-migration-ceil-mbit", type=float,
+              help="Most migration traffic may take when the link is idle [default: link].")
 @click.option("--insecure", is_flag=True,
               help="Plain HTTP, no authentication: only for an isolated lab network.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def agent(listen: str, state_dir: str, runc_root: str, name: str | None, tls_ca: str | None,
           tls_cert: str | None, tls_key: str | None, tls_crl: str | None,
-          container_bridge: str, netns_id: str | None, insecure: bool, log_level: str) -> None:
+          container_bridge: str, netns_id: str | None, insecure: bool, log_level: str,
+          **qos_options: object) -> None:
     """Serve this host's containers and accept migrations from authenticated peers."""
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -49,10 +58,25 @@ def agent(listen: str, state_dir: str, runc_root: str, name: str | None, tls_ca:
     host = name or default_name()
     networking = HostNetworking(netns_id or host, container_bridge)
     host_agent = Agent(host, state, Path(runc_root), client_ssl=client_ssl,
-                       networking=networking, tls=files)
+                       networking=networking, tls=files, qos=_qos(**qos_options))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(host_agent, normalize_address(listen),
                           server_context(files) if files else None))
+
+
+def _qos(qos_uplink: str | None, qos_link_mbit: float | None,
+         qos_migration_mbit: float | None, qos_migration_ceil_mbit: float | None
+         ) -> QosSetting | None:
+    if not qos_uplink:
+        return None
+    if not (qos_link_mbit and qos_migration_mbit):
+        raise click.UsageError("--qos-uplink needs --qos-link-mbit and --qos-migration-mbit")
+    try:
+        policy = QosPolicy(qos_link_mbit, qos_migration_mbit,
+                           qos_migration_ceil_mbit or qos_link_mbit)
+    except ValueError as exc:
+        raise click.UsageError(f"QoS: {exc}") from exc
+    return QosSetting(qos_uplink, policy)
 
 
 def _tls_files(ca: str | None, cert: str | None, key: str | None, crl: str | None,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from godwit.errors import GodwitError
 from godwit.migration.source import SourceMigration
+from godwit.qos import migration_ports
 from godwit.tls import TLSFiles
 
 PAGES_POLL_S = 0.05
@@ -38,7 +39,8 @@ class PostCopy(SourceMigration):
     async def dump(self) -> None:
         self.images.mkdir(parents=True, exist_ok=True)
         address = local_address_towards(self.ctx.dest.address.rpartition(":")[0])
-        self.page_server_address = f"{address}:{free_port(address)}"
+        port = free_port(address, migration_ports(self.ctx.agent_port))
+        self.page_server_address = f"{address}:{port}"
         write_criu_config(self.ctx.store.criu_config(self.name), address, self.ctx.tls)
         await self.has_tcp()
         opts = self.dump_options()
@@ -111,7 +113,13 @@ def local_address_towards(host: str) -> str:
         return probe.getsockname()[0]
 
 
-def free_port(address: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((address, 0))
-        return probe.getsockname()[1]
+def free_port(address: str, ports: range) -> int:
+    """A free port of the migration block (which QoS classifies as migration traffic)."""
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((address, port))
+            except OSError:
+                continue
+            return port
+    raise GodwitError(f"no free page-server port in {ports.start}-{ports.stop - 1}")

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from godwit.api import AgentClient, AgentUnreachable
+from godwit.api import DEFAULT_PORT, AgentClient, AgentUnreachable
 from godwit.containers import ContainerStore
 from godwit.criu import log_error
 from godwit.errors import GodwitError
@@ -53,6 +53,7 @@ class SourceContext:
     work_dir: Path
     local_info: dict
     tls: TLSFiles | None = None
+    agent_port: int = DEFAULT_PORT
 
 
 class SourceMigration:
