@@ -465,10 +465,10 @@ def report(result: dict[str, Any], methods: list[Method], out: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="64,256,1024", help="MiB of touched memory")
+    parser.add_argument("--sizes", default="64,256,1024,2048", help="MiB of touched memory")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--strategies", default="stop-and-copy",
+    parser.add_argument("--strategies", default="stop-and-copy,post-copy",
                         help="comma-separated, passed to godwit migrate --strategy")
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]

@@ -9,6 +9,7 @@ Data lives in --workdir (default /dev/shm, to measure the transport rather than 
 
     .venv/bin/python bench/transport.py [--big-mib 1024] [--files 10000] [--runs 3]
 
+Also the same big file over mutual TLS 1.3 (the agents' data plane), against plain HTTP.
 Prints a table and writes bench/results/transport.json.
 """
 
@@ -21,6 +22,7 @@ import os
 import platform
 import random
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -34,6 +36,8 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from godwit import transport
+from godwit.pki import CertificateAuthority
+from godwit.tls import client_context, server_context
 
 RESULTS = Path(__file__).resolve().parent / "results" / "transport.json"
 MiB = 1 << 20
@@ -88,7 +92,16 @@ def make_small(root: Path, n: int) -> None:
 # ------------------------------------------------------------------------ server
 
 
-def serve(dest_root: Path, read_bufsize: int) -> None:
+def make_ca(directory: Path) -> CertificateAuthority:
+    """A throwaway CA with a server certificate for 127.0.0.1 and a client certificate."""
+    ca = CertificateAuthority(directory)
+    ca.init("godwit bench CA")
+    ca.issue_agent("server", ["127.0.0.1"])
+    ca.issue_client("client")
+    return ca
+
+
+def serve(dest_root: Path, read_bufsize: int, ca_dir: Path | None = None) -> None:
     async def put(request: web.Request) -> web.Response:
         dest = dest_root / request.match_info["name"]
         shutil.rmtree(dest, ignore_errors=True)
@@ -108,7 +121,10 @@ def serve(dest_root: Path, read_bufsize: int) -> None:
         app.router.add_put("/tree/{name}", put)
         runner = web.AppRunner(app, access_log=None, read_bufsize=read_bufsize)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        ssl_context = None
+        if ca_dir:
+            ssl_context = server_context(CertificateAuthority(ca_dir).bundle_for("server"))
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
         print(port, flush=True)
@@ -120,12 +136,14 @@ def serve(dest_root: Path, read_bufsize: int) -> None:
 # ------------------------------------------------------------------------ client
 
 
-async def one_run(url: str, root: Path, compress: bool) -> dict:
+async def one_run(url: str, root: Path, compress: bool, ssl_context=None) -> dict:
     t0 = time.monotonic()
     plan = transport.plan_tree(root)
     t_plan = time.monotonic() - t0
     stream = transport.send_tree(plan, compress=compress)
-    async with aiohttp.ClientSession() as session, session.put(url, data=stream) as resp:
+    connector = aiohttp.TCPConnector(ssl=ssl_context or False)
+    async with aiohttp.ClientSession(connector=connector) as session, \
+            session.put(url, data=stream) as resp:
         body = await resp.json()
         resp.raise_for_status()
     seconds = time.monotonic() - t0
@@ -190,13 +208,16 @@ async def best_of(runs: int, case: str, compress: bool, fn, *args) -> dict:
     return best
 
 
-async def run_all(url: str, big: Path, small: Path, dest: Path, runs: int) -> list[dict]:
+async def run_all(url: str, big: Path, small: Path, dest: Path, runs: int,
+                  tls_url: str, tls: ssl.SSLContext) -> list[dict]:
     out = []
     for name, root in (("big", big), ("small", small)):
         for compress in (False, True):
             out.append(
                 await best_of(runs, name, compress, one_run, f"{url}/{name}", root, compress)
             )
+    out.append(await best_of(runs, "big, mutual TLS", False, one_run, f"{tls_url}/big", big,
+                             False, tls))
     for compress in (False, True):
         out.append(await best_of(runs, "big, send only", compress, sender_only, big, compress))
         out.append(
@@ -215,14 +236,15 @@ def main() -> None:
     ap.add_argument("--read-bufsize", type=int, default=1 << 20, help="aiohttp server")
     ap.add_argument("--workdir", type=Path, default=Path("/dev/shm"))
     ap.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--ca-dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        serve(args.serve, args.read_bufsize)
+        serve(args.serve, args.read_bufsize, args.ca_dir)
         return
 
     console = Console(width=None if sys.stdout.isatty() else 110)
     work = Path(tempfile.mkdtemp(prefix="godwit-bench-", dir=args.workdir))
-    server = None
+    server = tls_server = None
     try:
         src = work / "src"
         big, small = src / "big", src / "small"
@@ -232,19 +254,23 @@ def main() -> None:
             make_big(big / "pages-1.img", args.big_mib)
             make_small(small, args.files)
         (work / "dst").mkdir()
-        server = subprocess.Popen(
-            [sys.executable, __file__, "--serve", str(work / "dst"),
-             "--read-bufsize", str(args.read_bufsize)],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        port = int(server.stdout.readline())
-        url = f"http://127.0.0.1:{port}/tree"
+        ca = make_ca(work / "ca")
+        argv = [sys.executable, __file__, "--serve", str(work / "dst"),
+                "--read-bufsize", str(args.read_bufsize)]
+        server = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        tls_server = subprocess.Popen([*argv, "--ca-dir", str(work / "ca")],
+                                      stdout=subprocess.PIPE, text=True)
+        url = f"http://127.0.0.1:{int(server.stdout.readline())}/tree"
+        tls_url = f"https://127.0.0.1:{int(tls_server.stdout.readline())}/tree"
+        tls = client_context(ca.bundle_for("client"))
         with console.status("running"):
-            results = asyncio.run(run_all(url, big, small, work / "dst", args.runs))
+            results = asyncio.run(run_all(url, big, small, work / "dst", args.runs,
+                                          tls_url, tls))
     finally:
-        if server is not None:
-            server.terminate()
-            server.wait()
+        for process in (server, tls_server):
+            if process is not None:
+                process.terminate()
+                process.wait()
         shutil.rmtree(work, ignore_errors=True)
 
     table = Table(title=f"godwit.transport over aiohttp PUT, loopback ({os.cpu_count()} CPUs)")
@@ -274,6 +300,9 @@ def main() -> None:
             f"{r['files_per_s']:.0f}" if r["files"] > 1 else "-",
         )
     console.print(table)
+    by_case = {(r["case"], r["compress"]): r["payload_MBps"] for r in results}
+    tls_ratio = by_case[("big, mutual TLS", False)] / by_case[("big", False)]
+    console.print(f"data plane with mutual TLS: {tls_ratio:.0%} of plain HTTP (1 big file)")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
@@ -281,6 +310,7 @@ def main() -> None:
                 "host": {"cpus": os.cpu_count(), "python": platform.python_version()},
                 "params": {k: str(v) for k, v in vars(args).items() if k != "serve"},
                 "results": results,
+                "tls_over_plain": round(tls_ratio, 3),
             },
             indent=2,
         )

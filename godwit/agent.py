@@ -347,7 +347,7 @@ async def serve(agent: Agent, listen: str, server_ssl: ssl.SSLContext | None = N
     host, _, port = listen.rpartition(":")
     agent.port = int(port)
     await agent.start()
-    runner = web.AppRunner(agent.app(), access_log=None)
+    runner = web.AppRunner(agent.app(), access_log=None, read_bufsize=1 << 20)
     await runner.setup()
     site = web.TCPSite(runner, host or "0.0.0.0", int(port), ssl_context=server_ssl,
                        reuse_address=True)

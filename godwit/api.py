@@ -85,7 +85,16 @@ class AgentClient:
             async with self._session.request(method, self.base + path, **kwargs) as resp:
                 return await _json_or_raise(resp)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise AgentUnreachable(f"agent {self.address}: {_describe(exc)}") from exc
+            raise AgentUnreachable(f"agent {self.address}: {self._explain(exc)}") from exc
+
+    def _explain(self, exc: BaseException) -> str:
+        """asyncio sends no TLS alert, so a refused handshake looks like a hang-up."""
+        text = _describe(exc)
+        if isinstance(exc, aiohttp.ServerDisconnectedError):
+            text += (" (the agent may have refused our certificate: revoked, expired or of "
+                     "another CA)" if self._ssl else
+                     " (the agent probably requires TLS: see `godwit use-tls`)")
+        return text
 
     async def stream_events(self, path: str, body: dict) -> AsyncIterator[dict]:
         """POST and yield the NDJSON events of the response."""
@@ -100,7 +109,7 @@ class AgentClient:
                     if line.strip():
                         yield json.loads(line)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise AgentUnreachable(f"agent {self.address}: {_describe(exc)}") from exc
+            raise AgentUnreachable(f"agent {self.address}: {self._explain(exc)}") from exc
 
     # containers
     async def info(self) -> dict:

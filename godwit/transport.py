@@ -675,25 +675,7 @@ class TreeStream:
             stats.seconds = time.monotonic() - t0
 
 
-def send_tree(
-    plan: TreePlan,
-    *,
-    compress: bool = False,
-    level: int = 1,
-    rate_limit: float | None = None,
-    on_progress: Callable[[int], None] | None = None,
-    chunk_size: int = DEFAULT_CHUNK,
-) -> TreeStream:
-    """Stream `plan` (see `TreeStream`). `rate_limit` is in wire bytes per second;
-    `on_progress(bytes_done)` counts file content bytes, up to about `plan.total_bytes`."""
-    return TreeStream(
-        plan,
-        compress=compress,
-        level=level,
-        rate_limit=rate_limit,
-        on_progress=on_progress,
-        chunk_size=chunk_size,
-    )
+send_tree = TreeStream  # send_tree(plan, compress=, rate_limit=, on_progress=) -> the stream
 
 
 # --------------------------------------------------------------------------- receiver

@@ -162,8 +162,20 @@ def test_migrate_to_unreachable_host_touches_nothing(bed: Testbed) -> None:
     remove(bed, "stay")
 
 
-def test_history_records_every_migration(bed: Testbed) -> None:
+def test_history_and_report(bed: Testbed, tmp_path: Path) -> None:
+    start(bed, "hist", counter_bundle(bed.bundle_dir("hist")))
+    code, done = migrate(bed, "hist", "b")
+    assert code == 0
     reports = cli_json(bed, "history")
-    assert {r["container"] for r in reports} >= {"counter", "mem256", "victim", "local-vol"}
-    failed = [r for r in reports if r["container"] == "local-vol"]
-    assert failed and failed[-1]["result"] == "failed"
+    assert done["id"] in {r["id"] for r in reports}
+    listing = bed.godwit("history")
+    assert done["id"][:8] in listing.stdout and "hist" in listing.stdout
+    png = tmp_path / "timeline.png"
+    result = bed.godwit("report", done["id"][:8], "--png", str(png))
+    assert result.returncode == 0, result.stderr
+    assert "downtime" in result.stdout and "restore" in result.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert cli_json(bed, "report", done["id"])["downtime_s"] == done["downtime_s"]
+    unknown = bed.godwit("report", "ffffffff")
+    assert unknown.returncode != 0 and "no migrations match" in unknown.stderr
+    remove(bed, "hist")

@@ -28,6 +28,7 @@ class FakeAgent:
 
     clock_offset: float = 0.0
     criu_version: str = "4.2.1"
+    lazy_pages: bool = True
     disk_free: int = 100 << 30
     incoming: list[str] = field(default_factory=list)
 
@@ -40,7 +41,7 @@ class FakeAgent:
 
     async def info(self, _: web.Request) -> web.Response:
         criu = {"version": self.criu_version, "check_ok": True, "check_message": "",
-                "lazy_pages": True, "soft_dirty": False}
+                "lazy_pages": self.lazy_pages, "soft_dirty": False}
         return web.json_response({"name": "fake", "runc": "1.1.5+ds1", "criu": criu,
                                   "time": time.time() + self.clock_offset, "containers": 0,
                                   "mem_available": 100 << 30, "disk_free": self.disk_free})
@@ -81,6 +82,7 @@ def fake(bed: Testbed) -> Iterator[tuple[FakeAgent, str]]:
 def counter(bed: Testbed, fake: tuple[FakeAgent, str]) -> Iterator[str]:
     agent, _ = fake
     agent.clock_offset, agent.criu_version, agent.disk_free = 0.0, "4.2.1", 100 << 30
+    agent.lazy_pages = True
     agent.incoming.clear()
     bundle = counter_bundle(bed.bundle_dir("pf"))
     assert bed.godwit("run", "pf", "--bundle", str(bundle), "--host", "a").returncode == 0
@@ -122,6 +124,11 @@ def test_small_skew_only_warns(bed, fake, counter) -> None:
 def test_criu_major_version_mismatch_is_refused(bed, fake, counter) -> None:
     fake[0].criu_version = "3.17"
     assert "criu" in refused(bed, fake)["error"].lower()
+
+
+def test_missing_lazy_pages_refuses_post_copy(bed, fake, counter) -> None:
+    fake[0].lazy_pages = False
+    assert "lazy pages" in refused(bed, fake, "--strategy", "post-copy")["error"]
 
 
 def test_low_disk_is_refused(bed, fake, counter) -> None:

@@ -42,6 +42,10 @@ class Context:
             return None
         from godwit.tls import TLSFiles, client_context
 
+        missing = [tls[k] for k in ("ca", "cert", "key") if not Path(tls.get(k, "")).is_file()]
+        if missing:
+            raise GodwitError(f"TLS file(s) in {self.config.path} not found: "
+                              f"{', '.join(missing)}")
         crl = tls.get("crl")
         files = TLSFiles(Path(tls["ca"]), Path(tls["cert"]), Path(tls["key"]),
                          Path(crl) if crl else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 from rich.table import Table
@@ -69,4 +70,21 @@ def hosts_rm(ctx: Context, name: str) -> None:
     ctx.config.save()
 
 
-COMMANDS = (hosts,)
+@click.command("use-tls")
+@click.option("--ca", "ca", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="godwit CA certificate.")
+@click.option("--cert", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="Your operator certificate (godwit ca issue-client).")
+@click.option("--key", required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("--crl", type=click.Path(dir_okay=False, exists=True),
+              help="The CA's CRL, to refuse revoked agents.")
+@pass_ctx
+def use_tls(ctx: Context, ca: str, cert: str, key: str, crl: str | None) -> None:
+    """Make the CLI present this certificate to agents (stored in the CLI config)."""
+    files = {"ca": ca, "cert": cert, "key": key, "crl": crl}
+    ctx.config.tls = {k: str(Path(v).resolve()) for k, v in files.items() if v}
+    ctx.config.save()
+    console.print(f"CLI will use {ctx.config.tls['cert']} ({ctx.config.path})")
+
+
+COMMANDS = (hosts, use_tls)

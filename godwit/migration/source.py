@@ -208,9 +208,12 @@ class SourceMigration:
         return self.tcp_established
 
     async def send_images(self) -> None:
+        """Send the dump; the local copy goes at once (a rollback resumes the paused
+        container, not the images), which spares the host writing it back to disk."""
         with self.events.phase("images"):
             plan = await asyncio.to_thread(plan_tree, self.images)
             self.report.image_bytes += await self.upload("images", plan, "images")
+        await asyncio.to_thread(shutil.rmtree, self.images, True)
 
     async def restore(self) -> None:
         with self.events.phase("restore"):
