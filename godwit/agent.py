@@ -82,6 +82,7 @@ class Agent:
             web.delete("/v1/containers/{name}", self.remove_container),
             web.post("/v1/containers/{name}/exec", self.exec_container),
             web.post("/v1/containers/{name}/signal", self.signal_container),
+            web.post("/v1/containers/{name}/resume", self.resume_container),
             web.post("/v1/containers/{name}/migrate", self.migrate),
             web.get("/v1/time", self.clock),
             web.post("/v1/preflight", self.preflight),
@@ -150,6 +151,22 @@ class Agent:
         self.store.record(name)
         await self.runc.kill(name, signal)
         return web.json_response({"signalled": name, "signal": signal})
+
+    async def resume_container(self, request: web.Request) -> web.Response:
+        """Resume a paused copy, e.g. one a migration left paused when it ended in doubt;
+        a networked container gets its link back first."""
+        name = request.match_info["name"]
+        record = self.store.record(name)
+        if name in self.migrating:
+            raise Conflict(f"container {name} is being migrated")
+        state = await self.store.state(name)
+        if not state or state.status != "paused":
+            raise Conflict(f"container {name} is {state.status if state else 'gone'}, "
+                           "not paused")
+        if record.net:
+            await asyncio.to_thread(self.store.networking.connect, name)
+        await self.runc.resume(name)
+        return web.json_response(await self.store.describe(name))
 
     # migrations, source side
     async def migrate(self, request: web.Request) -> web.StreamResponse:

@@ -9,6 +9,7 @@ The protocol (all JSON unless noted, errors are `{"error": "one line"}` with 4xx
     DELETE /v1/containers/{name}             kill and remove
     POST   /v1/containers/{name}/exec        {"argv"} -> {"exit_code", "stdout", "stderr"}
     POST   /v1/containers/{name}/signal      {"signal"}
+    POST   /v1/containers/{name}/resume      resume a paused copy (after an in-doubt migration)
     POST   /v1/containers/{name}/migrate     {"to", "strategy", ...} -> NDJSON event stream
     GET    /v1/time                          {"received", "sent"}: clock samples for skew checks
     POST   /v1/preflight                     {"to", "strategy", "container"?} -> {"findings"}
@@ -134,6 +135,9 @@ class AgentClient:
     async def signal(self, name: str, signal: str) -> dict:
         body = {"signal": signal}
         return await self.request("POST", f"/v1/containers/{name}/signal", json=body)
+
+    async def resume(self, name: str) -> dict:
+        return await self.request("POST", f"/v1/containers/{name}/resume")
 
     def migrate(self, name: str, options: dict) -> AsyncIterator[dict]:
         return self.stream_events(f"/v1/containers/{name}/migrate", options)

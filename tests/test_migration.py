@@ -179,3 +179,20 @@ def test_history_and_report(bed: Testbed, tmp_path: Path) -> None:
     unknown = bed.godwit("report", "ffffffff")
     assert unknown.returncode != 0 and "no migrations match" in unknown.stderr
     remove(bed, "hist")
+
+
+def test_resume_brings_back_a_paused_copy(bed: Testbed) -> None:
+    """What an operator does after a migration ended in doubt (source left paused)."""
+    start(bed, "held", counter_bundle(bed.bundle_dir("held")))
+    rootfs = rootfs_of(bed, "held")
+    wait_for(lambda: read_count(rootfs), what="counter")
+    runc = ["runc", "--root", str(bed.host("a").runc_root)]
+    subprocess.run([*runc, "pause", "held"], check=True)
+    assert copies(bed, "held") == [("a", "paused")]
+    frozen = read_count(rootfs)
+    result = bed.godwit("resume", "held")
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: (read_count(rootfs) or 0) > frozen + 3, what="counter after resume")
+    again = bed.godwit("resume", "held")
+    assert again.returncode != 0 and "not paused" in again.stderr
+    remove(bed, "held")

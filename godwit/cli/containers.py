@@ -110,6 +110,21 @@ def kill_cmd(ctx: Context, name: str, signal: str, host: str | None) -> None:
     run(go())
 
 
+@click.command("resume")
+@click.argument("name")
+@host_option
+@pass_ctx
+def resume_cmd(ctx: Context, name: str, host: str | None) -> None:
+    """Resume a paused container (a migration that ended in doubt leaves it paused)."""
+
+    async def go() -> dict:
+        async with ctx.client(host or await locate(ctx, name)) as agent:
+            return await agent.resume(name)
+
+    result = run(go())
+    console.print(f"{name} {result['status']} on {result['host']}")
+
+
 @click.command("rm")
 @click.argument("name")
 @host_option
@@ -250,5 +265,5 @@ def check_cmd(ctx: Context, host: str, sources: tuple[str, ...], strategy: str,
         sys.exit(1)
 
 
-COMMANDS = (run_cmd, ps_cmd, exec_cmd, kill_cmd, rm_cmd, migrate_cmd, history_cmd, report_cmd,
-            check_cmd)
+COMMANDS = (run_cmd, ps_cmd, exec_cmd, kill_cmd, resume_cmd, rm_cmd, migrate_cmd,
+            history_cmd, report_cmd, check_cmd)

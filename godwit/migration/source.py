@@ -23,9 +23,12 @@ from godwit.migration import MigrationOptions
 from godwit.migration.report import EventStream
 from godwit.network import has_established_tcp
 from godwit.preflight import refusal, run_checks, verdict
-from godwit.runc import CheckpointOptions
+from godwit.runc import CheckpointOptions, Runc
 from godwit.tls import TLSFiles
 from godwit.transport import TreePlan, diff_manifests, plan_tree, scan_tree, send_tree
+
+FENCE_MARGIN_S = 3.0
+PROGRESS_INTERVAL_S = 0.1
 
 
 def migration_needs(store: ContainerStore, name: str, shared: bool) -> tuple[int, int]:
@@ -35,9 +38,6 @@ def migration_needs(store: ContainerStore, name: str, shared: bool) -> tuple[int
         return memory, memory
     rootfs = scan_tree(Path(store.record(name).rootfs))
     return memory, memory + sum(m.size for m in rootfs.values() if m.type == "file")
-
-FENCE_MARGIN_S = 3.0
-PROGRESS_INTERVAL_S = 0.1
 
 
 class InDoubt(GodwitError):
@@ -73,7 +73,7 @@ class SourceMigration:
         self.manifest: dict | None = None
 
     @property
-    def runc(self):
+    def runc(self) -> Runc:
         return self.ctx.store.runc
 
     @property
@@ -88,7 +88,9 @@ class SourceMigration:
             self.report.outcome = f"running on {self.report.destination}"
         except InDoubt as exc:
             self.report.result, self.report.error = "in-doubt", str(exc)
-            self.report.outcome = f"paused on {self.report.source}, destination unreachable"
+            self.report.outcome = (f"paused on {self.report.source}, destination unreachable: "
+                                   f"check {self.report.destination}, then `godwit resume "
+                                   f"{self.name}` or `godwit rm {self.name}`")
         except Exception as exc:  # every failure ends in a rollback, whatever raised it
             self.report.result, self.report.error = "failed", _one_line(exc)
             self.report.outcome = await self.rollback()
@@ -159,13 +161,13 @@ class SourceMigration:
         root = Path(self.record.rootfs)
         phase = "rootfs" if initial else "rootfs-sync"
         with self.events.phase(phase):
-            manifest = await asyncio.to_thread(scan_tree, root)
             if initial:
                 plan = await asyncio.to_thread(plan_tree, root)
+                self.manifest = plan.manifest
             else:
+                manifest = await asyncio.to_thread(scan_tree, root)
                 changed, deleted = diff_manifests(self.manifest or {}, manifest)
                 plan = await asyncio.to_thread(plan_tree, root, changed, deleted)
-            self.manifest = manifest
             self.report.rootfs_bytes += await self.upload("rootfs", plan, phase)
 
     async def freeze(self) -> None:
