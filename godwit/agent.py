@@ -33,7 +33,7 @@ from godwit.network import ContainerNet
 from godwit.preflight import check_cpuinfo_image, run_checks
 from godwit.qos import QosPolicy, apply_policy, clear_policy, describe_policy
 from godwit.runc import Runc
-from godwit.tls import TLSFiles
+from godwit.tls import RevocationList, TLSFiles, peer_certificate
 
 log = logging.getLogger("godwit.agent")
 STRATEGIES = {"stop-and-copy": SourceMigration, "post-copy": PostCopy, "pre-copy": PreCopy}
@@ -72,7 +72,8 @@ class Agent:
             await asyncio.to_thread(clear_policy, self.qos.uplink)
 
     def app(self) -> web.Application:
-        middlewares = [error_middleware, agents_only_middleware]
+        revocations = RevocationList(self.tls) if self.tls else None
+        middlewares = [error_middleware, peer_middleware(revocations)]
         app = web.Application(middlewares=middlewares, client_max_size=1 << 20)
         app.add_routes([
             web.get("/v1/info", self.info),
@@ -296,24 +297,34 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return web.json_response({"error": f"internal error: {exc}"}, status=500)
 
 
-@web.middleware
-async def agents_only_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """Only agents (certificates with serverAuth) may push a migration into this host;
-    operator certificates drive migrations through the source agent instead."""
-    if request.path.startswith("/v1/incoming") and request.secure and not _peer_is_agent(request):
-        return web.json_response({"error": "only agent certificates may send migrations"},
-                                 status=403)
-    return await handler(request)
+def peer_middleware(revocations: RevocationList | None):
+    """Per request: the peer's certificate must not be revoked (even on a connection opened
+    before the revocation), and only agents (serverAuth certificates) may push a migration
+    into this host; operators drive migrations through the source agent."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler) -> web.StreamResponse:
+        if not request.secure:
+            return await handler(request)
+        cert = peer_certificate(request)
+        if cert is None or (revocations and revocations.is_revoked(cert.serial_number)):
+            return _refuse(request, "certificate revoked")
+        if request.path.startswith("/v1/incoming") and not _is_agent(cert):
+            return _refuse(request, "only agent certificates may send migrations")
+        return await handler(request)
+
+    return middleware
 
 
-def _peer_is_agent(request: web.Request) -> bool:
-    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-    der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-    if not der:
-        return False
+def _refuse(request: web.Request, reason: str) -> web.Response:
+    log.warning("refused %s %s from %s: %s", request.method, request.path, request.remote,
+                reason)
+    return web.json_response({"error": reason}, status=403, headers={"Connection": "close"})
+
+
+def _is_agent(cert: x509.Certificate) -> bool:
     try:
-        usage = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
-            x509.ExtendedKeyUsage).value
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
         return False
     return ExtendedKeyUsageOID.SERVER_AUTH in usage

@@ -166,3 +166,43 @@ def peer_identity(request: web.Request) -> str:
             if key == "commonName":
                 return value
     raise web.HTTPForbidden(text="no verified client certificate")
+
+
+class RevocationList:
+    """Serials revoked by the CA's CRL file, re-read whenever the file changes: lets an
+    agent refuse a revoked peer on a connection opened before the revocation."""
+
+    def __init__(self, files: TLSFiles) -> None:
+        self._files = files
+        self._key: tuple[int, int, int] | None = None
+        self._serials: frozenset[int] = frozenset()
+
+    def is_revoked(self, serial: int) -> bool:
+        crl = self._files.crl
+        if crl is None:
+            return False
+        stat = os.stat(crl)
+        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if key != self._key:
+            self._serials = _revoked_serials(crl, self._files.ca)
+            self._key = key
+        return serial in self._serials
+
+
+def _revoked_serials(crl_path: Path, ca_path: Path) -> frozenset[int]:
+    from cryptography import x509
+
+    crl = x509.load_pem_x509_crl(crl_path.read_bytes())
+    ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
+    if not crl.is_signature_valid(ca.public_key()):  # type: ignore[arg-type]
+        raise ssl.SSLError(f"CRL {crl_path} is not signed by the godwit CA")
+    return frozenset(entry.serial_number for entry in crl)
+
+
+def peer_certificate(request: web.Request):  # -> x509.Certificate | None
+    """The verified certificate the peer of an aiohttp request presented, if any."""
+    from cryptography import x509
+
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+    return x509.load_der_x509_certificate(der) if der else None

@@ -57,3 +57,18 @@ def test_revoked_certificate_is_refused_without_restart(bed: Testbed) -> None:
     with pytest.raises(GodwitError):
         call(bed, client_context(mallory), "GET", "/v1/info")
     assert call(bed, client_context(bed.operator_tls), "GET", "/v1/info")["name"] == "a"
+
+
+def test_revocation_applies_to_an_open_connection(bed: Testbed) -> None:
+    """A keep-alive connection opened before the revocation is refused on its next request."""
+    bed.ca.issue_client("eve")
+    context = client_context(bed.ca.bundle_for("eve"))
+
+    async def go() -> None:
+        async with AgentClient(bed.address("a"), context, timeout=5) as agent:
+            assert (await agent.info())["name"] == "a"
+            bed.ca.revoke("eve")
+            with pytest.raises(GodwitError, match="revoked"):
+                await agent.info()
+
+    asyncio.run(go())
