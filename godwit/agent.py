@@ -63,6 +63,7 @@ class Agent:
     async def start(self) -> None:
         self.caps = await probe()
         self.receiver.sweep()
+        self.recovery = asyncio.create_task(self.recover_outgoing())
         if self.qos:
             await asyncio.to_thread(apply_policy, self.qos.uplink, self.qos.policy)
             log.info("migration traffic on %s shaped: %s", self.qos.uplink, self.qos.policy)
@@ -214,6 +215,38 @@ class Agent:
             await migration.execute()
         self.reports.save(events.report)
         log.info("migration %s of %s: %s", events.report.id, name, events.report.result)
+
+    async def recover_outgoing(self) -> None:
+        """Settle the migrations a previous agent process left half way: the paused source
+        copy is resumed, or deleted when the destination had committed."""
+        for journal_path in sorted(self.state_dir.glob("outgoing/*/journal.json")):
+            journal = json.loads(journal_path.read_text())
+            options = MigrationOptions.from_json(journal["options"])
+            report = MigrationReport(id=journal["id"], container=journal["name"],
+                                     source=self.name, destination=options.to,
+                                     strategy=journal["strategy"], options=journal["options"])
+            task = asyncio.create_task(self.recover_one(journal, options, report))
+            self.migrating[journal["name"]] = task
+            await task
+            self.migrating.pop(journal["name"], None)
+
+    async def recover_one(self, journal: dict, options: MigrationOptions,
+                          report: MigrationReport) -> None:
+        ssl_context = self.client_ssl() if self.client_ssl else None
+        async with AgentClient(options.to, ssl_context, timeout=30) as dest:
+            ctx = SourceContext(self.store, dest, self.state_dir / "outgoing" / report.id,
+                                await self.describe_host(), self.tls, self.port)
+            try:
+                migration = STRATEGIES[report.strategy](ctx, report.container, options,
+                                                        EventStream(report))
+            except GodwitError as exc:  # the container is gone: nothing to settle
+                log.warning("migration %s: %s", report.id, exc)
+                (ctx.work_dir / "journal.json").unlink(missing_ok=True)
+                return
+            await migration.recover(journal)
+        self.reports.save(report)
+        log.warning("recovered migration %s of %s: %s, %s", report.id, report.container,
+                    report.result, report.outcome)
 
     # pre-flight
     async def clock(self, request: web.Request) -> web.Response:

@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,32 @@ def test_resume_brings_back_a_paused_copy(bed: Testbed) -> None:
     again = bed.godwit("resume", "held")
     assert again.returncode != 0 and "not paused" in again.stderr
     remove(bed, "held")
+
+
+def test_source_agent_killed_mid_transfer_resumes_on_restart(bed: Testbed) -> None:
+    """The container is frozen when its agent dies; the restarted agent settles it."""
+    start(bed, "orphan", memhog_bundle(bed.bundle_dir("orphan"), 256, seed=5))
+    rootfs = rootfs_of(bed, "orphan")
+    wait_for(lambda: read_state(rootfs).get("status") == "ready", timeout=60, what="memhog")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "godwit", "migrate", "orphan", "--to", "b", "--json",
+         "--strategy", "stop-and-copy", "--bandwidth", "40"],
+        env={"GODWIT_CONFIG": str(bed.config_path)}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    staging = bed.host("b").state_dir / "incoming"
+    wait_for(lambda: any(staging.glob("*/images/*")), timeout=30, what="images upload")
+    bed.stop_agent("a", signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    counter = read_state(rootfs)["counter"]
+    time.sleep(0.5)
+    assert read_state(rootfs)["counter"] == counter, "the source copy should be frozen"
+    bed.start_agent("a")
+    wait_for(lambda: copies(bed, "orphan") == [("a", "running")], timeout=30,
+             what="the restarted agent to resume the container")
+    wait_for(lambda: read_state(rootfs)["counter"] > counter + 10, what="memhog running")
+    left = [p for p in staging.glob("*/request.json") if '"orphan"' in p.read_text()]
+    assert not left, "the destination's staging area should be dropped"
+    recovered = [r for r in cli_json(bed, "history") if r["container"] == "orphan"]
+    assert recovered and "restarted" in recovered[-1]["error"]
+    remove(bed, "orphan")

@@ -47,6 +47,7 @@ class PostCopy(SourceMigration):
         with self.events.phase("dump"):
             self.page_server = await self.runc.start_lazy_checkpoint(
                 self.name, opts, self.page_server_address)
+        self.journal(page_server_pid=self.page_server.pid)
 
     def restore_request(self) -> dict:
         return {"page_server": self.page_server_address}
@@ -78,17 +79,30 @@ class PostCopy(SourceMigration):
     async def release_source(self) -> None:
         """Rollback: freeze the ptrace-stopped tasks, then stop the page server, so the
         source stays paused until it is resumed on purpose."""
-        if self.page_server and self.page_server.returncode is None:
+        pid = self.journal_state.get("page_server_pid")
+        running = self.page_server.returncode is None if self.page_server else _alive(pid)
+        if pid and running:
             with contextlib.suppress(GodwitError):
                 await self.runc.pause(self.name)
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.page_server.pid, signal.SIGKILL)
-            await self.page_server.wait()
+                os.killpg(pid, signal.SIGKILL)
+            if self.page_server:
+                await self.page_server.wait()
         self.ctx.store.criu_config(self.name).unlink(missing_ok=True)
 
     async def cleanup_source(self) -> None:
         self.ctx.store.criu_config(self.name).unlink(missing_ok=True)
         await super().cleanup_source()
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def write_criu_config(path: Path, address: str, tls: TLSFiles | None) -> None:

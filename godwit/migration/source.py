@@ -10,6 +10,7 @@ does the source stay paused and the migration end "in-doubt".
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -71,6 +72,8 @@ class SourceMigration:
         self.tcp_established = options.tcp_established or bool(self.record.net)
         self.restore_sent_at: float | None = None
         self.manifest: dict | None = None
+        self.journal_path = ctx.work_dir / "journal.json"
+        self.journal_state: dict = {}
 
     @property
     def runc(self) -> Runc:
@@ -97,6 +100,44 @@ class SourceMigration:
         finally:
             self.report.finished_at = time.time()
             self.events.close()
+            if self.report.result != "in-doubt":
+                self.journal_path.unlink(missing_ok=True)
+
+    def journal(self, **progress: object) -> None:
+        """Persist how far the migration got, so that a restarted source agent can finish
+        the safety net (see recover)."""
+        self.journal_state.update(progress)
+        record = {"id": self.report.id, "name": self.name, "strategy": self.strategy,
+                  "options": self.options.to_json(), **self.journal_state}
+        self.journal_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.journal_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(self.journal_path)
+
+    async def recover(self, journal: dict) -> None:
+        """After a source agent restart: settle a migration the old agent left half way."""
+        self.prepared = True
+        self.frozen, self.isolated = journal.get("frozen", False), journal.get("isolated", False)
+        self.journal_state = dict(journal)
+        if journal.get("restore_sent"):
+            self.restore_sent_at = time.monotonic()  # wait for a fence as if just sent
+        self.report.error = "the source agent restarted during the migration"
+        if journal.get("commit_sent"):
+            state = await self.destination_state()
+            if state is None:
+                self.report.result = "in-doubt"
+                self.report.outcome = f"paused on {self.report.source}, destination unreachable"
+                return
+            if state == "committed":
+                await self.cleanup_source()
+                self.report.result = "ok"
+                self.report.outcome = f"running on {self.report.destination}"
+                return
+        self.report.outcome = await self.rollback()
+        if self.report.result == "running":
+            self.report.result = "failed"
+        self.report.finished_at = time.time()
+        self.journal_path.unlink(missing_ok=True)
 
     async def migrate(self) -> None:
         await self.prepare_destination()
@@ -126,6 +167,7 @@ class SourceMigration:
             await self.preflight(info)
             await self.ctx.dest.prepare_incoming(self.incoming_request())
             self.prepared = True
+            self.journal(prepared=True)
 
     async def preflight(self, dest_info: dict) -> None:
         """Refuse before anything is frozen when the destination cannot take the container."""
@@ -173,6 +215,7 @@ class SourceMigration:
     async def freeze(self) -> None:
         with self.events.phase("freeze"):
             self.report.frozen_at = time.time()  # processes stop during the pause call
+            self.journal(frozen=True)
             await self.runc.pause(self.name)
             self.frozen = True
         if self.record.net:
@@ -182,6 +225,7 @@ class SourceMigration:
         """Isolate the frozen source copy; the destination answers for its MAC and IP from
         now on, holding arriving packets until the restore."""
         with self.events.phase("switch"):
+            self.journal(isolated=True)
             await asyncio.to_thread(self.ctx.store.networking.isolate, self.name)
             self.isolated = True
             await self.ctx.dest.activate_incoming(self.report.id)
@@ -220,6 +264,7 @@ class SourceMigration:
     async def restore(self) -> None:
         with self.events.phase("restore"):
             self.restore_sent_at = time.monotonic()
+            self.journal(restore_sent=True)
             restored = await self.ctx.dest.restore_incoming(self.report.id,
                                                             self.restore_request())
             self.report.resumed_at = time.time()
@@ -240,6 +285,7 @@ class SourceMigration:
 
     async def commit(self) -> None:
         with self.events.phase("commit"):
+            self.journal(commit_sent=True)
             try:
                 await self.ctx.dest.commit_incoming(self.report.id)
             except AgentUnreachable:
