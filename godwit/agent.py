@@ -198,23 +198,29 @@ class Agent:
 
     async def run_migration(self, name: str, options: MigrationOptions,
                             events: EventStream) -> None:
+        """Run one migration to its end; its report is always saved and the client told."""
+        try:
+            await self.start_migration(name, options, events)
+        except Exception as exc:  # before anything was frozen: the container is untouched
+            log.exception("migration %s of %s could not start", events.report.id, name)
+            events.report.result, events.report.error = "failed", str(exc)
+            events.report.outcome = f"running on {self.name} (never frozen)"
+        finally:
+            if not events.closed:
+                events.close()
+            self.reports.save(events.report)
+            log.info("migration %s of %s: %s", events.report.id, name, events.report.result)
+
+    async def start_migration(self, name: str, options: MigrationOptions,
+                              events: EventStream) -> None:
         work_dir = self.state_dir / "outgoing" / events.report.id
         ssl_context = self.client_ssl() if self.client_ssl else None
         async with AgentClient(options.to, ssl_context, timeout=RESTORE_TIMEOUT_S) as dest:
             ctx = SourceContext(self.store, dest, work_dir, await self.describe_host(),
                                 self.tls, self.port)
-            try:
-                strategy = self.pick_strategy(options, name, await dest.info())
-                events.report.strategy = strategy
-                migration = STRATEGIES[strategy](ctx, name, options, events)
-            except GodwitError as exc:
-                events.report.result, events.report.error = "failed", str(exc)
-                events.report.outcome = f"running on {self.name} (never frozen)"
-                events.close()
-                return
-            await migration.execute()
-        self.reports.save(events.report)
-        log.info("migration %s of %s: %s", events.report.id, name, events.report.result)
+            strategy = self.pick_strategy(options, name, await dest.info())
+            events.report.strategy = strategy
+            await STRATEGIES[strategy](ctx, name, options, events).execute()
 
     async def recover_outgoing(self) -> None:
         """Settle the migrations a previous agent process left half way: the paused source

@@ -71,6 +71,7 @@ class EventStream:
     def __init__(self, report: MigrationReport) -> None:
         self.report = report
         self.queue: asyncio.Queue[dict | None] = asyncio.Queue()
+        self.closed = False
 
     def emit(self, event: str, **fields: object) -> None:
         self.queue.put_nowait({"event": event, "at": time.time(), **fields})
@@ -96,6 +97,7 @@ class EventStream:
     def close(self) -> None:
         self.emit("result", report=self.report.to_json())
         self.queue.put_nowait(None)
+        self.closed = True
 
 
 class ReportArchive:
