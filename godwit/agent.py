@@ -136,7 +136,18 @@ class Agent:
         if name in self.migrating:
             raise Conflict(f"container {name} is being migrated")
         await self.store.remove(name)
+        self.settle_journals(name)
         return web.json_response({"removed": name})
+
+    def journals(self, name: str) -> list[Path]:
+        """Journals of this container's unsettled (in-doubt) outgoing migrations."""
+        return [path for path in self.state_dir.glob("outgoing/*/journal.json")
+                if json.loads(path.read_text()).get("name") == name]
+
+    def settle_journals(self, name: str) -> None:
+        """The operator decided (resume or rm): forget the in-doubt migrations."""
+        for path in self.journals(name):
+            shutil.rmtree(path.parent, ignore_errors=True)
 
     async def exec_container(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -168,6 +179,7 @@ class Agent:
         if record.net:
             await asyncio.to_thread(self.store.networking.connect, name)
         await self.runc.resume(name)
+        self.settle_journals(name)
         return web.json_response(await self.store.describe(name))
 
     # migrations, source side
@@ -177,6 +189,9 @@ class Agent:
         self.store.record(name)
         if name in self.migrating:
             raise Conflict(f"container {name} is already being migrated")
+        if self.journals(name):
+            raise Conflict(f"an earlier migration of {name} ended in doubt: check its "
+                           f"destination, then `godwit resume {name}` or `godwit rm {name}`")
         events = EventStream(self.new_report(name, options))
         task = asyncio.create_task(self.run_migration(name, options, events))
         self.migrating[name] = task
@@ -225,16 +240,22 @@ class Agent:
     async def recover_outgoing(self) -> None:
         """Settle the migrations a previous agent process left half way: the paused source
         copy is resumed, or deleted when the destination had committed."""
-        for journal_path in sorted(self.state_dir.glob("outgoing/*/journal.json")):
-            journal = json.loads(journal_path.read_text())
-            options = MigrationOptions.from_json(journal["options"])
-            report = MigrationReport(id=journal["id"], container=journal["name"],
-                                     source=self.name, destination=options.to,
-                                     strategy=journal["strategy"], options=journal["options"])
-            task = asyncio.create_task(self.recover_one(journal, options, report))
-            self.migrating[journal["name"]] = task
-            await task
-            self.migrating.pop(journal["name"], None)
+        journals = [json.loads(p.read_text())
+                    for p in sorted(self.state_dir.glob("outgoing/*/journal.json"))]
+        for journal in journals:
+            self.migrating[journal["name"]] = asyncio.current_task()
+        for journal in journals:
+            try:
+                options = MigrationOptions.from_json(journal["options"])
+                report = MigrationReport(
+                    id=journal["id"], container=journal["name"], source=self.name,
+                    destination=options.to, strategy=journal["strategy"],
+                    options=journal["options"])
+                await self.recover_one(journal, options, report)
+            except Exception:  # one broken journal must not block the others
+                log.exception("could not settle migration %s", journal.get("id"))
+            finally:
+                self.migrating.pop(journal["name"], None)
 
     async def recover_one(self, journal: dict, options: MigrationOptions,
                           report: MigrationReport) -> None:
@@ -269,7 +290,8 @@ class Agent:
         options = MigrationOptions.from_json({"to": body.get("to", ""),
                                               "strategy": body.get("strategy", "auto")})
         name = body.get("container")
-        mem, disk = migration_needs(self.store, name, False) if name else (0, 0)
+        mem, disk = await asyncio.to_thread(migration_needs, self.store, name, False) \
+            if name else (0, 0)
         ssl_context = self.client_ssl() if self.client_ssl else None
         async with AgentClient(options.to, ssl_context) as dest:
             dest_info = await dest.info()
@@ -309,7 +331,7 @@ class Agent:
                                                              page_server))
 
     async def commit_incoming(self, request: web.Request) -> web.Response:
-        return web.json_response(self.receiver.commit(request.match_info["id"]))
+        return web.json_response(await self.receiver.commit(request.match_info["id"]))
 
     async def incoming_state(self, request: web.Request) -> web.Response:
         return web.json_response(self.receiver.state(request.match_info["id"]))

@@ -39,6 +39,7 @@ import aiohttp
 from godwit.errors import Conflict, GodwitError, NotFound
 
 DEFAULT_PORT = 7451
+QUICK = aiohttp.ClientTimeout(total=10)  # safety-net calls must not hang on a dead peer
 
 
 class AgentUnreachable(GodwitError):
@@ -167,20 +168,22 @@ class AgentClient:
         return await self.request("PUT", f"/v1/incoming/{migration_id}/{what}", data=body)
 
     async def activate_incoming(self, migration_id: str) -> dict:
-        return await self.request("POST", f"/v1/incoming/{migration_id}/activate")
+        return await self.request("POST", f"/v1/incoming/{migration_id}/activate",
+                                  timeout=QUICK)
 
     async def restore_incoming(self, migration_id: str, body: dict | None = None) -> dict:
         return await self.request("POST", f"/v1/incoming/{migration_id}/restore",
                                   json=body or {})
 
     async def commit_incoming(self, migration_id: str) -> dict:
-        return await self.request("POST", f"/v1/incoming/{migration_id}/commit")
+        return await self.request("POST", f"/v1/incoming/{migration_id}/commit",
+                                  timeout=QUICK)
 
     async def incoming_state(self, migration_id: str) -> dict:
-        return await self.request("GET", f"/v1/incoming/{migration_id}")
+        return await self.request("GET", f"/v1/incoming/{migration_id}", timeout=QUICK)
 
     async def abort_incoming(self, migration_id: str) -> dict:
-        return await self.request("DELETE", f"/v1/incoming/{migration_id}")
+        return await self.request("DELETE", f"/v1/incoming/{migration_id}", timeout=QUICK)
 
 
 async def _json_or_raise(resp: aiohttp.ClientResponse) -> Any:

@@ -73,12 +73,18 @@ class HostNetworking:
         delete_container_netns(self.netns_id, name)
 
     def isolate(self, name: str) -> None:
-        set_link(name, False)
+        try:
+            set_link(name, False)
+        except (OSError, NetlinkError, RuntimeError) as exc:
+            raise GodwitError(f"cannot isolate {name}: {exc}") from exc
 
     def connect(self, name: str) -> None:
         """Bring the container's link up and tell the L2 segment where its MAC is now."""
-        set_link(name, True)
-        send_gratuitous_arp(self.netns(name))
+        try:
+            set_link(name, True)
+            send_gratuitous_arp(self.netns(name))
+        except (OSError, NetlinkError, RuntimeError) as exc:
+            raise GodwitError(f"cannot connect {name}: {exc}") from exc
 
 
 class ContainerStore:

@@ -94,8 +94,8 @@ async def _move_one(outcome: Outcome, planner: Planner, migrate: MigrateFn) -> N
             outcome.downtime_s = report.get("downtime_s")
             return
         planner.give_back(destination, outcome.memory)
-        if report.get("result") == "in-doubt":
-            outcome.result = "in-doubt"
+        if report.get("result") == "in-doubt" or report.get("source_lost"):
+            outcome.result = "unknown" if report.get("source_lost") else "in-doubt"
             return
         if _destination_down(report):
             planner.down.add(destination)
@@ -105,12 +105,13 @@ async def _move_one(outcome: Outcome, planner: Planner, migrate: MigrateFn) -> N
 async def _attempt(name: str, destination: str, migrate: MigrateFn) -> dict:
     try:
         results = [e async for e in migrate(name, destination) if e["event"] == "result"]
-    except AgentUnreachable as exc:
-        return {"result": "failed", "error": str(exc)}
+    except AgentUnreachable as exc:  # the source agent itself: the migration's fate is its own
+        return {"result": "failed", "error": str(exc), "source_lost": True}
     except GodwitError as exc:
-        return {"result": "failed", "error": str(exc), "refused": True}
+        return {"result": "failed", "error": str(exc)}
     return results[-1]["report"] if results else {"result": "failed", "error": "no report"}
 
 
 def _destination_down(report: dict) -> bool:
+    """Errors in a source agent's report are about its peer, the destination."""
     return "cannot connect" in (report.get("error") or "")

@@ -58,13 +58,12 @@ def start_watchdog(decision: Path, seconds: float, runc_root: Path, name: str,
 
 def watchdog(decision: Path, seconds: float, runc_root: Path, name: str,
              container_dir: Path, netns_id: str = "") -> None:
-    """Sleep until the deadline; fence the container unless the decision was taken."""
+    """Sleep until the deadline; fence the container unless it was committed. An aborted
+    copy is killed here too, in case the agent's own kill failed (killing is idempotent)."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if read_decision(decision) != PENDING:
-            return
+    while time.monotonic() < deadline and read_decision(decision) == PENDING:
         time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-    if decide(decision, FENCED) == FENCED:
+    if read_decision(decision) == ABORTED or decide(decision, FENCED) == FENCED:
         if netns_id:
             from godwit.network import delete_container_netns
 

@@ -16,7 +16,7 @@ from godwit.evacuation import Outcome, Planner, evacuate, free_memory
 from godwit.migration import STRATEGIES, MigrationOptions
 
 pass_ctx = click.make_pass_decorator(Context)
-MOVABLE = ("running", "paused")
+MOVABLE = ("running",)  # a paused container may be an in-doubt leftover: left alone
 
 
 @click.command("evacuate")

@@ -59,7 +59,7 @@ class PostCopy(SourceMigration):
     async def wait_for_pages(self) -> None:
         """Until the destination holds every page, the frozen source is the only full copy."""
         with self.events.phase("pages"):
-            while (state := await self.destination_pages()) == "transferring":
+            while (state := await self.destination_pages()) in ("transferring", None):
                 if time.monotonic() > self.fence_deadline():
                     raise GodwitError("memory pages did not all arrive before the deadline")
                 await asyncio.sleep(PAGES_POLL_S)
@@ -69,11 +69,12 @@ class PostCopy(SourceMigration):
             if await self.page_server.wait() != 0:
                 raise GodwitError("the source page server failed")
 
-    async def destination_pages(self) -> str:
+    async def destination_pages(self) -> str | None:
+        """transferring, complete, failed: …; None while the destination does not answer."""
         try:
             state = await self.ctx.dest.incoming_state(self.report.id)
-        except GodwitError as exc:
-            return f"destination unreachable ({exc})"
+        except GodwitError:
+            return None
         return state.get("pages") or state.get("state", "unknown")
 
     async def release_source(self) -> None:

@@ -39,6 +39,12 @@ class Receiver:
         self.root = state_dir / "incoming"
         self.root.mkdir(parents=True, exist_ok=True)
         self.holds: dict[str, PacketHold] = {}
+        self.locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, migration_id: str) -> asyncio.Lock:
+        """Restore, commit, abort and the post-copy watcher of one migration never overlap
+        (an abort arriving during a restore waits for it, then undoes it)."""
+        return self.locks.setdefault(migration_id, asyncio.Lock())
 
     def _dir(self, migration_id: str) -> Path:
         if not migration_id or set(migration_id) - ID_CHARS:
@@ -120,6 +126,10 @@ class Receiver:
     async def restore(self, migration_id: str, page_server: str | None = None) -> dict:
         """Restore the container; arm the fence first so an unconfirmed copy cannot survive.
         With `page_server` (post-copy) memory comes later, pulled from the source."""
+        async with self._lock(migration_id):
+            return await self._restore(migration_id, page_server)
+
+    async def _restore(self, migration_id: str, page_server: str | None) -> dict:
         request = self.request(migration_id)
         staging = self._dir(migration_id)
         if (staging / "decision").exists():
@@ -187,8 +197,9 @@ class Receiver:
             (staging / PAGES).write_text("complete")
             return
         (staging / PAGES).write_text(f"failed: {detail}")
-        with contextlib.suppress(GodwitError):
-            await self._discard(migration_id, staging, name, networked)
+        async with self._lock(migration_id):
+            with contextlib.suppress(GodwitError):
+                await self._discard(migration_id, staging, name, networked)
 
     async def _runc_restore(self, request: dict, bundle: Path, staging: Path,
                             lazy: bool) -> None:
@@ -213,41 +224,57 @@ class Receiver:
         self.store.forget(name)
 
     async def _drop_network(self, migration_id: str, name: str, networked: bool) -> None:
-        """Isolate, drop held packets (never let a peer reach an empty netns), delete."""
-        if not networked:
-            return
-        await asyncio.to_thread(self.store.networking.isolate, name)
+        """Isolate, drop held packets (never let a peer reach an empty netns), delete.
+        Idempotent: pieces already gone are fine."""
         hold = self.holds.pop(migration_id, None)
         if hold:
             hold.discard()
+        if not networked:
+            return
+        with contextlib.suppress(GodwitError):  # no veth left: nothing to isolate
+            await asyncio.to_thread(self.store.networking.isolate, name)
         await asyncio.to_thread(self.store.networking.delete, name)
 
-    def commit(self, migration_id: str) -> dict:
-        """The source heard the restore succeeded: keep the container for good."""
-        staging = self._dir(migration_id)
-        self.request(migration_id)
-        pages = self._pages(staging)
-        if pages not in (None, "complete"):
-            raise Conflict(f"migration {migration_id} cannot commit: memory pages {pages}")
-        decision = fence.decide(staging / "decision", fence.COMMITTED) \
-            if (staging / "decision").exists() else "not restored"
-        if decision != fence.COMMITTED:
-            raise Conflict(f"migration {migration_id} cannot commit: {decision}")
-        for leftover in ("images", "rootfs", *(p.name for p in staging.glob("pre-*"))):
-            shutil.rmtree(staging / leftover, ignore_errors=True)
+    async def commit(self, migration_id: str) -> dict:
+        """The source heard the restore succeeded: keep the container for good, if it still
+        runs (committing a dead copy would let the source delete the only good one)."""
+        async with self._lock(migration_id):
+            staging = self._dir(migration_id)
+            request = self.request(migration_id)
+            pages = self._pages(staging)
+            if pages not in (None, "complete"):
+                raise Conflict(f"migration {migration_id} cannot commit: memory pages {pages}")
+            state = await self.store.state(request["name"])
+            if fence.read_decision(staging / "decision") == fence.PENDING and (
+                    not state or state.status != "running"):
+                raise Conflict(f"migration {migration_id} cannot commit: the container "
+                               f"is {state.status if state else 'gone'} here")
+            decision = fence.decide(staging / "decision", fence.COMMITTED) \
+                if (staging / "decision").exists() else "not restored"
+            if decision != fence.COMMITTED:
+                raise Conflict(f"migration {migration_id} cannot commit: {decision}")
+        await asyncio.to_thread(self._drop_leftovers, staging)
         return {"state": fence.COMMITTED}
 
+    @staticmethod
+    def _drop_leftovers(staging: Path) -> None:
+        for leftover in ("images", "rootfs", *(p.name for p in staging.glob("pre-*"))):
+            shutil.rmtree(staging / leftover, ignore_errors=True)
+
     async def abort(self, migration_id: str) -> dict:
-        """Kill a restored copy (unless committed) and drop staged files."""
-        staging = self._dir(migration_id)
-        if not staging.exists():
-            return {"state": "unknown"}
-        request = self.request(migration_id)
-        if (staging / "decision").exists():
-            await self._discard(migration_id, staging, request["name"], bool(request.get("net")))
-        else:
-            await self._drop_network(migration_id, request["name"], bool(request.get("net")))
-        shutil.rmtree(staging, ignore_errors=True)
+        """Kill a restored copy (unless committed) and drop staged files. Idempotent."""
+        async with self._lock(migration_id):
+            staging = self._dir(migration_id)
+            if not staging.exists():
+                return {"state": "unknown"}
+            request = self.request(migration_id)
+            name, networked = request["name"], bool(request.get("net"))
+            if (staging / "decision").exists():
+                await self._discard(migration_id, staging, name, networked)
+            else:
+                await self._drop_network(migration_id, name, networked)
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+        self.locks.pop(migration_id, None)
         return {"state": fence.ABORTED}
 
     def state(self, migration_id: str) -> dict:

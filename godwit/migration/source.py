@@ -10,6 +10,7 @@ does the source stay paused and the migration end "in-doubt".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import time
@@ -95,13 +96,15 @@ class SourceMigration:
                                    f"check {self.report.destination}, then `godwit resume "
                                    f"{self.name}` or `godwit rm {self.name}`")
         except Exception as exc:  # every failure ends in a rollback, whatever raised it
-            self.report.result, self.report.error = "failed", _one_line(exc)
+            self.report.error = _one_line(exc)
             self.report.outcome = await self.rollback()
+            if self.report.result == "running":
+                self.report.result = "failed"
         finally:
             self.report.finished_at = time.time()
             self.events.close()
-            if self.report.result != "in-doubt":
-                self.journal_path.unlink(missing_ok=True)
+            if self.report.result in ("ok", "failed"):  # settled: journal and images go
+                shutil.rmtree(self.ctx.work_dir, ignore_errors=True)
 
     def journal(self, **progress: object) -> None:
         """Persist how far the migration got, so that a restarted source agent can finish
@@ -137,7 +140,8 @@ class SourceMigration:
         if self.report.result == "running":
             self.report.result = "failed"
         self.report.finished_at = time.time()
-        self.journal_path.unlink(missing_ok=True)
+        if self.report.result in ("ok", "failed"):
+            shutil.rmtree(self.ctx.work_dir, ignore_errors=True)
 
     async def migrate(self) -> None:
         await self.prepare_destination()
@@ -299,6 +303,9 @@ class SourceMigration:
                 return
             if state in ("fenced", "aborted", "unknown"):
                 raise GodwitError(f"destination copy was {state} before the commit")
+            if state == "pending":  # the commit was lost on the way: send it again
+                with contextlib.suppress(GodwitError):
+                    await self.ctx.dest.commit_incoming(self.report.id)
             await asyncio.sleep(0.5)
         raise InDoubt("commit sent but the destination is unreachable; source copy left paused")
 
@@ -352,13 +359,14 @@ class SourceMigration:
             return f"running on {self.report.destination}"
         if not self.frozen:
             return f"running on {self.report.source} (never frozen)"
-        await self.release_source()
         try:
+            await self.release_source()
             if self.isolated:
                 await asyncio.to_thread(self.ctx.store.networking.connect, self.name)
             await self.resume_source()
-        except GodwitError as exc:
-            return f"could not resume on {self.report.source}: {exc}"
+        except Exception as exc:  # report it; the journal stays for a restart to retry
+            self.report.result = "in-doubt"
+            return f"paused on {self.report.source}, could not resume: {_one_line(exc)}"
         self.report.resumed_at = time.time()
         self.report.downtime_s = self.report.resumed_at - (self.report.frozen_at or 0)
         return f"running on {self.report.source} (resumed)"
@@ -374,17 +382,16 @@ class SourceMigration:
         """Strategy hook: stop whatever still holds the source before it resumes."""
 
     async def abort_destination(self) -> str:
-        """Abort the destination copy; after a restore request, wait for proof or the fence."""
+        """Abort the destination copy; after a restore request, nothing but a confirmed
+        abort, a known commit or the passing of the fence deadline will do."""
         while True:
             try:
                 return (await self.ctx.dest.abort_incoming(self.report.id)).get("state", "")
-            except AgentUnreachable:
+            except GodwitError:
+                if await self.destination_state() == "committed":
+                    return "committed"
                 if self.restore_sent_at is None:
                     return "unreachable"
-            except GodwitError as exc:
-                if "committed" in str(exc):
-                    return "committed"
-                return "refused"
             if time.monotonic() >= self.fence_deadline():
                 return "fenced"
             await asyncio.sleep(0.5)
