@@ -17,9 +17,10 @@ The protocol (all JSON unless noted, errors are `{"error": "one line"}` with 4xx
     GET    /v1/migrations                    reports of past migrations (history)
     GET    /v1/migrations/{id}               one report
   destination side of a migration (agent to agent):
-    POST   /v1/incoming                      {"id", "name", "config", "rootfs", ...}: prepare
+    POST   /v1/incoming                      {"id", "name", "config", "shared_rootfs", "net",
+                                             "commit_timeout", ...}: prepare
     PUT    /v1/incoming/{id}/rootfs          body: godwit tree stream (see transport.py)
-    PUT    /v1/incoming/{id}/images          body: godwit tree stream
+    PUT    /v1/incoming/{id}/images          body: godwit tree stream (also pre-1 … pre-9)
     POST   /v1/incoming/{id}/activate        source frozen: take over the container's address
     POST   /v1/incoming/{id}/restore         {"page_server"?} -> {"restored_at", "pid", ...}
     POST   /v1/incoming/{id}/commit          the destination keeps the container
