@@ -3,15 +3,21 @@ TCP client (and its UDP service) across `godwit migrate`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+import uuid
 from collections.abc import Iterator
 
 import pytest
+from conftest import wait_for
 from netclient import Client, tcp_counters
 
+from godwit import network
+from godwit.api import AgentClient
 from godwit.netns import TestHost
 from godwit.testbed import Testbed
+from godwit.tls import client_context
 from godwit.workloads import netserver_bundle
 
 pytestmark = pytest.mark.integration
@@ -94,3 +100,23 @@ def test_destination_without_the_bridge_is_a_clear_error(bed: Testbed, server: s
         bed.start_agent("b")
     rows = json.loads(bed.godwit("ps", "--json").stdout)["containers"]
     assert [(r["host"], r["status"]) for r in rows if r["name"] == "srv"] == [("a", "running")]
+
+
+def test_an_activated_address_is_dropped_when_no_restore_follows(bed: Testbed) -> None:
+    """A source that froze, switched, then vanished must not leave b answering for the IP."""
+    migration_id = str(uuid.uuid4())
+    address = f"{list(bed.net.subnet.hosts())[210]}/{bed.net.subnet.prefixlen}"
+    request = {"id": migration_id, "name": "ghost", "source": "a", "config": {},
+               "net": {"ip": address}, "commit_timeout": 1}
+    netns_file = network.netns_path(bed.host("b").netns, "ghost")
+
+    async def prepare_and_activate() -> None:
+        as_agent_a = client_context(bed.ca.bundle_for("a"))
+        async with AgentClient(bed.address("b"), as_agent_a) as dest:
+            await dest.prepare_incoming(request)
+            await dest.activate_incoming(migration_id)
+
+    asyncio.run(prepare_and_activate())
+    assert netns_file.exists()
+    wait_for(lambda: not netns_file.exists(), timeout=10, what="the address to be dropped")
+    assert not (bed.host("b").state_dir / "incoming" / migration_id).exists()

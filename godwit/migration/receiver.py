@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from godwit.network import ContainerNet, PacketHold
 from godwit.tls import TLSFiles
 from godwit.transport import TransferError, receive_tree
 
+log = logging.getLogger("godwit.receiver")
 ID_CHARS = set("0123456789abcdef-")
 PAGES = "pages"
 UPLOADS = re.compile(r"rootfs|images|pre-[1-9]")
@@ -35,7 +37,7 @@ class Receiver:
                  tls: TLSFiles | None = None) -> None:
         self.store = store
         self.tls = tls
-        self.page_watchers: set[asyncio.Task] = set()
+        self.watchers: set[asyncio.Task] = set()
         self.root = state_dir / "incoming"
         self.root.mkdir(parents=True, exist_ok=True)
         self.holds: dict[str, PacketHold] = {}
@@ -97,7 +99,22 @@ class Receiver:
         if not request.get("net"):
             raise GodwitError(f"migration {migration_id} has no network to activate")
         await asyncio.to_thread(self.store.networking.connect, request["name"])
+        self._watch(self._expire_activation(migration_id, float(request["commit_timeout"])))
         return {"activated": request["name"]}
+
+    async def _expire_activation(self, migration_id: str, seconds: float) -> None:
+        """An activated netns answers for the container's address; if no restore follows
+        in time (the source gave up and could not tell us), it must not stay up."""
+        await asyncio.sleep(seconds)
+        async with self._lock(migration_id):
+            staging = self._dir(migration_id)
+            if not staging.exists() or (staging / "decision").exists():
+                return
+            request = self.request(migration_id)
+            log.warning("migration %s: no restore after activation, dropping %s's address",
+                        migration_id, request["name"])
+            await self._drop_network(migration_id, request["name"], True)
+            await asyncio.to_thread(shutil.rmtree, staging, True)
 
     def _reserved(self, name: str) -> bool:
         for path in self.root.glob("*/request.json"):
@@ -181,9 +198,13 @@ class Receiver:
                                       self.tls)
 
     def _watch_pages(self, migration_id: str, daemon, name: str, networked: bool) -> None:
-        task = asyncio.create_task(self._pages_outcome(migration_id, daemon, name, networked))
-        self.page_watchers.add(task)
-        task.add_done_callback(self.page_watchers.discard)
+        self._watch(self._pages_outcome(migration_id, daemon, name, networked))
+
+    def _watch(self, coro) -> None:
+        """Run a background check, keeping a reference so it is not garbage-collected."""
+        task = asyncio.create_task(coro)
+        self.watchers.add(task)
+        task.add_done_callback(self.watchers.discard)
 
     async def _pages_outcome(self, migration_id: str, daemon, name: str,
                              networked: bool) -> None:
