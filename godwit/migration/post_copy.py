@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import time
+from functools import cached_property
 from pathlib import Path
 
 from godwit.errors import GodwitError
@@ -29,6 +30,7 @@ from godwit.qos import migration_ports
 from godwit.tls import TLSFiles
 
 PAGES_POLL_S = 0.05
+SLOWEST_PAGES_BPS = 20e6  # pages must all arrive before the fence: allow for this slow a link
 
 
 class PostCopy(SourceMigration):
@@ -48,6 +50,13 @@ class PostCopy(SourceMigration):
             self.page_server = await self.runc.start_lazy_checkpoint(
                 self.name, opts, self.page_server_address)
         self.journal(page_server_pid=self.page_server.pid)
+
+    @cached_property
+    def fence_timeout(self) -> float:
+        """The commit can only come once every page has arrived: give the transfer time.
+        Computed once: the source's deadline must never be earlier than the destination's."""
+        memory = self.ctx.store.memory_usage(self.name)
+        return self.options.commit_timeout + memory / SLOWEST_PAGES_BPS
 
     def restore_request(self) -> dict:
         return {"page_server": self.page_server_address}

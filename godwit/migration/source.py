@@ -196,7 +196,7 @@ class SourceMigration:
             "source": self.report.source,
             "config": self.ctx.store.config(self.name),
             "shared_rootfs": self.record.rootfs if self.shared else None,
-            "commit_timeout": self.options.commit_timeout,
+            "commit_timeout": self.fence_timeout,
             "tcp_established": self.tcp_established,
             "strategy": self.strategy,
             "net": self.record.net,
@@ -312,13 +312,14 @@ class SourceMigration:
     async def cleanup_source(self) -> None:
         """The destination runs the container for good: delete the paused source copy."""
         with self.events.phase("cleanup"):
+            if self.record.net:  # isolated since the freeze: its netns can go first
+                await asyncio.to_thread(self.ctx.store.networking.delete, self.name)
             try:
                 await self.runc.delete(self.name)
-            except GodwitError as exc:
-                self.events.log(f"warning: source copy not deleted: {exc}")
-            if self.record.net:
-                await asyncio.to_thread(self.ctx.store.networking.delete, self.name)
-            self.ctx.store.forget(self.name, keep_rootfs=self.shared)
+            except GodwitError as exc:  # keep the record: `godwit ps` shows it, `rm` ends it
+                self.events.log(f"warning: paused source copy not deleted: {exc}")
+            else:
+                self.ctx.store.forget(self.name, keep_rootfs=self.shared)
             shutil.rmtree(self.ctx.work_dir, ignore_errors=True)
 
     # transfers
@@ -342,7 +343,12 @@ class SourceMigration:
     # safety net
     def fence_deadline(self) -> float:
         assert self.restore_sent_at is not None
-        return self.restore_sent_at + self.options.commit_timeout + FENCE_MARGIN_S
+        return self.restore_sent_at + self.fence_timeout + FENCE_MARGIN_S
+
+    @property
+    def fence_timeout(self) -> float:
+        """Seconds from the restore until the destination fences an uncommitted copy."""
+        return self.options.commit_timeout
 
     async def destination_state(self) -> str | None:
         try:
