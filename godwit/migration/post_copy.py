@@ -49,7 +49,8 @@ class PostCopy(SourceMigration):
         with self.events.phase("dump"):
             self.page_server = await self.runc.start_lazy_checkpoint(
                 self.name, opts, self.page_server_address)
-        self.journal(page_server_pid=self.page_server.pid)
+        pid = self.page_server.pid
+        self.journal(page_server_pid=pid, page_server_start=_start_time(pid))
 
     @cached_property
     def fence_timeout(self) -> float:
@@ -90,7 +91,11 @@ class PostCopy(SourceMigration):
         """Rollback: freeze the ptrace-stopped tasks, then stop the page server, so the
         source stays paused until it is resumed on purpose."""
         pid = self.journal_state.get("page_server_pid")
-        running = self.page_server.returncode is None if self.page_server else _alive(pid)
+        if self.page_server:
+            running = self.page_server.returncode is None
+        else:  # after an agent restart: the same process, not a new one with a reused pid
+            running = bool(pid) and _start_time(pid) == self.journal_state.get(
+                "page_server_start")
         if pid and running:
             with contextlib.suppress(GodwitError):
                 await self.runc.pause(self.name)
@@ -105,14 +110,13 @@ class PostCopy(SourceMigration):
         await super().cleanup_source()
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
+def _start_time(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def write_criu_config(path: Path, address: str, tls: TLSFiles | None) -> None:
