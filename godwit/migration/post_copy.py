@@ -44,7 +44,7 @@ class PostCopy(SourceMigration):
         port = free_port(address, migration_ports(self.ctx.agent_port))
         self.page_server_address = f"{address}:{port}"
         write_criu_config(self.ctx.store.criu_config(self.name), address, self.ctx.tls)
-        await self.has_tcp()
+        await self.detect_tcp()
         opts = self.dump_options()
         with self.events.phase("dump"):
             self.page_server = await self.runc.start_lazy_checkpoint(

@@ -24,14 +24,8 @@ class PreCopy(SourceMigration):
     strategy = "pre-copy"
     rounds = 0
 
-    async def migrate(self) -> None:
-        await self.prepare_destination()
-        if not self.shared:
-            await self.send_rootfs(initial=True)
-        await self.pre_dump_rounds()
-        await super().migrate_frozen()
-
-    async def pre_dump_rounds(self) -> None:
+    async def before_freeze(self) -> None:
+        """Pre-dump rounds until the dirty set is small or stops shrinking."""
         previous: int | None = None
         while self.rounds < MAX_ROUNDS:
             sent = await self.pre_dump_round()

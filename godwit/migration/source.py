@@ -147,7 +147,11 @@ class SourceMigration:
         await self.prepare_destination()
         if not self.shared:
             await self.send_rootfs(initial=True)
+        await self.before_freeze()
         await self.migrate_frozen()
+
+    async def before_freeze(self) -> None:
+        """Strategy hook: work done while the container still runs (pre-copy rounds)."""
 
     async def migrate_frozen(self) -> None:
         """Everything from the freeze on."""
@@ -241,7 +245,7 @@ class SourceMigration:
 
     async def dump(self) -> None:
         self.images.mkdir(parents=True, exist_ok=True)
-        await self.has_tcp()
+        await self.detect_tcp()
         opts = self.dump_options()
         with self.events.phase("dump"):
             try:
@@ -250,12 +254,11 @@ class SourceMigration:
                 raise GodwitError(f"dump failed: {log_error(opts.work_path, 'dump.log') or exc}"
                                   ) from exc
 
-    async def has_tcp(self) -> bool:
+    async def detect_tcp(self) -> None:
         """Connected TCP sockets need --tcp-established (the dump fails otherwise)."""
         state = await self.ctx.store.state(self.name)
         if state and state.pid and has_established_tcp(state.pid):
             self.tcp_established = True
-        return self.tcp_established
 
     async def send_images(self) -> None:
         """Send the dump; the local copy goes at once (a rollback resumes the paused
