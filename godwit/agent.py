@@ -10,7 +10,6 @@ import socket
 import ssl
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from godwit.network import ContainerNet
 from godwit.preflight import check_cpuinfo_image, run_checks
 from godwit.qos import QosPolicy, apply_policy, clear_policy, describe_policy
 from godwit.runc import Runc
-from godwit.tls import RevocationList, TLSFiles, peer_certificate
+from godwit.tls import RevocationList, TLSFiles, client_context, peer_certificate
 
 log = logging.getLogger("godwit.agent")
 STRATEGIES = {"stop-and-copy": SourceMigration, "post-copy": PostCopy, "pre-copy": PreCopy}
@@ -44,7 +43,6 @@ class Agent:
     """State and request handlers of one host's agent."""
 
     def __init__(self, name: str, state_dir: Path, runc_root: Path,
-                 client_ssl: Callable[[], ssl.SSLContext] | None = None,
                  networking: HostNetworking | None = None, tls: TLSFiles | None = None,
                  qos: QosSetting | None = None) -> None:
         self.tls = tls
@@ -56,7 +54,6 @@ class Agent:
         self.store = ContainerStore(state_dir, self.runc, name, networking)
         self.receiver = Receiver(self.store, state_dir, tls)
         self.reports = ReportArchive(state_dir / "reports")
-        self.client_ssl = client_ssl
         self.caps: CriuCapabilities | None = None
         self.migrating: dict[str, asyncio.Task] = {}
 
@@ -228,14 +225,21 @@ class Agent:
 
     async def start_migration(self, name: str, options: MigrationOptions,
                               events: EventStream) -> None:
-        work_dir = self.state_dir / "outgoing" / events.report.id
-        ssl_context = self.client_ssl() if self.client_ssl else None
-        async with AgentClient(options.to, ssl_context, timeout=RESTORE_TIMEOUT_S) as dest:
-            ctx = SourceContext(self.store, dest, work_dir, await self.describe_host(),
-                                self.tls, self.port)
+        async with self.peer(options.to, RESTORE_TIMEOUT_S) as dest:
+            ctx = await self.source_context(dest, events.report.id)
             strategy = self.pick_strategy(options, name, await dest.info())
             events.report.strategy = strategy
             await STRATEGIES[strategy](ctx, name, options, events).execute()
+
+    def peer(self, address: str, timeout: float = 30) -> AgentClient:
+        """A client for another agent, presenting this agent's certificate (its TLS context
+        is rebuilt when the files change, so a new CRL applies to the next migration)."""
+        ssl_context = client_context(self.tls) if self.tls else None
+        return AgentClient(address, ssl_context, timeout=timeout)
+
+    async def source_context(self, dest: AgentClient, migration_id: str) -> SourceContext:
+        return SourceContext(self.store, dest, self.state_dir / "outgoing" / migration_id,
+                             await self.describe_host(), self.tls, self.port)
 
     async def recover_outgoing(self) -> None:
         """Settle the migrations a previous agent process left half way: the paused source
@@ -259,10 +263,8 @@ class Agent:
 
     async def recover_one(self, journal: dict, options: MigrationOptions,
                           report: MigrationReport) -> None:
-        ssl_context = self.client_ssl() if self.client_ssl else None
-        async with AgentClient(options.to, ssl_context, timeout=30) as dest:
-            ctx = SourceContext(self.store, dest, self.state_dir / "outgoing" / report.id,
-                                await self.describe_host(), self.tls, self.port)
+        async with self.peer(options.to, 30) as dest:
+            ctx = await self.source_context(dest, report.id)
             try:
                 migration = STRATEGIES[report.strategy](ctx, report.container, options,
                                                         EventStream(report))
@@ -292,8 +294,7 @@ class Agent:
         name = body.get("container")
         mem, disk = await asyncio.to_thread(migration_needs, self.store, name, False) \
             if name else (0, 0)
-        ssl_context = self.client_ssl() if self.client_ssl else None
-        async with AgentClient(options.to, ssl_context) as dest:
+        async with self.peer(options.to) as dest:
             dest_info = await dest.info()
             findings = await run_checks(
                 await self.describe_host(), dest_info, dest,

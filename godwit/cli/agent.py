@@ -13,7 +13,7 @@ from godwit.agent import Agent, QosSetting, default_name, serve
 from godwit.api import normalize_address
 from godwit.containers import HostNetworking
 from godwit.qos import QosPolicy
-from godwit.tls import TLSFiles, client_context, server_context
+from godwit.tls import TLSFiles, server_context
 
 file_option = click.Path(dir_okay=False, exists=True)
 
@@ -54,11 +54,10 @@ def agent(listen: str, state_dir: str, runc_root: str, name: str | None, tls_ca:
     files = _tls_files(tls_ca, tls_cert, tls_key, tls_crl, insecure)
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
-    client_ssl = (lambda: client_context(files)) if files else None
     host = name or default_name()
     networking = HostNetworking(netns_id or host, container_bridge)
-    host_agent = Agent(host, state, Path(runc_root), client_ssl=client_ssl,
-                       networking=networking, tls=files, qos=_qos(**qos_options))
+    host_agent = Agent(host, state, Path(runc_root), networking=networking, tls=files,
+                       qos=_qos(**qos_options))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(host_agent, normalize_address(listen),
                           server_context(files) if files else None))
