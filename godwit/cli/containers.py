@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import click
 
+from godwit.api import AgentClient
 from godwit.cli.common import (
     Context,
     console,
@@ -77,6 +79,17 @@ def ps_cmd(ctx: Context, host: str | None, as_json: bool) -> None:
         sys.exit(1)
 
 
+def on_container(ctx: Context, name: str, host: str | None,
+                 call: Callable[[AgentClient], Awaitable[dict]]) -> dict:
+    """Ask the agent of the host that runs container NAME (found when --host is not given)."""
+
+    async def go() -> dict:
+        async with ctx.client(host or await locate(ctx, name)) as agent:
+            return await call(agent)
+
+    return run(go())
+
+
 @click.command("exec")
 @click.argument("name")
 @click.argument("argv", nargs=-1, required=True)
@@ -84,12 +97,7 @@ def ps_cmd(ctx: Context, host: str | None, as_json: bool) -> None:
 @pass_ctx
 def exec_cmd(ctx: Context, name: str, argv: tuple[str, ...], host: str | None) -> None:
     """Run a command inside container NAME and print its output."""
-
-    async def go() -> dict:
-        async with ctx.client(host or await locate(ctx, name)) as agent:
-            return await agent.exec(name, list(argv))
-
-    result = run(go())
+    result = on_container(ctx, name, host, lambda agent: agent.exec(name, list(argv)))
     sys.stdout.write(result["stdout"])
     sys.stderr.write(result["stderr"])
     sys.exit(result["exit_code"])
@@ -102,12 +110,7 @@ def exec_cmd(ctx: Context, name: str, argv: tuple[str, ...], host: str | None) -
 @pass_ctx
 def kill_cmd(ctx: Context, name: str, signal: str, host: str | None) -> None:
     """Send a signal to the init process of container NAME."""
-
-    async def go() -> dict:
-        async with ctx.client(host or await locate(ctx, name)) as agent:
-            return await agent.signal(name, signal)
-
-    run(go())
+    on_container(ctx, name, host, lambda agent: agent.signal(name, signal))
 
 
 @click.command("resume")
@@ -116,12 +119,7 @@ def kill_cmd(ctx: Context, name: str, signal: str, host: str | None) -> None:
 @pass_ctx
 def resume_cmd(ctx: Context, name: str, host: str | None) -> None:
     """Resume a paused container (a migration that ended in doubt leaves it paused)."""
-
-    async def go() -> dict:
-        async with ctx.client(host or await locate(ctx, name)) as agent:
-            return await agent.resume(name)
-
-    result = run(go())
+    result = on_container(ctx, name, host, lambda agent: agent.resume(name))
     console.print(f"{name} {result['status']} on {result['host']}")
 
 
@@ -131,12 +129,7 @@ def resume_cmd(ctx: Context, name: str, host: str | None) -> None:
 @pass_ctx
 def rm_cmd(ctx: Context, name: str, host: str | None) -> None:
     """Kill and remove container NAME."""
-
-    async def go() -> dict:
-        async with ctx.client(host or await locate(ctx, name)) as agent:
-            return await agent.remove(name)
-
-    run(go())
+    on_container(ctx, name, host, lambda agent: agent.remove(name))
     console.print(f"{name} removed")
 
 
