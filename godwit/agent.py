@@ -20,7 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from godwit import __version__
 from godwit.api import DEFAULT_PORT, AgentClient
 from godwit.containers import ContainerStore, HostNetworking
-from godwit.criu import CriuCapabilities, probe
+from godwit.criu import CriuCapabilities, probe, tune_host
 from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.migration import MigrationOptions, choose_strategy
 from godwit.migration.post_copy import PostCopy
@@ -58,6 +58,8 @@ class Agent:
         self.migrating: dict[str, asyncio.Task] = {}
 
     async def start(self) -> None:
+        for change in await asyncio.to_thread(tune_host):
+            log.info("host tuned for CRIU: %s", change)
         self.caps = await probe()
         self.receiver.sweep()
         self.recovery = asyncio.create_task(self.recover_outgoing())

@@ -13,6 +13,7 @@ from pathlib import Path
 from pyroute2.netlink.exceptions import NetlinkError
 
 from godwit.bundle import load_config, rewrite_for_host
+from godwit.criu import criu_base_options
 from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.network import (
     ContainerNet,
@@ -105,8 +106,13 @@ class ContainerStore:
         return self.dir(name) / "bundle"
 
     def criu_config(self, name: str) -> Path:
-        """Per-container CRIU options (post-copy page server), read by runc via annotation."""
+        """Per-container CRIU options, read by runc via the org.criu.config annotation."""
         return self.dir(name) / "criu.conf"
+
+    def write_criu_config(self, name: str, extra: list[str] | tuple[str, ...] = ()) -> None:
+        """CRIU options runc cannot pass: godwit's own, plus `extra` for one migration."""
+        lines = [*criu_base_options(), *extra]
+        self.criu_config(name).write_text("\n".join(lines) + "\n")
 
     def cgroups_path(self, name: str) -> str:
         """Per-host cgroup path, so that hosts sharing a kernel never collide."""
@@ -148,6 +154,7 @@ class ContainerStore:
                                             netns_path(self.networking.netns_id, name))
         annotations = host_config.setdefault("annotations", {})
         annotations["org.criu.config"] = str(self.criu_config(name))
+        self.write_criu_config(name)
         (bundle / "config.json").write_text(json.dumps(host_config, indent=1))
         return bundle
 

@@ -22,8 +22,8 @@ import signal
 import socket
 import time
 from functools import cached_property
-from pathlib import Path
 
+from godwit import procfs
 from godwit.errors import GodwitError
 from godwit.migration.source import SourceMigration
 from godwit.qos import migration_ports
@@ -43,14 +43,13 @@ class PostCopy(SourceMigration):
         address = local_address_towards(self.ctx.dest.address.rpartition(":")[0])
         port = free_port(address, migration_ports(self.ctx.agent_port))
         self.page_server_address = f"{address}:{port}"
-        write_criu_config(self.ctx.store.criu_config(self.name), address, self.ctx.tls)
-        await self.detect_tcp()
+        self.ctx.store.write_criu_config(self.name, page_server_options(address, self.ctx.tls))
         opts = self.dump_options()
         with self.events.phase("dump"):
             self.page_server = await self.runc.start_lazy_checkpoint(
                 self.name, opts, self.page_server_address)
         pid = self.page_server.pid
-        self.journal(page_server_pid=pid, page_server_start=_start_time(pid))
+        self.journal(page_server_pid=pid, page_server_start=procfs.start_time(pid))
 
     @cached_property
     def fence_timeout(self) -> float:
@@ -94,7 +93,7 @@ class PostCopy(SourceMigration):
         if self.page_server:
             running = self.page_server.returncode is None
         else:  # after an agent restart: the same process, not a new one with a reused pid
-            running = bool(pid) and _start_time(pid) == self.journal_state.get(
+            running = bool(pid) and procfs.start_time(pid) == self.journal_state.get(
                 "page_server_start")
         if pid and running:
             with contextlib.suppress(GodwitError):
@@ -103,25 +102,15 @@ class PostCopy(SourceMigration):
                 os.killpg(pid, signal.SIGKILL)
             if self.page_server:
                 await self.page_server.wait()
-        self.ctx.store.criu_config(self.name).unlink(missing_ok=True)
+        self.ctx.store.write_criu_config(self.name)
 
     async def cleanup_source(self) -> None:
-        self.ctx.store.criu_config(self.name).unlink(missing_ok=True)
+        self.ctx.store.write_criu_config(self.name)  # no page server on a later dump
         await super().cleanup_source()
 
 
-def _start_time(pid: int) -> str | None:
-    """A process's start time in clock ticks since boot (field 22 of /proc/PID/stat)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def write_criu_config(path: Path, address: str, tls: TLSFiles | None) -> None:
-    """CRIU options runc cannot pass: the page server's bind address and its TLS identity
-    (runc hands CRIU this file through the container's `org.criu.config` annotation).
+def page_server_options(address: str, tls: TLSFiles | None) -> list[str]:
+    """CRIU options of the lazy dump's page server: its bind address and TLS identity.
     As a server CRIU would match the client's certificate against its own address, so
     the name check is off here; the client still needs a certificate of the godwit CA (and
     not revoked), and it checks the source's name itself."""
@@ -131,7 +120,7 @@ def write_criu_config(path: Path, address: str, tls: TLSFiles | None) -> None:
                   "tls-no-cn-verify"]
         if tls.crl:
             lines.append(f"tls-cacrl {tls.crl}")
-    path.write_text("\n".join(lines) + "\n")
+    return lines
 
 
 def local_address_towards(host: str) -> str:
