@@ -54,8 +54,6 @@ DEFAULT_BRIDGE = "br0"
 LINK_TIMEOUT_S = 2.0
 _CLONE_NEWNET = 0x40000000
 _LIBC = ctypes.CDLL(None, use_errno=True)
-# TCP states (include/net/tcp_states.h) that make CRIU need --tcp-established.
-_CONNECTED_TCP_STATES = {"01", "02", "03", "04", "05", "08", "09", "0B"}
 
 T = TypeVar("T")
 
@@ -275,19 +273,6 @@ def delete_container_netns(host: str, container: str, *, host_netns: str | None 
         in_netns(host_netns, delete_veth)
     with contextlib.suppress(FileNotFoundError):
         netns.remove(netns_name(host, container))
-
-
-def has_established_tcp(pid: int) -> bool:
-    """Whether the netns of ``pid`` has a connected TCP socket (then CRIU needs
-    ``--tcp-established``); listening and TIME_WAIT sockets do not count."""
-    for table in ("tcp", "tcp6"):
-        try:
-            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        if any(line.split()[3] in _CONNECTED_TCP_STATES for line in lines if line.strip()):
-            return True
-    return False
 
 
 def _index(ipr: IPRoute, ifname: str) -> int:

@@ -201,15 +201,18 @@ class Runc:
     async def restore(
         self, name: str, bundle: Path, image_path: Path, work_path: Path, *,
         tcp_established: bool = False, lazy_pages: bool = False,
-    ) -> None:
-        """Restore a container from CRIU images, detached, stdio /dev/null."""
-        args = ["restore", "--detach", "--bundle", str(bundle)]
+    ) -> int:
+        """Restore a container from CRIU images, detached, stdio /dev/null; returns the
+        pid of its init process."""
+        pid_file = work_path / "restored.pid"
+        args = ["restore", "--detach", "--bundle", str(bundle), "--pid-file", str(pid_file)]
         args += ["--image-path", str(image_path), "--work-path", str(work_path)]
         if tcp_established:
             args.append("--tcp-established")
         if lazy_pages:
             args.append("--lazy-pages")
         await _run_detached(self._argv(*args, name))
+        return int(pid_file.read_text())
 
     async def version(self) -> str:
         out = await _run([RUNC, "--version"])

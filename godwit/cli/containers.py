@@ -140,7 +140,6 @@ def rm_cmd(ctx: Context, name: str, host: str | None) -> None:
 @click.option("--strategy", type=click.Choice(STRATEGIES), default="auto", show_default=True)
 @click.option("--shared-storage", is_flag=True,
               help="The rootfs is on storage both hosts see at the same path: do not copy it.")
-@click.option("--tcp-established", is_flag=True, help="Checkpoint established TCP connections.")
 @click.option("--compress", is_flag=True, help="zstd-compress the transfer.")
 @click.option("--bandwidth", type=float, help="Limit the transfer to this many MB/s.")
 @click.option("--commit-timeout", type=float, default=60.0, show_default=True,

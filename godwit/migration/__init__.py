@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from godwit.errors import GodwitError
 
 STRATEGIES = ("auto", "stop-and-copy", "post-copy", "pre-copy")
+OBSOLETE_OPTIONS = {"tcp_established"}  # always on now; older journals may still name it
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,6 @@ class MigrationOptions:
     to: str
     strategy: str = "auto"
     shared_storage: bool = False
-    tcp_established: bool = False
     compress: bool = False
     bandwidth_mbps: float | None = None
     commit_timeout: float = 60.0
@@ -36,6 +36,7 @@ class MigrationOptions:
     @classmethod
     def from_json(cls, data: dict) -> MigrationOptions:
         known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k not in OBSOLETE_OPTIONS}
         unknown = set(data) - known
         if unknown:
             raise GodwitError(f"unknown migration option(s): {', '.join(sorted(unknown))}")

@@ -16,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from godwit import fence
+from godwit import fence, procfs
 from godwit.containers import ContainerRecord, ContainerStore, check_name
 from godwit.criu import lazy_pages_verdict, log_error, start_lazy_pages
 from godwit.errors import Conflict, GodwitError, NotFound
@@ -164,7 +164,7 @@ class Receiver:
                              self.store.networking.netns_id if request.get("net") else None)
         lazy = await self._start_lazy_pages(staging, page_server) if page_server else None
         try:
-            await self._runc_restore(request, bundle, staging, lazy=lazy is not None)
+            pid = await self._runc_restore(request, bundle, staging, lazy=lazy is not None)
         except GodwitError as exc:
             if lazy and lazy.returncode is None:
                 lazy.kill()
@@ -174,8 +174,7 @@ class Receiver:
         if lazy:
             self._watch_pages(migration_id, lazy, name, bool(record.net))
         held = await self._release_packets(migration_id)
-        return {"restored_at": time.time(), "held_packets": held,
-                "pid": (await self.store.runc.state(name)).pid}
+        return {"restored_at": time.time(), "held_packets": held, "pid": pid}
 
     async def _release_packets(self, migration_id: str) -> int:
         hold = self.holds.pop(migration_id, None)
@@ -223,17 +222,18 @@ class Receiver:
                 await self._discard(migration_id, staging, name, networked)
 
     async def _runc_restore(self, request: dict, bundle: Path, staging: Path,
-                            lazy: bool) -> None:
-        name = request["name"]
+                            lazy: bool) -> int:
+        """runc restore; returns the pid of the container's init, which must be alive
+        (read from /proc: a `runc state` would add a process start to the freeze)."""
         work = staging / "work"
         work.mkdir(exist_ok=True)
-        await self.store.runc.restore(
-            name, bundle, staging / "images", work,
+        pid = await self.store.runc.restore(
+            request["name"], bundle, staging / "images", work,
             tcp_established=bool(request.get("tcp_established")), lazy_pages=lazy,
         )
-        state = await self.store.state(name)
-        if not state or state.status != "running":
-            raise GodwitError(f"container is {state.status if state else 'gone'} after restore")
+        if not procfs.alive(pid):
+            raise GodwitError("the container exited right after its restore")
+        return pid
 
     async def _discard(self, migration_id: str, staging: Path, name: str,
                        networked: bool) -> None:

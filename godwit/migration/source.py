@@ -23,7 +23,6 @@ from godwit.criu import log_error
 from godwit.errors import GodwitError
 from godwit.migration import MigrationOptions
 from godwit.migration.report import EventStream
-from godwit.network import has_established_tcp
 from godwit.preflight import refusal, run_checks, verdict
 from godwit.runc import CheckpointOptions, Runc
 from godwit.tls import TLSFiles
@@ -70,7 +69,6 @@ class SourceMigration:
         self.record = ctx.store.record(name)
         self.images = ctx.work_dir / "images"
         self.prepared = self.frozen = self.isolated = False
-        self.tcp_established = options.tcp_established or bool(self.record.net)
         self.restore_sent_at: float | None = None
         self.manifest: dict | None = None
         self.journal_path = ctx.work_dir / "journal.json"
@@ -201,7 +199,7 @@ class SourceMigration:
             "config": self.ctx.store.config(self.name),
             "shared_rootfs": self.record.rootfs if self.shared else None,
             "commit_timeout": self.fence_timeout,
-            "tcp_established": self.tcp_established,
+            "tcp_established": True,
             "strategy": self.strategy,
             "net": self.record.net,
         }
@@ -241,11 +239,10 @@ class SourceMigration:
     def dump_options(self) -> CheckpointOptions:
         return CheckpointOptions(image_path=self.images,
                                  work_path=self.ctx.work_dir / "dump-work",
-                                 leave_running=True, tcp_established=self.tcp_established)
+                                 leave_running=True, tcp_established=True)
 
     async def dump(self) -> None:
         self.images.mkdir(parents=True, exist_ok=True)
-        await self.detect_tcp()
         opts = self.dump_options()
         with self.events.phase("dump"):
             try:
@@ -253,12 +250,6 @@ class SourceMigration:
             except GodwitError as exc:
                 raise GodwitError(f"dump failed: {log_error(opts.work_path, 'dump.log') or exc}"
                                   ) from exc
-
-    async def detect_tcp(self) -> None:
-        """Connected TCP sockets need --tcp-established (the dump fails otherwise)."""
-        state = await self.ctx.store.state(self.name)
-        if state and state.pid and has_established_tcp(state.pid):
-            self.tcp_established = True
 
     async def send_images(self) -> None:
         """Send the dump; the local copy goes at once (a rollback resumes the paused
