@@ -76,6 +76,24 @@ def test_256_mib_memory_is_preserved(bed: Testbed) -> None:
     remove(bed, "mem256")
 
 
+def test_tmpfs_mounts_keep_their_content(bed: Testbed) -> None:
+    """CRIU carries a tmpfs's files in the images; an empty read-only one (a masked path)
+    is not dumped at all and must come back just as empty and read-only."""
+    start(bed, "tmpfs", counter_bundle(bed.bundle_dir("tmpfs")))
+    write = bed.godwit("exec", "tmpfs", "--", "sh", "-c", "echo kept > /dev/shm/note")
+    assert write.returncode == 0, write.stderr
+    code, report = migrate(bed, "tmpfs", "b", "--strategy", "stop-and-copy")
+    assert code == 0, report
+    note = bed.godwit("exec", "tmpfs", "--host", "b", "--", "cat", "/dev/shm/note")
+    assert (note.returncode, note.stdout) == (0, "kept\n"), note.stderr
+    masked = bed.godwit("exec", "tmpfs", "--host", "b", "--", "sh", "-c",
+                        "grep ' /proc/acpi ' /proc/mounts; ls -A /proc/acpi")
+    assert masked.returncode == 0, masked.stderr
+    assert masked.stdout.split()[2:4] == ["tmpfs", "ro,relatime"], masked.stdout
+    assert len(masked.stdout.splitlines()) == 1, f"/proc/acpi is not empty: {masked.stdout}"
+    remove(bed, "tmpfs")
+
+
 def test_shared_storage_moves_no_rootfs(bed: Testbed) -> None:
     start(bed, "shared", counter_bundle(bed.bundle_dir("shared")))
     rootfs = rootfs_of(bed, "shared")
