@@ -149,6 +149,8 @@ def _tcp_act(bed: Testbed) -> tuple[str, list[str]]:
             time.sleep(1.0)
             _migrate_streamed(bed, live, "migrate", "srv", "--to", "b")
             time.sleep(1.5)
+        if not console.is_terminal:  # Live leaves its last line unterminated in a log
+            console.line()
         client.finish()
     report = _last_report(bed, "srv")
     return report["id"], _tcp_verdict(client, report, _tcp_resets(client_host) - resets)
