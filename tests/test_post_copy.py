@@ -17,8 +17,10 @@ from godwit.workloads import memhog_bundle, read_state
 pytestmark = pytest.mark.integration
 
 
-def start_memhog(bed: Testbed, name: str, mib: int) -> tuple[Path, dict]:
-    bundle = memhog_bundle(bed.bundle_dir(name), mib, seed=11, dirty_pps=0)
+def start_memhog(bed: Testbed, name: str, mib: int, protected_mib: int = 0
+                 ) -> tuple[Path, dict]:
+    bundle = memhog_bundle(bed.bundle_dir(name), mib, seed=11, dirty_pps=0,
+                           protected_mib=protected_mib)
     result = bed.godwit("run", name, "--bundle", str(bundle), "--host", "a")
     assert result.returncode == 0, result.stderr
     rootfs = bundle / "rootfs"
@@ -52,6 +54,16 @@ def test_post_copy_moves_1_gib_with_every_byte(bed: Testbed) -> None:
     assert verified["counter"] > before["counter"]
     assert copies(bed, "lazy1g") == [("b", "running")]
     bed.godwit("rm", "lazy1g")
+
+
+def test_post_copy_carries_memory_the_process_cannot_read_now(bed: Testbed) -> None:
+    """Pages of a PROT_NONE mapping are lazy pages too; the source must still serve them."""
+    _, before = start_memhog(bed, "noread", 256, protected_mib=32)
+    report = cli_json(bed, "migrate", "noread", "--to", "b", "--strategy", "post-copy")
+    assert report["result"] == "ok", report
+    verified = verify(bed, "noread", rootfs_on(bed, "noread"))
+    assert verified["ok"] == 1 and verified["checksum"] == before["checksum"]
+    bed.godwit("rm", "noread")
 
 
 def test_auto_keeps_stop_and_copy_for_small_containers(bed: Testbed) -> None:

@@ -58,13 +58,17 @@ def memhog_bundle(
     seed: int = 1,
     *,
     dirty_pps: int | None = None,
+    protected_mib: int = 0,
     cache_dir: Path = DEFAULT_CACHE,
     **kw: Any,
 ) -> Path:
-    """Busybox bundle running ``memhog MIB SEED /state [DIRTY_PPS]`` (``kw`` → oci_config)."""
+    """Busybox bundle running ``memhog MIB SEED /state [DIRTY_PPS [PROTECTED_MIB]]``
+    (``kw`` → oci_config)."""
     args = ["memhog", str(mib), str(seed), "/state"]
-    if dirty_pps is not None:
-        args.append(str(dirty_pps))
+    if dirty_pps is not None or protected_mib:
+        args.append(str(10 if dirty_pps is None else dirty_pps))
+    if protected_mib:
+        args.append(str(protected_mib))
     bundle_dir = write_bundle(bundle_dir, args, **kw)
     shutil.copy2(build_memhog(cache_dir), bundle_dir / "rootfs/bin/memhog")
     return bundle_dir

@@ -1,7 +1,7 @@
 /*
  * memhog: a live-migration test workload for godwit.
  *
- *   memhog MIB SEED STATE [DIRTY_PAGES_PER_SEC]
+ *   memhog MIB SEED STATE [DIRTY_PAGES_PER_SEC [PROTECTED_MIB]]
  *
  * Allocates MIB MiB and fills every 8-byte word with a pseudo-random value derived
  * from SEED (nothing is zero, duplicated or compressible), computes a 64-bit checksum
@@ -14,6 +14,10 @@
  * second with new content and keeps the expected checksum up to date incrementally
  * (checksum = sum over pages of hash(page index, page content), mod 2^64), so a
  * migration that loses a dirty page is detected.
+ *
+ * With PROTECTED_MIB, the last PROTECTED_MIB of the buffer are mprotect()ed PROT_NONE
+ * once filled (never dirtied, readable only while a verification reads them), as a JIT
+ * or a guard region would be: a checkpointer must still carry their content.
  *
  * SIGUSR1 recomputes the checksum over the whole buffer; from then on STATE reads
  *
@@ -32,6 +36,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -111,7 +116,7 @@ static int write_state(const char *path, const char *line)
 
 struct hog {
 	uint64_t *buf;
-	size_t npages;
+	size_t npages, protected_pages;
 	unsigned long mib;
 	uint64_t seed, rng, generation;
 	uint64_t expected, checksum, verified_expected;
@@ -121,7 +126,7 @@ struct hog {
 
 static void dirty_one(struct hog *h)
 {
-	uint64_t i = splitmix64(&h->rng) % h->npages;
+	uint64_t i = splitmix64(&h->rng) % (h->npages - h->protected_pages);
 	uint64_t *p = h->buf + i * PAGE_WORDS;
 	uint64_t old = page_hash(p, i);
 
@@ -130,9 +135,23 @@ static void dirty_one(struct hog *h)
 	h->dirtied++;
 }
 
+/* The protected tail: PROT_NONE, or readable for a verification. */
+static void protect_tail(const struct hog *h, int prot)
+{
+	size_t first = h->npages - h->protected_pages;
+
+	if (h->protected_pages &&
+	    mprotect(h->buf + first * PAGE_WORDS, h->protected_pages * PAGE_SIZE, prot) != 0) {
+		perror("memhog: mprotect");
+		exit(1);
+	}
+}
+
 static void verify(struct hog *h)
 {
+	protect_tail(h, PROT_READ);
 	h->checksum = checksum(h->buf, h->npages);
+	protect_tail(h, PROT_NONE);
 	h->verified_expected = h->expected;
 	h->ok = h->checksum == h->expected;
 	h->verified = 1;
@@ -178,10 +197,13 @@ int main(int argc, char **argv)
 	struct hog h = { 0 };
 	const struct timespec tick = { 0, TICK_NS };
 	long pps = argc > 4 ? atol(argv[4]) : 10;
+	long protected_mib = argc > 5 ? atol(argv[5]) : 0;
 	uint64_t due;
 
-	if (argc < 4 || atol(argv[1]) <= 0 || pps < 0) {
-		fprintf(stderr, "usage: memhog MIB SEED STATE [DIRTY_PAGES_PER_SEC]\n");
+	if (argc < 4 || atol(argv[1]) <= 0 || pps < 0 || protected_mib < 0 ||
+	    protected_mib >= atol(argv[1])) {
+		fprintf(stderr, "usage: memhog MIB SEED STATE [DIRTY_PAGES_PER_SEC [PROTECTED_MIB]]"
+				" (PROTECTED_MIB < MIB)\n");
 		return 2;
 	}
 	h.mib = strtoul(argv[1], NULL, 10);
@@ -196,6 +218,8 @@ int main(int argc, char **argv)
 	for (size_t i = 0; i < h.npages; i++)
 		fill_page(h.buf + i * PAGE_WORDS, h.seed, i, 0);
 	h.checksum = h.expected = checksum(h.buf, h.npages);
+	h.protected_pages = (size_t)protected_mib * (1024 * 1024 / PAGE_SIZE);
+	protect_tail(&h, PROT_NONE);
 	install_handlers();
 	if (report(&h, argv[3]) != 0) {
 		perror("memhog: write state");
