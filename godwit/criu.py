@@ -1,4 +1,6 @@
-"""What the local CRIU can do: version, `criu check`, lazy pages, dirty-memory tracking."""
+"""The local CRIU: what it can do (version, `criu check`, lazy pages, dirty-memory
+tracking), the options godwit gives every dump and restore, the host settings that keep
+its fixed costs small, and the lazy-pages daemon of post-copy."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from godwit import procfs
 from godwit.errors import GodwitError
 from godwit.tls import TLSFiles
 
@@ -94,8 +97,7 @@ def criu_base_options() -> list[str]:
 def cgroup_yard() -> bool:
     """Is every cgroup hierarchy mounted under /sys/fs/cgroup where CRIU would look for
     it in a yard (<controllers>, "systemd" for name=systemd, "unified" for v2)?"""
-    mounts = {fields[1] for line in Path("/proc/self/mounts").read_text().splitlines()
-              if (fields := line.split())[2] in ("cgroup", "cgroup2")}
+    mounts = {point for point, kind in procfs.mounts() if kind in ("cgroup", "cgroup2")}
     wanted = set()
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         controllers = line.split(":")[1]
@@ -112,7 +114,7 @@ def tune_host() -> list[str]:
     changes = []
     try:
         KDAT_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if _fs_type(KDAT_DIR) != "tmpfs":
+        if procfs.fs_type(KDAT_DIR) != "tmpfs":
             subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "godwit-criu",
                             str(KDAT_DIR)], check=True, capture_output=True)
             changes.append(f"mounted a tmpfs on {KDAT_DIR} for CRIU's kernel-probe cache")
@@ -125,17 +127,6 @@ def tune_host() -> list[str]:
     except OSError as exc:
         changes.append(f"fs.pipe-max-size left as is (slower dumps): {exc}")
     return changes
-
-
-def _fs_type(path: Path) -> str:
-    """Type of the filesystem mounted deepest above `path` (from /proc/self/mounts)."""
-    best, fs_type = "", ""
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        _, mount_point, kind, *_ = line.split()
-        inside = str(path) == mount_point or str(path).startswith(mount_point.rstrip("/") + "/")
-        if inside and len(mount_point) >= len(best):
-            best, fs_type = mount_point, kind
-    return fs_type
 
 
 LAZY_LOG = "lazy-pages.log"

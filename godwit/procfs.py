@@ -1,4 +1,4 @@
-"""Facts about host processes, read from /proc."""
+"""Facts about host processes and this process's mounts, read from /proc."""
 
 from __future__ import annotations
 
@@ -24,3 +24,19 @@ def start_time(pid: int) -> str | None:
     """When the process started, in clock ticks since boot (tells a reused pid apart)."""
     fields = stat_fields(pid)
     return fields[19] if fields else None
+
+
+def mounts() -> list[tuple[str, str]]:
+    """(mount point, filesystem type) of every mount this process sees, in mount order."""
+    return [(fields[1], fields[2]) for line in Path("/proc/self/mounts").read_text().splitlines()
+            if len(fields := line.split()) >= 3]
+
+
+def fs_type(path: Path) -> str:
+    """Type of the filesystem mounted deepest above `path` (the last such mount wins)."""
+    best, kind = "", ""
+    for mount_point, mount_type in mounts():
+        inside = str(path) == mount_point or str(path).startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, kind = mount_point, mount_type
+    return kind

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from pathlib import Path
 
 from godwit import procfs
 
@@ -31,3 +32,10 @@ def test_start_time_tells_processes_apart() -> None:
         for proc in (first, second):
             proc.kill()
             proc.wait()
+
+
+def test_fs_type_is_the_deepest_mount_above_a_path() -> None:
+    assert procfs.fs_type(Path("/proc/self/status")) == "proc"
+    assert procfs.fs_type(Path("/proc")) == "proc"
+    assert procfs.fs_type(Path("/dev/shm/anything")) == "tmpfs"
+    assert ("/proc", "proc") in procfs.mounts()
