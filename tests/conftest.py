@@ -14,6 +14,8 @@ import pytest
 from godwit.netns import pick_free_subnet
 from godwit.testbed import Testbed
 
+pytest.register_assert_rewrite("netclient")  # its assert helpers report like test asserts
+
 
 def _require_runtime() -> None:
     if os.geteuid() != 0:

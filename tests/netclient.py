@@ -102,6 +102,14 @@ class Client:
             t.join(2)
         self.sock.close()
 
+    def assert_stream_intact(self) -> None:
+        """TCP: no socket error, every request answered once and in order, and the server
+        counted each exactly once (a lost or repeated request shows in both)."""
+        assert self.errors == []
+        numbers = [n for _, n, _ in self.replies]
+        assert numbers == list(range(1, len(numbers) + 1)), "a request was lost or duplicated"
+        assert all(n == count for _, n, count in self.replies), "the server lost or repeated one"
+
     def max_stall(self) -> float:
         times = [t for t, _, _ in self.replies]
         return max(b - a for a, b in itertools.pairwise(times))
