@@ -26,16 +26,18 @@ def start_time(pid: int) -> str | None:
     return fields[19] if fields else None
 
 
-def mounts() -> list[tuple[str, str]]:
-    """(mount point, filesystem type) of every mount this process sees, in mount order."""
-    return [(fields[1], fields[2]) for line in Path("/proc/self/mounts").read_text().splitlines()
-            if len(fields := line.split()) >= 3]
+def mounts() -> list[tuple[str, str, list[str]]]:
+    """(mount point, filesystem type, options) of every mount this process sees, in mount
+    order."""
+    return [(fields[1], fields[2], fields[3].split(","))
+            for line in Path("/proc/self/mounts").read_text().splitlines()
+            if len(fields := line.split()) >= 4]
 
 
 def fs_type(path: Path) -> str:
     """Type of the filesystem mounted deepest above `path` (the last such mount wins)."""
     best, kind = "", ""
-    for mount_point, mount_type in mounts():
+    for mount_point, mount_type, _options in mounts():
         inside = str(path) == mount_point or str(path).startswith(mount_point.rstrip("/") + "/")
         if inside and len(mount_point) >= len(best):
             best, kind = mount_point, mount_type
