@@ -50,7 +50,7 @@ class Agent:
         self.port = DEFAULT_PORT
         self.name = name
         self.state_dir = state_dir
-        self.runc = Runc(runc_root)
+        self.runc = Runc(runc_root, gate_dir=state_dir / "bin")
         self.store = ContainerStore(state_dir, self.runc, name, networking)
         self.receiver = Receiver(self.store, state_dir, tls)
         self.reports = ReportArchive(state_dir / "reports")
@@ -68,6 +68,7 @@ class Agent:
             log.info("migration traffic on %s shaped: %s", self.qos.uplink, self.qos.policy)
 
     async def stop(self) -> None:
+        await self.receiver.call_off_held()
         if self.qos:
             await asyncio.to_thread(clear_policy, self.qos.uplink)
 
@@ -92,6 +93,7 @@ class Agent:
             web.get("/v1/migrations/{id}", self.report),
             web.post("/v1/incoming", self.prepare_incoming),
             web.put("/v1/incoming/{id}/{what}", self.upload_incoming),
+            web.post("/v1/incoming/{id}/arm", self.arm_incoming),
             web.post("/v1/incoming/{id}/activate", self.activate_incoming),
             web.post("/v1/incoming/{id}/restore", self.restore_incoming),
             web.post("/v1/incoming/{id}/commit", self.commit_incoming),
@@ -323,6 +325,11 @@ class Agent:
         info = request.match_info
         return web.json_response(await self.receiver.receive(info["id"], info["what"],
                                                              request.content))
+
+    async def arm_incoming(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        return web.json_response(await self.receiver.arm(request.match_info["id"],
+                                                         body.get("descriptors")))
 
     async def activate_incoming(self, request: web.Request) -> web.Response:
         return web.json_response(await self.receiver.activate(request.match_info["id"]))

@@ -21,6 +21,8 @@ The protocol (all JSON unless noted, errors are `{"error": "one line"}` with 4xx
                                              "commit_timeout", ...}: prepare
     PUT    /v1/incoming/{id}/rootfs          body: godwit tree stream (see transport.py)
     PUT    /v1/incoming/{id}/images          body: godwit tree stream (also pre-1 … pre-9)
+    POST   /v1/incoming/{id}/arm             {"descriptors"}: place rootfs and bundle, start
+                                             runc restore held before CRIU (before the freeze)
     POST   /v1/incoming/{id}/activate        source frozen: take over the container's address
     POST   /v1/incoming/{id}/restore         {"page_server"?} -> {"restored_at", "pid", ...}
     POST   /v1/incoming/{id}/commit          the destination keeps the container
@@ -167,6 +169,10 @@ class AgentClient:
 
     async def upload(self, migration_id: str, what: str, body: AsyncIterator[bytes]) -> dict:
         return await self.request("PUT", f"/v1/incoming/{migration_id}/{what}", data=body)
+
+    async def arm_incoming(self, migration_id: str, descriptors: list[str]) -> dict:
+        return await self.request("POST", f"/v1/incoming/{migration_id}/arm",
+                                  json={"descriptors": descriptors})
 
     async def activate_incoming(self, migration_id: str) -> dict:
         return await self.request("POST", f"/v1/incoming/{migration_id}/activate",

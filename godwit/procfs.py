@@ -20,6 +20,12 @@ def alive(pid: int) -> bool:
     return fields is not None and fields[0] != "Z"
 
 
+def parent(pid: int) -> int | None:
+    """The parent's pid, or None if no such process."""
+    fields = stat_fields(pid)
+    return int(fields[1]) if fields else None
+
+
 def start_time(pid: int) -> str | None:
     """When the process started, in clock ticks since boot (tells a reused pid apart)."""
     fields = stat_fields(pid)

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import secrets
+import shutil
+import socket
+import struct
+import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
+from godwit import criu_gate, procfs
+from godwit.criu import CRIU
 from godwit.errors import GodwitError, NotFound
 
 RUNC = os.environ.get("GODWIT_RUNC", "runc")
+HOLD_TIMEOUT_S = 30.0  # runc's start-up until its CRIU request waits at the gate
+CALL_OFF_TIMEOUT_S = 10.0
+T = TypeVar("T")
 
 
 class RuncError(GodwitError):
@@ -39,18 +52,26 @@ class CheckpointOptions:
     tcp_established: bool = False
     parent_path: Path | str | None = None
     pre_dump: bool = False
-    lazy_pages: bool = False
-    page_server: str | None = None
+
+
+async def _spawn(argv: list[str], gate: CriuGate | None = None,
+                 **kwargs) -> asyncio.subprocess.Process:
+    """Start a runc command, stdin detached; with a gate, its CRIU runs through the shim."""
+    env = None
+    if gate:
+        argv = [argv[0], "--criu", str(gate.shim), *argv[1:]]
+        env = {**os.environ, **gate.environment()}
+    return await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, env=env, **kwargs)
 
 
 async def _run(argv: list[str]) -> str:
     """Run a command with stdin detached; return stdout or raise RuncError."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc = await _spawn(argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    return await _output(proc, argv)
+
+
+async def _output(proc: asyncio.subprocess.Process, argv: list[str]) -> str:
     out, err = await proc.communicate()
     if proc.returncode != 0:
         raise RuncError(_last_error_line(err.decode(errors="replace")) or f"{_verb(argv)} failed")
@@ -58,21 +79,135 @@ async def _run(argv: list[str]) -> str:
 
 
 async def _run_detached(argv: list[str]) -> None:
-    """Run `runc run/restore --detach`: the container inherits runc's stdio, so it all goes
-    to /dev/null (a pipe would never close, and CRIU cannot dump it); errors come from
-    runc's JSON log file."""
-    with tempfile.NamedTemporaryFile(prefix="godwit-runc-", suffix=".log") as log:
-        full = [argv[0], "--log", log.name, "--log-format", "json", *argv[1:]]
-        proc = await asyncio.create_subprocess_exec(
-            *full,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+    """Run `runc run/restore --detach` to its end (see `_spawn_detached`)."""
+    log, proc = await _spawn_detached(argv)
+    await _detached_outcome(log, proc, argv)
+
+
+async def _spawn_detached(argv: list[str], gate: CriuGate | None = None,
+                          ) -> tuple[Path, asyncio.subprocess.Process]:
+    """Start `runc run/restore --detach`: the container inherits runc's stdio, so it all
+    goes to /dev/null (a pipe would never close, and CRIU cannot dump it); errors go to
+    runc's JSON log file, returned with the process."""
+    fd, name = tempfile.mkstemp(prefix="godwit-runc-", suffix=".log")
+    os.close(fd)
+    full = [argv[0], "--log", name, "--log-format", "json", *argv[1:]]
+    devnull = asyncio.subprocess.DEVNULL
+    try:
+        return Path(name), await _spawn(full, gate, stdout=devnull, stderr=devnull)
+    except BaseException:
+        os.unlink(name)
+        raise
+
+
+async def _detached_outcome(log: Path, proc: asyncio.subprocess.Process,
+                            argv: list[str]) -> None:
+    try:
         await proc.wait()
         if proc.returncode != 0:
-            message = _last_error_line(Path(log.name).read_text(errors="replace"))
+            message = _last_error_line(log.read_text(errors="replace"))
             raise RuncError(message or f"{_verb(argv)} failed")
+    finally:
+        log.unlink(missing_ok=True)
+
+
+def install_gate(directory: Path) -> Path:
+    """Install `godwit.criu_gate` as an executable script run by this Python in isolated
+    mode (standard library only: it starts in ~10 ms)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / "criu-gate"
+    text = f"#!{sys.executable} -IS\n" + Path(criu_gate.__file__).read_text()
+    if not target.exists() or target.read_text() != text:
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        tmp.replace(target)
+    return target
+
+
+class CriuGate:
+    """godwit's end of `godwit.criu_gate`: an abstract Unix socket (nothing on disk to
+    leave behind) on which a runc command's CRIU request reports that it waits, and is let
+    through or called off. Only a child of that runc process is taken for the shim."""
+
+    def __init__(self, shim: Path) -> None:
+        self.shim = shim
+        self.name = f"godwit-gate-{secrets.token_hex(8)}"
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(f"\0{self.name}")
+        self.server.listen(1)
+        self.server.setblocking(False)
+        self.conn: socket.socket | None = None
+
+    def environment(self) -> dict[str, str]:
+        real = shutil.which(CRIU) or CRIU
+        return {criu_gate.GATE_ENV: f"@{self.name}", criu_gate.REAL_CRIU_ENV: real}
+
+    async def wait_held(self, proc: asyncio.subprocess.Process) -> None:
+        """Until the CRIU request waits at the gate; RuncError if runc ends first."""
+        loop = asyncio.get_running_loop()
+        accept = asyncio.ensure_future(loop.sock_accept(self.server))
+        exited = asyncio.ensure_future(proc.wait())
+        try:
+            await asyncio.wait({accept, exited}, timeout=HOLD_TIMEOUT_S,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            accept.cancel()
+        if not accept.done() or accept.cancelled():
+            raise RuncError("runc ended before CRIU started" if proc.returncode is not None
+                            else f"runc did not reach CRIU in {HOLD_TIMEOUT_S:.0f} s")
+        self.conn, _ = accept.result()
+        peer, _uid, _gid = struct.unpack("3i", self.conn.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        if procfs.parent(peer) != proc.pid:
+            raise RuncError(f"process {peer}, not runc's CRIU, came to the gate")
+        self.conn.setblocking(False)
+        said = await asyncio.wait_for(loop.sock_recv(self.conn, len(criu_gate.READY)),
+                                      HOLD_TIMEOUT_S)
+        if said != criu_gate.READY:
+            raise RuncError("runc's CRIU call left the gate unexpectedly")
+
+    def open(self) -> None:
+        assert self.conn is not None
+        self.conn.setblocking(True)
+        self.conn.sendall(criu_gate.GO)
+        self.close()
+
+    def close(self) -> None:
+        """Without a "go", a waiting request is called off (the shim sees the socket close)."""
+        if self.conn:
+            self.conn.close()
+        self.server.close()
+
+
+class HeldRunc(Generic[T]):
+    """A runc checkpoint or restore started ahead of the freeze, its CRIU request waiting
+    at a gate: `proceed()` lets CRIU run and returns the command's outcome, `call_off()`
+    ends it before CRIU touched anything."""
+
+    def __init__(self, gate: CriuGate, proc: asyncio.subprocess.Process,
+                 outcome: Callable[[], Awaitable[T]]) -> None:
+        self.gate, self.proc, self.outcome = gate, proc, outcome
+
+    async def proceed(self) -> T:
+        self.gate.open()
+        return await self.outcome()
+
+    async def call_off(self) -> None:
+        await self.stop()
+        with contextlib.suppress(RuncError, OSError):
+            await self.outcome()  # collects output and removes a log file
+
+    async def stop(self) -> None:
+        """Close the gate and wait for runc to end (killed if it does not)."""
+        self.gate.close()
+        try:
+            await asyncio.wait_for(self.proc.wait(), CALL_OFF_TIMEOUT_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
 
 
 def _verb(argv: list[str]) -> str:
@@ -97,8 +232,10 @@ def _last_error_line(stderr: str) -> str:
 class Runc:
     """runc commands against one `--root` (one host's container state)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, gate_dir: Path | None = None) -> None:
         self.root = root
+        self.gate_dir = gate_dir or root.with_name(f"{root.name}-bin")  # see install_gate
+        self._gate_shim: Path | None = None
 
     def _argv(self, *args: str) -> list[str]:
         return [RUNC, "--root", str(self.root), *args]
@@ -152,10 +289,9 @@ class Runc:
         out, err = await proc.communicate()
         return proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
 
-    async def checkpoint(self, name: str, opts: CheckpointOptions) -> None:
-        """Dump a container with CRIU."""
+    def _checkpoint_argv(self, name: str, opts: CheckpointOptions, *extra: str) -> list[str]:
         args = ["checkpoint", "--image-path", str(opts.image_path)]
-        args += ["--work-path", str(opts.work_path)]
+        args += ["--work-path", str(opts.work_path), *extra]
         if opts.leave_running:
             args.append("--leave-running")
         if opts.tcp_established:
@@ -164,39 +300,64 @@ class Runc:
             args.append("--pre-dump")
         if opts.parent_path:
             args += ["--parent-path", str(opts.parent_path)]
-        if opts.lazy_pages:
-            args.append("--lazy-pages")
-        if opts.page_server:
-            args += ["--page-server", opts.page_server]
-        await _run(self._argv(*args, name))
+        return self._argv(*args, name)
 
-    async def start_lazy_checkpoint(self, name: str, opts: CheckpointOptions,
-                                    page_server: str) -> asyncio.subprocess.Process:
-        """Dump with lazy pages; return once the small images are written and the page
-        server listens (runc's status fd). The process serves pages until the destination
-        has them all; it runs in its own session so that a rollback can kill runc and CRIU."""
+    async def checkpoint(self, name: str, opts: CheckpointOptions) -> None:
+        """Dump a container with CRIU."""
+        await _run(self._checkpoint_argv(name, opts))
+
+    async def hold_checkpoint(self, name: str, opts: CheckpointOptions) -> HeldRunc[str]:
+        """`checkpoint`, started now and held just before CRIU's dump."""
+        argv = self._checkpoint_argv(name, opts)
+        gate = self._new_gate()
+        pipe = asyncio.subprocess.PIPE
+        proc = await _spawn(argv, gate, stdout=pipe, stderr=pipe)
+        return await self._held(gate, proc, lambda: _output(proc, argv))
+
+    async def hold_lazy_checkpoint(self, name: str, opts: CheckpointOptions,
+                                   page_server: str) -> HeldRunc[asyncio.subprocess.Process]:
+        """A dump with lazy pages, held before CRIU starts. Once let through, it returns when
+        the small images are written and the page server listens (runc's status fd); the
+        process then serves pages until the destination has them all. It runs in its own
+        session so that a rollback can kill runc and CRIU."""
         read_end, write_end = os.pipe()  # a write-only status fd, as runc requires
-        args = ["checkpoint", "--lazy-pages", "--page-server", page_server,
-                "--status-fd", str(write_end), "--leave-running",
-                "--image-path", str(opts.image_path), "--work-path", str(opts.work_path)]
-        if opts.tcp_established:
-            args.append("--tcp-established")
+        argv = self._checkpoint_argv(name, opts, "--lazy-pages", "--page-server", page_server,
+                                     "--status-fd", str(write_end))
+        gate = self._new_gate()
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *self._argv(*args, name), pass_fds=(write_end,), start_new_session=True,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE)
+            proc = await _spawn(argv, gate, pass_fds=(write_end,), start_new_session=True,
+                                stdout=asyncio.subprocess.DEVNULL,
+                                stderr=asyncio.subprocess.PIPE)
+        except BaseException:
+            os.close(read_end)
+            gate.close()
+            raise
         finally:
             os.close(write_end)
-        try:
-            ready = await asyncio.to_thread(os.read, read_end, 1)
-        finally:
-            os.close(read_end)
-        if ready != b"\0":
-            err = (await proc.stderr.read()).decode(errors="replace") if proc.stderr else ""
-            await proc.wait()
-            raise RuncError(_last_error_line(err) or "lazy checkpoint failed")
-        return proc
+
+        async def serving() -> asyncio.subprocess.Process:
+            try:
+                ready = await asyncio.to_thread(os.read, read_end, 1)
+            finally:
+                os.close(read_end)
+            if ready != b"\0":
+                err = (await proc.stderr.read()).decode(errors="replace") if proc.stderr else ""
+                await proc.wait()
+                raise RuncError(_last_error_line(err) or "lazy checkpoint failed")
+            return proc
+
+        return await self._held(gate, proc, serving)
+
+    def _restore_argv(self, name: str, bundle: Path, image_path: Path, work_path: Path,
+                      tcp_established: bool, lazy_pages: bool) -> list[str]:
+        args = ["restore", "--detach", "--bundle", str(bundle),
+                "--pid-file", str(work_path / "restored.pid")]
+        args += ["--image-path", str(image_path), "--work-path", str(work_path)]
+        if tcp_established:
+            args.append("--tcp-established")
+        if lazy_pages:
+            args.append("--lazy-pages")
+        return self._argv(*args, name)
 
     async def restore(
         self, name: str, bundle: Path, image_path: Path, work_path: Path, *,
@@ -204,15 +365,52 @@ class Runc:
     ) -> int:
         """Restore a container from CRIU images, detached, stdio /dev/null; returns the
         pid of its init process."""
-        pid_file = work_path / "restored.pid"
-        args = ["restore", "--detach", "--bundle", str(bundle), "--pid-file", str(pid_file)]
-        args += ["--image-path", str(image_path), "--work-path", str(work_path)]
-        if tcp_established:
-            args.append("--tcp-established")
-        if lazy_pages:
-            args.append("--lazy-pages")
-        await _run_detached(self._argv(*args, name))
-        return int(pid_file.read_text())
+        argv = self._restore_argv(name, bundle, image_path, work_path, tcp_established,
+                                  lazy_pages)
+        await _run_detached(argv)
+        return int((work_path / "restored.pid").read_text())
+
+    async def hold_restore(
+        self, name: str, bundle: Path, image_path: Path, work_path: Path, *,
+        tcp_established: bool = False, lazy_pages: bool = False,
+    ) -> HeldRunc[int]:
+        """`restore`, started now and held just before CRIU's restore: the rootfs, the
+        bundle and the images' descriptors.json must be in place, the other images need
+        only be there when it proceeds."""
+        argv = self._restore_argv(name, bundle, image_path, work_path, tcp_established,
+                                  lazy_pages)
+        gate = self._new_gate()
+        log, proc = await _spawn_detached(argv, gate)
+
+        async def restored() -> int:
+            await _detached_outcome(log, proc, argv)
+            return int((work_path / "restored.pid").read_text())
+
+        return await self._held(gate, proc, restored)
+
+    def _new_gate(self) -> CriuGate:
+        if self._gate_shim is None:
+            self._gate_shim = install_gate(self.gate_dir)
+        return CriuGate(self._gate_shim)
+
+    @staticmethod
+    async def _held(gate: CriuGate, proc: asyncio.subprocess.Process,
+                    outcome: Callable[[], Awaitable[T]]) -> HeldRunc[T]:
+        """Wait until the command's CRIU request is held; if runc fails before, raise its
+        own error."""
+        held = HeldRunc(gate, proc, outcome)
+        try:
+            await gate.wait_held(proc)
+        except (RuncError, OSError) as exc:  # TimeoutError is an OSError
+            failed_itself = proc.returncode is not None
+            await held.stop()
+            try:
+                await outcome()
+            except (RuncError, OSError) as failure:
+                if failed_itself:  # runc's own reason is the one to report
+                    raise failure from exc
+            raise RuncError(str(exc)) from exc
+        return held
 
     async def version(self) -> str:
         out = await _run([RUNC, "--version"])

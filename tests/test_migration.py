@@ -108,6 +108,12 @@ def test_shared_storage_moves_no_rootfs(bed: Testbed) -> None:
     remove(bed, "shared")
 
 
+def images_arriving(staging: Path) -> bool:
+    """The dump's images reach the destination (descriptors.json alone comes when armed,
+    before the freeze)."""
+    return any(p.name != "descriptors.json" for p in staging.glob("*/images/*"))
+
+
 def test_destination_killed_mid_transfer_leaves_container_on_source(bed: Testbed) -> None:
     start(bed, "victim", memhog_bundle(bed.bundle_dir("victim"), 256, seed=3))
     rootfs = rootfs_of(bed, "victim")
@@ -117,7 +123,7 @@ def test_destination_killed_mid_transfer_leaves_container_on_source(bed: Testbed
     proc = subprocess.Popen(env_cmd, env={"GODWIT_CONFIG": str(bed.config_path)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     staging = bed.host("b").state_dir / "incoming"
-    wait_for(lambda: any(staging.glob("*/images/*")), timeout=30, what="images upload to start")
+    wait_for(lambda: images_arriving(staging), timeout=30, what="images upload to start")
     bed.stop_agent("b", signal.SIGKILL)
     out, _err = proc.communicate(timeout=120)
     assert proc.returncode != 0
@@ -228,7 +234,7 @@ def test_source_agent_killed_mid_transfer_resumes_on_restart(bed: Testbed) -> No
         env={"GODWIT_CONFIG": str(bed.config_path)}, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     staging = bed.host("b").state_dir / "incoming"
-    wait_for(lambda: any(staging.glob("*/images/*")), timeout=30, what="images upload")
+    wait_for(lambda: images_arriving(staging), timeout=30, what="images upload")
     bed.stop_agent("a", signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode != 0

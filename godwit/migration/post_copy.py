@@ -27,6 +27,7 @@ from godwit import procfs
 from godwit.errors import GodwitError
 from godwit.migration.source import SourceMigration
 from godwit.qos import migration_ports
+from godwit.runc import HeldRunc
 from godwit.tls import TLSFiles
 
 PAGES_POLL_S = 0.05
@@ -38,16 +39,22 @@ class PostCopy(SourceMigration):
     page_server: asyncio.subprocess.Process | None = None
     page_server_address = ""
 
-    async def dump(self) -> None:
-        self.images.mkdir(parents=True, exist_ok=True)
+    async def hold_dump(self) -> HeldRunc:
         address = local_address_towards(self.ctx.dest.address.rpartition(":")[0])
         port = free_port(address, migration_ports(self.ctx.agent_port))
         self.page_server_address = f"{address}:{port}"
         self.ctx.store.write_criu_config(self.name, page_server_options(address, self.ctx.tls))
-        opts = self.dump_options()
+        return await self.runc.hold_lazy_checkpoint(self.name, self.dump_options(),
+                                                    self.page_server_address)
+
+    async def call_off_dump(self) -> None:
+        if self.held_dump:
+            await super().call_off_dump()
+            self.ctx.store.write_criu_config(self.name)
+
+    async def dump(self) -> None:
         with self.events.phase("dump"):
-            self.page_server = await self.runc.start_lazy_checkpoint(
-                self.name, opts, self.page_server_address)
+            self.page_server = await self.run_dump()
         pid = self.page_server.pid
         self.journal(page_server_pid=pid, page_server_start=procfs.start_time(pid))
 

@@ -2,6 +2,9 @@
 
 Everything about an incoming migration lives on disk under `<state>/incoming/<id>/`
 (request.json, rootfs/, images/, work/, decision), so an agent restart loses nothing.
+Just before the source freezes, the migration is armed: the rootfs moves to its place,
+the bundle is written and `runc restore` starts, held before CRIU (see
+`godwit.criu_gate`), so that the freeze only waits for CRIU's own restore.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ from godwit.containers import ContainerRecord, ContainerStore, check_name
 from godwit.criu import lazy_pages_verdict, log_error, start_lazy_pages
 from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.network import ContainerNet, PacketHold
+from godwit.runc import HeldRunc
 from godwit.tls import TLSFiles
 from godwit.transport import TransferError, receive_tree
 
 log = logging.getLogger("godwit.receiver")
 ID_CHARS = set("0123456789abcdef-")
 PAGES = "pages"
+PLACED = "rootfs-placed"  # marker: the received rootfs moved to the container's directory
+MAX_DESCRIPTORS = 16
 UPLOADS = re.compile(r"rootfs|images|pre-[1-9]")
 
 
@@ -41,6 +47,7 @@ class Receiver:
         self.root = state_dir / "incoming"
         self.root.mkdir(parents=True, exist_ok=True)
         self.holds: dict[str, PacketHold] = {}
+        self.held: dict[str, HeldRunc[int]] = {}  # armed: runc restore waiting before CRIU
         self.locks: dict[str, asyncio.Lock] = {}
 
     def _lock(self, migration_id: str) -> asyncio.Lock:
@@ -113,7 +120,7 @@ class Receiver:
             request = self.request(migration_id)
             log.warning("migration %s: no restore after activation, dropping %s's address",
                         migration_id, request["name"])
-            await self._drop_network(migration_id, request["name"], True)
+            await self._drop_unrestored(migration_id, request, staging)
             await asyncio.to_thread(shutil.rmtree, staging, True)
 
     def _reserved(self, name: str) -> bool:
@@ -130,8 +137,10 @@ class Receiver:
         """Receive the rootfs or the CRIU images as a godwit tree stream."""
         if not UPLOADS.fullmatch(what):
             raise NotFound(f"nothing to upload as {what!r}")
-        self.request(migration_id)
-        dest = self._dir(migration_id) / what
+        request = self.request(migration_id)
+        staging = self._dir(migration_id)
+        placed = what == "rootfs" and (staging / PLACED).exists()
+        dest = self._placed_rootfs(request) if placed else staging / what
         dest.mkdir(exist_ok=True)
         try:
             stats = await receive_tree(stream, dest)
@@ -139,6 +148,63 @@ class Receiver:
             raise GodwitError(f"{what} transfer failed: {exc}") from exc
         return {"files": stats.files, "bytes": stats.bytes, "wire_bytes": stats.wire_bytes,
                 "seconds": stats.seconds}
+
+    async def arm(self, migration_id: str, descriptors: object) -> dict:
+        """The source is about to freeze: place the rootfs, write the bundle and start
+        `runc restore`, held before CRIU. `descriptors` is runc's descriptors.json of the
+        dump (the container's stdio), which runc reads before CRIU starts."""
+        if not isinstance(descriptors, list) or len(descriptors) > MAX_DESCRIPTORS or \
+                not all(isinstance(d, str) for d in descriptors):
+            raise GodwitError("descriptors must be a list of strings")
+        async with self._lock(migration_id):
+            request = self.request(migration_id)
+            staging = self._dir(migration_id)
+            if migration_id in self.held or (staging / "decision").exists():
+                raise Conflict(f"migration {migration_id} is already armed or restored")
+            bundle = self._install(request, staging)
+            images = staging / "images"
+            images.mkdir(exist_ok=True)
+            (images / "descriptors.json").write_text(json.dumps(descriptors))
+            self.held[migration_id] = await self._runc_restore(
+                request, bundle, staging, lazy=request.get("strategy") == "post-copy",
+                hold=True)
+        self._watch(self._expire_hold(migration_id, float(request["commit_timeout"])))
+        return {"armed": request["name"]}
+
+    async def _expire_hold(self, migration_id: str, seconds: float) -> None:
+        """A held restore the source never lets through (it gave up, or its images take
+        long) is called off; a later restore then runs without the head start."""
+        await asyncio.sleep(seconds)
+        async with self._lock(migration_id):
+            held = self.held.pop(migration_id, None)
+        if held:
+            await held.call_off()
+
+    async def call_off_held(self) -> None:
+        """Agent shutdown: no held restore outlives it."""
+        held, self.held = list(self.held.values()), {}
+        for one in held:
+            await one.call_off()
+
+    def _install(self, request: dict, staging: Path) -> Path:
+        """Put the rootfs in place (once) and write this host's bundle; returns it."""
+        shared = request.get("shared_rootfs")
+        if shared:
+            rootfs = Path(shared)
+        elif (staging / PLACED).exists():
+            rootfs = self._placed_rootfs(request)
+        else:
+            rootfs = self._placed_rootfs(request)
+            rootfs.parent.mkdir(parents=True, exist_ok=True)
+            if not (staging / "rootfs").is_dir():
+                raise GodwitError("no rootfs was received")
+            (staging / "rootfs").rename(rootfs)
+            (staging / PLACED).touch()
+        return self.store.install_bundle(request["name"], request["config"], rootfs,
+                                         networked=bool(request.get("net")))
+
+    def _placed_rootfs(self, request: dict) -> Path:
+        return self.store.dir(request["name"]) / "rootfs"
 
     async def restore(self, migration_id: str, page_server: str | None = None) -> dict:
         """Restore the container; arm the fence first so an unconfirmed copy cannot survive.
@@ -152,9 +218,9 @@ class Receiver:
         if (staging / "decision").exists():
             raise Conflict(f"migration {migration_id} was already restored")
         name = request["name"]
-        rootfs = self._place_rootfs(request, staging)
-        bundle = self.store.install_bundle(name, request["config"], rootfs,
-                                           networked=bool(request.get("net")))
+        held = self.held.pop(migration_id, None)
+        bundle = self.store.bundle_dir(name) if held else self._install(request, staging)
+        rootfs = Path(request.get("shared_rootfs") or self._placed_rootfs(request))
         record = ContainerRecord(name, str(rootfs), not request.get("shared_rootfs"),
                                  time.time(), origin=request.get("source"),
                                  net=request.get("net"))
@@ -164,7 +230,8 @@ class Receiver:
                              self.store.networking.netns_id if request.get("net") else None)
         lazy = await self._start_lazy_pages(staging, page_server) if page_server else None
         try:
-            pid = await self._runc_restore(request, bundle, staging, lazy=lazy is not None)
+            pid = await self._held_or_new_restore(held, request, bundle, staging,
+                                                  lazy=lazy is not None)
         except GodwitError as exc:
             if lazy and lazy.returncode is None:
                 lazy.kill()
@@ -179,16 +246,6 @@ class Receiver:
     async def _release_packets(self, migration_id: str) -> int:
         hold = self.holds.pop(migration_id, None)
         return await asyncio.to_thread(hold.release) if hold else 0
-
-    def _place_rootfs(self, request: dict, staging: Path) -> Path:
-        if request.get("shared_rootfs"):
-            return Path(request["shared_rootfs"])
-        target = self.store.dir(request["name"]) / "rootfs"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not (staging / "rootfs").is_dir():
-            raise GodwitError("no rootfs was received")
-        (staging / "rootfs").rename(target)
-        return target
 
     async def _start_lazy_pages(self, staging: Path, page_server: str):
         (staging / "work").mkdir(exist_ok=True)
@@ -221,19 +278,28 @@ class Receiver:
             with contextlib.suppress(GodwitError):
                 await self._discard(migration_id, staging, name, networked)
 
-    async def _runc_restore(self, request: dict, bundle: Path, staging: Path,
-                            lazy: bool) -> int:
-        """runc restore; returns the pid of the container's init, which must be alive
-        (read from /proc: a `runc state` would add a process start to the freeze)."""
-        work = staging / "work"
-        work.mkdir(exist_ok=True)
-        pid = await self.store.runc.restore(
-            request["name"], bundle, staging / "images", work,
-            tcp_established=bool(request.get("tcp_established")), lazy_pages=lazy,
-        )
+    async def _held_or_new_restore(self, held: HeldRunc[int] | None, request: dict,
+                                   bundle: Path, staging: Path, lazy: bool) -> int:
+        """Let the armed restore proceed, or run one now; returns the pid of the container's
+        init, which must be alive (read from /proc: a `runc state` would add a process start
+        to the freeze)."""
+        if held:
+            pid = await held.proceed()
+        else:
+            pid = await self._runc_restore(request, bundle, staging, lazy=lazy)
         if not procfs.alive(pid):
             raise GodwitError("the container exited right after its restore")
         return pid
+
+    async def _runc_restore(self, request: dict, bundle: Path, staging: Path, *, lazy: bool,
+                            hold: bool = False):
+        """runc restore of the staged images; with `hold`, a HeldRunc waiting before CRIU."""
+        work = staging / "work"
+        work.mkdir(exist_ok=True)
+        restore = self.store.runc.hold_restore if hold else self.store.runc.restore
+        return await restore(request["name"], bundle, staging / "images", work,
+                             tcp_established=bool(request.get("tcp_established")),
+                             lazy_pages=lazy)
 
     async def _discard(self, migration_id: str, staging: Path, name: str,
                        networked: bool) -> None:
@@ -243,6 +309,14 @@ class Receiver:
         await self._drop_network(migration_id, name, networked)
         await self.store.runc.delete(name)
         self.store.forget(name)
+
+    async def _drop_unrestored(self, migration_id: str, request: dict, staging: Path) -> None:
+        """Undo what came before a restore: a held runc restore, a placed rootfs, the netns."""
+        if held := self.held.pop(migration_id, None):
+            await held.call_off()
+        await self._drop_network(migration_id, request["name"], bool(request.get("net")))
+        if (staging / PLACED).exists():
+            self.store.forget(request["name"])
 
     async def _drop_network(self, migration_id: str, name: str, networked: bool) -> None:
         """Isolate, drop held packets (never let a peer reach an empty netns), delete.
@@ -293,7 +367,7 @@ class Receiver:
             if (staging / "decision").exists():
                 await self._discard(migration_id, staging, name, networked)
             else:
-                await self._drop_network(migration_id, name, networked)
+                await self._drop_unrestored(migration_id, request, staging)
             await asyncio.to_thread(shutil.rmtree, staging, True)
         self.locks.pop(migration_id, None)
         return {"state": fence.ABORTED}
@@ -324,4 +398,6 @@ class Receiver:
                     if (staging / "request.json").exists() else {}
                 if request.get("net") and not decision.exists():
                     self.store.networking.delete(request["name"])
+                if (staging / PLACED).exists() and not decision.exists():
+                    self.store.forget(request["name"])
                 shutil.rmtree(staging, ignore_errors=True)

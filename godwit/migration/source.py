@@ -1,10 +1,12 @@
 """Source side of a migration: the steps every strategy shares, and the safety net.
 
 The container is frozen (`runc pause`) and dumped with `--leave-running`, so the source
-keeps a paused copy until the destination has committed. On any failure the destination
-copy is aborted (or left to its fence watchdog) and the source copy is resumed: exactly
-one copy runs afterwards. Only when a commit was sent and its outcome cannot be learnt
-does the source stay paused and the migration end "in-doubt".
+keeps a paused copy until the destination has committed. Just before the freeze both
+sides are armed: `runc checkpoint` here and `runc restore` there start and wait right
+before CRIU (see `godwit.criu_gate`), so the freeze holds only CRIU's own work. On any
+failure the destination copy is aborted (or left to its fence watchdog) and the source
+copy is resumed: exactly one copy runs afterwards. Only when a commit was sent and its
+outcome cannot be learnt does the source stay paused and the migration end "in-doubt".
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from godwit.errors import GodwitError
 from godwit.migration import MigrationOptions
 from godwit.migration.report import EventStream
 from godwit.preflight import refusal, run_checks, verdict
-from godwit.runc import CheckpointOptions, Runc
+from godwit.runc import CheckpointOptions, HeldRunc, Runc
 from godwit.tls import TLSFiles
 from godwit.transport import TreePlan, diff_manifests, plan_tree, scan_tree, send_tree
 
@@ -73,6 +75,7 @@ class SourceMigration:
         self.manifest: dict | None = None
         self.journal_path = ctx.work_dir / "journal.json"
         self.journal_state: dict = {}
+        self.held_dump: HeldRunc | None = None
 
     @property
     def runc(self) -> Runc:
@@ -146,6 +149,7 @@ class SourceMigration:
         if not self.shared:
             await self.send_rootfs(initial=True)
         await self.before_freeze()
+        await self.arm()
         await self.migrate_frozen()
 
     async def before_freeze(self) -> None:
@@ -218,6 +222,23 @@ class SourceMigration:
                 plan = await asyncio.to_thread(plan_tree, root, changed, deleted)
             self.report.rootfs_bytes += await self.upload("rootfs", plan, phase)
 
+    async def arm(self) -> None:
+        """Start the dump here and the restore there, each held just before CRIU."""
+        with self.events.phase("arm"):
+            self.images.mkdir(parents=True, exist_ok=True)
+            self.held_dump = await self.hold_dump()
+            descriptors = json.loads((self.images / "descriptors.json").read_text())
+            await self.ctx.dest.arm_incoming(self.report.id, descriptors)
+
+    async def hold_dump(self) -> HeldRunc:
+        return await self.runc.hold_checkpoint(self.name, self.dump_options())
+
+    async def call_off_dump(self) -> None:
+        """Rollback: a dump still held never starts."""
+        held, self.held_dump = self.held_dump, None
+        if held:
+            await held.call_off()
+
     async def freeze(self) -> None:
         with self.events.phase("freeze"):
             self.report.frozen_at = time.time()  # processes stop during the pause call
@@ -242,14 +263,18 @@ class SourceMigration:
                                  leave_running=True, tcp_established=True)
 
     async def dump(self) -> None:
-        self.images.mkdir(parents=True, exist_ok=True)
-        opts = self.dump_options()
         with self.events.phase("dump"):
-            try:
-                await self.runc.checkpoint(self.name, opts)
-            except GodwitError as exc:
-                raise GodwitError(f"dump failed: {log_error(opts.work_path, 'dump.log') or exc}"
-                                  ) from exc
+            await self.run_dump()
+
+    async def run_dump(self):
+        """Let the held dump proceed; returns its outcome."""
+        held, self.held_dump = self.held_dump, None
+        assert held, "arm() holds the dump"
+        try:
+            return await held.proceed()
+        except GodwitError as exc:
+            work = self.dump_options().work_path
+            raise GodwitError(f"dump failed: {log_error(work, 'dump.log') or exc}") from exc
 
     async def send_images(self) -> None:
         """Send the dump; the local copy goes at once (a rollback resumes the paused
@@ -352,6 +377,7 @@ class SourceMigration:
 
     async def rollback(self) -> str:
         """Undo a failed migration; return where the container runs now."""
+        await self.call_off_dump()
         dest_state = await self.abort_destination() if self.prepared else "aborted"
         if dest_state == "committed":
             await self.cleanup_source()

@@ -1,0 +1,113 @@
+"""runc checkpoint/restore held before CRIU (godwit.criu_gate), with the real runc and CRIU."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import _require_runtime, wait_for
+
+from godwit import criu_gate
+from godwit.runc import CheckpointOptions, Runc, RuncError
+from godwit.workloads import memhog_bundle, read_state
+
+NAME = "gated"
+STDIO = ["/dev/null", "/dev/null", "/dev/null"]
+
+
+def test_request_type_is_peeked_not_taken() -> None:
+    ours, shims = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, shims:
+        ours.send(bytes([0x08, 0x02, 0x12, 0x00]))  # criu_req{type: RESTORE, opts: {}}
+        assert criu_gate.request_type(shims.fileno()) == 2
+        assert shims.recv(16) == bytes([0x08, 0x02, 0x12, 0x00])
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[tuple[Runc, Path]]:
+    """A memhog container under a private runc root; (runc, its rootfs)."""
+    _require_runtime()
+    bundle = memhog_bundle(tmp_path / "bundle", 8)
+    runc = Runc(tmp_path / "runc")
+    asyncio.run(runc.run_detached(NAME, bundle))
+    try:
+        wait_for(lambda: read_state(bundle / "rootfs").get("status") == "ready", what="memhog")
+        yield runc, bundle / "rootfs"
+    finally:
+        subprocess.run(["runc", "--root", str(runc.root), "delete", "--force", NAME],
+                       capture_output=True, check=False)
+
+
+def dump_options(tmp_path: Path) -> CheckpointOptions:
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    return CheckpointOptions(image_path=images, work_path=tmp_path / "work",
+                             leave_running=True, tcp_established=True)
+
+
+def status(runc: Runc) -> str:
+    return asyncio.run(runc.state(NAME)).status
+
+
+def test_called_off_dump_leaves_the_container_running(running, tmp_path: Path) -> None:
+    runc, rootfs = running
+    opts = dump_options(tmp_path)
+
+    async def hold_then_call_off() -> None:
+        held = await runc.hold_checkpoint(NAME, opts)
+        await held.call_off()
+
+    asyncio.run(hold_then_call_off())
+    assert status(runc) == "running"
+    assert [p.name for p in opts.image_path.iterdir()] == ["descriptors.json"], \
+        "runc got to CRIU's gate, CRIU itself never ran"
+    counter = read_state(rootfs)["counter"]
+    wait_for(lambda: read_state(rootfs)["counter"] > counter, what="memhog still counting")
+
+
+def test_held_dump_runs_only_when_let_through(running, tmp_path: Path) -> None:
+    runc, _rootfs = running
+    opts = dump_options(tmp_path)
+
+    async def hold_pause_proceed() -> list[str]:
+        held = await runc.hold_checkpoint(NAME, opts)
+        await asyncio.sleep(0.3)
+        before = sorted(p.name for p in opts.image_path.iterdir())
+        await runc.pause(NAME)
+        await held.proceed()
+        return before
+
+    before = asyncio.run(hold_pause_proceed())
+    assert before == ["descriptors.json"]
+    assert (opts.image_path / "inventory.img").exists()
+    assert status(runc) == "paused", "--leave-running keeps the paused copy"
+
+
+def test_called_off_restore_leaves_no_container(running, tmp_path: Path) -> None:
+    _runc, rootfs = running
+    images, work = tmp_path / "restore-images", tmp_path / "restore-work"
+    images.mkdir()
+    (images / "descriptors.json").write_text(json.dumps(STDIO))
+    other = Runc(tmp_path / "runc-b")
+    bundle = rootfs.parent
+
+    async def hold_then_call_off() -> None:
+        held = await other.hold_restore("copy", bundle, images, work, lazy_pages=True)
+        assert [s.name for s in await other.list()] == [], "held: not a container yet"
+        await held.call_off()
+
+    asyncio.run(hold_then_call_off())
+    assert asyncio.run(other.list()) == []
+    assert not (work / "restore.log").exists(), "CRIU never started"
+
+
+def test_runc_failing_before_the_gate_reports_its_own_error(tmp_path: Path) -> None:
+    _require_runtime()
+    runc = Runc(tmp_path / "runc")
+    with pytest.raises(RuncError, match="not exist"):
+        asyncio.run(runc.hold_checkpoint("nosuch", dump_options(tmp_path)))
