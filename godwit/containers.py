@@ -19,11 +19,13 @@ from godwit.network import (
     ContainerNet,
     config_with_netns,
     create_container_netns,
+    create_private_netns,
     delete_container_netns,
     netns_name,
     netns_path,
     send_gratuitous_arp,
     set_link,
+    wants_own_netns,
 )
 from godwit.runc import ContainerState, Runc
 
@@ -48,6 +50,12 @@ class ContainerRecord:
     created_at: float
     origin: str | None = None
     net: dict | None = None  # ContainerNet.to_json() of a container on the host bridge
+    private_netns: bool = False  # godwit made its netns (loopback only), see create()
+
+    @property
+    def owns_netns(self) -> bool:
+        """Its netns is godwit's, on every host it runs on: made, moved, deleted by godwit."""
+        return bool(self.net) or self.private_netns
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -69,6 +77,12 @@ class HostNetworking:
                                           connected=connected)
         except (OSError, FileExistsError, NetlinkError) as exc:
             raise GodwitError(f"cannot give {name} the address {net.ip} here: {exc}") from exc
+
+    def create_private(self, name: str) -> Path:
+        try:
+            return create_private_netns(self.netns_id, name)
+        except (OSError, FileExistsError, NetlinkError) as exc:
+            raise GodwitError(f"cannot make a netns for {name} here: {exc}") from exc
 
     def delete(self, name: str) -> None:
         delete_container_netns(self.netns_id, name)
@@ -143,13 +157,13 @@ class ContainerStore:
     def exists(self, name: str) -> bool:
         return (self.dir(name) / "record.json").exists()
 
-    def install_bundle(self, name: str, config: dict, rootfs: Path, networked: bool) -> Path:
+    def install_bundle(self, name: str, config: dict, rootfs: Path, own_netns: bool) -> Path:
         """Write this host's config.json for a container: own cgroup path, absolute rootfs,
-        and for a networked container this host's netns for it (never the source's)."""
+        and for a container with a godwit netns this host's netns (never the source's)."""
         bundle = self.bundle_dir(name)
         bundle.mkdir(parents=True, exist_ok=True)
         host_config = rewrite_for_host(config, rootfs=rootfs, cgroups_path=self.cgroups_path(name))
-        if networked:
+        if own_netns:
             host_config = config_with_netns(host_config,
                                             netns_path(self.networking.netns_id, name))
         annotations = host_config.setdefault("annotations", {})
@@ -171,12 +185,15 @@ class ContainerStore:
         if net:
             self.check_address_free(net)
         record = ContainerRecord(name, str(rootfs), False, time.time(),
-                                 net=net.to_json() if net else None)
+                                 net=net.to_json() if net else None,
+                                 private_netns=not net and wants_own_netns(config))
         self.save(record)
         try:
             if net:
                 await asyncio.to_thread(self.networking.create, name, net)
-            bundle_dir = self.install_bundle(name, config, rootfs, networked=net is not None)
+            elif record.private_netns:
+                await asyncio.to_thread(self.networking.create_private, name)
+            bundle_dir = self.install_bundle(name, config, rootfs, record.owns_netns)
             await self.runc.run_detached(name, bundle_dir)
         except GodwitError:
             await self.discard(record)
@@ -193,7 +210,7 @@ class ContainerStore:
     async def discard(self, record: ContainerRecord) -> None:
         """Kill the container and drop everything of it on this host, netns included."""
         await self.runc.delete(record.name)
-        if record.net:
+        if record.owns_netns:
             await asyncio.to_thread(self.networking.delete, record.name)
         self.forget(record.name)
 

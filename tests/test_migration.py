@@ -58,6 +58,34 @@ def test_counter_keeps_its_memory_across_migration(bed: Testbed) -> None:
     remove(bed, "counter")
 
 
+def godwit_netns(bed: Testbed, name: str) -> str | None:
+    """The /run/netns name of the container's netns (None: a netns runc made), checking
+    that its loopback is up."""
+    pid = next(r["pid"] for r in cli_json(bed, "ps")["containers"] if r["name"] == name)
+    inode = Path(f"/proc/{pid}/ns/net").stat().st_ino
+    found = [p.name for p in Path("/run/netns").iterdir() if p.stat().st_ino == inode]
+    if not found:
+        return None
+    lo = subprocess.run(["ip", "-n", found[0], "-o", "link", "show", "lo"],
+                        capture_output=True, text=True, check=True).stdout
+    assert "UP" in lo.split(">")[0], lo
+    return found[0]
+
+
+def test_container_without_address_has_a_godwit_netns_on_each_host(bed: Testbed) -> None:
+    """CRIU dumps no external netns: the freeze is spared its ip/iptables-save runs."""
+    start(bed, "loner", counter_bundle(bed.bundle_dir("loner")))
+    on_a = godwit_netns(bed, "loner")
+    assert on_a and on_a.endswith("loner"), on_a
+    code, report = migrate(bed, "loner", "b", "--strategy", "stop-and-copy")
+    assert code == 0, report
+    on_b = godwit_netns(bed, "loner")
+    assert on_b and on_b != on_a and on_b.endswith("loner"), on_b
+    assert not (Path("/run/netns") / on_a).exists(), "the source's netns goes with its copy"
+    remove(bed, "loner")
+    assert not (Path("/run/netns") / on_b).exists()
+
+
 def test_256_mib_memory_is_preserved(bed: Testbed) -> None:
     start(bed, "mem256", memhog_bundle(bed.bundle_dir("mem256"), 256, seed=7, dirty_pps=0))
     rootfs = rootfs_of(bed, "mem256")

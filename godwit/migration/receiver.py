@@ -84,12 +84,14 @@ class Receiver:
             self.store.check_address_free(net)
         staging.mkdir(parents=True)
         (staging / "request.json").write_text(json.dumps(request))
-        if net:
-            try:
+        try:
+            if net:
                 await asyncio.to_thread(self._prepare_network, request["id"], name, net)
-            except GodwitError:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
+            elif request.get("private_netns"):
+                await asyncio.to_thread(self.store.networking.create_private, name)
+        except GodwitError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         return {"id": request["id"], "staging": str(staging)}
 
     def _prepare_network(self, migration_id: str, name: str, net: ContainerNet) -> None:
@@ -201,7 +203,7 @@ class Receiver:
             (staging / "rootfs").rename(rootfs)
             (staging / PLACED).touch()
         return self.store.install_bundle(request["name"], request["config"], rootfs,
-                                         networked=bool(request.get("net")))
+                                         _owns_netns(request))
 
     def _placed_rootfs(self, request: dict) -> Path:
         return self.store.dir(request["name"]) / "rootfs"
@@ -223,11 +225,12 @@ class Receiver:
         rootfs = Path(request.get("shared_rootfs") or self._placed_rootfs(request))
         record = ContainerRecord(name, str(rootfs), not request.get("shared_rootfs"),
                                  time.time(), origin=request.get("source"),
-                                 net=request.get("net"))
+                                 net=request.get("net"),
+                                 private_netns=bool(request.get("private_netns")))
         self.store.save(record)
         fence.start_watchdog(staging / "decision", float(request.get("commit_timeout", 60)),
                              self.store.runc.root, name, self.store.dir(name),
-                             self.store.networking.netns_id if request.get("net") else None)
+                             self.store.networking.netns_id if record.owns_netns else None)
         lazy = await self._start_lazy_pages(staging, page_server) if page_server else None
         try:
             pid = await self._held_or_new_restore(held, request, bundle, staging,
@@ -236,10 +239,10 @@ class Receiver:
             if lazy and lazy.returncode is None:
                 lazy.kill()
             detail = log_error(staging / "work", "restore.log") or str(exc)
-            await self._discard(migration_id, staging, name, bool(record.net))
+            await self._discard(migration_id, staging, name, record.owns_netns)
             raise GodwitError(f"restore failed on {self.store.host}: {detail}") from exc
         if lazy:
-            self._watch_pages(migration_id, lazy, name, bool(record.net))
+            self._watch_pages(migration_id, lazy, name, record.owns_netns)
         held = await self._release_packets(migration_id)
         return {"restored_at": time.time(), "held_packets": held, "pid": pid}
 
@@ -314,13 +317,14 @@ class Receiver:
         """Undo what came before a restore: a held runc restore, a placed rootfs, the netns."""
         if held := self.held.pop(migration_id, None):
             await held.call_off()
-        await self._drop_network(migration_id, request["name"], bool(request.get("net")))
+        await self._drop_network(migration_id, request["name"], _owns_netns(request))
         if (staging / PLACED).exists():
             self.store.forget(request["name"])
 
     async def _drop_network(self, migration_id: str, name: str, networked: bool) -> None:
         """Isolate, drop held packets (never let a peer reach an empty netns), delete.
-        Idempotent: pieces already gone are fine."""
+        `networked`: the container has a godwit netns here. Idempotent: pieces already
+        gone are fine."""
         hold = self.holds.pop(migration_id, None)
         if hold:
             hold.discard()
@@ -363,7 +367,7 @@ class Receiver:
             if not staging.exists():
                 return {"state": "unknown"}
             request = self.request(migration_id)
-            name, networked = request["name"], bool(request.get("net"))
+            name, networked = request["name"], _owns_netns(request)
             if (staging / "decision").exists():
                 await self._discard(migration_id, staging, name, networked)
             else:
@@ -396,8 +400,13 @@ class Receiver:
             if not decision.exists() or (self._finished(staging) and old):
                 request = json.loads((staging / "request.json").read_text()) \
                     if (staging / "request.json").exists() else {}
-                if request.get("net") and not decision.exists():
+                if _owns_netns(request) and not decision.exists():
                     self.store.networking.delete(request["name"])
                 if (staging / PLACED).exists() and not decision.exists():
                     self.store.forget(request["name"])
                 shutil.rmtree(staging, ignore_errors=True)
+
+
+def _owns_netns(request: dict) -> bool:
+    """The incoming container gets a godwit netns here (with or without an address)."""
+    return bool(request.get("net")) or bool(request.get("private_netns"))

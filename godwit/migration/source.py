@@ -206,6 +206,7 @@ class SourceMigration:
             "tcp_established": True,
             "strategy": self.strategy,
             "net": self.record.net,
+            "private_netns": self.record.private_netns,
         }
 
     async def send_rootfs(self, *, initial: bool) -> None:
@@ -331,7 +332,7 @@ class SourceMigration:
     async def cleanup_source(self) -> None:
         """The destination runs the container for good: delete the paused source copy."""
         with self.events.phase("cleanup"):
-            if self.record.net:  # isolated since the freeze: its netns can go first
+            if self.record.owns_netns:  # isolated since the freeze: its netns can go first
                 await asyncio.to_thread(self.ctx.store.networking.delete, self.name)
             try:
                 await self.runc.delete(self.name)
