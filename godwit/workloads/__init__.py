@@ -59,16 +59,19 @@ def memhog_bundle(
     *,
     dirty_pps: int | None = None,
     protected_mib: int = 0,
+    hole_mib: int = 0,
     cache_dir: Path = DEFAULT_CACHE,
     **kw: Any,
 ) -> Path:
-    """Busybox bundle running ``memhog MIB SEED /state [DIRTY_PPS [PROTECTED_MIB]]``
-    (``kw`` → oci_config)."""
+    """Busybox bundle running ``memhog MIB SEED /state [DIRTY_PPS [PROTECTED_MIB
+    [HOLE_MIB]]]`` (``kw`` → oci_config)."""
     args = ["memhog", str(mib), str(seed), "/state"]
-    if dirty_pps is not None or protected_mib:
+    if dirty_pps is not None or protected_mib or hole_mib:
         args.append(str(10 if dirty_pps is None else dirty_pps))
-    if protected_mib:
+    if protected_mib or hole_mib:
         args.append(str(protected_mib))
+    if hole_mib:
+        args.append(str(hole_mib))
     bundle_dir = write_bundle(bundle_dir, args, **kw)
     shutil.copy2(build_memhog(cache_dir), bundle_dir / "rootfs/bin/memhog")
     return bundle_dir

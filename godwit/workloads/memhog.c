@@ -1,7 +1,7 @@
 /*
  * memhog: a live-migration test workload for godwit.
  *
- *   memhog MIB SEED STATE [DIRTY_PAGES_PER_SEC [PROTECTED_MIB]]
+ *   memhog MIB SEED STATE [DIRTY_PAGES_PER_SEC [PROTECTED_MIB [HOLE_MIB]]]
  *
  * Allocates MIB MiB and fills every 8-byte word with a pseudo-random value derived
  * from SEED (nothing is zero, duplicated or compressible), computes a 64-bit checksum
@@ -18,6 +18,10 @@
  * With PROTECTED_MIB, the last PROTECTED_MIB of the buffer are mprotect()ed PROT_NONE
  * once filled (never dirtied, readable only while a verification reads them), as a JIT
  * or a guard region would be: a checkpointer must still carry their content.
+ *
+ * With HOLE_MIB, that many MiB in the middle of the buffer are given back once filled
+ * (madvise MADV_DONTNEED: they read as zeros and use no memory) and are part of the
+ * checksum as zeros: a checkpointer must not turn them into real memory.
  *
  * SIGUSR1 recomputes the checksum over the whole buffer; from then on STATE reads
  *
@@ -198,12 +202,13 @@ int main(int argc, char **argv)
 	const struct timespec tick = { 0, TICK_NS };
 	long pps = argc > 4 ? atol(argv[4]) : 10;
 	long protected_mib = argc > 5 ? atol(argv[5]) : 0;
+	long hole_mib = argc > 6 ? atol(argv[6]) : 0;
 	uint64_t due;
 
-	if (argc < 4 || atol(argv[1]) <= 0 || pps < 0 || protected_mib < 0 ||
-	    protected_mib >= atol(argv[1])) {
-		fprintf(stderr, "usage: memhog MIB SEED STATE [DIRTY_PAGES_PER_SEC [PROTECTED_MIB]]"
-				" (PROTECTED_MIB < MIB)\n");
+	if (argc < 4 || atol(argv[1]) <= 0 || pps < 0 || protected_mib < 0 || hole_mib < 0 ||
+	    protected_mib + hole_mib >= atol(argv[1])) {
+		fprintf(stderr, "usage: memhog MIB SEED STATE [DIRTY_PAGES_PER_SEC [PROTECTED_MIB"
+				" [HOLE_MIB]]] (PROTECTED_MIB + HOLE_MIB < MIB)\n");
 		return 2;
 	}
 	h.mib = strtoul(argv[1], NULL, 10);
@@ -217,6 +222,15 @@ int main(int argc, char **argv)
 	}
 	for (size_t i = 0; i < h.npages; i++)
 		fill_page(h.buf + i * PAGE_WORDS, h.seed, i, 0);
+	if (hole_mib) {
+		size_t hole_pages = (size_t)hole_mib * (1024 * 1024 / PAGE_SIZE);
+		size_t first = (h.npages - hole_pages) / 2;
+
+		if (madvise(h.buf + first * PAGE_WORDS, hole_pages * PAGE_SIZE, MADV_DONTNEED) != 0) {
+			perror("memhog: madvise");
+			return 1;
+		}
+	}
 	h.checksum = h.expected = checksum(h.buf, h.npages);
 	h.protected_pages = (size_t)protected_mib * (1024 * 1024 / PAGE_SIZE);
 	protect_tail(&h, PROT_NONE);
