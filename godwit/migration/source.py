@@ -1,12 +1,13 @@
 """Source side of a migration: the steps every strategy shares, and the safety net.
 
-The container is frozen (`runc pause`) and dumped with `--leave-running`, so the source
-keeps a paused copy until the destination has committed. Just before the freeze both
-sides are armed: `runc checkpoint` here and `runc restore` there start and wait right
-before CRIU (see `godwit.criu_gate`), so the freeze holds only CRIU's own work. On any
-failure the destination copy is aborted (or left to its fence watchdog) and the source
-copy is resumed: exactly one copy runs afterwards. Only when a commit was sent and its
-outcome cannot be learnt does the source stay paused and the migration end "in-doubt".
+The container is frozen (its cgroup, as `runc pause` does) and dumped with
+`--leave-running`, so the source keeps a paused copy until the destination has committed.
+Just before the freeze both sides are armed: `runc checkpoint` here and `runc restore`
+there start and wait right before CRIU (see `godwit.criu_gate`), so the freeze holds only
+CRIU's own work. On any failure the destination copy is aborted (or left to its fence
+watchdog) and the source copy is resumed: exactly one copy runs afterwards. Only when a
+commit was sent and its outcome cannot be learnt does the source stay paused and the
+migration end "in-doubt".
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from godwit import freezer
 from godwit.api import DEFAULT_PORT, AgentClient, AgentUnreachable
 from godwit.containers import ContainerStore
 from godwit.criu import log_error
@@ -244,7 +246,7 @@ class SourceMigration:
         with self.events.phase("freeze"):
             self.report.frozen_at = time.time()  # processes stop during the pause call
             self.journal(frozen=True)
-            await self.runc.pause(self.name)
+            await asyncio.to_thread(freezer.freeze, self.ctx.store.cgroups_path(self.name))
             self.frozen = True
         if self.record.net:
             await self.move_address()
