@@ -104,14 +104,33 @@ def test_256_mib_memory_is_preserved(bed: Testbed) -> None:
     remove(bed, "mem256")
 
 
+DEV_ADDITIONS = ("mkfifo /dev/pipe && ln -s null /dev/void && touch /dev/empty && "
+                 "chmod 0640 /dev/empty && mkdir -m 0710 /dev/sub && "
+                 "ln -s ../zero /dev/sub/zero && echo kept > /dev/shm/note")
+DEV_LISTING = "stat -c '%n %f %u %g %t %T %Y %N' /dev/* /dev/sub/* /dev/shm/* /dev"
+
+
+def dev_listing(bed: Testbed, name: str, host: str) -> list[str]:
+    """Every entry of /dev and its tmpfs children, with type, mode, owner, device
+    number, mtime and link target (not /dev/pts and /dev/mqueue: mounted afresh)."""
+    listing = bed.godwit("exec", name, "--host", host, "--", "sh", "-c", DEV_LISTING)
+    assert listing.returncode == 0, listing.stderr
+    return [line for line in listing.stdout.splitlines()
+            if line.split()[0] not in ("/dev/pts", "/dev/mqueue")]
+
+
 def test_tmpfs_mounts_keep_their_content(bed: Testbed) -> None:
-    """CRIU carries a tmpfs's files in the images; an empty read-only one (a masked path)
-    is not dumped at all and must come back just as empty and read-only."""
+    """CRIU carries a tmpfs's files in the images: /dev (no file data) without tar since
+    patch 0009, /dev/shm (a file) with tar. An empty read-only one (a masked path) is not
+    dumped at all and must come back just as empty and read-only."""
     start(bed, "tmpfs", counter_bundle(bed.bundle_dir("tmpfs")))
-    write = bed.godwit("exec", "tmpfs", "--", "sh", "-c", "echo kept > /dev/shm/note")
+    write = bed.godwit("exec", "tmpfs", "--", "sh", "-c", DEV_ADDITIONS)
     assert write.returncode == 0, write.stderr
+    before = dev_listing(bed, "tmpfs", "a")
+    assert len(before) > 15, before
     code, report = migrate(bed, "tmpfs", "b", "--strategy", "stop-and-copy")
     assert code == 0, report
+    assert dev_listing(bed, "tmpfs", "b") == before
     note = bed.godwit("exec", "tmpfs", "--host", "b", "--", "cat", "/dev/shm/note")
     assert (note.returncode, note.stdout) == (0, "kept\n"), note.stderr
     masked = bed.godwit("exec", "tmpfs", "--host", "b", "--", "sh", "-c",
