@@ -50,7 +50,7 @@ class Agent:
         self.port = DEFAULT_PORT
         self.name = name
         self.state_dir = state_dir
-        self.runc = Runc(runc_root, gate_dir=state_dir / "bin")
+        self.runc = Runc(runc_root, state_dir / "runc-work")
         self.store = ContainerStore(state_dir, self.runc, name, networking)
         self.receiver = Receiver(self.store, state_dir, tls)
         self.reports = ReportArchive(state_dir / "reports")
@@ -62,6 +62,7 @@ class Agent:
             log.info("host tuned for CRIU: %s", change)
         self.caps = await probe()
         self.receiver.sweep()
+        self.runc.sweep_logs()
         self.recovery = asyncio.create_task(self.recover_outgoing())
         if self.qos:
             await asyncio.to_thread(apply_policy, self.qos.uplink, self.qos.policy)

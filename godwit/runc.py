@@ -78,18 +78,19 @@ async def _output(proc: asyncio.subprocess.Process, argv: list[str]) -> str:
     return out.decode(errors="replace")
 
 
-async def _run_detached(argv: list[str]) -> None:
+async def _run_detached(argv: list[str], log_dir: Path) -> None:
     """Run `runc run/restore --detach` to its end (see `_spawn_detached`)."""
-    log, proc = await _spawn_detached(argv)
+    log, proc = await _spawn_detached(argv, log_dir)
     await _detached_outcome(log, proc, argv)
 
 
-async def _spawn_detached(argv: list[str], gate: CriuGate | None = None,
+async def _spawn_detached(argv: list[str], log_dir: Path, gate: CriuGate | None = None,
                           ) -> tuple[Path, asyncio.subprocess.Process]:
     """Start `runc run/restore --detach`: the container inherits runc's stdio, so it all
     goes to /dev/null (a pipe would never close, and CRIU cannot dump it); errors go to
-    runc's JSON log file, returned with the process."""
-    fd, name = tempfile.mkstemp(prefix="godwit-runc-", suffix=".log")
+    runc's JSON log file in `log_dir`, returned with the process."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="runc-", suffix=".log", dir=log_dir)
     os.close(fd)
     full = [argv[0], "--log", name, "--log-format", "json", *argv[1:]]
     devnull = asyncio.subprocess.DEVNULL
@@ -232,17 +233,25 @@ def _last_error_line(stderr: str) -> str:
 class Runc:
     """runc commands against one `--root` (one host's container state)."""
 
-    def __init__(self, root: Path, gate_dir: Path | None = None) -> None:
+    def __init__(self, root: Path, work_dir: Path | None = None) -> None:
+        """`work_dir` keeps godwit's CRIU gate script and runc's logs (default: beside
+        `root`)."""
         self.root = root
-        self.gate_dir = gate_dir or root.with_name(f"{root.name}-bin")  # see install_gate
+        self.work_dir = work_dir or root.with_name(f"{root.name}-godwit")
+        self.log_dir = self.work_dir / "logs"
         self._gate_shim: Path | None = None
+
+    def sweep_logs(self) -> None:
+        """At agent start: logs of runc commands the previous agent did not see end."""
+        shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def _argv(self, *args: str) -> list[str]:
         return [RUNC, "--root", str(self.root), *args]
 
     async def run_detached(self, name: str, bundle: Path) -> None:
         """Create and start a container whose stdio is /dev/null."""
-        await _run_detached(self._argv("run", "--detach", "--bundle", str(bundle), name))
+        await _run_detached(self._argv("run", "--detach", "--bundle", str(bundle), name),
+                            self.log_dir)
 
     async def state(self, name: str) -> ContainerState:
         """State of one container; NotFound when runc does not know it."""
@@ -367,7 +376,7 @@ class Runc:
         pid of its init process."""
         argv = self._restore_argv(name, bundle, image_path, work_path, tcp_established,
                                   lazy_pages)
-        await _run_detached(argv)
+        await _run_detached(argv, self.log_dir)
         return int((work_path / "restored.pid").read_text())
 
     async def hold_restore(
@@ -380,7 +389,7 @@ class Runc:
         argv = self._restore_argv(name, bundle, image_path, work_path, tcp_established,
                                   lazy_pages)
         gate = self._new_gate()
-        log, proc = await _spawn_detached(argv, gate)
+        log, proc = await _spawn_detached(argv, self.log_dir, gate)
 
         async def restored() -> int:
             await _detached_outcome(log, proc, argv)
@@ -390,7 +399,7 @@ class Runc:
 
     def _new_gate(self) -> CriuGate:
         if self._gate_shim is None:
-            self._gate_shim = install_gate(self.gate_dir)
+            self._gate_shim = install_gate(self.work_dir)
         return CriuGate(self._gate_shim)
 
     @staticmethod

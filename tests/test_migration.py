@@ -178,6 +178,8 @@ def test_destination_killed_mid_transfer_leaves_container_on_source(bed: Testbed
     assert report["result"] == "failed" and "resumed" in report["outcome"], report
     bed.start_agent("b")
     assert copies(bed, "victim") == [("a", "running")]
+    logs = bed.host("b").state_dir / "runc-work" / "logs"
+    assert not list(logs.glob("*")), "the held restore's runc log outlived its agent"
     counter = read_state(rootfs)["counter"]
     wait_for(lambda: read_state(rootfs)["counter"] > counter + 10, what="memhog to run on a")
     remove(bed, "victim")
