@@ -243,8 +243,8 @@ class Receiver:
             raise GodwitError(f"restore failed on {self.store.host}: {detail}") from exc
         if lazy:
             self._watch_pages(migration_id, lazy, name, record.owns_netns)
-        held = await self._release_packets(migration_id)
-        return {"restored_at": time.time(), "held_packets": held, "pid": pid}
+        held_packets = await self._release_packets(migration_id)
+        return {"restored_at": time.time(), "held_packets": held_packets, "pid": pid}
 
     async def _release_packets(self, migration_id: str) -> int:
         hold = self.holds.pop(migration_id, None)
