@@ -154,25 +154,21 @@ def create_container_netns(
     ``connected=False`` the host end stays down (a migration target before the switch).
     On failure everything created is removed.
     """
-    name = netns_name(host, container)
-    if (NETNS_DIR / name).exists():
-        raise FileExistsError(f"netns {name} exists")
-    netns.create(name)
+    path = create_private_netns(host, container)
     try:
-        in_netns(host_netns, lambda: _add_veth(name, container, bridge))
-        in_netns(name, lambda: _configure_container_side(net))
+        in_netns(host_netns, lambda: _add_veth(path.name, container, bridge))
+        in_netns(path.name, lambda: _configure_container_side(net))
         if connected:
             set_link(container, True, host_netns=host_netns)
     except BaseException:
         delete_container_netns(host, container, host_netns=host_netns)
         raise
-    return NETNS_DIR / name
+    return path
 
 
 def create_private_netns(host: str, container: str) -> Path:
-    """A netns with only the loopback, up (as runc would make it), for a container that
-    has no address: as an external netns CRIU neither dumps nor restores it, which spares
-    a migration's freeze the `ip`/`iptables-save` runs of a private one."""
+    """A netns with only the loopback, up (as runc would make it); also the start of a
+    networked container's netns. As an external netns CRIU neither dumps nor restores it."""
     name = netns_name(host, container)
     if (NETNS_DIR / name).exists():
         raise FileExistsError(f"netns {name} exists")
@@ -206,7 +202,6 @@ def _add_veth(container_netns: str, container: str, bridge: str) -> None:
 
 
 def _configure_container_side(net: ContainerNet) -> None:
-    _loopback_up()
     with IPRoute() as ipr:
         eth0 = _index(ipr, CONTAINER_IFNAME)
         ipr.link("set", index=eth0, address=net.mac)

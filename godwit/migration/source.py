@@ -19,6 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from godwit import freezer
 from godwit.api import DEFAULT_PORT, AgentClient, AgentUnreachable
@@ -269,8 +270,9 @@ class SourceMigration:
         with self.events.phase("dump"):
             await self.run_dump()
 
-    async def run_dump(self):
-        """Let the held dump proceed; returns its outcome."""
+    async def run_dump(self) -> Any:
+        """Let the held dump proceed; returns its outcome (the lazy dump's process for
+        post-copy)."""
         held, self.held_dump = self.held_dump, None
         assert held, "arm() holds the dump"
         try:
