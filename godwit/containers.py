@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pyroute2.netlink.exceptions import NetlinkError
 
+from godwit import freezer
 from godwit.bundle import load_config, rewrite_for_host
 from godwit.criu import criu_base_options
 from godwit.errors import Conflict, GodwitError, NotFound
@@ -144,6 +145,10 @@ class ContainerStore:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record.to_json(), indent=1))
         tmp.replace(path)
+
+    def freeze(self, name: str) -> None:
+        """Freeze the container's cgroup, as `runc pause` does (see godwit.freezer)."""
+        freezer.freeze(CGROUP_ROOT, self.cgroups_path(name))
 
     def memory_usage(self, name: str) -> int:
         """Bytes of memory the container's cgroup uses now (0 when unknown)."""

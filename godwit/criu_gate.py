@@ -11,8 +11,8 @@ The script runs as `criu swrk 3` (fd 3 is runc's RPC socket). It peeks at the re
 type, and for a dump or a restore connects to the Unix socket named in $GODWIT_CRIU_GATE
 ("@name": abstract), says "ready", and waits: "go" execs the real CRIU (same pid, same
 fds, the request still unread in the socket); anything else, or the socket closing, ends
-it with an error so runc gives up cleanly. Standard library only: it is installed as a script run by
-`python -IS` (see `godwit.runc.install_gate`), which starts in ~10 ms.
+it with an error so runc gives up cleanly. Standard library only: it is installed as a
+script run by `python -IS` (see `godwit.runc.install_gate`), which starts in ~10 ms.
 """
 
 from __future__ import annotations

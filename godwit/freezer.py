@@ -12,14 +12,13 @@ from pathlib import Path
 
 from godwit.errors import GodwitError
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 FREEZE_TIMEOUT_S = 5.0
 POLL_S = 0.0002
 
 
-def freeze(cgroups_path: str, root: Path = CGROUP_ROOT) -> None:
-    """Freeze every task of the cgroup (v1 freezer controller, else cgroup v2) and
-    return once they all are."""
+def freeze(root: Path, cgroups_path: str) -> None:
+    """Freeze every task of the cgroup (v1 freezer controller under `root`, else cgroup
+    v2) and return once they all are."""
     relative = cgroups_path.strip("/")
     v1 = root / "freezer" / relative / "freezer.state"
     if v1.exists():

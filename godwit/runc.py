@@ -24,6 +24,7 @@ from godwit.errors import GodwitError, NotFound
 RUNC = os.environ.get("GODWIT_RUNC", "runc")
 HOLD_TIMEOUT_S = 30.0  # runc's start-up until its CRIU request waits at the gate
 CALL_OFF_TIMEOUT_S = 10.0
+RESTORED_PID = "restored.pid"  # runc restore --pid-file, in the work dir
 T = TypeVar("T")
 
 
@@ -360,7 +361,7 @@ class Runc:
     def _restore_argv(self, name: str, bundle: Path, image_path: Path, work_path: Path,
                       tcp_established: bool, lazy_pages: bool) -> list[str]:
         args = ["restore", "--detach", "--bundle", str(bundle),
-                "--pid-file", str(work_path / "restored.pid")]
+                "--pid-file", str(work_path / RESTORED_PID)]
         args += ["--image-path", str(image_path), "--work-path", str(work_path)]
         if tcp_established:
             args.append("--tcp-established")
@@ -377,7 +378,7 @@ class Runc:
         argv = self._restore_argv(name, bundle, image_path, work_path, tcp_established,
                                   lazy_pages)
         await _run_detached(argv, self.log_dir)
-        return int((work_path / "restored.pid").read_text())
+        return _restored_pid(work_path)
 
     async def hold_restore(
         self, name: str, bundle: Path, image_path: Path, work_path: Path, *,
@@ -393,7 +394,7 @@ class Runc:
 
         async def restored() -> int:
             await _detached_outcome(log, proc, argv)
-            return int((work_path / "restored.pid").read_text())
+            return _restored_pid(work_path)
 
         return await self._held(gate, proc, restored)
 
@@ -424,6 +425,10 @@ class Runc:
     async def version(self) -> str:
         out = await _run([RUNC, "--version"])
         return out.splitlines()[0].removeprefix("runc version ").strip() if out else "unknown"
+
+
+def _restored_pid(work_path: Path) -> int:
+    return int((work_path / RESTORED_PID).read_text())
 
 
 def _state_from_json(raw: dict) -> ContainerState:

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from godwit import freezer
 from godwit.api import DEFAULT_PORT, AgentClient, AgentUnreachable
 from godwit.containers import ContainerStore
 from godwit.criu import log_error
@@ -247,7 +246,7 @@ class SourceMigration:
         with self.events.phase("freeze"):
             self.report.frozen_at = time.time()  # processes stop during the pause call
             self.journal(frozen=True)
-            await asyncio.to_thread(freezer.freeze, self.ctx.store.cgroups_path(self.name))
+            await asyncio.to_thread(self.ctx.store.freeze, self.name)
             self.frozen = True
         if self.record.net:
             await self.move_address()
