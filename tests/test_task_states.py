@@ -1,0 +1,150 @@
+"""Processes as operators run them: non-root users, servers that drop privileges, and a
+task in stopped state (a job stopped by its shell), migrated with real runc and CRIU."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import cli_json, copies, wait_for
+
+from godwit.bundle import write_bundle
+from godwit.testbed import Testbed
+
+pytestmark = pytest.mark.integration
+
+STRATEGIES = ["stop-and-copy", "post-copy"]
+APP_UID, APP_GID, EXTRA_GID = 1000, 1000, 1001
+MIGRATE_TIMEOUT_S = 180  # a dump that hangs must fail the test, not the whole run
+
+# A shell keeps a counter in memory and writes it to /data/count every 100 ms: after a
+# migration it goes on from where it was only if its memory moved.
+COUNTER_LOOP = ("i=0; while :; do i=$((i+1)); echo $i > /data/count.tmp; "
+                "mv /data/count.tmp /data/count; sleep 0.1; done")
+# PID 1 stays root and starts the counter as "app", as servers that drop privileges do.
+DROPS_PRIVILEGES = ("trap 'exit 0' TERM INT; "
+                    f"su -s /bin/sh app -c '{COUNTER_LOOP}' & wait")
+# A job stopped by its shell: `sleep` gets SIGSTOP and must still be stopped after the move.
+WITH_STOPPED_JOB = ("trap 'exit 0' TERM INT; sleep 100000 & echo $! > /data/stopped.pid; "
+                    f"kill -STOP $!; {COUNTER_LOOP}")
+
+
+def app_bundle(bed: Testbed, name: str, script: str, user: dict | None = None,
+               caps: tuple[str, ...] = ()) -> Path:
+    """A busybox bundle with a user "app" and a /data directory it owns."""
+    bundle = write_bundle(bed.bundle_dir(name), ["/bin/sh", "-c", script])
+    rootfs = bundle / "rootfs"
+    with (rootfs / "etc/passwd").open("a") as passwd:
+        passwd.write(f"app:x:{APP_UID}:{APP_GID}::/data:/bin/sh\n")
+    with (rootfs / "etc/group").open("a") as group:
+        group.write(f"app:x:{APP_GID}:\nextra:x:{EXTRA_GID}:app\n")
+    (rootfs / "data").mkdir()
+    os.chown(rootfs / "data", APP_UID, APP_GID)
+    (rootfs / "data").chmod(0o777)  # root in the container has no CAP_DAC_OVERRIDE
+    config = json.loads((bundle / "config.json").read_text())
+    config["process"]["user"] = user or config["process"]["user"]
+    for cap_set in config["process"]["capabilities"].values():
+        cap_set.extend(caps)
+    (bundle / "config.json").write_text(json.dumps(config))
+    return bundle
+
+
+def start(bed: Testbed, name: str, bundle: Path) -> Path:
+    result = bed.godwit("run", name, "--bundle", str(bundle), "--host", "a")
+    assert result.returncode == 0, result.stderr
+    return rootfs_on(bed, name, "a")
+
+
+def count(rootfs: Path) -> int:
+    try:
+        return int((rootfs / "data/count").read_text())
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def migrate(bed: Testbed, name: str, strategy: str) -> dict:
+    result = bed.godwit("migrate", name, "--to", "b", "--strategy", strategy, "--json",
+                        timeout=MIGRATE_TIMEOUT_S)
+    assert "Traceback" not in result.stderr, result.stderr
+    report = json.loads(result.stdout)
+    assert result.returncode == 0 and report["result"] == "ok", report
+    assert copies(bed, name) == [("b", "running")]
+    return report
+
+
+def rootfs_on(bed: Testbed, name: str, host: str) -> Path:
+    rows = cli_json(bed, "ps")["containers"]
+    return Path(next(r["rootfs"] for r in rows if r["name"] == name and r["host"] == host))
+
+
+def in_container(bed: Testbed, name: str, *argv: str) -> str:
+    result = bed.godwit("exec", name, "--", *argv)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def proc_status(bed: Testbed, name: str, pid: int | str) -> dict[str, str]:
+    """/proc/PID/status of a process of the container, read inside its pid namespace."""
+    text = in_container(bed, name, "cat", f"/proc/{pid}/status")
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+
+
+def counter_pid(bed: Testbed, name: str) -> str:
+    """The pid (in the container) of the shell running the counter loop as "app"."""
+    listing = in_container(bed, name, "ps", "-o", "pid,user,args")
+    rows = [line.split() for line in listing.splitlines()[1:]]
+    return next(row[0] for row in rows if row[1] in ("app", str(APP_UID)) and "sh" in row[2])
+
+
+def assert_counts_on(before: int, rootfs: Path) -> None:
+    wait_for(lambda: count(rootfs) > before + 5, what="the counter to go on after the move")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_non_root_container_migrates(bed: Testbed, strategy: str) -> None:
+    """Process user app (uid 1000) with a supplementary group, as a database runs."""
+    name = f"nonroot-{strategy}"
+    user = {"uid": APP_UID, "gid": APP_GID, "additionalGids": [EXTRA_GID]}
+    rootfs = start(bed, name, app_bundle(bed, name, COUNTER_LOOP, user))
+    wait_for(lambda: count(rootfs) >= 10, what="counter to reach 10")
+    migrate(bed, name, strategy)
+    at_freeze = count(rootfs)
+    assert_counts_on(at_freeze, rootfs_on(bed, name, "b"))
+    status = proc_status(bed, name, 1)
+    assert status["Uid"].split() == [str(APP_UID)] * 4
+    assert status["Gid"].split() == [str(APP_GID)] * 4
+    assert status["Groups"].split() == [str(EXTRA_GID)]
+    bed.godwit("rm", name)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_server_that_drops_privileges_migrates(bed: Testbed, strategy: str) -> None:
+    """PID 1 runs as root, its worker as app: tasks of two users in one dump."""
+    name = f"drops-{strategy}"
+    bundle = app_bundle(bed, name, DROPS_PRIVILEGES, caps=("CAP_SETUID", "CAP_SETGID"))
+    rootfs = start(bed, name, bundle)
+    wait_for(lambda: count(rootfs) >= 10, what="counter to reach 10")
+    migrate(bed, name, strategy)
+    assert_counts_on(count(rootfs), rootfs_on(bed, name, "b"))
+    assert proc_status(bed, name, 1)["Uid"].split() == ["0"] * 4
+    worker = proc_status(bed, name, counter_pid(bed, name))
+    assert worker["Uid"].split() == [str(APP_UID)] * 4
+    bed.godwit("rm", name)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_stopped_task_migrates_and_stays_stopped(bed: Testbed, strategy: str) -> None:
+    name = f"stopped-{strategy}"
+    rootfs = start(bed, name, app_bundle(bed, name, WITH_STOPPED_JOB))
+    wait_for(lambda: count(rootfs) >= 10, what="counter to reach 10")
+    stopped = (rootfs / "data/stopped.pid").read_text().strip()
+    assert proc_status(bed, name, stopped)["State"].startswith("T")
+    migrate(bed, name, strategy)
+    assert_counts_on(count(rootfs), rootfs_on(bed, name, "b"))
+    assert proc_status(bed, name, stopped)["State"].startswith("T"), "stopped job was resumed"
+    in_container(bed, name, "kill", "-CONT", stopped)
+    wait_for(lambda: proc_status(bed, name, stopped)["State"].startswith("S"),
+             what="the job to run again after SIGCONT")
+    bed.godwit("rm", name)
