@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/migrate.py [--sizes 64,256,1024] [--repeat 3]
         [--out bench/results/migrate.json] [--strategies stop-and-copy]
+        [--peers manual,podman]
 
 Two netns hosts a and b with agents (godwit.testbed) on this machine. For every size N a
 fresh memhog container touches N MiB of incompressible memory (no dirtying), is migrated
@@ -19,6 +20,11 @@ Methods, interleaved per repetition so that noise spreads evenly:
   holding b's own cgroupsPath and the same rootfs (shared storage). runc runs inside the
   host's netns, like the agents. Downtime = total = start of ``runc checkpoint`` to
   ``runc restore`` returning (no phase runs before the freeze).
+* podman: Podman's own checkpoint archive (`bench/podman_peer.py`): ``podman container
+  checkpoint --export`` on the same memhog image with runc and the same CRIU, the archive
+  copied (a local ``cp``, or a plain TCP stream over the testbed link from a's netns to
+  b's), then ``podman container restore --import``. Downtime = total = checkpoint to
+  restore returning.
 
 Both hosts share one kernel, one disk and two vCPUs: the manual "copy" is a local ``cp``
 (in-kernel copy_file_range) and godwit's transfer is the agents' HTTPS (the testbed's mutual
@@ -47,6 +53,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import podman_peer
 from rich.console import Console
 from rich.table import Table
 
@@ -79,9 +86,10 @@ class Method:
 
     key: str
     label: str
-    kind: str  # "godwit" | "manual"
+    kind: str  # "godwit" | "manual" | "podman"
     strategy: str | None = None
     shared: bool = False
+    over_link: bool = False  # podman: the archive crosses the testbed link
 
 
 # ------------------------------------------------------------------------ helpers
@@ -283,26 +291,54 @@ def cleanup_manual(bed: Testbed, name: str, bundle: Path) -> None:
     shutil.rmtree(bundle, ignore_errors=True)
 
 
+# ------------------------------------------------------------------------ podman
+
+
+def run_podman(bed: Testbed, method: Method, mib: int, name: str) -> dict[str, Any]:
+    """One Podman export/copy/import of a fresh memhog container, verified, then removed."""
+    try:
+        rootfs = podman_peer.start(podman_peer.memhog_image(), name, mib)
+        wait_status(rootfs, "ready", READY_TIMEOUT_S)
+        before = read_state(rootfs)
+        restored, steps = podman_peer.migrate(bed, name, method.over_link)
+        podman_peer.podman("kill", "--signal", "USR1", restored)
+        after = wait_status(podman_peer.merged_dir(restored), "verified", VERIFY_TIMEOUT_S)
+        check_memory(before, after, f"{method.label}, {mib} MiB")
+        return podman_peer.result(steps, podman_peer.archive_bytes(bed, name))
+    except podman_peer.PodmanError as exc:
+        raise BenchError(str(exc)) from None
+    finally:
+        podman_peer.remove(bed, name)
+
+
 # ------------------------------------------------------------------------ the benchmark
 
+PEERS = {
+    "manual": [Method("manual", "manual runc+cp", "manual")],
+    "podman": [Method("podman", "podman export/import (local cp)", "podman"),
+               Method("podman-link", "podman export/import (copy over link)", "podman",
+                      over_link=True)],
+}
 
-def methods_for(strategies: list[str]) -> list[Method]:
+
+def methods_for(strategies: list[str], peers: list[str] = ("manual",)) -> list[Method]:
     methods = []
     for s in strategies:
         methods.append(Method(f"godwit-{s}", f"godwit {s}", "godwit", s))
         methods.append(Method(f"godwit-{s}-shared", f"godwit {s} shared-storage",
                               "godwit", s, shared=True))
-    return [*methods, Method("manual", "manual runc+cp", "manual")]
+    return methods + [m for peer in peers for m in PEERS[peer]]
+
+
+RUNNERS = {"godwit": run_godwit, "podman": run_podman,
+           "manual": lambda bed, _method, mib, name: run_manual(bed, mib, name)}
 
 
 def run_one(bed: Testbed, method: Method, index: int, mib: int, rep: int) -> dict[str, Any]:
     name = f"{PREFIX}-{index}-{mib}-{rep}"
     load = os.getloadavg()[0]
     started = time.perf_counter()
-    if method.kind == "manual":
-        result = run_manual(bed, mib, name)
-    else:
-        result = run_godwit(bed, method, mib, name)
+    result = RUNNERS[method.kind](bed, method, mib, name)
     run = {"method": method.key, "mib": mib, "repeat": rep, **result,
            "run_wall_s": time.perf_counter() - started, "loadavg_1min_before": load}
     console.print(f"  {mib:>5} MiB #{rep + 1} {method.label:<40} downtime "
@@ -470,11 +506,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--strategies", default="stop-and-copy,post-copy",
                         help="comma-separated, passed to godwit migrate --strategy")
+    parser.add_argument("--peers", default="manual,podman",
+                        help=f"comma-separated, from {','.join(PEERS)} (or none)")
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    args.peers = [p.strip() for p in args.peers.split(",") if p.strip() not in ("", "none")]
     if not args.sizes or min(args.sizes) <= 0 or args.repeat < 1:
         parser.error("sizes must be positive MiB and --repeat at least 1")
+    if unknown := set(args.peers) - set(PEERS):
+        parser.error(f"unknown peer {', '.join(sorted(unknown))}")
+    if "podman" in args.peers and not podman_peer.available():
+        parser.error("podman is not installed (scripts/setup installs it)")
     return args
 
 
@@ -490,7 +533,7 @@ def _terminate(signum: int, _frame: object) -> None:
 
 
 def bench(args: argparse.Namespace) -> tuple[dict[str, Any], list[Method]]:
-    methods = methods_for(args.strategies)
+    methods = methods_for(args.strategies, args.peers)
     started = time.perf_counter()
     info = machine_info()
     if info["busy_processes_before"]:
@@ -503,7 +546,8 @@ def bench(args: argparse.Namespace) -> tuple[dict[str, Any], list[Method]]:
         "benchmark": "migrate",
         "machine": info,
         "params": {"sizes_mib": args.sizes, "repeat": args.repeat,
-                   "strategies": args.strategies, "workload": "memhog dirty_pps=0"},
+                   "strategies": args.strategies, "peers": args.peers,
+                   "workload": "memhog dirty_pps=0"},
         "methods": [asdict(m) for m in methods],
         "summary": summarize(runs, methods, args.sizes),
         "runs": runs,
