@@ -159,6 +159,18 @@ class ContainerStore:
                 return int(candidate.read_text())
         return 0
 
+    def dumped_memory(self, name: str) -> int:
+        """Bytes a dump copies: anonymous and shared memory, not the page cache that the
+        cgroup's usage also counts (0 when unknown)."""
+        path = self.cgroups_path(name).lstrip("/")
+        for stat, keys in ((CGROUP_ROOT / "memory" / path / "memory.stat",
+                            ("total_rss", "total_shmem")),
+                           (CGROUP_ROOT / path / "memory.stat", ("anon", "shmem"))):
+            if stat.exists():
+                values = dict(line.split() for line in stat.read_text().splitlines())
+                return sum(int(values.get(key, 0)) for key in keys)
+        return 0
+
     def exists(self, name: str) -> bool:
         return (self.dir(name) / "record.json").exists()
 

@@ -88,10 +88,17 @@ def test_post_copy_leaves_given_back_memory_unallocated(bed: Testbed) -> None:
 
 
 def test_auto_keeps_stop_and_copy_for_small_containers(bed: Testbed) -> None:
-    start_memhog(bed, "small", 16)
+    start_memhog(bed, "small", 4)
     report = cli_json(bed, "migrate", "small", "--to", "b")
     assert report["strategy"] == "stop-and-copy"
     bed.godwit("rm", "small")
+
+
+def test_auto_takes_post_copy_from_a_few_dozen_mib(bed: Testbed) -> None:
+    start_memhog(bed, "medium", 48)
+    report = cli_json(bed, "migrate", "medium", "--to", "b")
+    assert report["strategy"] == "post-copy"
+    bed.godwit("rm", "medium")
 
 
 def kill_lazy_daemon_mid_transfer(bed: Testbed) -> None:

@@ -56,12 +56,17 @@ class MigrationOptions:
         return self.bandwidth_mbps * 1e6 if self.bandwidth_mbps else None
 
 
-AUTO_LAZY_MIN_BYTES = 256 << 20  # below this, stop-and-copy's freeze is already short
+# Where post-copy's freeze becomes shorter than stop-and-copy's (bench/results/crossover.md:
+# they meet at a few MiB; at 16 MiB stop-and-copy already freezes ~3x longer). Below it,
+# stop-and-copy keeps its stronger guarantee (a complete source copy until commit) for a
+# freeze about as short.
+AUTO_LAZY_MIN_BYTES = 16 << 20
 
 
 def choose_strategy(requested: str, source: dict, dest: dict | None, memory: int) -> str:
     """The strategy to run: the operator's choice, or for `auto` the best the two hosts
-    support for a container of this memory size. `source`/`dest` are CRIU capabilities."""
+    support for a container whose dump copies `memory` bytes. `source`/`dest` are CRIU
+    capabilities."""
     if requested == "pre-copy" and not source.get("soft_dirty"):
         raise GodwitError("pre-copy is not supported on this host: "
                           "the kernel has no soft-dirty memory tracking")

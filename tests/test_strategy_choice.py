@@ -1,0 +1,33 @@
+"""`--strategy auto`: which strategy a container of a given dump size gets."""
+
+from __future__ import annotations
+
+import pytest
+
+from godwit.errors import GodwitError
+from godwit.migration import AUTO_LAZY_MIN_BYTES, choose_strategy
+
+LAZY = {"lazy_pages": True, "soft_dirty": False}
+PLAIN = {"lazy_pages": False, "soft_dirty": False}
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize(("memory", "source", "dest", "expected"), [
+    (4 * MiB, LAZY, LAZY, "stop-and-copy"),
+    (AUTO_LAZY_MIN_BYTES - 1, LAZY, LAZY, "stop-and-copy"),
+    (AUTO_LAZY_MIN_BYTES, LAZY, LAZY, "post-copy"),
+    (2048 * MiB, LAZY, LAZY, "post-copy"),
+    (2048 * MiB, LAZY, PLAIN, "stop-and-copy"),
+    (2048 * MiB, {**LAZY, "soft_dirty": True}, LAZY, "pre-copy"),
+])
+def test_auto(memory: int, source: dict, dest: dict, expected: str) -> None:
+    assert choose_strategy("auto", source, dest, memory) == expected
+
+
+def test_an_explicit_strategy_is_kept() -> None:
+    assert choose_strategy("stop-and-copy", LAZY, LAZY, 2048 * MiB) == "stop-and-copy"
+
+
+def test_pre_copy_without_dirty_tracking_is_refused() -> None:
+    with pytest.raises(GodwitError, match="soft-dirty"):
+        choose_strategy("pre-copy", LAZY, LAZY, 64 * MiB)
