@@ -187,19 +187,51 @@ def lazy_pages_verdict(work: Path) -> tuple[bool, str]:
         return False, "no lazy-pages log"
     counts = [(int(a), int(b)) for a, b in _TRANSFERRED.findall(log)]
     if not counts:
-        errors = [line for line in log.splitlines() if "Error" in line]
-        return False, errors[-1].strip() if errors else "no page was transferred"
+        return False, root_cause(log) or "no page was transferred"
     if ": EXIT" in log or any(done != total for done, total in counts):
         return False, f"pages missing: {sum(d for d, _ in counts)}/{sum(t for _, t in counts)}"
     return True, f"{sum(d for d, _ in counts)} pages transferred"
 
 
+# What CRIU logs at its start on hosts like these and then carries on from: root without
+# CAP_SYS_RESOURCE cannot raise CRIU's own open-files limit (util.c, every dump and restore).
+NON_FATAL_ERRORS = (re.compile(r"rlimit: Can't setup RLIMIT_NOFILE for self"),)
+CHAIN_GAP_LINES = 100  # errors further apart than this are not one failure reported upwards
+_ERROR_LINE = re.compile(r"Error \(([^)]*)\): (.*)$")
+
+
+def root_cause(log: str) -> str | None:
+    """The error CRIU gives for the failure in a dump, restore or lazy-pages log, not merely
+    its first "Error" line. CRIU reports a failure where it happens, then again in each
+    caller on the way up ("Dump files (pid: 7) failed with -1", a parent's "6 exited,
+    status=1"), then "Dumping FAILED." (or Restoring/Pre-dumping/Lazy pages transfer). So:
+    errors after that summary are cleanup noise (a restore's "cgroupd: recv req error"),
+    known non-fatal errors are skipped, and of the errors left, the last run of errors
+    logged close together (CHAIN_GAP_LINES) is the failure chain: its first error is the
+    cause. Without any other error the summary itself is returned."""
+    errors = [(number, match.group(2).strip())
+              for number, line in enumerate(log.splitlines())
+              if (match := _ERROR_LINE.search(line))]
+    summaries = [i for i, (_, message) in enumerate(errors) if message.endswith("FAILED.")]
+    if summaries:
+        errors, summary = errors[:summaries[-1]], errors[summaries[-1]][1]
+    else:
+        summary = None
+    causes = [(n, message) for n, message in errors
+              if not any(pattern.search(message) for pattern in NON_FATAL_ERRORS)
+              and not message.endswith("FAILED.")]
+    if not causes:
+        return summary
+    first = len(causes) - 1
+    while first > 0 and causes[first][0] - causes[first - 1][0] <= CHAIN_GAP_LINES:
+        first -= 1
+    return causes[first][1]
+
+
 def log_error(work: Path, log_name: str) -> str | None:
-    """The last error CRIU wrote to a log in its work dir: runc only says "criu failed"."""
+    """The root cause of a failure, from a CRIU log in its work dir (runc only says
+    "criu failed")."""
     try:
-        lines = (work / log_name).read_text(errors="replace").splitlines()
+        return root_cause((work / log_name).read_text(errors="replace"))
     except FileNotFoundError:
         return None
-    errors = [line.split("Error (", 1)[1] for line in lines if "Error (" in line]
-    causes = [e.split("): ", 1)[-1].strip() for e in errors if "FAILED" not in e]
-    return causes[0] if causes else None
