@@ -16,6 +16,9 @@ The protocol (all JSON unless noted, errors are `{"error": "one line"}` with 4xx
     POST   /v1/preflight/cpuinfo             body: a `criu cpuinfo dump` image -> a finding
     GET    /v1/migrations                    reports of past migrations (history)
     GET    /v1/migrations/{id}               one report
+    GET    /v1/migrations/{id}/logs          {"host", "logs": [{"name", "size", "text"}]}: the
+                                             CRIU/runc logs this host kept of a failed
+                                             migration, as source or destination ([]: none)
   destination side of a migration (agent to agent):
     POST   /v1/incoming                      {"id", "name", "config", "shared_rootfs", "net",
                                              "commit_timeout", ...}: prepare
@@ -162,6 +165,9 @@ class AgentClient:
 
     async def report(self, migration_id: str) -> dict:
         return await self.request("GET", f"/v1/migrations/{migration_id}")
+
+    async def migration_logs(self, migration_id: str) -> dict:
+        return await self.request("GET", f"/v1/migrations/{migration_id}/logs")
 
     # destination side of a migration
     async def prepare_incoming(self, request: dict) -> dict:

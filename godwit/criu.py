@@ -196,36 +196,51 @@ def lazy_pages_verdict(work: Path) -> tuple[bool, str]:
 # What CRIU logs at its start on hosts like these and then carries on from: root without
 # CAP_SYS_RESOURCE cannot raise CRIU's own open-files limit (util.c, every dump and restore).
 NON_FATAL_ERRORS = (re.compile(r"rlimit: Can't setup RLIMIT_NOFILE for self"),)
-CHAIN_GAP_LINES = 100  # errors further apart than this are not one failure reported upwards
+CHAIN_GAP_LINES = 50  # more lines than this between two errors: not one failure going up
 _ERROR_LINE = re.compile(r"Error \(([^)]*)\): (.*)$")
+_TASK_PREFIX = re.compile(r"^\([\d.]+\)\s+(\d+): |^pie: (\d+): ")
 
 
 def root_cause(log: str) -> str | None:
     """The error CRIU gives for the failure in a dump, restore or lazy-pages log, not merely
-    its first "Error" line. CRIU reports a failure where it happens, then again in each
-    caller on the way up ("Dump files (pid: 7) failed with -1", a parent's "6 exited,
-    status=1"), then "Dumping FAILED." (or Restoring/Pre-dumping/Lazy pages transfer). So:
-    errors after that summary are cleanup noise (a restore's "cgroupd: recv req error"),
-    known non-fatal errors are skipped, and of the errors left, the last run of errors
-    logged close together (CHAIN_GAP_LINES) is the failure chain: its first error is the
-    cause. Without any other error the summary itself is returned."""
-    errors = [(number, match.group(2).strip())
-              for number, line in enumerate(log.splitlines())
+    its first "Error" line.
+
+    CRIU reports a failure where it happens, then again in each caller on the way up ("Dump
+    files (pid: 7) failed with -1", a parent task's "6 exited, status=1"), then "Dumping
+    FAILED." (or Restoring, Pre-dumping, Lazy pages transfer). So: errors after that
+    summary are cleanup noise (a restore's "cgroupd: recv req error"); known non-fatal
+    errors are skipped; of the errors left, the final failure chain is the last run of
+    errors at most CHAIN_GAP_LINES apart, counting only the lines of the tasks that logged
+    the two errors (a restore's tasks log side by side: hundreds of other tasks' lines may
+    come between a child's error and its parent's report of it). The chain's first error
+    is the cause; without any other error, the summary itself."""
+    lines = log.splitlines()
+    errors = [(n, match.group(2).strip()) for n, line in enumerate(lines)
               if (match := _ERROR_LINE.search(line))]
     summaries = [i for i, (_, message) in enumerate(errors) if message.endswith("FAILED.")]
+    summary = errors[summaries[-1]][1] if summaries else None
     if summaries:
-        errors, summary = errors[:summaries[-1]], errors[summaries[-1]][1]
-    else:
-        summary = None
+        errors = errors[:summaries[-1]]
     causes = [(n, message) for n, message in errors
-              if not any(pattern.search(message) for pattern in NON_FATAL_ERRORS)
-              and not message.endswith("FAILED.")]
+              if not message.endswith("FAILED.")
+              and not any(pattern.search(message) for pattern in NON_FATAL_ERRORS)]
     if not causes:
         return summary
+    tasks = [_task(line) for line in lines]
     first = len(causes) - 1
-    while first > 0 and causes[first][0] - causes[first - 1][0] <= CHAIN_GAP_LINES:
+    while first > 0:
+        (before, _), (after, _) = causes[first - 1], causes[first]
+        involved = {tasks[before], tasks[after]}
+        if sum(1 for task in tasks[before + 1:after] if task in involved) > CHAIN_GAP_LINES:
+            break
         first -= 1
     return causes[first][1]
+
+
+def _task(line: str) -> str:
+    """Which restored task (or parasite) logged a line; "" for CRIU's main process."""
+    match = _TASK_PREFIX.match(line)
+    return (match.group(1) or match.group(2)) if match else ""
 
 
 def log_error(work: Path, log_name: str) -> str | None:

@@ -25,6 +25,7 @@ RUNC = os.environ.get("GODWIT_RUNC", "runc")
 HOLD_TIMEOUT_S = 30.0  # runc's start-up until its CRIU request waits at the gate
 CALL_OFF_TIMEOUT_S = 10.0
 RESTORED_PID = "restored.pid"  # runc restore --pid-file, in the work dir
+RUNC_LOG = "runc.log"  # runc's own log of a checkpoint or restore, in CRIU's work dir
 T = TypeVar("T")
 
 
@@ -79,38 +80,50 @@ async def _output(proc: asyncio.subprocess.Process, argv: list[str]) -> str:
     return out.decode(errors="replace")
 
 
-async def _run_detached(argv: list[str], log_dir: Path) -> None:
+async def _run_detached(argv: list[str], log: Path | None, log_dir: Path) -> None:
     """Run `runc run/restore --detach` to its end (see `_spawn_detached`)."""
-    log, proc = await _spawn_detached(argv, log_dir)
-    await _detached_outcome(log, proc, argv)
+    path, proc = await _spawn_detached(argv, log, log_dir)
+    await _detached_outcome(path, proc, argv, keep_log=log is not None)
 
 
-async def _spawn_detached(argv: list[str], log_dir: Path, gate: CriuGate | None = None,
+async def _spawn_detached(argv: list[str], log: Path | None, log_dir: Path,
+                          gate: CriuGate | None = None,
                           ) -> tuple[Path, asyncio.subprocess.Process]:
     """Start `runc run/restore --detach`: the container inherits runc's stdio, so it all
     goes to /dev/null (a pipe would never close, and CRIU cannot dump it); errors go to
-    runc's JSON log file in `log_dir`, returned with the process."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix="runc-", suffix=".log", dir=log_dir)
-    os.close(fd)
-    full = [argv[0], "--log", name, "--log-format", "json", *argv[1:]]
+    runc's JSON log file, `log` or else a temporary one in `log_dir`, returned with the
+    process."""
+    temporary = log is None
+    if log is None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="runc-", suffix=".log", dir=log_dir)
+        os.close(fd)
+        log = Path(name)
     devnull = asyncio.subprocess.DEVNULL
     try:
-        return Path(name), await _spawn(full, gate, stdout=devnull, stderr=devnull)
+        return log, await _spawn(_logged(argv, log), gate, stdout=devnull, stderr=devnull)
     except BaseException:
-        os.unlink(name)
+        if temporary:
+            log.unlink()
         raise
 
 
+def _logged(argv: list[str], log: Path) -> list[str]:
+    """A runc command line that also writes runc's log (JSON) to `log`, appending."""
+    return [argv[0], "--log", str(log), "--log-format", "json", *argv[1:]]
+
+
 async def _detached_outcome(log: Path, proc: asyncio.subprocess.Process,
-                            argv: list[str]) -> None:
+                            argv: list[str], keep_log: bool) -> None:
+    """Wait for a detached runc; a temporary log goes, a kept one stays for diagnosis."""
     try:
         await proc.wait()
         if proc.returncode != 0:
             message = _last_error_line(log.read_text(errors="replace"))
             raise RuncError(message or f"{_verb(argv)} failed")
     finally:
-        log.unlink(missing_ok=True)
+        if not keep_log:
+            log.unlink(missing_ok=True)
 
 
 def install_gate(directory: Path) -> Path:
@@ -212,10 +225,13 @@ class HeldRunc(Generic[T]):
             await self.proc.wait()
 
 
+RUNC_VERBS = {"run", "state", "list", "pause", "resume", "kill", "delete", "exec",
+              "checkpoint", "restore"}
+
+
 def _verb(argv: list[str]) -> str:
     """'runc restore' out of a full runc command line."""
-    words = [a for a in argv[1:] if not a.startswith("-")]
-    return f"runc {words[1] if len(words) > 1 else words[0] if words else ''}".strip()
+    return f"runc {next((a for a in argv[1:] if a in RUNC_VERBS), '')}".strip()
 
 
 def _last_error_line(stderr: str) -> str:
@@ -252,7 +268,7 @@ class Runc:
     async def run_detached(self, name: str, bundle: Path) -> None:
         """Create and start a container whose stdio is /dev/null."""
         await _run_detached(self._argv("run", "--detach", "--bundle", str(bundle), name),
-                            self.log_dir)
+                            None, self.log_dir)
 
     async def state(self, name: str) -> ContainerState:
         """State of one container; NotFound when runc does not know it."""
@@ -310,7 +326,8 @@ class Runc:
             args.append("--pre-dump")
         if opts.parent_path:
             args += ["--parent-path", str(opts.parent_path)]
-        return self._argv(*args, name)
+        opts.work_path.mkdir(parents=True, exist_ok=True)
+        return _logged(self._argv(*args, name), opts.work_path / RUNC_LOG)
 
     async def checkpoint(self, name: str, opts: CheckpointOptions) -> None:
         """Dump a container with CRIU."""
@@ -367,6 +384,7 @@ class Runc:
             args.append("--tcp-established")
         if lazy_pages:
             args.append("--lazy-pages")
+        work_path.mkdir(parents=True, exist_ok=True)  # runc's log goes there too
         return self._argv(*args, name)
 
     async def restore(
@@ -377,7 +395,7 @@ class Runc:
         pid of its init process."""
         argv = self._restore_argv(name, bundle, image_path, work_path, tcp_established,
                                   lazy_pages)
-        await _run_detached(argv, self.log_dir)
+        await _run_detached(argv, work_path / RUNC_LOG, self.log_dir)
         return _restored_pid(work_path)
 
     async def hold_restore(
@@ -390,10 +408,10 @@ class Runc:
         argv = self._restore_argv(name, bundle, image_path, work_path, tcp_established,
                                   lazy_pages)
         gate = self._new_gate()
-        log, proc = await _spawn_detached(argv, self.log_dir, gate)
+        log, proc = await _spawn_detached(argv, work_path / RUNC_LOG, self.log_dir, gate)
 
         async def restored() -> int:
-            await _detached_outcome(log, proc, argv)
+            await _detached_outcome(log, proc, argv, keep_log=True)
             return _restored_pid(work_path)
 
         return await self._held(gate, proc, restored)

@@ -25,6 +25,8 @@ def read(name: str) -> str:
      "Can't open file etc/hostname on restore: No such file or directory"),
     ("restore-child-missing-file.log",
      "Can't open file etc/passwd on restore: No such file or directory"),
+    ("restore-interleaved-bind.log",
+     "inet: Can't bind inet socket (id 6): Cannot assign requested address"),
 ])
 def test_root_cause_is_the_failure_not_the_first_error(log: str, cause: str) -> None:
     text = read(log)

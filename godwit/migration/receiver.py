@@ -21,10 +21,11 @@ from pathlib import Path
 
 from godwit import fence, procfs
 from godwit.containers import ContainerRecord, ContainerStore, check_name
-from godwit.criu import lazy_pages_verdict, log_error, start_lazy_pages
+from godwit.criu import LAZY_LOG, lazy_pages_verdict, log_error, start_lazy_pages
 from godwit.errors import Conflict, GodwitError, NotFound
+from godwit.migration.failure_logs import FailureLogs
 from godwit.network import ContainerNet, PacketHold
-from godwit.runc import HeldRunc
+from godwit.runc import RUNC_LOG, HeldRunc
 from godwit.tls import TLSFiles
 from godwit.transport import TransferError, receive_tree
 
@@ -40,9 +41,10 @@ class Receiver:
     """Incoming migrations of one agent."""
 
     def __init__(self, store: ContainerStore, state_dir: Path,
-                 tls: TLSFiles | None = None) -> None:
+                 tls: TLSFiles | None = None, failure_logs: FailureLogs | None = None) -> None:
         self.store = store
         self.tls = tls
+        self.failure_logs = failure_logs
         self.watchers: set[asyncio.Task] = set()
         self.root = state_dir / "incoming"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -123,7 +125,19 @@ class Receiver:
             log.warning("migration %s: no restore after activation, dropping %s's address",
                         migration_id, request["name"])
             await self._drop_unrestored(migration_id, request, staging)
-            await asyncio.to_thread(shutil.rmtree, staging, True)
+            await asyncio.to_thread(self._drop_staging, migration_id, staging)
+
+    def _drop_staging(self, migration_id: str, staging: Path) -> None:
+        """A migration ends here: its staging area goes; the logs of one that was not
+        committed are kept first."""
+        decision = staging / "decision"
+        committed = decision.exists() and fence.read_decision(decision) == fence.COMMITTED
+        if self.failure_logs and not committed:
+            work = staging / "work"
+            self.failure_logs.keep(migration_id, {
+                "restore.log": work / "restore.log", LAZY_LOG: work / LAZY_LOG,
+                "runc-restore.log": work / RUNC_LOG})
+        shutil.rmtree(staging, ignore_errors=True)
 
     def _reserved(self, name: str) -> bool:
         for path in self.root.glob("*/request.json"):
@@ -357,7 +371,7 @@ class Receiver:
 
     @staticmethod
     def _drop_leftovers(staging: Path) -> None:
-        for leftover in ("images", "rootfs", *(p.name for p in staging.glob("pre-*"))):
+        for leftover in ("images", "rootfs", "work", *(p.name for p in staging.glob("pre-*"))):
             shutil.rmtree(staging / leftover, ignore_errors=True)
 
     async def abort(self, migration_id: str) -> dict:
@@ -372,7 +386,7 @@ class Receiver:
                 await self._discard(migration_id, staging, name, networked)
             else:
                 await self._drop_unrestored(migration_id, request, staging)
-            await asyncio.to_thread(shutil.rmtree, staging, True)
+            await asyncio.to_thread(self._drop_staging, migration_id, staging)
         self.locks.pop(migration_id, None)
         return {"state": fence.ABORTED}
 
@@ -404,7 +418,7 @@ class Receiver:
                     self.store.networking.delete(request["name"])
                 if (staging / PLACED).exists() and not decision.exists():
                     self.store.forget(request["name"])
-                shutil.rmtree(staging, ignore_errors=True)
+                self._drop_staging(staging.name, staging)
 
 
 def _owns_netns(request: dict) -> bool:

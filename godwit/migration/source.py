@@ -26,9 +26,10 @@ from godwit.containers import ContainerStore
 from godwit.criu import log_error
 from godwit.errors import GodwitError
 from godwit.migration import MigrationOptions
+from godwit.migration.failure_logs import FailureLogs
 from godwit.migration.report import EventStream
 from godwit.preflight import refusal, run_checks, verdict
-from godwit.runc import CheckpointOptions, HeldRunc, Runc
+from godwit.runc import RUNC_LOG, CheckpointOptions, HeldRunc, Runc
 from godwit.tls import TLSFiles
 from godwit.transport import TreePlan, diff_manifests, plan_tree, scan_tree, send_tree
 
@@ -59,6 +60,7 @@ class SourceContext:
     local_info: dict
     tls: TLSFiles | None = None
     agent_port: int = DEFAULT_PORT
+    failure_logs: FailureLogs | None = None
 
 
 class SourceMigration:
@@ -105,9 +107,18 @@ class SourceMigration:
                 self.report.result = "failed"
         finally:
             self.report.finished_at = time.time()
+            self.settle_work_dir()
             self.events.close()
-            if self.report.result in ("ok", "failed"):  # settled: journal and images go
-                shutil.rmtree(self.ctx.work_dir, ignore_errors=True)
+
+    def settle_work_dir(self) -> None:
+        """Keep the logs of a migration that did not succeed; once settled, the journal,
+        images and logs in the work dir go."""
+        if self.report.result != "ok" and self.ctx.failure_logs:
+            work = self.dump_options().work_path
+            self.ctx.failure_logs.keep(self.report.id, {
+                "dump.log": work / "dump.log", "runc-checkpoint.log": work / RUNC_LOG})
+        if self.report.result in ("ok", "failed"):
+            shutil.rmtree(self.ctx.work_dir, ignore_errors=True)
 
     def journal(self, **progress: object) -> None:
         """Persist how far the migration got, so that a restarted source agent can finish
@@ -143,8 +154,7 @@ class SourceMigration:
         if self.report.result == "running":
             self.report.result = "failed"
         self.report.finished_at = time.time()
-        if self.report.result in ("ok", "failed"):
-            shutil.rmtree(self.ctx.work_dir, ignore_errors=True)
+        self.settle_work_dir()
 
     async def migrate(self) -> None:
         await self.prepare_destination()
