@@ -17,7 +17,7 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from godwit import __version__
+from godwit import __version__, faults
 from godwit.api import DEFAULT_PORT, AgentClient
 from godwit.containers import ContainerStore, HostNetworking
 from godwit.criu import CriuCapabilities, probe, tune_host
@@ -60,6 +60,8 @@ class Agent:
         self.migrating: dict[str, asyncio.Task] = {}
 
     async def start(self) -> None:
+        if fault := faults.configured():
+            log.warning("fault point armed (%s): %s at %s", faults.ENV, fault[1], fault[0])
         for change in await asyncio.to_thread(tune_host):
             log.info("host tuned for CRIU: %s", change)
         self.caps = await probe()

@@ -46,6 +46,7 @@ from godwit.errors import Conflict, GodwitError, NotFound
 
 DEFAULT_PORT = 7451
 QUICK = aiohttp.ClientTimeout(total=10)  # safety-net calls must not hang on a dead peer
+ABORT_TIMEOUT_S = 3.0  # a rollback's abort: the source may resume sooner (source.py)
 
 
 class AgentUnreachable(GodwitError):
@@ -196,7 +197,8 @@ class AgentClient:
         return await self.request("GET", f"/v1/incoming/{migration_id}", timeout=QUICK)
 
     async def abort_incoming(self, migration_id: str) -> dict:
-        return await self.request("DELETE", f"/v1/incoming/{migration_id}", timeout=QUICK)
+        return await self.request("DELETE", f"/v1/incoming/{migration_id}",
+                                  timeout=aiohttp.ClientTimeout(total=ABORT_TIMEOUT_S))
 
 
 async def _json_or_raise(resp: aiohttp.ClientResponse) -> Any:

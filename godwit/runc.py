@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import struct
 import sys
@@ -204,15 +205,36 @@ class HeldRunc(Generic[T]):
     def __init__(self, gate: CriuGate, proc: asyncio.subprocess.Process,
                  outcome: Callable[[], Awaitable[T]]) -> None:
         self.gate, self.proc, self.outcome = gate, proc, outcome
+        self.released = False
 
     async def proceed(self) -> T:
-        self.gate.open()
+        self.release()
         return await self.outcome()
 
+    def release(self) -> None:
+        """Let CRIU start; `outcome()` then tells how it ended."""
+        self.released = True
+        self.gate.open()
+
     async def call_off(self) -> None:
+        """End the command: held, it never starts CRIU; released (a deadline passed, the
+        migration was aborted), runc and its CRIU are killed."""
+        if self.released:
+            await self.kill()
+            return
         await self.stop()
         with contextlib.suppress(RuncError, OSError):
             await self.outcome()  # collects output and removes a log file
+
+    async def kill(self) -> None:
+        """SIGKILL runc and everything it started (its CRIU, the tasks of a partial
+        restore), stopped ones included."""
+        for _ in range(2):  # a second pass for what was forked during the first
+            runc = [self.proc.pid] if self.proc.returncode is None else []
+            for pid in [*procfs.descendants(self.proc.pid), *runc]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        await self.proc.wait()
 
     async def stop(self) -> None:
         """Close the gate and wait for runc to end (killed if it does not)."""
@@ -338,7 +360,7 @@ class Runc:
         argv = self._checkpoint_argv(name, opts)
         gate = self._new_gate()
         pipe = asyncio.subprocess.PIPE
-        proc = await _spawn(argv, gate, stdout=pipe, stderr=pipe)
+        proc = await _spawn(argv, gate, stdout=pipe, stderr=pipe, start_new_session=True)
         return await self._held(gate, proc, lambda: _output(proc, argv))
 
     async def hold_lazy_checkpoint(self, name: str, opts: CheckpointOptions,
@@ -364,7 +386,7 @@ class Runc:
 
         async def serving() -> asyncio.subprocess.Process:
             try:
-                ready = await asyncio.to_thread(os.read, read_end, 1)
+                ready = await _read_byte(read_end)
             finally:
                 os.close(read_end)
             if ready != b"\0":
@@ -443,6 +465,20 @@ class Runc:
     async def version(self) -> str:
         out = await _run([RUNC, "--version"])
         return out.splitlines()[0].removeprefix("runc version ").strip() if out else "unknown"
+
+
+async def _read_byte(fd: int) -> bytes:
+    """One byte from a pipe, waited for in the event loop (a cancelled wait leaves no
+    thread blocked on the fd); b"" when the write end closed."""
+    loop = asyncio.get_running_loop()
+    readable = loop.create_future()
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+    try:
+        await readable
+    finally:
+        loop.remove_reader(fd)
+    return os.read(fd, 1)
 
 
 def _restored_pid(work_path: Path) -> int:

@@ -146,6 +146,9 @@ def rm_cmd(ctx: Context, name: str, host: str | None) -> None:
               help="Seconds the destination waits for the commit before fencing its copy.")
 @click.option("--max-clock-skew", type=float, default=0.5, show_default=True,
               help="Refuse when the hosts' clocks differ by more than this many seconds.")
+@click.option("--max-freeze", type=float,
+              help="Seconds the container may stay frozen before the migration is given up "
+                   "and the container resumed [default: 30 + its memory at 100 MB/s].")
 @json_option
 @pass_ctx
 def migrate_cmd(ctx: Context, name: str, to: str, source: str | None, as_json: bool,
