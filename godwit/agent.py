@@ -17,12 +17,13 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from godwit import __version__
+from godwit import __version__, faults
 from godwit.api import DEFAULT_PORT, AgentClient
 from godwit.containers import ContainerStore, HostNetworking
 from godwit.criu import CriuCapabilities, probe, tune_host
 from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.migration import MigrationOptions, choose_strategy
+from godwit.migration.failure_logs import FailureLogs
 from godwit.migration.post_copy import PostCopy
 from godwit.migration.pre_copy import PreCopy
 from godwit.migration.receiver import Receiver
@@ -52,17 +53,21 @@ class Agent:
         self.state_dir = state_dir
         self.runc = Runc(runc_root, state_dir / "runc-work")
         self.store = ContainerStore(state_dir, self.runc, name, networking)
-        self.receiver = Receiver(self.store, state_dir, tls)
+        self.failure_logs = FailureLogs(state_dir / "failed-logs")
+        self.receiver = Receiver(self.store, state_dir, tls, self.failure_logs)
         self.reports = ReportArchive(state_dir / "reports")
         self.caps: CriuCapabilities | None = None
         self.migrating: dict[str, asyncio.Task] = {}
 
     async def start(self) -> None:
+        if fault := faults.configured():
+            log.warning("fault point armed (%s): %s at %s", faults.ENV, fault[1], fault[0])
         for change in await asyncio.to_thread(tune_host):
             log.info("host tuned for CRIU: %s", change)
         self.caps = await probe()
         self.receiver.sweep()
         self.runc.sweep_logs()
+        self.failure_logs.prune()
         self.recovery = asyncio.create_task(self.recover_outgoing())
         if self.qos:
             await asyncio.to_thread(apply_policy, self.qos.uplink, self.qos.policy)
@@ -92,6 +97,7 @@ class Agent:
             web.post("/v1/preflight/cpuinfo", self.check_cpuinfo),
             web.get("/v1/migrations", self.history),
             web.get("/v1/migrations/{id}", self.report),
+            web.get("/v1/migrations/{id}/logs", self.migration_logs),
             web.post("/v1/incoming", self.prepare_incoming),
             web.put("/v1/incoming/{id}/{what}", self.upload_incoming),
             web.post("/v1/incoming/{id}/arm", self.arm_incoming),
@@ -244,7 +250,8 @@ class Agent:
 
     async def source_context(self, dest: AgentClient, migration_id: str) -> SourceContext:
         return SourceContext(self.store, dest, self.state_dir / "outgoing" / migration_id,
-                             await self.describe_host(), self.tls, self.port)
+                             await self.describe_host(), self.tls, self.port,
+                             self.failure_logs)
 
     async def recover_outgoing(self) -> None:
         """Settle the migrations a previous agent process left half way: the paused source
@@ -317,6 +324,12 @@ class Agent:
         if report is None:
             raise NotFound(f"no migration {request.match_info['id']} on {self.name}")
         return web.json_response(report)
+
+    async def migration_logs(self, request: web.Request) -> web.Response:
+        """The CRIU/runc logs this host kept of a failed migration (as source or
+        destination); none kept is an empty list."""
+        logs = await asyncio.to_thread(self.failure_logs.read, request.match_info["id"])
+        return web.json_response({"host": self.name, "logs": logs})
 
     # migrations, destination side
     async def prepare_incoming(self, request: web.Request) -> web.Response:

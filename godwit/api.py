@@ -16,6 +16,9 @@ The protocol (all JSON unless noted, errors are `{"error": "one line"}` with 4xx
     POST   /v1/preflight/cpuinfo             body: a `criu cpuinfo dump` image -> a finding
     GET    /v1/migrations                    reports of past migrations (history)
     GET    /v1/migrations/{id}               one report
+    GET    /v1/migrations/{id}/logs          {"host", "logs": [{"name", "size", "text"}]}: the
+                                             CRIU/runc logs this host kept of a failed
+                                             migration, as source or destination ([]: none)
   destination side of a migration (agent to agent):
     POST   /v1/incoming                      {"id", "name", "config", "shared_rootfs", "net",
                                              "commit_timeout", ...}: prepare
@@ -43,6 +46,7 @@ from godwit.errors import Conflict, GodwitError, NotFound
 
 DEFAULT_PORT = 7451
 QUICK = aiohttp.ClientTimeout(total=10)  # safety-net calls must not hang on a dead peer
+ABORT_TIMEOUT_S = 3.0  # a rollback's abort: the source may resume sooner (source.py)
 
 
 class AgentUnreachable(GodwitError):
@@ -163,6 +167,9 @@ class AgentClient:
     async def report(self, migration_id: str) -> dict:
         return await self.request("GET", f"/v1/migrations/{migration_id}")
 
+    async def migration_logs(self, migration_id: str) -> dict:
+        return await self.request("GET", f"/v1/migrations/{migration_id}/logs")
+
     # destination side of a migration
     async def prepare_incoming(self, request: dict) -> dict:
         return await self.request("POST", "/v1/incoming", json=request)
@@ -190,7 +197,8 @@ class AgentClient:
         return await self.request("GET", f"/v1/incoming/{migration_id}", timeout=QUICK)
 
     async def abort_incoming(self, migration_id: str) -> dict:
-        return await self.request("DELETE", f"/v1/incoming/{migration_id}", timeout=QUICK)
+        return await self.request("DELETE", f"/v1/incoming/{migration_id}",
+                                  timeout=aiohttp.ClientTimeout(total=ABORT_TIMEOUT_S))
 
 
 async def _json_or_raise(resp: aiohttp.ClientResponse) -> Any:

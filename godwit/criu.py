@@ -187,19 +187,66 @@ def lazy_pages_verdict(work: Path) -> tuple[bool, str]:
         return False, "no lazy-pages log"
     counts = [(int(a), int(b)) for a, b in _TRANSFERRED.findall(log)]
     if not counts:
-        errors = [line for line in log.splitlines() if "Error" in line]
-        return False, errors[-1].strip() if errors else "no page was transferred"
+        return False, root_cause(log) or "no page was transferred"
     if ": EXIT" in log or any(done != total for done, total in counts):
         return False, f"pages missing: {sum(d for d, _ in counts)}/{sum(t for _, t in counts)}"
     return True, f"{sum(d for d, _ in counts)} pages transferred"
 
 
+# What CRIU logs at its start on hosts like these and then carries on from: root without
+# CAP_SYS_RESOURCE cannot raise CRIU's own open-files limit (util.c, every dump and restore).
+NON_FATAL_ERRORS = (re.compile(r"rlimit: Can't setup RLIMIT_NOFILE for self"),)
+CHAIN_GAP_LINES = 50  # more lines than this between two errors: not one failure going up
+_ERROR_LINE = re.compile(r"Error \(([^)]*)\): (.*)$")
+_TASK_PREFIX = re.compile(r"^\([\d.]+\)\s+(\d+): |^pie: (\d+): ")
+
+
+def root_cause(log: str) -> str | None:
+    """The error CRIU gives for the failure in a dump, restore or lazy-pages log, not merely
+    its first "Error" line.
+
+    CRIU reports a failure where it happens, then again in each caller on the way up ("Dump
+    files (pid: 7) failed with -1", a parent task's "6 exited, status=1"), then "Dumping
+    FAILED." (or Restoring, Pre-dumping, Lazy pages transfer). So: errors after that
+    summary are cleanup noise (a restore's "cgroupd: recv req error"); known non-fatal
+    errors are skipped; of the errors left, the final failure chain is the last run of
+    errors at most CHAIN_GAP_LINES apart, counting only the lines of the tasks that logged
+    the two errors (a restore's tasks log side by side: hundreds of other tasks' lines may
+    come between a child's error and its parent's report of it). The chain's first error
+    is the cause; without any other error, the summary itself."""
+    lines = log.splitlines()
+    errors = [(n, match.group(2).strip()) for n, line in enumerate(lines)
+              if (match := _ERROR_LINE.search(line))]
+    summaries = [i for i, (_, message) in enumerate(errors) if message.endswith("FAILED.")]
+    summary = errors[summaries[-1]][1] if summaries else None
+    if summaries:
+        errors = errors[:summaries[-1]]
+    causes = [(n, message) for n, message in errors
+              if not message.endswith("FAILED.")
+              and not any(pattern.search(message) for pattern in NON_FATAL_ERRORS)]
+    if not causes:
+        return summary
+    tasks = [_task(line) for line in lines]
+    first = len(causes) - 1
+    while first > 0:
+        (before, _), (after, _) = causes[first - 1], causes[first]
+        involved = {tasks[before], tasks[after]}
+        if sum(1 for task in tasks[before + 1:after] if task in involved) > CHAIN_GAP_LINES:
+            break
+        first -= 1
+    return causes[first][1]
+
+
+def _task(line: str) -> str:
+    """Which restored task (or parasite) logged a line; "" for CRIU's main process."""
+    match = _TASK_PREFIX.match(line)
+    return (match.group(1) or match.group(2)) if match else ""
+
+
 def log_error(work: Path, log_name: str) -> str | None:
-    """The last error CRIU wrote to a log in its work dir: runc only says "criu failed"."""
+    """The root cause of a failure, from a CRIU log in its work dir (runc only says
+    "criu failed")."""
     try:
-        lines = (work / log_name).read_text(errors="replace").splitlines()
+        return root_cause((work / log_name).read_text(errors="replace"))
     except FileNotFoundError:
         return None
-    errors = [line.split("Error (", 1)[1] for line in lines if "Error (" in line]
-    causes = [e.split("): ", 1)[-1].strip() for e in errors if "FAILED" not in e]
-    return causes[0] if causes else None

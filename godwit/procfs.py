@@ -26,6 +26,20 @@ def parent(pid: int) -> int | None:
     return int(fields[1]) if fields else None
 
 
+def descendants(pid: int) -> list[int]:
+    """The pids of every descendant of a process (children, theirs, …), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (ppid := parent(int(entry.name))) is not None:
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def start_time(pid: int) -> str | None:
     """When the process started, in clock ticks since boot (tells a reused pid apart)."""
     fields = stat_fields(pid)

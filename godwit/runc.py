@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import struct
 import sys
@@ -25,6 +26,7 @@ RUNC = os.environ.get("GODWIT_RUNC", "runc")
 HOLD_TIMEOUT_S = 30.0  # runc's start-up until its CRIU request waits at the gate
 CALL_OFF_TIMEOUT_S = 10.0
 RESTORED_PID = "restored.pid"  # runc restore --pid-file, in the work dir
+RUNC_LOG = "runc.log"  # runc's own log of a checkpoint or restore, in CRIU's work dir
 T = TypeVar("T")
 
 
@@ -79,38 +81,50 @@ async def _output(proc: asyncio.subprocess.Process, argv: list[str]) -> str:
     return out.decode(errors="replace")
 
 
-async def _run_detached(argv: list[str], log_dir: Path) -> None:
+async def _run_detached(argv: list[str], log: Path | None, log_dir: Path) -> None:
     """Run `runc run/restore --detach` to its end (see `_spawn_detached`)."""
-    log, proc = await _spawn_detached(argv, log_dir)
-    await _detached_outcome(log, proc, argv)
+    path, proc = await _spawn_detached(argv, log, log_dir)
+    await _detached_outcome(path, proc, argv, keep_log=log is not None)
 
 
-async def _spawn_detached(argv: list[str], log_dir: Path, gate: CriuGate | None = None,
+async def _spawn_detached(argv: list[str], log: Path | None, log_dir: Path,
+                          gate: CriuGate | None = None,
                           ) -> tuple[Path, asyncio.subprocess.Process]:
     """Start `runc run/restore --detach`: the container inherits runc's stdio, so it all
     goes to /dev/null (a pipe would never close, and CRIU cannot dump it); errors go to
-    runc's JSON log file in `log_dir`, returned with the process."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix="runc-", suffix=".log", dir=log_dir)
-    os.close(fd)
-    full = [argv[0], "--log", name, "--log-format", "json", *argv[1:]]
+    runc's JSON log file, `log` or else a temporary one in `log_dir`, returned with the
+    process."""
+    temporary = log is None
+    if log is None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="runc-", suffix=".log", dir=log_dir)
+        os.close(fd)
+        log = Path(name)
     devnull = asyncio.subprocess.DEVNULL
     try:
-        return Path(name), await _spawn(full, gate, stdout=devnull, stderr=devnull)
+        return log, await _spawn(_logged(argv, log), gate, stdout=devnull, stderr=devnull)
     except BaseException:
-        os.unlink(name)
+        if temporary:
+            log.unlink()
         raise
 
 
+def _logged(argv: list[str], log: Path) -> list[str]:
+    """A runc command line that also writes runc's log (JSON) to `log`, appending."""
+    return [argv[0], "--log", str(log), "--log-format", "json", *argv[1:]]
+
+
 async def _detached_outcome(log: Path, proc: asyncio.subprocess.Process,
-                            argv: list[str]) -> None:
+                            argv: list[str], keep_log: bool) -> None:
+    """Wait for a detached runc; a temporary log goes, a kept one stays for diagnosis."""
     try:
         await proc.wait()
         if proc.returncode != 0:
             message = _last_error_line(log.read_text(errors="replace"))
             raise RuncError(message or f"{_verb(argv)} failed")
     finally:
-        log.unlink(missing_ok=True)
+        if not keep_log:
+            log.unlink(missing_ok=True)
 
 
 def install_gate(directory: Path) -> Path:
@@ -191,15 +205,36 @@ class HeldRunc(Generic[T]):
     def __init__(self, gate: CriuGate, proc: asyncio.subprocess.Process,
                  outcome: Callable[[], Awaitable[T]]) -> None:
         self.gate, self.proc, self.outcome = gate, proc, outcome
+        self.released = False
 
     async def proceed(self) -> T:
-        self.gate.open()
+        self.release()
         return await self.outcome()
 
+    def release(self) -> None:
+        """Let CRIU start; `outcome()` then tells how it ended."""
+        self.released = True
+        self.gate.open()
+
     async def call_off(self) -> None:
+        """End the command: held, it never starts CRIU; released (a deadline passed, the
+        migration was aborted), runc and its CRIU are killed."""
+        if self.released:
+            await self.kill()
+            return
         await self.stop()
         with contextlib.suppress(RuncError, OSError):
             await self.outcome()  # collects output and removes a log file
+
+    async def kill(self) -> None:
+        """SIGKILL runc and everything it started (its CRIU, the tasks of a partial
+        restore), stopped ones included."""
+        for _ in range(2):  # a second pass for what was forked during the first
+            runc = [self.proc.pid] if self.proc.returncode is None else []
+            for pid in [*procfs.descendants(self.proc.pid), *runc]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        await self.proc.wait()
 
     async def stop(self) -> None:
         """Close the gate and wait for runc to end (killed if it does not)."""
@@ -212,10 +247,13 @@ class HeldRunc(Generic[T]):
             await self.proc.wait()
 
 
+RUNC_VERBS = {"run", "state", "list", "pause", "resume", "kill", "delete", "exec",
+              "checkpoint", "restore"}
+
+
 def _verb(argv: list[str]) -> str:
     """'runc restore' out of a full runc command line."""
-    words = [a for a in argv[1:] if not a.startswith("-")]
-    return f"runc {words[1] if len(words) > 1 else words[0] if words else ''}".strip()
+    return f"runc {next((a for a in argv[1:] if a in RUNC_VERBS), '')}".strip()
 
 
 def _last_error_line(stderr: str) -> str:
@@ -252,7 +290,7 @@ class Runc:
     async def run_detached(self, name: str, bundle: Path) -> None:
         """Create and start a container whose stdio is /dev/null."""
         await _run_detached(self._argv("run", "--detach", "--bundle", str(bundle), name),
-                            self.log_dir)
+                            None, self.log_dir)
 
     async def state(self, name: str) -> ContainerState:
         """State of one container; NotFound when runc does not know it."""
@@ -310,7 +348,8 @@ class Runc:
             args.append("--pre-dump")
         if opts.parent_path:
             args += ["--parent-path", str(opts.parent_path)]
-        return self._argv(*args, name)
+        opts.work_path.mkdir(parents=True, exist_ok=True)
+        return _logged(self._argv(*args, name), opts.work_path / RUNC_LOG)
 
     async def checkpoint(self, name: str, opts: CheckpointOptions) -> None:
         """Dump a container with CRIU."""
@@ -321,7 +360,7 @@ class Runc:
         argv = self._checkpoint_argv(name, opts)
         gate = self._new_gate()
         pipe = asyncio.subprocess.PIPE
-        proc = await _spawn(argv, gate, stdout=pipe, stderr=pipe)
+        proc = await _spawn(argv, gate, stdout=pipe, stderr=pipe, start_new_session=True)
         return await self._held(gate, proc, lambda: _output(proc, argv))
 
     async def hold_lazy_checkpoint(self, name: str, opts: CheckpointOptions,
@@ -347,7 +386,7 @@ class Runc:
 
         async def serving() -> asyncio.subprocess.Process:
             try:
-                ready = await asyncio.to_thread(os.read, read_end, 1)
+                ready = await _read_byte(read_end)
             finally:
                 os.close(read_end)
             if ready != b"\0":
@@ -367,6 +406,7 @@ class Runc:
             args.append("--tcp-established")
         if lazy_pages:
             args.append("--lazy-pages")
+        work_path.mkdir(parents=True, exist_ok=True)  # runc's log goes there too
         return self._argv(*args, name)
 
     async def restore(
@@ -377,7 +417,7 @@ class Runc:
         pid of its init process."""
         argv = self._restore_argv(name, bundle, image_path, work_path, tcp_established,
                                   lazy_pages)
-        await _run_detached(argv, self.log_dir)
+        await _run_detached(argv, work_path / RUNC_LOG, self.log_dir)
         return _restored_pid(work_path)
 
     async def hold_restore(
@@ -390,10 +430,10 @@ class Runc:
         argv = self._restore_argv(name, bundle, image_path, work_path, tcp_established,
                                   lazy_pages)
         gate = self._new_gate()
-        log, proc = await _spawn_detached(argv, self.log_dir, gate)
+        log, proc = await _spawn_detached(argv, work_path / RUNC_LOG, self.log_dir, gate)
 
         async def restored() -> int:
-            await _detached_outcome(log, proc, argv)
+            await _detached_outcome(log, proc, argv, keep_log=True)
             return _restored_pid(work_path)
 
         return await self._held(gate, proc, restored)
@@ -425,6 +465,20 @@ class Runc:
     async def version(self) -> str:
         out = await _run([RUNC, "--version"])
         return out.splitlines()[0].removeprefix("runc version ").strip() if out else "unknown"
+
+
+async def _read_byte(fd: int) -> bytes:
+    """One byte from a pipe, waited for in the event loop (a cancelled wait leaves no
+    thread blocked on the fd); b"" when the write end closed."""
+    loop = asyncio.get_running_loop()
+    readable = loop.create_future()
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+    try:
+        await readable
+    finally:
+        loop.remove_reader(fd)
+    return os.read(fd, 1)
 
 
 def _restored_pid(work_path: Path) -> int:

@@ -79,8 +79,9 @@ class Testbed:
         self.config_path.write_text(json.dumps({"hosts": hosts, "tls": tls}))
         self.operator_tls = operator
 
-    def start_agent(self, name: str) -> subprocess.Popen:
-        """Start (or restart) the agent of a host inside its network namespace."""
+    def start_agent(self, name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start (or restart) the agent of a host inside its network namespace; `env` is
+        added to its environment (e.g. a godwit.faults point)."""
         host = self.host(name)
         host.state_dir.mkdir(parents=True, exist_ok=True)
         log = open(host.state_dir / "agent.log", "ab")  # noqa: SIM115 - owned by the process
@@ -91,7 +92,8 @@ class Testbed:
                 "--tls-key", str(files.key), "--tls-crl", str(files.crl),
                 "--netns-id", host.netns, "--container-bridge", str(host.bridge),
                 *self.agent_args]
-        proc = self.net.run_in(host, argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        proc = self.net.run_in(host, argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                               env={**os.environ, **(env or {})})
         self.agents[name] = proc
         self._wait_ready(name, proc)
         return proc

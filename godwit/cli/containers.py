@@ -146,6 +146,9 @@ def rm_cmd(ctx: Context, name: str, host: str | None) -> None:
               help="Seconds the destination waits for the commit before fencing its copy.")
 @click.option("--max-clock-skew", type=float, default=0.5, show_default=True,
               help="Refuse when the hosts' clocks differ by more than this many seconds.")
+@click.option("--max-freeze", type=float,
+              help="Seconds the container may stay frozen before the migration is given up "
+                   "and the container resumed [default: 30 + its memory at 100 MB/s].")
 @json_option
 @pass_ctx
 def migrate_cmd(ctx: Context, name: str, to: str, source: str | None, as_json: bool,
@@ -210,16 +213,21 @@ def history_cmd(ctx: Context, host: str | None, as_json: bool) -> None:
 @click.argument("migration_id")
 @host_option
 @click.option("--png", type=click.Path(dir_okay=False), help="Also draw a timeline PNG here.")
+@click.option("--logs", "show_logs", is_flag=True,
+              help="Print the CRIU/runc logs both hosts kept of this (failed) migration.")
 @json_option
 @pass_ctx
 def report_cmd(ctx: Context, migration_id: str, host: str | None, png: str | None,
-               as_json: bool) -> None:
+               show_logs: bool, as_json: bool) -> None:
     """Print the report of one migration (an ID prefix is enough)."""
     found = run(gather_hosts(ctx, [host] if host else ctx.host_names(), lambda a: a.history()))
     matches = [r for v in found.values() if isinstance(v, list) for r in v
                if r["id"].startswith(migration_id)]
     if len(matches) != 1:
         raise GodwitError(f"{'no' if not matches else 'several'} migrations match {migration_id}")
+    if show_logs:
+        print_logs(ctx, matches[0], as_json)
+        return
     emit_json(matches[0]) if as_json else console.print(report_table(matches[0]))
     if png:
         from godwit.plot import timeline_png
@@ -227,6 +235,31 @@ def report_cmd(ctx: Context, migration_id: str, host: str | None, png: str | Non
         timeline_png(matches[0], Path(png))
         if not as_json:
             console.print(f"timeline written to {png}")
+
+
+def print_logs(ctx: Context, report: dict, as_json: bool) -> None:
+    """The logs every configured host kept of a migration (its source and destination),
+    a header per file; as plain text, not through rich (a log is no markup)."""
+    found = run(gather_hosts(ctx, ctx.host_names(), lambda a: a.migration_logs(report["id"])))
+    roles = {report["source"]: "source", report["destination"]: "destination"}
+    kept = {r["host"]: r["logs"] for r in found.values() if isinstance(r, dict) and r["logs"]}
+    kept = dict(sorted(kept.items(), key=lambda item: roles.get(item[0]) != "source"))
+    down = [h for h, r in found.items() if isinstance(r, GodwitError)]
+    hint = f" (unreachable: {', '.join(down)})" if down else ""
+    if not kept:
+        raise GodwitError(f"no logs kept of migration {report['id'][:8]} ({report['result']}; "
+                          f"hosts keep those of failed migrations only){hint}")
+    if as_json:
+        emit_json(kept)
+        return
+    for agent, logs in kept.items():
+        for entry in logs:
+            role = roles.get(agent, "host")
+            sys.stdout.write(f"==> {role} {agent}: {entry['name']} ({entry['size']} bytes) <==\n")
+            sys.stdout.write(entry["text"] if entry["text"].endswith("\n") or not entry["text"]
+                             else entry["text"] + "\n")
+    if down:
+        err_console.print(f"warning: logs of unreachable hosts missing: {', '.join(down)}")
 
 
 @click.command("check")

@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass, fields
 from godwit.errors import GodwitError
 
 STRATEGIES = ("auto", "stop-and-copy", "post-copy", "pre-copy")
+MIN_FREEZE_S = 0.5
+FREEZE_FLOOR_S = 30.0  # the default freeze deadline: this much, plus the memory's
+SLOW_LINK_BPS = 100e6  # transfer over a link this slow (MB/s; this VM does ~400 MB/s)
 OBSOLETE_OPTIONS = {"tcp_established"}  # always on now; older journals may still name it
 
 
@@ -21,6 +24,7 @@ class MigrationOptions:
     bandwidth_mbps: float | None = None
     commit_timeout: float = 60.0
     max_clock_skew: float = 0.5
+    max_freeze: float | None = None  # seconds; None: default_max_freeze of the memory
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -32,6 +36,8 @@ class MigrationOptions:
             raise GodwitError("--max-clock-skew must be positive")
         if self.commit_timeout < 5:
             raise GodwitError("commit timeout must be at least 5 seconds")
+        if self.max_freeze is not None and self.max_freeze < MIN_FREEZE_S:
+            raise GodwitError(f"--max-freeze must be at least {MIN_FREEZE_S:g} s")
 
     @classmethod
     def from_json(cls, data: dict) -> MigrationOptions:
@@ -54,6 +60,13 @@ class MigrationOptions:
     def rate_limit(self) -> float | None:
         """Bytes per second on the wire, or None for unlimited."""
         return self.bandwidth_mbps * 1e6 if self.bandwidth_mbps else None
+
+
+def default_max_freeze(memory: int) -> float:
+    """Seconds a container of this memory may stay frozen when the operator sets no
+    --max-freeze: a floor for CRIU's fixed costs, plus its memory over a slow link."""
+    return FREEZE_FLOOR_S + memory / SLOW_LINK_BPS
+
 
 
 # Where post-copy's freeze becomes shorter than stop-and-copy's (bench/results/crossover.md:

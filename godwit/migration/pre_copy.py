@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
+from godwit.criu import log_error
+from godwit.errors import GodwitError
 from godwit.migration.source import SourceMigration
 from godwit.runc import CheckpointOptions
 from godwit.transport import plan_tree
@@ -42,7 +44,11 @@ class PreCopy(SourceMigration):
                                  pre_dump=True, parent_path=self.parent_path())
         phase = f"pre-dump-{self.rounds}"
         with self.events.phase(phase):
-            await self.runc.checkpoint(self.name, opts)
+            try:
+                await self.runc.checkpoint(self.name, opts)
+            except GodwitError as exc:
+                cause = log_error(opts.work_path, "dump.log") or exc
+                raise GodwitError(f"pre-dump failed: {cause}") from exc
             plan = await asyncio.to_thread(plan_tree, images)
             self.report.image_bytes += await self.upload(images.name, plan, phase)
         return plan.total_bytes

@@ -19,12 +19,13 @@ import subprocess
 import time
 from pathlib import Path
 
-from godwit import fence, procfs
+from godwit import faults, fence, procfs
 from godwit.containers import ContainerRecord, ContainerStore, check_name
-from godwit.criu import lazy_pages_verdict, log_error, start_lazy_pages
+from godwit.criu import LAZY_LOG, lazy_pages_verdict, log_error, start_lazy_pages
 from godwit.errors import Conflict, GodwitError, NotFound
+from godwit.migration.failure_logs import FailureLogs
 from godwit.network import ContainerNet, PacketHold
-from godwit.runc import HeldRunc
+from godwit.runc import RUNC_LOG, HeldRunc
 from godwit.tls import TLSFiles
 from godwit.transport import TransferError, receive_tree
 
@@ -40,15 +41,17 @@ class Receiver:
     """Incoming migrations of one agent."""
 
     def __init__(self, store: ContainerStore, state_dir: Path,
-                 tls: TLSFiles | None = None) -> None:
+                 tls: TLSFiles | None = None, failure_logs: FailureLogs | None = None) -> None:
         self.store = store
         self.tls = tls
+        self.failure_logs = failure_logs
         self.watchers: set[asyncio.Task] = set()
         self.root = state_dir / "incoming"
         self.root.mkdir(parents=True, exist_ok=True)
         self.holds: dict[str, PacketHold] = {}
         self.held: dict[str, HeldRunc[int]] = {}  # armed: runc restore waiting before CRIU
         self.locks: dict[str, asyncio.Lock] = {}
+        self.restoring: dict[str, asyncio.Task] = {}  # an abort cancels a restore under way
 
     def _lock(self, migration_id: str) -> asyncio.Lock:
         """Restore, commit, abort and the post-copy watcher of one migration never overlap
@@ -71,6 +74,7 @@ class Receiver:
         for a networked container, make its netns now (link down, arriving packets held)."""
         name = check_name(request.get("name", ""))
         staging = self._dir(request.get("id", ""))
+        await faults.point("prepare")
         if self.store.exists(name) or self._reserved(name):
             raise Conflict(f"container {name} already exists on {self.store.host}")
         shared = request.get("shared_rootfs")
@@ -123,7 +127,19 @@ class Receiver:
             log.warning("migration %s: no restore after activation, dropping %s's address",
                         migration_id, request["name"])
             await self._drop_unrestored(migration_id, request, staging)
-            await asyncio.to_thread(shutil.rmtree, staging, True)
+            await asyncio.to_thread(self._drop_staging, migration_id, staging)
+
+    def _drop_staging(self, migration_id: str, staging: Path) -> None:
+        """A migration ends here: its staging area goes; the logs of one that was not
+        committed are kept first."""
+        decision = staging / "decision"
+        committed = decision.exists() and fence.read_decision(decision) == fence.COMMITTED
+        if self.failure_logs and not committed:
+            work = staging / "work"
+            self.failure_logs.keep(migration_id, {
+                "restore.log": work / "restore.log", LAZY_LOG: work / LAZY_LOG,
+                "runc-restore.log": work / RUNC_LOG})
+        shutil.rmtree(staging, ignore_errors=True)
 
     def _reserved(self, name: str) -> bool:
         for path in self.root.glob("*/request.json"):
@@ -144,6 +160,7 @@ class Receiver:
         placed = what == "rootfs" and (staging / PLACED).exists()
         dest = self._placed_rootfs(request) if placed else staging / what
         dest.mkdir(exist_ok=True)
+        await faults.point("rootfs" if what == "rootfs" else "images")
         try:
             stats = await receive_tree(stream, dest)
         except TransferError as exc:
@@ -158,6 +175,7 @@ class Receiver:
         if not isinstance(descriptors, list) or len(descriptors) > MAX_DESCRIPTORS or \
                 not all(isinstance(d, str) for d in descriptors):
             raise GodwitError("descriptors must be a list of strings")
+        await faults.point("arm")
         async with self._lock(migration_id):
             request = self.request(migration_id)
             staging = self._dir(migration_id)
@@ -212,7 +230,13 @@ class Receiver:
         """Restore the container; arm the fence first so an unconfirmed copy cannot survive.
         With `page_server` (post-copy) memory comes later, pulled from the source."""
         async with self._lock(migration_id):
-            return await self._restore(migration_id, page_server)
+            task = asyncio.current_task()
+            assert task
+            self.restoring[migration_id] = task
+            try:
+                return await self._restore(migration_id, page_server)
+            finally:
+                self.restoring.pop(migration_id, None)
 
     async def _restore(self, migration_id: str, page_server: str | None) -> dict:
         request = self.request(migration_id)
@@ -241,6 +265,13 @@ class Receiver:
             detail = log_error(staging / "work", "restore.log") or str(exc)
             await self._discard(migration_id, staging, name, record.owns_netns)
             raise GodwitError(f"restore failed on {self.store.host}: {detail}") from exc
+        except asyncio.CancelledError:  # aborted under way (the source's freeze deadline)
+            if held:
+                await held.call_off()
+            if lazy and lazy.returncode is None:
+                lazy.kill()
+            await self._discard(migration_id, staging, name, record.owns_netns)
+            raise
         if lazy:
             self._watch_pages(migration_id, lazy, name, record.owns_netns)
         held_packets = await self._release_packets(migration_id)
@@ -286,6 +317,7 @@ class Receiver:
         """Let the armed restore proceed, or run one now; returns the pid of the container's
         init, which must be alive (read from /proc: a `runc state` would add a process start
         to the freeze)."""
+        await faults.point("restore")
         if held:
             pid = await held.proceed()
         else:
@@ -337,6 +369,7 @@ class Receiver:
     async def commit(self, migration_id: str) -> dict:
         """The source heard the restore succeeded: keep the container for good, if it still
         runs (committing a dead copy would let the source delete the only good one)."""
+        await faults.point("commit")
         async with self._lock(migration_id):
             staging = self._dir(migration_id)
             request = self.request(migration_id)
@@ -357,11 +390,14 @@ class Receiver:
 
     @staticmethod
     def _drop_leftovers(staging: Path) -> None:
-        for leftover in ("images", "rootfs", *(p.name for p in staging.glob("pre-*"))):
+        for leftover in ("images", "rootfs", "work", *(p.name for p in staging.glob("pre-*"))):
             shutil.rmtree(staging / leftover, ignore_errors=True)
 
     async def abort(self, migration_id: str) -> dict:
-        """Kill a restored copy (unless committed) and drop staged files. Idempotent."""
+        """Kill a restored copy (unless committed) and drop staged files; a restore under
+        way is cancelled first (its runc and CRIU killed). Idempotent."""
+        if restoring := self.restoring.get(migration_id):
+            restoring.cancel()
         async with self._lock(migration_id):
             staging = self._dir(migration_id)
             if not staging.exists():
@@ -372,7 +408,7 @@ class Receiver:
                 await self._discard(migration_id, staging, name, networked)
             else:
                 await self._drop_unrestored(migration_id, request, staging)
-            await asyncio.to_thread(shutil.rmtree, staging, True)
+            await asyncio.to_thread(self._drop_staging, migration_id, staging)
         self.locks.pop(migration_id, None)
         return {"state": fence.ABORTED}
 
@@ -404,7 +440,7 @@ class Receiver:
                     self.store.networking.delete(request["name"])
                 if (staging / PLACED).exists() and not decision.exists():
                     self.store.forget(request["name"])
-                shutil.rmtree(staging, ignore_errors=True)
+                self._drop_staging(staging.name, staging)
 
 
 def _owns_netns(request: dict) -> bool:

@@ -39,6 +39,7 @@ class MigrationReport:
     frozen_at: float | None = None
     resumed_at: float | None = None
     downtime_s: float | None = None
+    max_freeze_s: float | None = None  # the freeze deadline this migration ran under
     image_bytes: int = 0
     rootfs_bytes: int = 0
     wire_bytes: int = 0

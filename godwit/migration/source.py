@@ -17,22 +17,28 @@ import contextlib
 import json
 import shutil
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from godwit import faults
 from godwit.api import DEFAULT_PORT, AgentClient, AgentUnreachable
 from godwit.containers import ContainerStore
 from godwit.criu import log_error
 from godwit.errors import GodwitError
-from godwit.migration import MigrationOptions
+from godwit.migration import MigrationOptions, default_max_freeze
+from godwit.migration.failure_logs import FailureLogs
 from godwit.migration.report import EventStream
 from godwit.preflight import refusal, run_checks, verdict
-from godwit.runc import CheckpointOptions, HeldRunc, Runc
+from godwit.runc import RUNC_LOG, CheckpointOptions, HeldRunc, Runc
 from godwit.tls import TLSFiles
 from godwit.transport import TreePlan, diff_manifests, plan_tree, scan_tree, send_tree
 
 FENCE_MARGIN_S = 3.0
+# After the freeze deadline the container runs again within this margin: CRIU/runc are
+# killed, the destination's abort is given at most api.ABORT_TIMEOUT_S, the source thaws.
+FREEZE_MARGIN_S = 5.0
 PROGRESS_INTERVAL_S = 0.1
 
 
@@ -59,6 +65,7 @@ class SourceContext:
     local_info: dict
     tls: TLSFiles | None = None
     agent_port: int = DEFAULT_PORT
+    failure_logs: FailureLogs | None = None
 
 
 class SourceMigration:
@@ -105,9 +112,18 @@ class SourceMigration:
                 self.report.result = "failed"
         finally:
             self.report.finished_at = time.time()
+            self.settle_work_dir()
             self.events.close()
-            if self.report.result in ("ok", "failed"):  # settled: journal and images go
-                shutil.rmtree(self.ctx.work_dir, ignore_errors=True)
+
+    def settle_work_dir(self) -> None:
+        """Keep the logs of a migration that did not succeed; once settled, the journal,
+        images and logs in the work dir go."""
+        if self.report.result != "ok" and self.ctx.failure_logs:
+            work = self.dump_options().work_path
+            self.ctx.failure_logs.keep(self.report.id, {
+                "dump.log": work / "dump.log", "runc-checkpoint.log": work / RUNC_LOG})
+        if self.report.result in ("ok", "failed"):
+            shutil.rmtree(self.ctx.work_dir, ignore_errors=True)
 
     def journal(self, **progress: object) -> None:
         """Persist how far the migration got, so that a restarted source agent can finish
@@ -143,8 +159,7 @@ class SourceMigration:
         if self.report.result == "running":
             self.report.result = "failed"
         self.report.finished_at = time.time()
-        if self.report.result in ("ok", "failed"):
-            shutil.rmtree(self.ctx.work_dir, ignore_errors=True)
+        self.settle_work_dir()
 
     async def migrate(self) -> None:
         await self.prepare_destination()
@@ -158,20 +173,51 @@ class SourceMigration:
         """Strategy hook: work done while the container still runs (pre-copy rounds)."""
 
     async def migrate_frozen(self) -> None:
-        """Everything from the freeze on."""
+        """Everything from the freeze on. The freeze deadline covers it up to the restore:
+        from there on the destination runs the container."""
+        await self.within_freeze_deadline(self.frozen_steps())
+        await self.verify()
+        await self.commit()
+        await self.cleanup_source()
+
+    async def frozen_steps(self) -> None:
         await self.freeze()
         await self.dump()
         if not self.shared:
             await self.send_rootfs(initial=False)
         await self.send_images()
         await self.restore()
-        await self.verify()
-        await self.commit()
-        await self.cleanup_source()
+
+    async def within_freeze_deadline(self, steps: Awaitable[None]) -> None:
+        """Run the frozen steps under the freeze deadline. When it passes, the step under
+        way is cancelled (a transfer stops there) and the migration fails naming it; the
+        rollback then kills the dump's runc and CRIU, aborts the destination and thaws
+        the source."""
+        limit = self.max_freeze()
+        self.report.max_freeze_s = limit
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                await steps
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise
+            raise GodwitError(f"freeze deadline of {limit:g} s passed during "
+                              f"{self.current_phase()}") from exc
+
+    def max_freeze(self) -> float:
+        """Seconds the container may stay frozen: the operator's, or from its memory."""
+        if self.options.max_freeze:
+            return self.options.max_freeze
+        return default_max_freeze(self.ctx.store.memory_usage(self.name))
+
+    def current_phase(self) -> str:
+        return self.report.phases[-1].name if self.report.phases else "freeze"
 
     # steps
     async def prepare_destination(self) -> None:
         with self.events.phase("prepare"):
+            await faults.point("prepare")
             info = await self.ctx.dest.info()
             self.report.destination = info.get("name") or self.report.destination
             if info.get("name") == self.report.source:
@@ -216,6 +262,7 @@ class SourceMigration:
         root = Path(self.record.rootfs)
         phase = "rootfs" if initial else "rootfs-sync"
         with self.events.phase(phase):
+            await faults.point("rootfs")
             if initial:
                 plan = await asyncio.to_thread(plan_tree, root)
                 self.manifest = plan.manifest
@@ -228,6 +275,7 @@ class SourceMigration:
     async def arm(self) -> None:
         """Start the dump here and the restore there, each held just before CRIU."""
         with self.events.phase("arm"):
+            await faults.point("arm")
             self.images.mkdir(parents=True, exist_ok=True)
             self.held_dump = await self.hold_dump()
             descriptors = json.loads((self.images / "descriptors.json").read_text())
@@ -248,6 +296,7 @@ class SourceMigration:
             self.journal(frozen=True)
             await asyncio.to_thread(self.ctx.store.freeze, self.name)
             self.frozen = True
+            await faults.point("freeze")
         if self.record.net:
             await self.move_address()
 
@@ -271,25 +320,33 @@ class SourceMigration:
 
     async def run_dump(self) -> Any:
         """Let the held dump proceed; returns its outcome (the lazy dump's process for
-        post-copy)."""
-        held, self.held_dump = self.held_dump, None
+        post-copy). Cancelled (the freeze deadline), it stays in `held_dump` for the
+        rollback to kill."""
+        held = self.held_dump
         assert held, "arm() holds the dump"
+        held.release()
+        await faults.point("dump", held.proc.pid)
         try:
-            return await held.proceed()
+            outcome = await held.outcome()
         except GodwitError as exc:
+            self.held_dump = None
             work = self.dump_options().work_path
             raise GodwitError(f"dump failed: {log_error(work, 'dump.log') or exc}") from exc
+        self.held_dump = None
+        return outcome
 
     async def send_images(self) -> None:
         """Send the dump; the local copy goes at once (a rollback resumes the paused
         container, not the images), which spares the host writing it back to disk."""
         with self.events.phase("images"):
+            await faults.point("images")
             plan = await asyncio.to_thread(plan_tree, self.images)
             self.report.image_bytes += await self.upload("images", plan, "images")
         await asyncio.to_thread(shutil.rmtree, self.images, True)
 
     async def restore(self) -> None:
         with self.events.phase("restore"):
+            await faults.point("restore")
             self.restore_sent_at = time.monotonic()
             self.journal(restore_sent=True)
             restored = await self.ctx.dest.restore_incoming(self.report.id,
@@ -312,6 +369,7 @@ class SourceMigration:
 
     async def commit(self) -> None:
         with self.events.phase("commit"):
+            await faults.point("commit")
             self.journal(commit_sent=True)
             try:
                 await self.ctx.dest.commit_incoming(self.report.id)

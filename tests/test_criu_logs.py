@@ -1,0 +1,62 @@
+"""The root cause of a failure, read from real CRIU logs (tests/data/criu-logs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from godwit import criu
+from godwit.criu import log_error, root_cause
+
+LOGS = Path(__file__).with_name("data") / "criu-logs"
+RLIMIT_LINE = ("(00.048338) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for "
+               "self: Operation not permitted\n")
+
+
+def read(name: str) -> str:
+    return (LOGS / name).read_text()
+
+
+@pytest.mark.parametrize(("log", "cause"), [
+    ("dump-unsupported-fd.log", "Can't dump file 3 of that type [20666] (chr 10:229)"),
+    ("dump-nonroot-rlimit.log", "Can't get rlimit 0: Operation not permitted"),
+    ("restore-missing-file.log",
+     "Can't open file etc/hostname on restore: No such file or directory"),
+    ("restore-child-missing-file.log",
+     "Can't open file etc/passwd on restore: No such file or directory"),
+    ("restore-interleaved-bind.log",
+     "inet: Can't bind inet socket (id 6): Cannot assign requested address"),
+])
+def test_root_cause_is_the_failure_not_the_first_error(log: str, cause: str) -> None:
+    text = read(log)
+    assert "RLIMIT_NOFILE for self" in text.split("Error (", 2)[1], "the log's first error"
+    assert root_cause(text) == cause
+
+
+def test_an_unknown_early_error_is_not_taken_for_the_chain(monkeypatch) -> None:
+    """Without the non-fatal list, the start-up error is still left out: hundreds of lines
+    of work follow it before the failure chain."""
+    monkeypatch.setattr(criu, "NON_FATAL_ERRORS", ())
+    assert root_cause(read("dump-unsupported-fd.log")) == \
+        "Can't dump file 3 of that type [20666] (chr 10:229)"
+
+
+def test_errors_after_the_summary_are_cleanup_noise() -> None:
+    text = read("restore-missing-file.log")
+    assert text.rstrip().endswith("cgroupd: recv req error: No such file or directory")
+    assert "cgroupd" not in (root_cause(text) or "")
+
+
+def test_a_lone_summary_or_no_error() -> None:
+    summary_only = RLIMIT_LINE + "(00.1) Something\n(00.2) Error (criu/cr-dump.c:1975): " \
+        "Dumping FAILED.\n"
+    assert root_cause(summary_only) == "Dumping FAILED."
+    assert root_cause(RLIMIT_LINE + "(00.1) Dumping finished successfully\n") is None
+    assert root_cause("") is None
+
+
+def test_log_error_reads_the_work_dir(tmp_path: Path) -> None:
+    assert log_error(tmp_path, "dump.log") is None
+    (tmp_path / "dump.log").write_text(read("dump-nonroot-rlimit.log"))
+    assert log_error(tmp_path, "dump.log") == "Can't get rlimit 0: Operation not permitted"
