@@ -68,7 +68,6 @@ def default_max_freeze(memory: int) -> float:
     return FREEZE_FLOOR_S + memory / SLOW_LINK_BPS
 
 
-
 # Where post-copy's freeze becomes shorter than stop-and-copy's (bench/results/crossover.md:
 # they meet at a few MiB; at 16 MiB stop-and-copy already freezes ~3x longer). Below it,
 # stop-and-copy keeps its stronger guarantee (a complete source copy until commit) for a
