@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "results" / "zdtm.json"
 DEFAULT_LOGS = Path("/var/tmp/godwit-zdtm-logs")
 DEFAULT_VARIANTS = "stop-and-copy,post-copy,stop-and-copy+shared"
-PREFIX = "gwzdtm"
+PREFIX = f"gwzdtm{os.getpid() % 10000}"  # runs side by side never share hosts
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -212,6 +212,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help="comma-separated STRATEGY or STRATEGY+shared (--shared-storage)")
     parser.add_argument("--tests", help="regular expression on test names")
+    parser.add_argument("--every", type=int, default=1,
+                        help="run every Nth selected test only (a spread-out sample)")
     parser.add_argument("--jobs", type=int, default=1, help="tests run at once")
     parser.add_argument("--as-root", action="store_true",
                         help="run every test as root (zdtm.py: uid 18943 unless suid)")
@@ -224,8 +226,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             re.compile(args.tests)
     except (ValueError, re.error) as exc:
         parser.error(str(exc))
-    if args.jobs < 1:
-        parser.error("--jobs must be at least 1")
+    if args.jobs < 1 or args.every < 1:
+        parser.error("--jobs and --every must be at least 1")
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     args.logs = args.logs or DEFAULT_LOGS / stamp
     return args
@@ -250,12 +252,13 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                   f"(ns flavour), {len(selection.skipped)} left out")
     if not selection.tests:
         raise ZdtmError("no test matches")
+    selection.tests = selection.tests[::args.every]
     result = {
         "benchmark": "zdtm",
         "complete": False,
         "machine": info,
         "params": {"variants": [v.label for v in args.variants], "tests": args.tests,
-                   "jobs": args.jobs, "as_root": args.as_root, "flavor": "ns",
+                   "jobs": args.jobs, "every": args.every, "as_root": args.as_root, "flavor": "ns",
                    "zdtm_dir": str(test_dir), "logs": str(args.logs)},
         "selected": [t.name for t in selection.tests],
         "skipped": selection.skipped,

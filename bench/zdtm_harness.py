@@ -241,6 +241,8 @@ class LogCatcher(threading.Thread):
 
     def discard(self) -> None:
         shutil.rmtree(self.links, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.links.parent.rmdir()  # the last run leaves the testbed's dir empty
 
 
 # ------------------------------------------------------------------------ one run

@@ -257,3 +257,13 @@ def select(test_dir: Path, flavor: str = "ns", only: str | None = None) -> Selec
     commands = start_commands(test_dir, chosen)
     tests = [ZdtmTest(name, commands[name], desc) for name, desc in chosen.items()]
     return Selection(tests, skipped)
+
+
+def load_tests(test_dir: Path, names: Iterable[str]) -> list[ZdtmTest]:
+    """The named static tests, whatever the selection would say of them (a fixed subset)."""
+    names = list(names)
+    static = test_dir / "zdtm" / "static"
+    if missing := [n for n in names if not (static / n).is_file()]:
+        raise ZdtmError(f"no such zdtm static test: {', '.join(missing)}")
+    commands = start_commands(test_dir, names)
+    return [ZdtmTest(n, commands[n], read_desc(test_dir, n) or {}) for n in names]
