@@ -50,14 +50,15 @@ CAPABILITIES = [
 ]
 LDD_SKIP = re.compile(r"^(linux-gate\.so|linux-vdso(64)?\.so|not a dynamic|.*\s*ldd\s)")
 
-# PID 1: start the test as its make rule would, note how that went, then reap and wait.
+# PID 1: start the test as its make rule would, note how that went, then reap and wait
+# (a long sleep: a child exiting during a post-copy transfer fails godwit's page check).
 WRAPPER = """\
 trap 'exit 0' TERM INT
 cd {cwd}
 {exports}
 {argv} >/zdtm/start.log 2>&1
 echo $? >/zdtm/started.tmp && mv /zdtm/started.tmp /zdtm/started
-while :; do sleep 1 & wait; done
+while :; do sleep 86400 & wait; done
 """
 
 
@@ -374,9 +375,14 @@ def remove_cgroup(rel: str) -> None:
 def run_test(bed: Testbed, test: ZdtmTest, test_dir: Path, variant: Variant, *,
              name: str, logs_dir: Path, as_root: bool = False) -> RunResult:
     """One run of TEST in a fresh container; never raises for a test or godwit failure."""
-    bundle = make_bundle(bed.bundle_dir(name), test, test_dir, as_root=as_root)
-    run = TestRun(bed, test, name, bundle)
     result = RunResult(test.name, variant.strategy, variant.shared_storage)
+    try:
+        bundle = make_bundle(bed.bundle_dir(name), test, test_dir, as_root=as_root)
+    except (HarnessError, OSError, subprocess.SubprocessError) as exc:
+        result.step, result.reason = "bundle", str(exc)
+        shutil.rmtree(bed.bundle_dir(name), ignore_errors=True)
+        return result
+    run = TestRun(bed, test, name, bundle)
     catcher = LogCatcher(bed, name)
     if variant.strategy:
         catcher.start()
