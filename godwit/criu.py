@@ -87,7 +87,7 @@ def criu_base_options() -> list[str]:
     restore has finished (network.PacketHold); a non-networked container has only
     loopback. And CRIU mounts every cgroup hierarchy afresh (~20 ms) unless it is given
     a "yard" where they already are."""
-    options = ["network-lock skip"]
+    options = ["network-lock skip", "file-locks"]
     if cgroup_yard():
         options.append(f"cgroup-yard {CGROUP_FS}")
     return options
@@ -147,7 +147,9 @@ def _favor_cgroup_moves() -> list[str]:
 
 LAZY_LOG = "lazy-pages.log"
 LAZY_START_TIMEOUT_S = 5
-_TRANSFERRED = re.compile(r"UFFD transferred pages: \((\d+)/(\d+)\)")
+# Per restored task "PID-FD: ..." (the fd is negated once the task has exited).
+_TRANSFERRED = re.compile(r"(\d+)--?\d+: UFFD transferred pages: \((\d+)/(\d+)\)")
+_EXITED = re.compile(r"(\d+)--?\d+: EXIT$", re.MULTILINE)
 
 
 async def start_lazy_pages(images: Path, work: Path, page_server: str,
@@ -179,18 +181,25 @@ async def start_lazy_pages(images: Path, work: Path, page_server: str,
 
 
 def lazy_pages_verdict(work: Path) -> tuple[bool, str]:
-    """Did the lazy-pages daemon deliver every page? Its exit code alone does not tell:
-    it also exits 0 when the restored process died part-way."""
+    """Did the lazy-pages daemon deliver every page a task still needs? Its exit code alone
+    does not tell: it also exits 0 when it gave up part-way. A task that exited during the
+    transfer (a short-lived child, a finished job) needs no more pages; any other task must
+    have them all."""
     try:
         log = (work / LAZY_LOG).read_text(errors="replace")
     except FileNotFoundError:
         return False, "no lazy-pages log"
-    counts = [(int(a), int(b)) for a, b in _TRANSFERRED.findall(log)]
+    counts = [(int(pid), int(done), int(total)) for pid, done, total in _TRANSFERRED.findall(log)]
     if not counts:
         return False, root_cause(log) or "no page was transferred"
-    if ": EXIT" in log or any(done != total for done, total in counts):
-        return False, f"pages missing: {sum(d for d, _ in counts)}/{sum(t for _, t in counts)}"
-    return True, f"{sum(d for d, _ in counts)} pages transferred"
+    exited = {int(pid) for pid in _EXITED.findall(log)}
+    short = [(done, total) for pid, done, total in counts if done != total and pid not in exited]
+    if short:
+        done, total = (sum(column) for column in zip(*short, strict=True))
+        return False, f"pages missing: {done}/{total} of {len(short)} running task(s)"
+    moved = sum(done for _, done, _ in counts)
+    return True, f"{moved} pages transferred" + (f", {len(exited)} task(s) exited meanwhile"
+                                                 if exited else "")
 
 
 # What CRIU logs at its start on hosts like these and then carries on from: root without

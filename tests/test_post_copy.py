@@ -56,6 +56,33 @@ def test_post_copy_moves_1_gib_with_every_byte(bed: Testbed) -> None:
     bed.godwit("rm", "lazy1g")
 
 
+# memhog in the background, and a shell holding 32 MiB that starts and ends a task every
+# 50 ms: each one shares the shell's memory, still arriving when it exits.
+SHORT_LIVED_TASKS = ("trap 'exit 0' TERM INT; memhog 384 5 /state 0 & "
+                     "x=$(dd if=/dev/zero bs=1M count=32 2>/dev/null | tr '\\0' a); "
+                     "while :; do sleep 0.05; done")
+
+
+def test_a_task_that_exits_during_the_page_transfer_does_not_fail_it(bed: Testbed) -> None:
+    bundle = memhog_bundle(bed.bundle_dir("churn"), 384, seed=5, dirty_pps=0)
+    config = json.loads((bundle / "config.json").read_text())
+    config["process"]["args"] = ["/bin/sh", "-c", SHORT_LIVED_TASKS]
+    (bundle / "config.json").write_text(json.dumps(config))
+    assert bed.godwit("run", "churn", "--bundle", str(bundle), "--host", "a").returncode == 0
+    before = wait_for(lambda: read_state(bundle / "rootfs").get("status") == "ready"
+                      and read_state(bundle / "rootfs"), timeout=120, what="memhog ready")
+    report = cli_json(bed, "migrate", "churn", "--to", "b", "--strategy", "post-copy")
+    assert report["result"] == "ok", report
+    assert "exited meanwhile" in report["pages"], f"no task ended during the transfer: {report}"
+    memhog = bed.godwit("exec", "churn", "--", "pidof", "memhog").stdout.strip()
+    assert bed.godwit("exec", "churn", "--", "kill", "-USR1", memhog).returncode == 0
+    rootfs = rootfs_on(bed, "churn")
+    verified = wait_for(lambda: read_state(rootfs).get("status") == "verified"
+                        and read_state(rootfs), timeout=120, what="memhog verification")
+    assert verified["ok"] == 1 and verified["checksum"] == before["checksum"]
+    bed.godwit("rm", "churn")
+
+
 def test_post_copy_carries_memory_the_process_cannot_read_now(bed: Testbed) -> None:
     """Pages of a PROT_NONE mapping are lazy pages too; the source must still serve them."""
     _, before = start_memhog(bed, "noread", 256, protected_mib=32)

@@ -79,8 +79,9 @@ class PostCopy(SourceMigration):
                 if time.monotonic() > self.fence_deadline():
                     raise GodwitError("memory pages did not all arrive before the deadline")
                 await asyncio.sleep(PAGES_POLL_S)
-            if state != "complete":
+            if not state.startswith("complete"):
                 raise GodwitError(f"post-copy page transfer failed: {state}")
+            self.report.pages = state.removeprefix("complete: ")
             assert self.page_server
             if await self.page_server.wait() != 0:
                 raise GodwitError("the source page server failed")

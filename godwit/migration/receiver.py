@@ -305,7 +305,7 @@ class Receiver:
         ok, detail = lazy_pages_verdict(staging / "work")
         state = await self.store.state(name)
         if code == 0 and ok and state and state.status == "running":
-            (staging / PAGES).write_text("complete")
+            (staging / PAGES).write_text(f"complete: {detail}")
             return
         (staging / PAGES).write_text(f"failed: {detail}")
         async with self._lock(migration_id):
@@ -374,7 +374,7 @@ class Receiver:
             staging = self._dir(migration_id)
             request = self.request(migration_id)
             pages = self._pages(staging)
-            if pages not in (None, "complete"):
+            if pages is not None and not pages.startswith("complete"):
                 raise Conflict(f"migration {migration_id} cannot commit: memory pages {pages}")
             state = await self.store.state(request["name"])
             if fence.read_decision(staging / "decision") == fence.PENDING and (

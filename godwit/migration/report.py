@@ -44,6 +44,7 @@ class MigrationReport:
     rootfs_bytes: int = 0
     wire_bytes: int = 0
     held_packets: int = 0
+    pages: str | None = None  # post-copy: what the destination's page transfer did
     options: dict = field(default_factory=dict)
     preflight: list[dict] = field(default_factory=list)
     phases: list[Phase] = field(default_factory=list)
