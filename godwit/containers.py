@@ -159,6 +159,16 @@ class ContainerStore:
                 return int(candidate.read_text())
         return 0
 
+    def pids(self, name: str) -> set[int]:
+        """Host pids of every process of the container (its cgroup's procs)."""
+        path = self.cgroups_path(name).lstrip("/")
+        for procs in (CGROUP_ROOT / "freezer" / path / "cgroup.procs",
+                      CGROUP_ROOT / path / "cgroup.procs",
+                      CGROUP_ROOT / "unified" / path / "cgroup.procs"):
+            if procs.exists():
+                return {int(pid) for pid in procs.read_text().split()}
+        return set()
+
     def dumped_memory(self, name: str) -> int:
         """Bytes a dump copies: anonymous and shared memory, not the page cache that the
         cgroup's usage also counts (0 when unknown)."""

@@ -183,6 +183,19 @@ def _resource(check: str, available: int | None, needed: int) -> Finding:
     return Finding(check, "ok", text)
 
 
+def check_file_locks(locks: int, shared_storage: bool) -> Finding:
+    """With shared storage the restored copy would wait for ever for locks the frozen source
+    copy still holds on the same files; a transferred rootfs has files of its own."""
+    if not locks:
+        return Finding("file locks", "ok", "none held")
+    if shared_storage:
+        return Finding("file locks", "error",
+                       f"the container holds {locks} file lock(s): on shared storage the "
+                       "destination cannot take them while the frozen source holds them; "
+                       "migrate without --shared-storage")
+    return Finding("file locks", "ok", f"{locks} held, carried to the destination")
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"
 

@@ -46,6 +46,18 @@ def start_time(pid: int) -> str | None:
     return fields[19] if fields else None
 
 
+def file_locks(pids: set[int]) -> int:
+    """How many file locks (flock, POSIX, OFD) the processes ``pids`` hold (/proc/locks)."""
+    held = 0
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields:  # a waiter blocked on the lock above it
+            continue
+        owner = next((f for f in fields[4:6] if f.lstrip("-").isdigit()), None)
+        held += owner is not None and int(owner) in pids
+    return held
+
+
 def mounts() -> list[tuple[str, str, list[str]]]:
     """(mount point, filesystem type, options) of every mount this process sees, in mount
     order."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from conftest import cli_json, copies, wait_for
 
 from godwit.bundle import write_bundle
 from godwit.testbed import Testbed
+from godwit.workloads import build_static
 
 pytestmark = pytest.mark.integration
 
@@ -148,3 +150,41 @@ def test_stopped_task_migrates_and_stays_stopped(bed: Testbed, strategy: str) ->
     wait_for(lambda: proc_status(bed, name, stopped)["State"].startswith("S"),
              what="the job to run again after SIGCONT")
     bed.godwit("rm", name)
+
+
+# A job holding a lock on a file of its rootfs for as long as it runs (flock(2)).
+HOLDS_A_LOCK = f"trap 'exit 0' TERM INT; lockfile /data/lock & {COUNTER_LOOP}"
+LOCKFILE_SOURCE = Path(__file__).with_name("workloads") / "lockfile.c"
+
+
+def locker_bundle(bed: Testbed, name: str) -> Path:
+    bundle = app_bundle(bed, name, HOLDS_A_LOCK)
+    shutil.copy2(build_static(LOCKFILE_SOURCE), bundle / "rootfs/bin/lockfile")
+    return bundle
+
+
+def lock_is_free(bed: Testbed, name: str) -> bool:
+    return bed.godwit("exec", name, "--", "lockfile", "-n", "/data/lock").returncode == 0
+
+
+def test_file_lock_is_carried_with_the_rootfs(bed: Testbed) -> None:
+    rootfs = start(bed, "locker", locker_bundle(bed, "locker"))
+    wait_for(lambda: count(rootfs) >= 10, what="counter to reach 10")
+    assert not lock_is_free(bed, "locker")
+    report = migrate(bed, "locker", "stop-and-copy")
+    assert any(f["check"] == "file locks" and "1 held" in f["message"]
+               for f in report["preflight"]), report["preflight"]
+    assert not lock_is_free(bed, "locker"), "the lock was not taken again on b"
+    bed.godwit("rm", "locker")
+
+
+def test_file_lock_on_shared_storage_is_refused_before_the_freeze(bed: Testbed) -> None:
+    rootfs = start(bed, "shlocker", locker_bundle(bed, "shlocker"))
+    wait_for(lambda: count(rootfs) >= 10, what="counter to reach 10")
+    result = bed.godwit("migrate", "shlocker", "--to", "b", "--shared-storage", "--json")
+    report = json.loads(result.stdout)
+    assert result.returncode != 0 and report["result"] == "failed", report
+    assert "file lock" in report["error"] and "--shared-storage" in report["error"]
+    assert report["frozen_at"] is None, "refused only after freezing"
+    assert copies(bed, "shlocker") == [("a", "running")]
+    bed.godwit("rm", "shlocker")

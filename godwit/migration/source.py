@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from godwit import faults
+from godwit import faults, procfs
 from godwit.api import DEFAULT_PORT, AgentClient, AgentUnreachable
 from godwit.containers import ContainerStore
 from godwit.criu import log_error
@@ -30,7 +30,7 @@ from godwit.errors import GodwitError
 from godwit.migration import MigrationOptions, default_max_freeze
 from godwit.migration.failure_logs import FailureLogs
 from godwit.migration.report import EventStream
-from godwit.preflight import refusal, run_checks, verdict
+from godwit.preflight import check_file_locks, refusal, run_checks, verdict
 from godwit.runc import RUNC_LOG, CheckpointOptions, HeldRunc, Runc
 from godwit.tls import TLSFiles
 from godwit.transport import TreePlan, diff_manifests, plan_tree, scan_tree, send_tree
@@ -236,6 +236,8 @@ class SourceMigration:
             needed_mem=needed_mem, needed_disk=needed_disk,
             max_skew_s=self.options.max_clock_skew,
         )
+        locks = procfs.file_locks(self.ctx.store.pids(self.name))
+        findings.append(check_file_locks(locks, self.shared))
         self.report.preflight = [f.to_json() for f in findings]
         for finding in findings:
             if finding.level != "ok":

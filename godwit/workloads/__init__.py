@@ -21,15 +21,15 @@ CFLAGS = ["-O2", "-static", "-Wall", "-Wextra"]
 
 def build_memhog(cache_dir: Path = DEFAULT_CACHE) -> Path:
     """Compile memhog.c statically into ``cache_dir`` (once per source/flags hash)."""
-    return _build(MEMHOG_SOURCE, cache_dir)
+    return build_static(MEMHOG_SOURCE, cache_dir)
 
 
 def build_netserver(cache_dir: Path = DEFAULT_CACHE) -> Path:
     """Compile netserver.c statically into ``cache_dir`` (once per source/flags hash)."""
-    return _build(NETSERVER_SOURCE, cache_dir)
+    return build_static(NETSERVER_SOURCE, cache_dir)
 
 
-def _build(source: Path, cache_dir: Path) -> Path:
+def build_static(source: Path, cache_dir: Path = DEFAULT_CACHE) -> Path:
     """``gcc -static`` ``source`` into ``cache_dir/<stem>-<hash>``, atomically."""
     digest = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS).encode())
     binary = Path(cache_dir) / f"{source.stem}-{digest.hexdigest()[:16]}"
