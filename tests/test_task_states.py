@@ -19,6 +19,9 @@ pytestmark = pytest.mark.integration
 
 STRATEGIES = ["stop-and-copy", "post-copy"]
 APP_UID, APP_GID, EXTRA_GID = 1000, 1000, 1001
+RLIMITS = [{"type": "RLIMIT_NOFILE", "soft": 512, "hard": 1000},
+           {"type": "RLIMIT_NPROC", "soft": 300, "hard": 400},
+           {"type": "RLIMIT_CORE", "soft": 0, "hard": 4096}]
 MIGRATE_TIMEOUT_S = 180  # a dump that hangs must fail the test, not the whole run
 
 # A shell keeps a counter in memory and writes it to /data/count every 100 ms: after a
@@ -47,6 +50,7 @@ def app_bundle(bed: Testbed, name: str, script: str, user: dict | None = None,
     (rootfs / "data").chmod(0o777)  # root in the container has no CAP_DAC_OVERRIDE
     config = json.loads((bundle / "config.json").read_text())
     config["process"]["user"] = user or config["process"]["user"]
+    config["process"]["rlimits"] = RLIMITS  # below the host's, so each one is visible
     for cap_set in config["process"]["capabilities"].values():
         cap_set.extend(caps)
     (bundle / "config.json").write_text(json.dumps(config))
@@ -111,9 +115,11 @@ def test_non_root_container_migrates(bed: Testbed, strategy: str) -> None:
     user = {"uid": APP_UID, "gid": APP_GID, "additionalGids": [EXTRA_GID]}
     rootfs = start(bed, name, app_bundle(bed, name, COUNTER_LOOP, user))
     wait_for(lambda: count(rootfs) >= 10, what="counter to reach 10")
+    limits = in_container(bed, name, "cat", "/proc/1/limits")
     migrate(bed, name, strategy)
     at_freeze = count(rootfs)
     assert_counts_on(at_freeze, rootfs_on(bed, name, "b"))
+    assert in_container(bed, name, "cat", "/proc/1/limits") == limits
     status = proc_status(bed, name, 1)
     assert status["Uid"].split() == [str(APP_UID)] * 4
     assert status["Gid"].split() == [str(APP_GID)] * 4
