@@ -77,6 +77,11 @@ async def probe() -> CriuCapabilities:
 CGROUP_FS = Path("/sys/fs/cgroup")
 
 
+# Deleted files a container still holds open travel inside the images; CRIU refuses any
+# larger than 1 MiB by default, e.g. a log file rotated away from a server that keeps it.
+GHOST_LIMIT = "256M"
+
+
 def criu_base_options() -> list[str]:
     """CRIU options for every dump and restore, which runc cannot pass (they go in the
     container's org.criu.config file).
@@ -86,8 +91,9 @@ def criu_base_options() -> list[str]:
     the network before its dump, and the destination holds arriving packets until the
     restore has finished (network.PacketHold); a non-networked container has only
     loopback. And CRIU mounts every cgroup hierarchy afresh (~20 ms) unless it is given
-    a "yard" where they already are."""
-    options = ["network-lock skip", "file-locks"]
+    a "yard" where they already are. File locks and deleted open files (ghosts, up to
+    GHOST_LIMIT each) are carried."""
+    options = ["network-lock skip", "file-locks", f"ghost-limit {GHOST_LIMIT}"]
     if cgroup_yard():
         options.append(f"cgroup-yard {CGROUP_FS}")
     return options

@@ -194,3 +194,19 @@ def test_file_lock_on_shared_storage_is_refused_before_the_freeze(bed: Testbed) 
     assert report["frozen_at"] is None, "refused only after freezing"
     assert copies(bed, "shlocker") == [("a", "running")]
     bed.godwit("rm", "shlocker")
+
+
+# PID 1 holds fd 3 on a 4 MiB file it deleted, as a server does with a log rotated away.
+HOLDS_A_DELETED_FILE = ("trap 'exit 0' TERM INT; dd if=/dev/urandom of=/data/old.log bs=1M "
+                        f"count=4 2>/dev/null; exec 3</data/old.log; rm /data/old.log; "
+                        f"{COUNTER_LOOP}")
+
+
+def test_deleted_file_held_open_moves_with_its_content(bed: Testbed) -> None:
+    rootfs = start(bed, "ghost", app_bundle(bed, "ghost", HOLDS_A_DELETED_FILE))
+    wait_for(lambda: count(rootfs) >= 10, what="counter to reach 10")
+    digest = in_container(bed, "ghost", "sha256sum", "/proc/1/fd/3").split()[0]
+    migrate(bed, "ghost", "stop-and-copy")
+    assert in_container(bed, "ghost", "sha256sum", "/proc/1/fd/3").split()[0] == digest
+    assert "(deleted)" in in_container(bed, "ghost", "readlink", "/proc/1/fd/3")
+    bed.godwit("rm", "ghost")
