@@ -84,6 +84,11 @@ class Client:
     def running(self) -> bool:
         return self.proc.poll() is None
 
+    def output(self) -> str:
+        """Exit code and output so far, for an assertion message."""
+        return (f"{self.argv[0]} exit {self.proc.poll()}: {self.out.read_text(errors='replace')}"
+                f"{self.err.read_text(errors='replace')}")
+
     def finish(self, timeout: float) -> tuple[int, str, str]:
         """Wait for the exit; returns (exit code, stdout, stderr)."""
         try:
@@ -93,9 +98,9 @@ class Client:
             raise AssertionError(f"{self.argv[0]} still runs after {timeout} s") from None
         return code, self.out.read_text(errors="replace"), self.err.read_text(errors="replace")
 
-    def interrupt(self) -> tuple[int, str, str]:
-        """SIGINT (the way to stop a client that runs until told), then its exit."""
-        self.proc.send_signal(signal.SIGINT)
+    def stop(self, sig: int = signal.SIGINT) -> tuple[int, str, str]:
+        """Tell a client that runs until told to stop (``sig``), then wait for its exit."""
+        self.proc.send_signal(sig)
         return self.finish(10)
 
 
@@ -120,14 +125,14 @@ def migrate_under_load(app: App, client: Client, strategy: str, shared: bool) ->
     """After the client's warm-up, migrate a → b; the client must outlive the migration.
     Returns the report; asserts it is ok and the container runs on b only."""
     time.sleep(max(0.0, CLIENT_WARMUP_S - (time.monotonic() - client.started)))
-    assert client.running(), f"the client ended before the migration: {client.err.read_text()}"
+    assert client.running(), f"the client ended before the migration: {client.output()}"
     args = ["migrate", app.name, "--to", "b", "--json", "--strategy", strategy]
     result = app.bed.godwit(*args, *(["--shared-storage"] if shared else []))
     assert "Traceback" not in result.stderr, result.stderr
     report = json.loads(result.stdout) if result.stdout.strip() else {}
     assert result.returncode == 0 and report.get("result") == "ok", result.stderr + result.stdout
     assert copies(app.bed, app.name) == [("b", "running")]
-    assert client.running(), "the client ended before the migration finished: lengthen its run"
+    assert client.running(), f"the client ended during the migration: {client.output()}"
     return report
 
 

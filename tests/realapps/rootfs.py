@@ -25,11 +25,19 @@ PACKAGES = ["redis-server", "nginx", "postgresql-15"]
 PG_BIN = "/usr/lib/postgresql/15/bin"
 PG_DATA = "/var/lib/postgresql/data"
 PG_HBA_EXTRA = "host all all 0.0.0.0/0 trust\n"
+# Explicit, so that nothing depends on what initdb probed in the chroot (it picks sysv
+# there; on a running system, with /dev/shm a tmpfs, Debian's cluster gets posix).
+PG_CONF_EXTRA = """
+listen_addresses = '*'
+unix_socket_directories = ''
+dynamic_shared_memory_type = posix
+"""
 # Strip what no server reads, to keep the per-test copies and the rootfs transfers small.
 PRUNE = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",
          "var/cache/apt", "var/lib/apt/lists", "var/cache/debconf/templates.dat-old"]
 RECIPE = {"suite": SUITE, "mirror": MIRROR, "variant": "minbase", "packages": PACKAGES,
-          "pg_data": PG_DATA, "pg_hba_extra": PG_HBA_EXTRA, "prune": PRUNE, "version": 1}
+          "pg_data": PG_DATA, "pg_hba_extra": PG_HBA_EXTRA, "pg_conf_extra": PG_CONF_EXTRA,
+          "prune": PRUNE}
 
 
 def cache_dir() -> Path:
@@ -87,6 +95,8 @@ def _init_postgres(rootfs: Path) -> None:
                      "-D", PG_DATA, "--auth=trust", "--locale=C.UTF-8", "--encoding=UTF8"])
     with open(data / "pg_hba.conf", "a") as hba:
         hba.write(PG_HBA_EXTRA)
+    with open(data / "postgresql.conf", "a") as conf:
+        conf.write(PG_CONF_EXTRA)
 
 
 def _chroot(rootfs: Path, argv: list[str], check: bool = True) -> None:

@@ -127,7 +127,7 @@ def test_nginx_under_wrk(bed: Testbed, client_host: TestHost, nginx: App,
     report = migrate_under_load(nginx, wrk, strategy, shared)
     served = page.counters()[1]
     wait_for(lambda: page.counters()[1] > served + 100, what="wrk to go on, on b")
-    code, out, err = wrk.interrupt()
+    code, out, err = wrk.stop()
     assert code == 0, err
     assert "Socket errors" not in out and "Non-2xx" not in out, out
     assert requests_done(out) > 0, out

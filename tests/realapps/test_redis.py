@@ -95,7 +95,7 @@ def test_redis_under_benchmark(bed: Testbed, client_host: TestHost, redis: App,
     assert int(after["total_connections_received"]) == accepted + 1, "a client reconnected"
     wait_for(lambda: int(info(redis, client_host)["total_commands_processed"])
              > int(after["total_commands_processed"]) + 1000, what="load to go on, on b")
-    code, out, err = bench.interrupt()
+    code, out, err = bench.stop()
     assert "rror" not in err + out, err
     assert code == -2, f"redis-benchmark ended by itself ({code}): {err}"
     assert read_keys(redis, client_host) == [value_of(i) for i in range(KEYS)]
