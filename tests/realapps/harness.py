@@ -180,6 +180,7 @@ def record(app: App, report: dict, shared: bool, **extra: object) -> None:
                "rss_mib": round(sum(p.rss_kib for p in procs) / 1024, 1),
                "cgroup_mib": round(memory / 2**20, 1), "processes": len(procs),
                "image_mib": round(report.get("image_bytes", 0) / 2**20, 1),
-               "rootfs_mib": round(report.get("rootfs_bytes", 0) / 2**20, 1), **extra}
+               "rootfs_mib": round(report.get("rootfs_bytes", 0) / 2**20, 1), **extra,
+               "phases": {ph["name"]: round(ph["seconds"], 3) for ph in report.get("phases", [])}}
     print(f"\nrealapps: {json.dumps(figures)}")
 
