@@ -74,6 +74,7 @@ def _build(target: Path) -> None:
     if not shutil.which("debootstrap"):
         raise RuntimeError("debootstrap missing: run scripts/setup first")
     scratch = target.with_name(target.name + ".partial")
+    _check_nothing_mounted(scratch)
     shutil.rmtree(scratch, ignore_errors=True)
     print(f"building {target} (debootstrap {SUITE}: a few minutes, once)", file=sys.stderr)
     _run(["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}", SUITE,
@@ -83,6 +84,14 @@ def _build(target: Path) -> None:
         shutil.rmtree(scratch / rel, ignore_errors=True)
     (scratch / "etc/hostname").write_text("realapps\n")
     scratch.rename(target)
+
+
+def _check_nothing_mounted(directory: Path) -> None:
+    """A crashed debootstrap may leave /proc or /dev mounted in its target: never rmtree that."""
+    mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    inside = [m for m in mounts if m == str(directory) or m.startswith(f"{directory}/")]
+    if inside:
+        raise RuntimeError(f"unmount {', '.join(inside)} first (left by a failed build)")
 
 
 def _init_postgres(rootfs: Path) -> None:
