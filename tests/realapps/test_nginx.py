@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 import urllib.request
 
 import pytest
@@ -83,6 +84,12 @@ class StatusPage:
         """Connections accepted that were not this page's reads."""
         return self.counters()[0] - self.reads
 
+    def settled_others(self, at_least: int) -> int:
+        """Other connections accepted once at least ``at_least``, unchanged for 0.5 s (else 0)."""
+        first = self.others_accepted()
+        time.sleep(0.5)
+        return first if first >= at_least and self.others_accepted() == first else 0
+
     def ready(self) -> bool:
         try:
             self.counters()
@@ -122,8 +129,7 @@ def test_nginx_under_wrk(bed: Testbed, client_host: TestHost, nginx: App,
         "wrk", "-t2", f"-c{WRK_CONNECTIONS}", "-d600s", "--timeout", "10s",
         f"http://{nginx.address}/blob.bin"], "wrk")
     # wrk opens one connection more than -c (a first one it closes): count them before.
-    wait_for(lambda: page.others_accepted() >= WRK_CONNECTIONS, what="wrk to connect")
-    connections = page.others_accepted()
+    connections = wait_for(lambda: page.settled_others(WRK_CONNECTIONS), what="wrk to connect")
     report = migrate_under_load(nginx, wrk, strategy, shared)
     served = page.counters()[1]
     wait_for(lambda: page.counters()[1] > served + 100, what="wrk to go on, on b")
