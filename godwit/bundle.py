@@ -78,11 +78,17 @@ def oci_config(
     readonly: bool = False,
     cgroups_path: str | None = None,
     network_ns_path: str | None = None,
+    uid: int = 0,
+    gid: int = 0,
+    additional_gids: Sequence[int] = (),
+    capabilities: Sequence[str] = tuple(DEFAULT_CAPS),
 ) -> dict[str, Any]:
     """A complete runc-1.1 config.json: no terminal, rootfs ``rootfs`` (writable by default).
 
     ``env`` (dict or ``K=V`` list) is merged over PATH/HOME; hostname defaults to "godwit";
-    the network namespace is new unless ``network_ns_path`` is given.
+    the network namespace is new unless ``network_ns_path`` is given. The process runs as
+    ``uid``/``gid`` with ``additional_gids`` and the bounding set ``capabilities``; a
+    non-root process gets no ambient capabilities (it holds none, as under Docker).
     """
     netns: dict[str, str] = {"type": "network"}
     if network_ns_path:
@@ -95,12 +101,17 @@ def oci_config(
     }
     if cgroups_path:
         linux["cgroupsPath"] = cgroups_path
-    caps = {k: list(DEFAULT_CAPS) for k in ("bounding", "effective", "permitted", "ambient")}
+    caps = {k: list(capabilities) for k in ("bounding", "effective", "permitted", "ambient")}
+    if uid != 0:
+        caps["ambient"] = []
+    user: dict[str, Any] = {"uid": uid, "gid": gid}
+    if additional_gids:
+        user["additionalGids"] = list(additional_gids)
     return {
         "ociVersion": "1.0.2-dev",
         "process": {
             "terminal": False,
-            "user": {"uid": 0, "gid": 0},
+            "user": user,
             "args": list(args),
             "env": _env_list(env),
             "cwd": cwd,

@@ -130,6 +130,17 @@ def test_oci_config_options() -> None:
     assert {"type": "network", "path": "/run/n"} in cfg["linux"]["namespaces"]
 
 
+def test_oci_config_user_and_capabilities() -> None:
+    assert oci_config(["x"])["process"]["user"] == {"uid": 0, "gid": 0}
+    root = oci_config(["x"], capabilities=["CAP_SETUID", "CAP_SETGID"])["process"]
+    assert root["capabilities"]["ambient"] == ["CAP_SETUID", "CAP_SETGID"]
+    proc = oci_config(["x"], uid=101, gid=103, additional_gids=[104])["process"]
+    assert proc["user"] == {"uid": 101, "gid": 103, "additionalGids": [104]}
+    assert proc["capabilities"]["ambient"] == [], "a non-root process holds no capability"
+    assert proc["capabilities"]["bounding"] == ["CAP_AUDIT_WRITE", "CAP_KILL",
+                                                "CAP_NET_BIND_SERVICE"]
+
+
 def test_rewrite_for_host_returns_new_dict(tmp_path: Path) -> None:
     cfg = oci_config(["x"], cgroups_path="/godwit/a/c")
     new = rewrite_for_host(cfg, rootfs=tmp_path / "r", cgroups_path="/godwit/b/c")
