@@ -216,7 +216,7 @@ class Agent:
     def pick_strategy(self, options: MigrationOptions, name: str | None,
                       dest_info: dict | None) -> str:
         caps = self.caps.to_json() if self.caps else {}
-        memory = self.store.dumped_memory(name) if name else 0
+        memory = self.store.private_memory(name) if name else 0
         return choose_strategy(options.strategy, caps, (dest_info or {}).get("criu"), memory)
 
     async def run_migration(self, name: str, options: MigrationOptions,

@@ -169,16 +169,16 @@ class ContainerStore:
                 return {int(pid) for pid in procs.read_text().split()}
         return set()
 
-    def dumped_memory(self, name: str) -> int:
-        """Bytes a dump copies: anonymous and shared memory, not the page cache that the
-        cgroup's usage also counts (0 when unknown)."""
+    def private_memory(self, name: str) -> int:
+        """Bytes of private anonymous memory: what a post-copy dump leaves out of the freeze
+        (CRIU serves only such pages lazily; shared memory and the page cache, which the
+        cgroup's usage also counts, are not). 0 when unknown."""
         path = self.cgroups_path(name).lstrip("/")
-        for stat, keys in ((CGROUP_ROOT / "memory" / path / "memory.stat",
-                            ("total_rss", "total_shmem")),
-                           (CGROUP_ROOT / path / "memory.stat", ("anon", "shmem"))):
+        for stat, key in ((CGROUP_ROOT / "memory" / path / "memory.stat", "total_rss"),
+                          (CGROUP_ROOT / path / "memory.stat", "anon")):
             if stat.exists():
                 values = dict(line.split() for line in stat.read_text().splitlines())
-                return sum(int(values.get(key, 0)) for key in keys)
+                return int(values.get(key, 0))
         return 0
 
     def exists(self, name: str) -> bool:

@@ -77,8 +77,8 @@ AUTO_LAZY_MIN_BYTES = 16 << 20
 
 def choose_strategy(requested: str, source: dict, dest: dict | None, memory: int) -> str:
     """The strategy to run: the operator's choice, or for `auto` the best the two hosts
-    support for a container whose dump copies `memory` bytes. `source`/`dest` are CRIU
-    capabilities."""
+    support for a container with `memory` bytes of private anonymous memory (what post-copy
+    takes out of the freeze). `source`/`dest` are CRIU capabilities."""
     if requested == "pre-copy" and not source.get("soft_dirty"):
         raise GodwitError("pre-copy is not supported on this host: "
                           "the kernel has no soft-dirty memory tracking")
