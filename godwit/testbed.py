@@ -28,8 +28,10 @@ class Testbed:
     __test__ = False  # not a pytest test class
 
     def __init__(self, hosts: list[str], *, prefix: str = "gwt",
-                 subnet: str = "10.231.0.0/24", agent_args: list[str] = ()) -> None:
-        self.agent_args = list(agent_args)
+                 subnet: str = "10.231.0.0/24", agent_args: list[str] = (),
+                 runc: str | None = None) -> None:
+        """`runc`: the runc binary of every agent (`godwit agent --runc`)."""
+        self.agent_args = [*(["--runc", runc] if runc else []), *agent_args]
         self.names = hosts
         self.prefix = prefix
         self.net = HostNetwork(prefix=prefix, subnet=subnet,
