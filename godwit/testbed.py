@@ -81,8 +81,9 @@ class Testbed:
         self.config_path.write_text(json.dumps({"hosts": hosts, "tls": tls}))
         self.operator_tls = operator
 
-    def start_agent(self, name: str) -> subprocess.Popen:
-        """Start (or restart) the agent of a host inside its network namespace."""
+    def start_agent(self, name: str, *extra_args: str) -> subprocess.Popen:
+        """Start (or restart) the agent of a host inside its network namespace; `extra_args`
+        (e.g. another `--runc`) come after the testbed's own agent arguments."""
         host = self.host(name)
         host.state_dir.mkdir(parents=True, exist_ok=True)
         log = open(host.state_dir / "agent.log", "ab")  # noqa: SIM115 - owned by the process
@@ -92,7 +93,7 @@ class Testbed:
                 "--name", name, "--tls-ca", str(files.ca), "--tls-cert", str(files.cert),
                 "--tls-key", str(files.key), "--tls-crl", str(files.crl),
                 "--netns-id", host.netns, "--container-bridge", str(host.bridge),
-                *self.agent_args]
+                *self.agent_args, *extra_args]
         proc = self.net.run_in(host, argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         self.agents[name] = proc
         self._wait_ready(name, proc)

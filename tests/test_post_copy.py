@@ -56,8 +56,9 @@ def test_post_copy_moves_1_gib_with_every_byte(bed: Testbed) -> None:
     bed.godwit("rm", "lazy1g")
 
 
-def test_post_copy_carries_memory_the_process_cannot_read_now(bed: Testbed) -> None:
+def test_post_copy_carries_memory_the_process_cannot_read_now(any_bed: Testbed) -> None:
     """Pages of a PROT_NONE mapping are lazy pages too; the source must still serve them."""
+    bed = any_bed
     _, before = start_memhog(bed, "noread", 256, protected_mib=32)
     report = cli_json(bed, "migrate", "noread", "--to", "b", "--strategy", "post-copy")
     assert report["result"] == "ok", report
