@@ -71,7 +71,8 @@ def test_counter_migrates_between_runc_releases(bed: Testbed, b_on_current_runc:
             assert report["result"] == "ok", report
             assert copies(bed, "xver") == [(to, "running")]
             # a restarted shell would count from 1 again; the migrated one goes on
-            after = wait_for(lambda r=rootfs_of(bed, "xver"): read_count(r), what="count")
+            dest_rootfs = rootfs_of(bed, "xver")
+            after = wait_for(lambda r=dest_rootfs: read_count(r), what="count")
             assert after >= before, f"counter restarted at {to}: {after} after {before}"
     finally:
         bed.godwit("rm", "xver")
