@@ -32,7 +32,8 @@ from godwit.migration.source import SourceContext, SourceMigration, migration_ne
 from godwit.network import ContainerNet
 from godwit.preflight import check_cpuinfo_image, run_checks
 from godwit.qos import QosPolicy, apply_policy, clear_policy, describe_policy
-from godwit.runc import Runc
+from godwit.runc import DEFAULT_RUNC, Runc
+from godwit.runc_features import RuncFeatures, probe_runc
 from godwit.tls import RevocationList, TLSFiles, client_context, peer_certificate
 
 log = logging.getLogger("godwit.agent")
@@ -45,13 +46,14 @@ class Agent:
 
     def __init__(self, name: str, state_dir: Path, runc_root: Path,
                  networking: HostNetworking | None = None, tls: TLSFiles | None = None,
-                 qos: QosSetting | None = None) -> None:
+                 qos: QosSetting | None = None, runc: str = DEFAULT_RUNC) -> None:
         self.tls = tls
         self.qos = qos
         self.port = DEFAULT_PORT
         self.name = name
         self.state_dir = state_dir
-        self.runc = Runc(runc_root, state_dir / "runc-work")
+        self.runc = Runc(runc_root, state_dir / "runc-work", runc)
+        self.runc_features: RuncFeatures | None = None
         self.store = ContainerStore(state_dir, self.runc, name, networking)
         self.failure_logs = FailureLogs(state_dir / "failed-logs")
         self.receiver = Receiver(self.store, state_dir, tls, self.failure_logs)
@@ -65,6 +67,8 @@ class Agent:
         for change in await asyncio.to_thread(tune_host):
             log.info("host tuned for CRIU: %s", change)
         self.caps = await probe()
+        self.runc_features = await probe_runc(self.runc.binary)
+        log.info("runc %s (%s)", self.runc_features.version, self.runc.binary)
         self.receiver.sweep()
         self.runc.sweep_logs()
         self.failure_logs.prune()
@@ -118,6 +122,7 @@ class Agent:
             "name": self.name,
             "godwit": __version__,
             "runc": await self.runc.version(),
+            "runc_features": self.runc_features.to_json() if self.runc_features else None,
             "criu": self.caps.to_json() if self.caps else None,
             "time": time.time(),
             "containers": len(await self.store.list()),

@@ -130,8 +130,10 @@ class ContainerStore:
         self.criu_config(name).write_text("\n".join(lines) + "\n")
 
     def cgroups_path(self, name: str) -> str:
-        """Per-host cgroup path, so that hosts sharing a kernel never collide."""
-        return f"/godwit/{self.host}/{name}"
+        """Per-host cgroup path, so that hosts sharing a kernel never collide: under the
+        host's netns id (per-kernel unique; the host name unless the agent was given
+        `--netns-id`, as testbeds do, whose hosts are all called a, b, ...)."""
+        return f"/godwit/{self.networking.netns_id}/{name}"
 
     def record(self, name: str) -> ContainerRecord:
         path = self.dir(name) / "record.json"

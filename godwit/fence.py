@@ -43,20 +43,21 @@ def decide(path: Path, new: str) -> str:
         return new
 
 
-def start_watchdog(decision: Path, seconds: float, runc_root: Path, name: str,
+def start_watchdog(decision: Path, seconds: float, runc: tuple[str, Path], name: str,
                    container_dir: Path, netns_id: str | None = None) -> None:
-    """Arm the watchdog; it outlives the agent. With `netns_id`, the container's netns is
-    deleted (isolating it) before the container is killed."""
+    """Arm the watchdog; it outlives the agent. `runc` is (binary, root) of the agent's
+    runc. With `netns_id`, the container's netns is deleted (isolating it) before the
+    container is killed."""
     decision.write_text(PENDING)
-    argv = [sys.executable, "-m", "godwit.fence", str(decision), str(seconds), str(runc_root),
-            name, str(container_dir), netns_id or ""]
+    argv = [sys.executable, "-m", "godwit.fence", str(decision), str(seconds), runc[0],
+            str(runc[1]), name, str(container_dir), netns_id or ""]
     subprocess.Popen(
         argv, start_new_session=True, close_fds=True,
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 
 
-def watchdog(decision: Path, seconds: float, runc_root: Path, name: str,
+def watchdog(decision: Path, seconds: float, runc: str, runc_root: Path, name: str,
              container_dir: Path, netns_id: str = "") -> None:
     """Sleep until the deadline; fence the container unless it was committed. An aborted
     copy is killed here too, in case the agent's own kill failed (killing is idempotent)."""
@@ -68,13 +69,12 @@ def watchdog(decision: Path, seconds: float, runc_root: Path, name: str,
             from godwit.network import delete_container_netns
 
             delete_container_netns(netns_id, name)
-        runc = os.environ.get("GODWIT_RUNC", "runc")
         subprocess.run([runc, "--root", str(runc_root), "delete", "--force", name],
                        stdin=subprocess.DEVNULL, capture_output=True, check=False)
         shutil.rmtree(container_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    decision_file, seconds, runc_root, container, container_dir, netns = sys.argv[1:7]
-    watchdog(Path(decision_file), float(seconds), Path(runc_root), container,
+    decision_file, seconds, runc, runc_root, container, container_dir, netns = sys.argv[1:8]
+    watchdog(Path(decision_file), float(seconds), runc, Path(runc_root), container,
              Path(container_dir), netns)

@@ -38,10 +38,11 @@ from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from godwit.network import DEFAULT_BRIDGE, NETNS_PREFIX
+from godwit.runc import CURRENT_RUNC, DEFAULT_RUNC
 
 DEFAULT_BASE_DIR = Path("/run/godwit-hosts")
 NETNS_DIR = Path("/run/netns")
-RUNC = "runc"
+RUNCS = (DEFAULT_RUNC, str(CURRENT_RUNC))  # a test host's agent may run either
 _CLONE_NEWNET = 0x40000000
 _PREFIX_RE = re.compile(r"[a-z][a-z0-9]{0,9}")  # "<prefix>-v254" must fit IFNAMSIZ-1 = 15
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,30}")
@@ -275,16 +276,22 @@ def _stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> None:
 
 
 def _delete_containers(runc_root: Path) -> None:
-    """``runc delete --force`` every container under ``runc_root`` (kills and removes cgroups)."""
+    """``runc delete --force`` every container under ``runc_root`` (kills and removes cgroups),
+    with the next runc binary when one leaves it there."""
     if not runc_root.is_dir():
         return
     for state in runc_root.glob("*/state.json"):
-        subprocess.run(
-            [RUNC, "--root", str(runc_root), "delete", "--force", state.parent.name],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            check=False,
-        )
+        for runc in RUNCS:
+            if not state.exists():
+                break
+            if not shutil.which(runc):
+                continue
+            subprocess.run(
+                [runc, "--root", str(runc_root), "delete", "--force", state.parent.name],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                check=False,
+            )
 
 
 def _delete_link(name: str) -> None:

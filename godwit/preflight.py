@@ -1,8 +1,8 @@
 """Pre-flight checks before a container is frozen: clocks, CRIU/runc, CPU, resources.
 
 Every check returns :class:`Finding` s; :func:`verdict` says whether the migration may go on.
-The host facts are the agents' ``/v1/info`` dicts (``criu``, ``runc``, ``mem_available``,
-``disk_free``).
+The host facts are the agents' ``/v1/info`` dicts (``criu``, ``runc``, ``runc_features``,
+``mem_available``, ``disk_free``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Literal
 
 from godwit.criu import run_criu
 from godwit.errors import GodwitError
+from godwit.runc_features import series
 
 Level = Literal["ok", "warn", "error"]
 Sample = tuple[float, float, float, float]  # t1 client send, t2 server recv, t3 server send, t4
@@ -101,7 +102,8 @@ def compare_criu(local_info: dict, remote_info: dict,
         findings.append(Finding("soft-dirty", "error",
                                 "pre-copy needs soft-dirty memory tracking on the source"))
     findings.append(_runc_versions(local_info.get("runc"), remote_info.get("runc")))
-    return findings
+    return findings + compare_runc(local_info.get("runc_features"),
+                                   remote_info.get("runc_features"), strategy)
 
 
 def _criu_versions(local: str | None, remote: str | None) -> Finding:
@@ -116,9 +118,37 @@ def _criu_versions(local: str | None, remote: str | None) -> Finding:
 
 
 def _runc_versions(local: str | None, remote: str | None) -> Finding:
+    """runc's feature releases are its minor versions (1.1, 1.3): warn when they differ."""
     if local == remote:
         return Finding("runc", "ok", f"runc {local} on both hosts")
+    if series(local) is not None and series(local) == series(remote):
+        return Finding("runc", "ok", f"runc {local} -> {remote}")
     return Finding("runc", "warn", f"runc versions differ: {local} -> {remote}")
+
+
+def compare_runc(local: dict | None, remote: dict | None, strategy: str) -> list[Finding]:
+    """Can the source's runc dump and the destination's restore as `strategy` needs?
+    (``runc_features`` of each host; an agent that does not report them is not judged.)"""
+    findings = []
+    if local and not local.get("checkpoint"):
+        findings.append(_runc_lacks("source", local, "checkpoint support"))
+    if remote and not remote.get("checkpoint"):
+        findings.append(_runc_lacks("destination", remote, "checkpoint support"))
+    if strategy == "post-copy" and local and not local.get("lazy_dump"):
+        findings.append(_runc_lacks("source", local, "`runc checkpoint --lazy-pages "
+                                    "--page-server --status-fd` (post-copy)"))
+    if strategy == "post-copy" and remote and not remote.get("lazy_restore"):
+        findings.append(_runc_lacks("destination", remote,
+                                    "`runc restore --lazy-pages` (post-copy)"))
+    if strategy == "pre-copy" and local and not local.get("pre_dump"):
+        findings.append(_runc_lacks("source", local,
+                                    "`runc checkpoint --pre-dump --parent-path` (pre-copy)"))
+    return findings
+
+
+def _runc_lacks(side: str, features: dict, what: str) -> Finding:
+    return Finding("runc", "error", f"runc {features.get('version')} on the {side} "
+                   f"({features.get('binary')}) lacks {what}")
 
 
 def _version(text: str | None) -> tuple[int, ...] | None:

@@ -22,7 +22,8 @@ from godwit import criu_gate, procfs
 from godwit.criu import CRIU
 from godwit.errors import GodwitError, NotFound
 
-RUNC = os.environ.get("GODWIT_RUNC", "runc")
+DEFAULT_RUNC = "runc"  # Debian's, on PATH; agents choose another with `--runc`
+CURRENT_RUNC = Path("/usr/local/lib/godwit/runc-1.3/runc")  # scripts/runc-current
 HOLD_TIMEOUT_S = 30.0  # runc's start-up until its CRIU request waits at the gate
 CALL_OFF_TIMEOUT_S = 10.0
 RESTORED_PID = "restored.pid"  # runc restore --pid-file, in the work dir
@@ -59,11 +60,9 @@ class CheckpointOptions:
 
 async def _spawn(argv: list[str], gate: CriuGate | None = None,
                  **kwargs) -> asyncio.subprocess.Process:
-    """Start a runc command, stdin detached; with a gate, its CRIU runs through the shim."""
-    env = None
-    if gate:
-        argv = [argv[0], "--criu", str(gate.shim), *argv[1:]]
-        env = {**os.environ, **gate.environment()}
+    """Start a runc command, stdin detached; with a gate, its CRIU runs through the shim
+    (runc runs the `criu` its PATH finds: runc 1.2 and later ignore `--criu`)."""
+    env = {**os.environ, **gate.environment()} if gate else None
     return await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, env=env, **kwargs)
 
@@ -128,10 +127,10 @@ async def _detached_outcome(log: Path, proc: asyncio.subprocess.Process,
 
 
 def install_gate(directory: Path) -> Path:
-    """Install `godwit.criu_gate` as an executable script run by this Python in isolated
-    mode (standard library only: it starts in ~10 ms)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / "criu-gate"
+    """Install `godwit.criu_gate` as `directory/criu-gate/criu`, an executable script run
+    by this Python in isolated mode (standard library only: it starts in ~10 ms)."""
+    target = directory / "criu-gate" / "criu"
+    target.parent.mkdir(parents=True, exist_ok=True)
     text = f"#!{sys.executable} -IS\n" + Path(criu_gate.__file__).read_text()
     if not target.exists() or target.read_text() != text:
         tmp = target.with_suffix(".tmp")
@@ -156,8 +155,12 @@ class CriuGate:
         self.conn: socket.socket | None = None
 
     def environment(self) -> dict[str, str]:
+        """runc's environment: the shim's directory first on PATH, the gate's name and the
+        real CRIU for the shim."""
         real = shutil.which(CRIU) or CRIU
-        return {criu_gate.GATE_ENV: f"@{self.name}", criu_gate.REAL_CRIU_ENV: real}
+        path = os.pathsep.join([str(self.shim.parent), os.environ.get("PATH", os.defpath)])
+        return {"PATH": path, criu_gate.GATE_ENV: f"@{self.name}",
+                criu_gate.REAL_CRIU_ENV: real}
 
     async def wait_held(self, proc: asyncio.subprocess.Process) -> None:
         """Until the CRIU request waits at the gate; RuncError if runc ends first."""
@@ -272,10 +275,12 @@ def _last_error_line(stderr: str) -> str:
 class Runc:
     """runc commands against one `--root` (one host's container state)."""
 
-    def __init__(self, root: Path, work_dir: Path | None = None) -> None:
+    def __init__(self, root: Path, work_dir: Path | None = None,
+                 binary: str = DEFAULT_RUNC) -> None:
         """`work_dir` keeps godwit's CRIU gate script and runc's logs (default: beside
-        `root`)."""
+        `root`); `binary` is the runc to run."""
         self.root = root
+        self.binary = binary
         self.work_dir = work_dir or root.with_name(f"{root.name}-godwit")
         self.log_dir = self.work_dir / "logs"
         self._gate_shim: Path | None = None
@@ -285,7 +290,7 @@ class Runc:
         shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def _argv(self, *args: str) -> list[str]:
-        return [RUNC, "--root", str(self.root), *args]
+        return [self.binary, "--root", str(self.root), *args]
 
     async def run_detached(self, name: str, bundle: Path) -> None:
         """Create and start a container whose stdio is /dev/null."""
@@ -463,7 +468,7 @@ class Runc:
         return held
 
     async def version(self) -> str:
-        out = await _run([RUNC, "--version"])
+        out = await _run([self.binary, "--version"])
         return out.splitlines()[0].removeprefix("runc version ").strip() if out else "unknown"
 
 

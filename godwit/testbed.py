@@ -28,8 +28,10 @@ class Testbed:
     __test__ = False  # not a pytest test class
 
     def __init__(self, hosts: list[str], *, prefix: str = "gwt",
-                 subnet: str = "10.231.0.0/24", agent_args: list[str] = ()) -> None:
-        self.agent_args = list(agent_args)
+                 subnet: str = "10.231.0.0/24", agent_args: list[str] = (),
+                 runc: str | None = None) -> None:
+        """`runc`: the runc binary of every agent (`godwit agent --runc`)."""
+        self.agent_args = [*(["--runc", runc] if runc else []), *agent_args]
         self.names = hosts
         self.prefix = prefix
         self.net = HostNetwork(prefix=prefix, subnet=subnet,
@@ -79,9 +81,11 @@ class Testbed:
         self.config_path.write_text(json.dumps({"hosts": hosts, "tls": tls}))
         self.operator_tls = operator
 
-    def start_agent(self, name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        """Start (or restart) the agent of a host inside its network namespace; `env` is
-        added to its environment (e.g. a godwit.faults point)."""
+    def start_agent(self, name: str, *extra_args: str,
+                    env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start (or restart) the agent of a host inside its network namespace; `extra_args`
+        (e.g. another `--runc`) come after the testbed's own agent arguments, `env` is added
+        to its environment (e.g. a godwit.faults point)."""
         host = self.host(name)
         host.state_dir.mkdir(parents=True, exist_ok=True)
         log = open(host.state_dir / "agent.log", "ab")  # noqa: SIM115 - owned by the process
@@ -91,7 +95,7 @@ class Testbed:
                 "--name", name, "--tls-ca", str(files.ca), "--tls-cert", str(files.cert),
                 "--tls-key", str(files.key), "--tls-crl", str(files.crl),
                 "--netns-id", host.netns, "--container-bridge", str(host.bridge),
-                *self.agent_args]
+                *self.agent_args, *extra_args]
         proc = self.net.run_in(host, argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                env={**os.environ, **(env or {})})
         self.agents[name] = proc

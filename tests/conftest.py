@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from godwit.netns import pick_free_subnet
+from godwit.runc import CURRENT_RUNC, DEFAULT_RUNC
 from godwit.testbed import Testbed
 
 pytest.register_assert_rewrite("netclient")  # its assert helpers report like test asserts
@@ -28,13 +29,46 @@ def _require_runtime() -> None:
         pytest.fail(f"criu check fails: {check.stdout}{check.stderr}".strip())
 
 
+def _current_runc() -> str:
+    """scripts/runc-current's runc; the test is skipped when it is not installed."""
+    if not os.access(CURRENT_RUNC, os.X_OK):
+        pytest.skip(f"no current runc at {CURRENT_RUNC}: scripts/runc-current could not "
+                    "build it (run it to see why)")
+    return str(CURRENT_RUNC)
+
+
 @pytest.fixture(scope="module")
 def bed() -> Iterator[Testbed]:
-    """Hosts a, b and c (c without containers: a spare destination)."""
+    """Hosts a and b, their agents on Debian's runc (or $GODWIT_TEST_RUNC)."""
     _require_runtime()
     prefix = f"gwt{os.getpid() % 100000}"
-    with Testbed(["a", "b"], prefix=prefix, subnet=pick_free_subnet()) as testbed:
+    with Testbed(["a", "b"], prefix=prefix, subnet=pick_free_subnet(),
+                 runc=os.environ.get("GODWIT_TEST_RUNC")) as testbed:
         yield testbed
+
+
+@pytest.fixture(scope="module")
+def current_bed() -> Iterator[Testbed]:
+    """Hosts a and b, their agents on the current runc (scripts/runc-current)."""
+    _require_runtime()
+    runc = _current_runc()
+    prefix = f"gwc{os.getpid() % 100000}"
+    with Testbed(["a", "b"], prefix=prefix, subnet=pick_free_subnet(), runc=runc) as testbed:
+        yield testbed
+
+
+@pytest.fixture(params=["runc-1.1", "runc-current"])
+def any_bed(request: pytest.FixtureRequest) -> Testbed:
+    """The test runs twice: agents on Debian's runc 1.1 (`bed`), and on the current runc
+    (`current_bed`, skipped when scripts/runc-current could not build it)."""
+    return request.getfixturevalue("bed" if request.param == "runc-1.1" else "current_bed")
+
+
+@pytest.fixture(params=["runc-1.1", "runc-current"])
+def runc_binary(request: pytest.FixtureRequest) -> str:
+    """Debian's runc, then the current one (skipped when it is not installed)."""
+    _require_runtime()
+    return DEFAULT_RUNC if request.param == "runc-1.1" else _current_runc()
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 20, what: str = "condition"):

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import _require_runtime, wait_for
+from conftest import wait_for
 
 from godwit import criu_gate
 from godwit.runc import CheckpointOptions, Runc, RuncError
@@ -28,18 +28,21 @@ def test_request_type_is_peeked_not_taken() -> None:
         assert shims.recv(16) == bytes([0x08, 0x02, 0x12, 0x00])
 
 
+def test_real_criu_gets_the_path_without_the_shim() -> None:
+    assert criu_gate.path_without("/w/criu-gate", "/w/criu-gate:/usr/bin:/bin") == "/usr/bin:/bin"
+
+
 @pytest.fixture
-def running(tmp_path: Path) -> Iterator[tuple[Runc, Path]]:
-    """A memhog container under a private runc root; (runc, its rootfs)."""
-    _require_runtime()
+def running(tmp_path: Path, runc_binary: str) -> Iterator[tuple[Runc, Path]]:
+    """A memhog container under a private runc root, for each runc; (runc, its rootfs)."""
     bundle = memhog_bundle(tmp_path / "bundle", 8)
-    runc = Runc(tmp_path / "runc")
+    runc = Runc(tmp_path / "runc", binary=runc_binary)
     asyncio.run(runc.run_detached(NAME, bundle))
     try:
         wait_for(lambda: read_state(bundle / "rootfs").get("status") == "ready", what="memhog")
         yield runc, bundle / "rootfs"
     finally:
-        subprocess.run(["runc", "--root", str(runc.root), "delete", "--force", NAME],
+        subprocess.run([runc.binary, "--root", str(runc.root), "delete", "--force", NAME],
                        capture_output=True, check=False)
 
 
@@ -89,11 +92,11 @@ def test_held_dump_runs_only_when_let_through(running, tmp_path: Path) -> None:
 
 
 def test_called_off_restore_leaves_no_container(running, tmp_path: Path) -> None:
-    _runc, rootfs = running
+    runc, rootfs = running
     images, work = tmp_path / "restore-images", tmp_path / "restore-work"
     images.mkdir()
     (images / "descriptors.json").write_text(json.dumps(STDIO))
-    other = Runc(tmp_path / "runc-b")
+    other = Runc(tmp_path / "runc-b", binary=runc.binary)
     bundle = rootfs.parent
 
     async def hold_then_call_off() -> None:
@@ -106,8 +109,8 @@ def test_called_off_restore_leaves_no_container(running, tmp_path: Path) -> None
     assert not (work / "restore.log").exists(), "CRIU never started"
 
 
-def test_runc_failing_before_the_gate_reports_its_own_error(tmp_path: Path) -> None:
-    _require_runtime()
-    runc = Runc(tmp_path / "runc")
+def test_runc_failing_before_the_gate_reports_its_own_error(tmp_path: Path,
+                                                            runc_binary: str) -> None:
+    runc = Runc(tmp_path / "runc", binary=runc_binary)
     with pytest.raises(RuncError, match="not exist"):
         asyncio.run(runc.hold_checkpoint("nosuch", dump_options(tmp_path)))

@@ -39,7 +39,8 @@ def remove(bed: Testbed, name: str) -> None:
     bed.godwit("rm", name)
 
 
-def test_counter_keeps_its_memory_across_migration(bed: Testbed) -> None:
+def test_counter_keeps_its_memory_across_migration(any_bed: Testbed) -> None:
+    bed = any_bed
     start(bed, "counter", counter_bundle(bed.bundle_dir("counter")))
     source_rootfs = rootfs_of(bed, "counter")
     wait_for(lambda: (read_count(source_rootfs) or 0) >= 20, what="counter to reach 20")

@@ -83,8 +83,9 @@ def test_a_task_that_exits_during_the_page_transfer_does_not_fail_it(bed: Testbe
     bed.godwit("rm", "churn")
 
 
-def test_post_copy_carries_memory_the_process_cannot_read_now(bed: Testbed) -> None:
+def test_post_copy_carries_memory_the_process_cannot_read_now(any_bed: Testbed) -> None:
     """Pages of a PROT_NONE mapping are lazy pages too; the source must still serve them."""
+    bed = any_bed
     _, before = start_memhog(bed, "noread", 256, protected_mib=32)
     report = cli_json(bed, "migrate", "noread", "--to", "b", "--strategy", "post-copy")
     assert report["result"] == "ok", report

@@ -181,3 +181,40 @@ def test_cpuinfo_dump_failure_is_an_operator_error(tmp_path: Path,
     monkeypatch.setattr(preflight, "run_criu", failing)
     with pytest.raises(GodwitError, match="boom"):
         asyncio.run(preflight.cpuinfo_dump(tmp_path))
+
+
+def runc_features(version: str = "1.3.6+ds1", **lacking: bool) -> dict:
+    features = {"binary": "/x/runc", "version": version, "checkpoint": True,
+                "lazy_dump": True, "lazy_restore": True, "pre_dump": True}
+    return {**features, **lacking}
+
+
+@pytest.mark.parametrize(("source", "dest", "strategy", "refused"), [
+    (runc_features(), runc_features(), "post-copy", None),
+    (runc_features(lazy_dump=False), runc_features(), "post-copy", "on the source"),
+    (runc_features(lazy_dump=False), runc_features(), "stop-and-copy", None),
+    (runc_features(), runc_features(lazy_restore=False), "post-copy", "on the destination"),
+    (runc_features(pre_dump=False), runc_features(), "pre-copy", "--pre-dump"),
+    (runc_features(), runc_features(checkpoint=False), "stop-and-copy", "checkpoint support"),
+    (None, None, "post-copy", None),  # an agent that does not report them is not judged
+])
+def test_runc_must_do_what_the_strategy_needs(source: dict | None, dest: dict | None,
+                                              strategy: str, refused: str | None) -> None:
+    findings = preflight.compare_criu(info(runc_features=source), info(runc_features=dest),
+                                      strategy=strategy)
+    assert verdict(findings) == (refused is None)
+    if refused:
+        assert refused in preflight.refusal(findings)
+        assert len(preflight.refusal(findings).splitlines()) == 1
+
+
+@pytest.mark.parametrize(("source", "dest", "level"), [
+    ("1.1.5+ds1", "1.1.5+ds1", "ok"),
+    ("1.1.5+ds1", "1.1.12", "ok"),  # same release series
+    ("1.1.5+ds1", "1.3.6+ds1", "warn"),
+    ("1.3.6+ds1", "missing", "warn"),
+])
+def test_another_runc_release_is_a_warning(source: str, dest: str, level: str) -> None:
+    findings = preflight.compare_criu(info(runc=source), info(runc=dest))
+    assert levels(findings)["runc"] == level
+    assert verdict(findings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 from pathlib import Path
 
 import click
@@ -13,6 +14,7 @@ from godwit.agent import Agent, QosSetting, default_name, serve
 from godwit.api import normalize_address
 from godwit.containers import HostNetworking
 from godwit.qos import QosPolicy
+from godwit.runc import DEFAULT_RUNC
 from godwit.tls import TLSFiles, server_context
 
 file_option = click.Path(dir_okay=False, exists=True)
@@ -24,6 +26,8 @@ file_option = click.Path(dir_okay=False, exists=True)
               type=click.Path(file_okay=False), help="Records, staging and reports.")
 @click.option("--runc-root", default="/run/godwit/runc", show_default=True,
               type=click.Path(file_okay=False), help="runc --root for this host's containers.")
+@click.option("--runc", "runc", default=DEFAULT_RUNC, show_default=True, envvar="GODWIT_RUNC",
+              help="The runc binary for this host's containers [env GODWIT_RUNC].")
 @click.option("--name", default=None, help="Host name reported to peers [default: hostname].")
 @click.option("--tls-ca", type=file_option, help="godwit CA certificate (PEM).")
 @click.option("--tls-cert", type=file_option, help="This agent's certificate (PEM).")
@@ -44,8 +48,8 @@ file_option = click.Path(dir_okay=False, exists=True)
               help="Plain HTTP, no authentication: only for an isolated lab network.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def agent(listen: str, state_dir: str, runc_root: str, name: str | None, tls_ca: str | None,
-          tls_cert: str | None, tls_key: str | None, tls_crl: str | None,
+def agent(listen: str, state_dir: str, runc_root: str, runc: str, name: str | None,
+          tls_ca: str | None, tls_cert: str | None, tls_key: str | None, tls_crl: str | None,
           container_bridge: str, netns_id: str | None, insecure: bool, log_level: str,
           **qos_options: object) -> None:
     """Serve this host's containers and accept migrations from authenticated peers."""
@@ -57,10 +61,18 @@ def agent(listen: str, state_dir: str, runc_root: str, name: str | None, tls_ca:
     host = name or default_name()
     networking = HostNetworking(netns_id or host, container_bridge)
     host_agent = Agent(host, state, Path(runc_root), networking=networking, tls=files,
-                       qos=_qos(**qos_options))
+                       qos=_qos(**qos_options), runc=_runc_binary(runc))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(host_agent, normalize_address(listen),
                           server_context(files) if files else None))
+
+
+def _runc_binary(runc: str) -> str:
+    """The runc to use, as a path or a name on PATH; a usage error if there is none."""
+    found = shutil.which(runc)
+    if not found:
+        raise click.UsageError(f"--runc: no executable runc at {runc}")
+    return found
 
 
 def _qos(qos_uplink: str | None, qos_link_mbit: float | None,

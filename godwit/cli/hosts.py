@@ -36,18 +36,26 @@ def hosts(click_ctx: click.Context, as_json: bool) -> None:
 
 def _hosts_table(ctx: Context, found: dict) -> Table:
     table = Table(box=None, header_style="bold")
-    for column in ("HOST", "ADDRESS", "STATE", "CONTAINERS", "CRIU", "LAZY", "MEM FREE"):
+    for column in ("HOST", "ADDRESS", "STATE", "CONTAINERS", "CRIU", "RUNC", "LAZY",
+                   "MEM FREE"):
         table.add_column(column)
     for host, info in found.items():
         address = ctx.config.hosts.get(host, host)
         if isinstance(info, GodwitError):
-            table.add_row(host, address, f"[red]down[/]: {info}", "", "", "", "")
+            table.add_row(host, address, f"[red]down[/]: {info}", "", "", "", "", "")
             continue
         criu = info.get("criu") or {}
         table.add_row(host, address, "[green]up[/]", str(info["containers"]),
                       criu.get("version", "?") + ("" if criu.get("check_ok") else " (broken)"),
-                      "yes" if criu.get("lazy_pages") else "no", size(info["mem_available"]))
+                      str(info.get("runc", "?")), "yes" if _lazy_pages(info) else "no",
+                      size(info["mem_available"]))
     return table
+
+
+def _lazy_pages(info: dict) -> bool:
+    """Post-copy can restore here: CRIU has lazy pages and runc `restore --lazy-pages`."""
+    runc = info.get("runc_features") or {"lazy_restore": True}
+    return bool((info.get("criu") or {}).get("lazy_pages") and runc.get("lazy_restore"))
 
 
 @hosts.command("add")

@@ -253,7 +253,8 @@ class Receiver:
                                  private_netns=bool(request.get("private_netns")))
         self.store.save(record)
         fence.start_watchdog(staging / "decision", float(request.get("commit_timeout", 60)),
-                             self.store.runc.root, name, self.store.dir(name),
+                             (self.store.runc.binary, self.store.runc.root), name,
+                             self.store.dir(name),
                              self.store.networking.netns_id if record.owns_netns else None)
         lazy = await self._start_lazy_pages(staging, page_server) if page_server else None
         try:

@@ -1,0 +1,78 @@
+"""Agents on Debian's runc 1.1 and on the current runc (scripts/runc-current): what they
+report, what pre-flight makes of them, and a migration between the two."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import _current_runc, cli_json, copies, wait_for
+
+from godwit.bundle import counter_bundle, read_count
+from godwit.runc_features import series
+from godwit.testbed import Testbed
+
+pytestmark = pytest.mark.integration
+
+
+def runc_version(binary: str) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True)
+    return out.stdout.splitlines()[0].removeprefix("runc version ")
+
+
+def test_agents_report_their_runc_and_its_checkpoint_features(any_bed: Testbed) -> None:
+    info = cli_json(any_bed, "hosts")["a"]
+    features = info["runc_features"]
+    assert info["runc"] == features["version"] == runc_version(features["binary"])
+    assert features["checkpoint"] and features["lazy_dump"] and features["lazy_restore"]
+    assert features["pre_dump"]
+
+
+@pytest.fixture
+def b_on_current_runc(bed: Testbed) -> Iterator[str]:
+    """Host b's agent restarted on the current runc (a on Debian's); yields its version."""
+    current = _current_runc()
+    bed.stop_agent("b")
+    try:
+        bed.start_agent("b", "--runc", current)
+        yield runc_version(current)
+    finally:
+        bed.stop_agent("b")
+        bed.start_agent("b")
+
+
+def test_pre_flight_warns_of_another_runc_release(bed: Testbed, b_on_current_runc: str) -> None:
+    local = runc_version("runc")
+    assert series(local) != series(b_on_current_runc), "the test needs two runc releases"
+    findings = cli_json(bed, "check", "b", "--from", "a")["a"]["findings"]
+    runc = [f for f in findings if f["check"] == "runc"]
+    assert [f["level"] for f in runc] == ["warn"], runc
+    assert local in runc[0]["message"] and b_on_current_runc in runc[0]["message"]
+
+
+def rootfs_of(bed: Testbed, name: str) -> Path:
+    return Path(next(r["rootfs"] for r in cli_json(bed, "ps")["containers"]
+                     if r["name"] == name))
+
+
+def test_counter_migrates_between_runc_releases(bed: Testbed, b_on_current_runc: str) -> None:
+    """Dumped by runc 1.1 and restored by the current runc, then back: the count goes on."""
+    bundle = counter_bundle(bed.bundle_dir("xver"))
+    result = bed.godwit("run", "xver", "--bundle", str(bundle), "--host", "a")
+    assert result.returncode == 0, result.stderr
+    try:
+        for to in ("b", "a"):
+            source_rootfs = rootfs_of(bed, "xver")
+            before = wait_for(lambda r=source_rootfs: (c := read_count(r) or 0) >= 10 and c,
+                              what="counter")
+            report = cli_json(bed, "migrate", "xver", "--to", to)
+            assert report["result"] == "ok", report
+            assert copies(bed, "xver") == [(to, "running")]
+            # a restarted shell would count from 1 again; the migrated one goes on
+            dest_rootfs = rootfs_of(bed, "xver")
+            after = wait_for(lambda r=dest_rootfs: read_count(r), what="count")
+            assert after >= before, f"counter restarted at {to}: {after} after {before}"
+    finally:
+        bed.godwit("rm", "xver")
