@@ -91,9 +91,9 @@ def read_layout(layout: Path, tag: str | None, what: str) -> Manifest:
     """The manifest `tag` names in an OCI layout (the only or `latest` one without a tag),
     its blobs checked against their digests; `what` names the image in errors."""
     if not layout.exists():
-        raise ImageError(f"{what}: no such directory {layout}")
+        raise ImageError(f"{what}: no such directory")
     if not layout.is_dir():
-        raise ImageError(f"{what}: {layout} is not a directory")
+        raise ImageError(f"{what}: not a directory")
     index = _layout_index(layout, what)
     tags = {d.get("annotations", {}).get(REF_NAME): d for d in index}
     tags.pop(None, None)
@@ -116,12 +116,12 @@ def _layout_index(layout: Path, what: str) -> list[dict]:
         marker = json.loads((layout / "oci-layout").read_text())
         index = json.loads((layout / "index.json").read_text())
     except (OSError, ValueError) as exc:
-        raise ImageError(f"{what}: {layout} is not an OCI image layout "
+        raise ImageError(f"{what}: not an OCI image layout "
                          "(no valid oci-layout and index.json)") from exc
     manifests = index.get("manifests") if isinstance(index, dict) else None
     if not isinstance(marker, dict) or "imageLayoutVersion" not in marker or \
             not isinstance(manifests, list) or not all(isinstance(d, dict) for d in manifests):
-        raise ImageError(f"{what}: {layout} is not an OCI image layout")
+        raise ImageError(f"{what}: not an OCI image layout")
     return manifests
 
 
@@ -184,6 +184,7 @@ def tool_reason(stderr: str) -> str:
         return "failed"
     match = re.search(r'msg="((?:[^"\\]|\\.)*)"', lines[-1])
     text = match.group(1).replace('\\"', '"') if match else lines[-1]
+    text = re.sub(r"^initializing source \S+: ", "", text)  # skopeo names the archive again
     return text.lstrip("\u2a2f\u2022 ").strip()  # umoci's cross and bullet
 
 
@@ -193,8 +194,7 @@ async def fetch(ref: ImageRef, staging: Path) -> tuple[Path, Manifest]:
     if ref.transport == "oci":
         return ref.path, await asyncio.to_thread(read_layout, ref.path, ref.tag, str(ref))
     if not ref.path.is_file():
-        raise ImageError(f"{ref}: no such file {ref.path}" if not ref.path.exists()
-                         else f"{ref}: {ref.path} is not a file")
+        raise ImageError(f"{ref}: {'not a file' if ref.path.exists() else 'no such file'}")
     layout = staging / "layout"
     await _tool(["skopeo", "copy", "--quiet", f"docker-archive:{ref.path}",
                  f"oci:{layout}:{CONVERTED_TAG}"], str(ref), staging)
@@ -233,10 +233,13 @@ async def create_from_image(store: ContainerStore, name: str, reference: str,
         await unpack(layout, manifest, staging / "rootfs", str(ref))
         provenance = Provenance(str(ref), manifest.digest,
                                 exposed_ports(manifest.config.get("config") or {}))
-        config = runtime_config(
-            manifest.config, overrides, provenance, hostname=name,
-            passwd=read_image_file(staging / "rootfs", "etc/passwd"),
-            group=read_image_file(staging / "rootfs", "etc/group"))
+        try:
+            config = runtime_config(
+                manifest.config, overrides, provenance, hostname=name,
+                passwd=read_image_file(staging / "rootfs", "etc/passwd"),
+                group=read_image_file(staging / "rootfs", "etc/group"))
+        except ImageError as exc:
+            raise ImageError(f"{ref}: {exc}") from exc
         record = ContainerRecord(name, str(store.dir(name) / "rootfs"), True, time.time(),
                                  **provenance_fields(config))
         return await store.start(record, config, net, rootfs_from=staging / "rootfs")

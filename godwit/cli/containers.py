@@ -72,7 +72,7 @@ def run_cmd(ctx: Context, name: str, bundle: str | None, image: str | None,
     else:
         console.print(f"{name} running on {result['host']}" + (
             f" (image {result['image']}, {result['image_digest']})" if image else ""),
-            markup=False)
+            markup=False, soft_wrap=True)
 
 
 def _only_host(ctx: Context) -> str:
