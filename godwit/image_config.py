@@ -172,10 +172,36 @@ def exposed_ports(settings: dict[str, Any]) -> tuple[str, ...]:
     return tuple(sorted(settings.get("ExposedPorts") or {}))
 
 
+def image_settings(image_config: dict[str, Any]) -> dict[str, Any]:
+    """The `config` section of an image config, its members' types checked."""
+    settings = image_config.get("config")
+    settings = {} if settings is None else settings
+    if not isinstance(settings, dict):
+        raise ImageError("the image config's config section is not an object")
+    for key in ("Entrypoint", "Cmd", "Env"):
+        if settings.get(key) is not None and not _strings(settings[key]):
+            raise ImageError(f"the image config's {key} is not a list of strings")
+    for key in ("User", "WorkingDir"):
+        if settings.get(key) is not None and not isinstance(settings[key], str):
+            raise ImageError(f"the image config's {key} is not a string")
+    if settings.get("ExposedPorts") is not None and \
+            not isinstance(settings["ExposedPorts"], dict):
+        raise ImageError("the image config's ExposedPorts is not an object")
+    return settings
+
+
+def check_before_unpack(image_config: dict[str, Any], overrides: Overrides) -> None:
+    """What can be refused before unpacking: the config's types, the command, the workdir
+    (a user is resolved against the image's files once unpacked)."""
+    settings = image_settings(image_config)
+    image_command(settings, overrides)
+    working_dir(settings, overrides)
+
+
 def runtime_config(image_config: dict[str, Any], overrides: Overrides, provenance: Provenance,
                    *, passwd: str, group: str, hostname: str) -> dict[str, Any]:
     """godwit's config.json for a container of this image (its provenance annotated)."""
-    settings = image_config.get("config") or {}
+    settings = image_settings(image_config)
     kwargs = process_settings(settings, overrides, passwd=passwd, group=group)
     config = oci_config(kwargs.pop("args"), hostname=hostname, **kwargs)
     config["annotations"] = {ANNOTATION_IMAGE: provenance.image,

@@ -10,6 +10,7 @@ the one way every container does (ContainerStore.start), with the config image_c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,9 @@ from godwit.image_config import (
     ImageError,
     Overrides,
     Provenance,
+    check_before_unpack,
     exposed_ports,
+    image_settings,
     provenance_fields,
     runtime_config,
 )
@@ -95,7 +99,7 @@ def read_layout(layout: Path, tag: str | None, what: str) -> Manifest:
     if not layout.is_dir():
         raise ImageError(f"{what}: not a directory")
     index = _layout_index(layout, what)
-    tags = {d.get("annotations", {}).get(REF_NAME): d for d in index}
+    tags = {_field(d, "annotations").get(REF_NAME): d for d in index}
     tags.pop(None, None)
     tag = tag or _default_tag(index, tags, what)
     if tag not in tags:
@@ -106,9 +110,15 @@ def read_layout(layout: Path, tag: str | None, what: str) -> Manifest:
         raise ImageError(f"{what}: tag {tag!r} is a {descriptor.get('mediaType')}, not an "
                          "image manifest (multi-platform indexes are not supported)")
     manifest = _blob_json(layout, descriptor.get("digest"), what)
-    config = _blob_json(layout, (manifest.get("config") or {}).get("digest"), what)
+    config = _blob_json(layout, _field(manifest, "config").get("digest"), what)
     _check_platform(config, what)
     return Manifest(tag, descriptor["digest"], config)
+
+
+def _field(value: dict, key: str) -> dict:
+    """A JSON object member that must be an object ({} when absent or of another type)."""
+    member = value.get(key)
+    return member if isinstance(member, dict) else {}
 
 
 def _layout_index(layout: Path, what: str) -> list[dict]:
@@ -230,21 +240,30 @@ async def create_from_image(store: ContainerStore, name: str, reference: str,
     staging.mkdir(parents=True)
     try:
         layout, manifest = await fetch(ref, staging)
+        with _about(ref):
+            check_before_unpack(manifest.config, overrides)
         await unpack(layout, manifest, staging / "rootfs", str(ref))
-        provenance = Provenance(str(ref), manifest.digest,
-                                exposed_ports(manifest.config.get("config") or {}))
-        try:
+        with _about(ref):
             config = runtime_config(
-                manifest.config, overrides, provenance, hostname=name,
+                manifest.config, overrides, hostname=name,
+                provenance=Provenance(str(ref), manifest.digest,
+                                      exposed_ports(image_settings(manifest.config))),
                 passwd=read_image_file(staging / "rootfs", "etc/passwd"),
                 group=read_image_file(staging / "rootfs", "etc/group"))
-        except ImageError as exc:
-            raise ImageError(f"{ref}: {exc}") from exc
         record = ContainerRecord(name, str(store.dir(name) / "rootfs"), True, time.time(),
                                  **provenance_fields(config))
         return await store.start(record, config, net, rootfs_from=staging / "rootfs")
     finally:
         await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _about(ref: ImageRef) -> Iterator[None]:
+    """Name the image in an error of its config or of the overrides."""
+    try:
+        yield
+    except ImageError as exc:
+        raise ImageError(f"{ref}: {exc}") from exc
 
 
 def sweep(state_dir: Path) -> None:

@@ -14,6 +14,7 @@ from godwit.image_config import (
     ImageError,
     Overrides,
     Provenance,
+    check_before_unpack,
     process_settings,
     provenance_fields,
     resolve_user,
@@ -223,3 +224,17 @@ def test_bad_layouts_are_refused(tmp_path: Path, setup: str, message: str) -> No
         make_layout(layout, ["a"], arch="s390x")
     with pytest.raises(ImageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         read_layout(layout, tag, "img")
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"config": []}, "config section is not an object"),
+    ({"config": {"Entrypoint": "/bin/sh"}}, "Entrypoint is not a list of strings"),
+    ({"config": {"Env": [1]}}, "Env is not a list of strings"),
+    ({"config": {"User": 0}}, "User is not a string"),
+    ({"config": {"ExposedPorts": ["80/tcp"]}}, "ExposedPorts is not an object"),
+    ({"config": {"Env": ["A=1"]}}, "neither Entrypoint nor Cmd"),
+])
+def test_malformed_image_configs_are_refused_before_unpacking(config: dict,
+                                                              message: str) -> None:
+    with pytest.raises(ImageError, match=message):
+        check_before_unpack(config, Overrides())
