@@ -17,6 +17,7 @@ import pytest
 from conftest import cli_json
 from netclient import Client
 
+from godwit import network
 from godwit.netns import TestHost
 from godwit.testbed import Testbed
 from godwit.workloads.images import TAG, WHITED_OUT, TestImage, netserver_image
@@ -187,6 +188,7 @@ def corrupt_archive(image: TestImage, work: Path) -> Path:
     ("bad-ref", "invalid image reference 'docker://busybox'"),
     ("bad-env", "invalid --env entry 'NOEQUALS'"),
     ("bundle-and-image", "give either --bundle DIR or --image REF"),
+    ("runc-refuses", "runc run failed"),  # unpacked and placed, then undone
 ])
 def test_bad_references_are_refused_in_one_line(bed: Testbed, image: TestImage,
                                                 tmp_path: Path, case: str,
@@ -210,6 +212,8 @@ def test_bad_references_are_refused_in_one_line(bed: Testbed, image: TestImage,
         extra = ["--env", "NOEQUALS"]
     elif case == "bundle-and-image":
         extra = ["--bundle", str(tmp_path)]
+    elif case == "runc-refuses":
+        extra = ["--workdir", "/bin/netserver"]
     result = bed.godwit("run", "bad", "--image", ref, "--host", "a", *extra)
     assert result.returncode != 0
     lines = result.stderr.splitlines()
@@ -218,4 +222,5 @@ def test_bad_references_are_refused_in_one_line(bed: Testbed, image: TestImage,
     state = bed.host("a").state_dir
     assert not (state / "containers" / "bad").exists()
     assert not list((state / "unpacking").glob("*")), "an unpack was left behind"
+    assert not network.netns_path(bed.host("a").netns, "bad").exists()
     assert "bad" not in [r["name"] for r in cli_json(bed, "ps")["containers"]]
