@@ -111,6 +111,8 @@ def test_server_from_an_image_migrates_with_its_provenance(
         client.wait_replies(30)
     finally:
         client.close()
+    print(f"\nimage {kind}, {strategy}: downtime {report['downtime_s'] * 1e3:.0f} ms, "
+          f"client stall {client.max_stall() * 1e3:.0f} ms, rootfs {report['rootfs_bytes']} B")
     client.assert_stream_intact()
     assert report["result"] == "ok" and report["strategy"] == strategy
     assert (report["image"], report["image_digest"]) == (ref, digest)
