@@ -17,11 +17,12 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from godwit import __version__, faults
+from godwit import __version__, faults, images
 from godwit.api import DEFAULT_PORT, AgentClient
 from godwit.containers import ContainerStore, HostNetworking
 from godwit.criu import CriuCapabilities, probe, tune_host
 from godwit.errors import Conflict, GodwitError, NotFound
+from godwit.image_config import Overrides
 from godwit.migration import MigrationOptions, choose_strategy
 from godwit.migration.failure_logs import FailureLogs
 from godwit.migration.post_copy import PostCopy
@@ -70,6 +71,7 @@ class Agent:
         self.runc_features = await probe_runc(self.runc.binary)
         log.info("runc %s (%s)", self.runc_features.version, self.runc.binary)
         self.receiver.sweep()
+        images.sweep(self.state_dir)
         self.runc.sweep_logs()
         self.failure_logs.prune()
         self.recovery = asyncio.create_task(self.recover_outgoing())
@@ -141,7 +143,13 @@ class Agent:
     async def run_container(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
         net = _container_net(body.get("net"))
-        await self.store.create(str(body.get("name", "")), Path(str(body.get("bundle", ""))), net)
+        if body.get("image") is not None:
+            await images.create_from_image(self.store, str(body.get("name", "")),
+                                           str(body["image"]),
+                                           Overrides.from_json(body.get("overrides")), net)
+        else:
+            await self.store.create(str(body.get("name", "")),
+                                    Path(str(body.get("bundle", ""))), net)
         return web.json_response(await self.store.describe(body["name"]), status=201)
 
     async def remove_container(self, request: web.Request) -> web.Response:
@@ -212,10 +220,11 @@ class Agent:
         return await _stream_events(request, events)
 
     def new_report(self, name: str, options: MigrationOptions) -> MigrationReport:
+        record = self.store.record(name)
         return MigrationReport(
             id=str(uuid.uuid4()), container=name, source=self.name,
             destination=options.to, strategy=self.pick_strategy(options, name, None),
-            options=options.to_json(),
+            options=options.to_json(), image=record.image, image_digest=record.image_digest,
         )
 
     def pick_strategy(self, options: MigrationOptions, name: str | None,

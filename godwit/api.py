@@ -4,7 +4,10 @@ The protocol (all JSON unless noted, errors are `{"error": "one line"}` with 4xx
 
     GET    /v1/info                          host facts: versions, CRIU features, time, resources
     GET    /v1/containers                    containers of this host
-    POST   /v1/containers                    {"name", "bundle", "net"?}: start from a bundle dir
+    POST   /v1/containers                    {"name", "bundle", "net"?}: start from a bundle dir,
+                                             or {"name", "image", "overrides"?, "net"?} from
+                                             an image (godwit.images; overrides: "env",
+                                             "user", "workdir", "args")
     GET    /v1/containers/{name}             one container
     DELETE /v1/containers/{name}             kill and remove
     POST   /v1/containers/{name}/exec        {"argv"} -> {"exit_code", "stdout", "stderr"}
@@ -132,6 +135,11 @@ class AgentClient:
 
     async def run(self, name: str, bundle: str, net: dict | None = None) -> dict:
         body = {"name": name, "bundle": bundle, "net": net}
+        return await self.request("POST", "/v1/containers", json=body)
+
+    async def run_image(self, name: str, image: str, overrides: dict | None = None,
+                        net: dict | None = None) -> dict:
+        body = {"name": name, "image": image, "overrides": overrides, "net": net}
         return await self.request("POST", "/v1/containers", json=body)
 
     async def remove(self, name: str) -> dict:

@@ -52,6 +52,9 @@ class ContainerRecord:
     origin: str | None = None
     net: dict | None = None  # ContainerNet.to_json() of a container on the host bridge
     private_netns: bool = False  # godwit made its netns (loopback only), see create()
+    image: str | None = None  # provenance of a container run from an image (godwit.images)
+    image_digest: str | None = None
+    exposed_ports: list[str] | None = None
 
     @property
     def owns_netns(self) -> bool:
@@ -208,23 +211,39 @@ class ContainerStore:
                      net: ContainerNet | None = None) -> ContainerRecord:
         """Start a container from an operator's bundle directory (used in place)."""
         check_name(name)
+        config, rootfs = _read_bundle(bundle)
+        return await self.start(ContainerRecord(name, str(rootfs), False, time.time()),
+                                config, net)
+
+    async def check_new(self, name: str) -> None:
+        """Refuse a name this host already has a container (or a runc container) of."""
+        check_name(name)
         if self.exists(name) or await self._runc_knows(name):
             raise Conflict(f"container {name} already exists on {self.host}")
-        config, rootfs = _read_bundle(bundle)
+
+    async def start(self, record: ContainerRecord, config: dict, net: ContainerNet | None,
+                    *, rootfs_from: Path | None = None) -> ContainerRecord:
+        """The one way a container is created here: record, owned rootfs (moved from
+        `rootfs_from` to record.rootfs), netns, this host's bundle, `runc run`; a failure
+        undoes all of it."""
+        name = record.name
+        await self.check_new(name)
         if net:
             self.check_address_free(net)
-        record = ContainerRecord(name, str(rootfs), False, time.time(),
-                                 net=net.to_json() if net else None,
-                                 private_netns=not net and wants_own_netns(config))
+        record.net = net.to_json() if net else None
+        record.private_netns = not net and wants_own_netns(config)
         self.save(record)
         try:
+            if rootfs_from:
+                rootfs_from.rename(record.rootfs)
             if net:
                 await asyncio.to_thread(self.networking.create, name, net)
             elif record.private_netns:
                 await asyncio.to_thread(self.networking.create_private, name)
-            bundle_dir = self.install_bundle(name, config, rootfs, record.owns_netns)
+            bundle_dir = self.install_bundle(name, config, Path(record.rootfs),
+                                             record.owns_netns)
             await self.runc.run_detached(name, bundle_dir)
-        except GodwitError:
+        except (GodwitError, OSError):
             await self.discard(record)
             raise
         return record

@@ -21,6 +21,8 @@ from godwit.cli.common import (
 )
 from godwit.cli.render import containers_table, findings_table, follow_migration, report_table
 from godwit.errors import GodwitError
+from godwit.image_config import Overrides
+from godwit.images import absolute_reference
 from godwit.migration import STRATEGIES, MigrationOptions
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -29,27 +31,48 @@ host_option = click.option("--host", "-H", help="Host name from the config, or A
 
 @click.command("run")
 @click.argument("name")
-@click.option("--bundle", required=True, type=click.Path(file_okay=False),
+@click.option("--bundle", type=click.Path(file_okay=False),
               help="OCI bundle directory (config.json + rootfs) on the host.")
+@click.option("--image", help="Image on the host: oci:DIR[:TAG] or docker-archive:FILE.")
+@click.option("--env", "-e", multiple=True, metavar="K=V",
+              help="With --image: set an environment variable (repeatable).")
+@click.option("--user", "-u", help="With --image: run as user[:group] or uid[:gid].")
+@click.option("--workdir", "-w", help="With --image: the working directory.")
 @click.option("--ip", help="Give the container this address (CIDR) on the host bridge.")
 @click.option("--gateway", help="Default gateway of the container (with --ip).")
+@click.argument("args", nargs=-1)
 @host_option
 @json_option
 @pass_ctx
-def run_cmd(ctx: Context, name: str, bundle: str, ip: str | None, gateway: str | None,
-            host: str | None, as_json: bool) -> None:
-    """Start container NAME from a bundle on a host (stdio is /dev/null)."""
+def run_cmd(ctx: Context, name: str, bundle: str | None, image: str | None,
+            env: tuple[str, ...], user: str | None, workdir: str | None,
+            args: tuple[str, ...], ip: str | None, gateway: str | None, host: str | None,
+            as_json: bool) -> None:
+    """Start container NAME from a bundle or an image on a host (stdio is /dev/null).
+    With --image, ARGS (after --) replace the image's Cmd."""
     target = host or _only_host(ctx)
     if gateway and not ip:
         raise GodwitError("--gateway needs --ip")
+    if bool(bundle) == bool(image):
+        raise GodwitError("give either --bundle DIR or --image REF")
+    if bundle and (env or user or workdir or args):
+        raise GodwitError("--env, --user, --workdir and ARGS go with --image only")
     net = {"ip": ip, "gateway": gateway} if ip else None
+    overrides = Overrides(env, user, workdir, args or None).to_json()
 
     async def go() -> dict:
-        async with ctx.client(target) as agent:
-            return await agent.run(name, str(Path(bundle).resolve()), net)
+        async with ctx.client(target, timeout=600) as agent:
+            if image:
+                return await agent.run_image(name, absolute_reference(image), overrides, net)
+            return await agent.run(name, str(Path(bundle or "").resolve()), net)
 
     result = run(go())
-    emit_json(result) if as_json else console.print(f"{name} running on {result['host']}")
+    if as_json:
+        emit_json(result)
+    else:
+        console.print(f"{name} running on {result['host']}" + (
+            f" (image {result['image']}, {result['image_digest']})" if image else ""),
+            markup=False, soft_wrap=True)
 
 
 def _only_host(ctx: Context) -> str:

@@ -35,12 +35,20 @@ def seconds(s: float | None) -> str:
 
 def containers_table(rows: list[dict]) -> Table:
     table = Table(box=None, header_style="bold")
-    for column in ("NAME", "HOST", "STATUS", "PID", "FROM"):
+    for column in ("NAME", "HOST", "STATUS", "PID", "FROM", "IMAGE"):
         table.add_column(column)
     for row in rows:
         table.add_row(row["name"], row["host"], row["status"], str(row["pid"]),
-                      row.get("origin") or "")
+                      row.get("origin") or "", short_image(row))
     return table
+
+
+def short_image(row: dict) -> str:
+    """`NAME[:TAG]@DIGEST12` of a container run from an image ('' for a bundle)."""
+    if not row.get("image"):
+        return ""
+    digest = (row.get("image_digest") or "").removeprefix("sha256:")[:12]
+    return f"{row['image'].rsplit('/', 1)[-1]}@{digest}"
 
 
 LEVEL_STYLE = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "error": "[red]error[/]"}
@@ -78,6 +86,8 @@ def report_table(report: dict) -> Table:
     ]
     if report.get("error"):
         rows.insert(1, ("error", report["error"]))
+    if report.get("image"):
+        rows.insert(2, ("from image", f"{report['image']} ({report.get('image_digest')})"))
     for key, value in rows:
         table.add_row(key, value)
     for phase in report.get("phases", []):

@@ -23,6 +23,7 @@ from godwit import faults, fence, procfs
 from godwit.containers import ContainerRecord, ContainerStore, check_name
 from godwit.criu import LAZY_LOG, lazy_pages_verdict, log_error, start_lazy_pages
 from godwit.errors import Conflict, GodwitError, NotFound
+from godwit.image_config import provenance_fields
 from godwit.migration.failure_logs import FailureLogs
 from godwit.network import ContainerNet, PacketHold
 from godwit.runc import RUNC_LOG, HeldRunc
@@ -250,7 +251,8 @@ class Receiver:
         record = ContainerRecord(name, str(rootfs), not request.get("shared_rootfs"),
                                  time.time(), origin=request.get("source"),
                                  net=request.get("net"),
-                                 private_netns=bool(request.get("private_netns")))
+                                 private_netns=bool(request.get("private_netns")),
+                                 **provenance_fields(request.get("config") or {}))
         self.store.save(record)
         fence.start_watchdog(staging / "decision", float(request.get("commit_timeout", 60)),
                              (self.store.runc.binary, self.store.runc.root), name,

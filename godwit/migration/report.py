@@ -45,6 +45,8 @@ class MigrationReport:
     wire_bytes: int = 0
     held_packets: int = 0
     pages: str | None = None  # post-copy: what the destination's page transfer did
+    image: str | None = None  # the container's image reference and manifest digest
+    image_digest: str | None = None
     options: dict = field(default_factory=dict)
     preflight: list[dict] = field(default_factory=list)
     phases: list[Phase] = field(default_factory=list)
