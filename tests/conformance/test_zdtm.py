@@ -30,6 +30,7 @@ SUBSET = [
     "pthread00",       # a thread group
     "file_shared",     # a shared file mapping
     "stopped01",       # a task in stopped state (SIGSTOP) inside the frozen cgroup
+    "tempfs_ro",       # a read-only tmpfs holding a file (CRIU patches 0004 + 0009)
 ]
 STRATEGIES = ["stop-and-copy", "post-copy"]
 
