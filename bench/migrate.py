@@ -37,13 +37,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
-import hashlib
 import json
 import os
-import platform
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -54,7 +50,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import podman_peer
-from rich.console import Console
+from common import ROOT, console, machine_info, markdown, run_main
 from rich.table import Table
 
 from godwit.bundle import load_config, rewrite_for_host, save_config
@@ -62,7 +58,6 @@ from godwit.netns import pick_free_subnet
 from godwit.testbed import Testbed
 from godwit.workloads import memhog_bundle, read_state
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "results" / "migrate.json"
 PREFIX = "gwbench"
 MiB = 1 << 20
@@ -72,7 +67,6 @@ MIGRATE_TIMEOUT_S = 300
 RUNC_TIMEOUT_S = 180
 CGROUP_FS = Path("/sys/fs/cgroup")
 
-console = Console(width=None if sys.stdout.isatty() else 160)
 T = TypeVar("T")
 
 
@@ -382,65 +376,6 @@ def summarize(runs: list[dict[str, Any]], methods: list[Method],
 # ------------------------------------------------------------------------ output
 
 
-def command_lines(argv: list[str]) -> list[str]:
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.splitlines()
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-
-
-def command_line(argv: list[str]) -> str:
-    lines = [line.strip() for line in command_lines(argv) if line.strip()]
-    return lines[0] if lines else "unknown"
-
-
-def source_digest() -> str:
-    """Hash of godwit's sources: ties figures to the code they measured (the tree is dirty)."""
-    digest = hashlib.sha256()
-    for path in sorted((ROOT / "godwit").rglob("*.py")):
-        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def machine_info() -> dict[str, Any]:
-    meminfo = Path("/proc/meminfo").read_text().split()
-    return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "kernel": platform.release(),
-        "cpu": cpu_model(),
-        "cpus": os.cpu_count(),
-        "mem_gib": round(int(meminfo[meminfo.index("MemTotal:") + 1]) / (1 << 20), 1),
-        "criu": command_line(["criu", "--version"]).removeprefix("Version: "),
-        "runc": command_line(["runc", "--version"]).removeprefix("runc version "),
-        "python": platform.python_version(),
-        "godwit_commit": command_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
-        "godwit_dirty": bool(command_lines(["git", "-C", str(ROOT), "status", "--porcelain"])),
-        "godwit_tree_sha256": source_digest(),
-        "state_fs": command_line(["stat", "-f", "-c", "%T", "/run"]),
-        "loadavg_before": os.getloadavg(),
-        "busy_processes_before": busy_processes(),
-    }
-
-
-def busy_processes(threshold_pct: float = 10.0) -> list[str]:
-    """Other processes using CPU right now (one-second sample): they skew the figures."""
-    out = command_lines(["top", "-b", "-c", "-n", "2", "-d", "1", "-w", "200"])
-    last = max((i for i, line in enumerate(out) if line.lstrip().startswith("PID")), default=-1)
-    busy = []
-    for line in out[last + 1:]:
-        fields = line.split(None, 11)
-        if len(fields) == 12 and float(fields[8].replace(",", ".")) >= threshold_pct:
-            busy.append(f"{fields[8]}% {fields[11][:80]}")
-    return busy
-
-
 def table_rows(summary: dict[str, Any], methods: list[Method]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the main table: size, per method downtime/total, image MiB."""
     header = ["size"]
@@ -467,12 +402,6 @@ def phase_rows(summary: dict[str, Any], methods: list[Method]) -> tuple[list[str
             text = ", ".join(f"{name} {ms:.0f}" for name, ms in phases.items())
             rows.append([f"{mib} MiB", m.label, text])
     return header, rows
-
-
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def rich_table(title: str, header: list[str], rows: list[list[str]]) -> Table:
@@ -521,17 +450,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-MAIN_PID = os.getpid()
-
-
-def _terminate(signum: int, _frame: object) -> None:
-    """SIGTERM cleans up like Ctrl-C, in this process only: children forked by pyroute2
-    inherit the handler and must not tear the testbed down."""
-    if os.getpid() != MAIN_PID:
-        os._exit(128 + signum)
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def bench(args: argparse.Namespace) -> tuple[dict[str, Any], list[Method]]:
     methods = methods_for(args.strategies, args.peers)
     started = time.perf_counter()
@@ -557,21 +475,12 @@ def bench(args: argparse.Namespace) -> tuple[dict[str, Any], list[Method]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        console.print("[red]needs root (netns, runc, CRIU)[/red]")
-        return 2
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        result, methods = bench(args)
-    except BenchError as exc:
-        console.print(f"[bold red]BENCHMARK FAILED:[/bold red] {exc}")
-        return 1
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted; testbed cleaned up[/yellow]")
-        return 130
-    report(result, methods, args.out)
-    console.print(f"total benchmark time {result['elapsed_s']:.0f} s")
-    return 0
+
+    def show(outcome: tuple[dict[str, Any], list[Method]]) -> None:
+        report(outcome[0], outcome[1], args.out)
+        console.print(f"total benchmark time {outcome[0]['elapsed_s']:.0f} s")
+
+    return run_main(lambda: bench(args), BenchError, show)
 
 
 if __name__ == "__main__":

@@ -28,17 +28,14 @@ import itertools
 import json
 import os
 import re
-import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from migrate import machine_info
-from rich.console import Console
+from common import console, machine_info, markdown, run_main
 from rich.table import Table
 from zdtm_harness import RunResult, Variant, run_test
 from zdtm_suite import ZdtmError, ZdtmTest, build, select
@@ -53,7 +50,6 @@ DEFAULT_LOGS = Path("/var/tmp/godwit-zdtm-logs")
 DEFAULT_VARIANTS = "stop-and-copy,post-copy,stop-and-copy+shared"
 PREFIX = f"gwzdtm{os.getpid() % 10000}"  # runs side by side never share hosts
 
-console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def parse_variant(text: str) -> Variant:
@@ -169,12 +165,6 @@ def failure_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return ["variant", "test", "reason"], rows
 
 
-def markdown(header: list[str], rows: Iterable[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def rich_table(title: str, header: list[str], rows: list[list[str]]) -> Table:
     table = Table(title=title, header_style="bold", title_justify="left")
     for column in header:
@@ -233,16 +223,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-MAIN_PID = os.getpid()
-
-
-def _terminate(signum: int, _frame: object) -> None:
-    """SIGTERM cleans up like Ctrl-C, in this process only (see bench/migrate.py)."""
-    if os.getpid() != MAIN_PID:
-        os._exit(128 + signum)
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     info = machine_info()
@@ -272,21 +252,12 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        console.print("[red]needs root (netns, runc, CRIU)[/red]")
-        return 2
-    signal.signal(signal.SIGTERM, _terminate)
-    try:
-        result = bench(args)
-    except ZdtmError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}")
-        return 1
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted; testbed cleaned up[/yellow]")
-        return 130
-    report(result, args.out)
-    console.print(f"total benchmark time {result['elapsed_s']:.0f} s")
-    return 0
+
+    def show(result: dict[str, Any]) -> None:
+        report(result, args.out)
+        console.print(f"total benchmark time {result['elapsed_s']:.0f} s")
+
+    return run_main(lambda: bench(args), ZdtmError, show)
 
 
 if __name__ == "__main__":
