@@ -66,7 +66,7 @@ def evacuate_under_load(bed: Testbed, src: str, dst: str) -> tuple[float, int]:
     out, _ = recv.communicate(timeout=60)
     still_migrating = evacuation.poll() is None
     evac_out, evac_err = evacuation.communicate(timeout=300)
-    assert evacuation.returncode == 0, evac_err
+    assert evacuation.returncode == 0, evac_err or evac_out
     assert all(o["result"] == "ok" for o in json.loads(evac_out))
     assert still_migrating, "the evacuation must overlap the measured window"
     return median(json.loads(out)[str(OTHER_PORT)]), migration_bytes(bed, src) - before

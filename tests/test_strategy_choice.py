@@ -6,6 +6,7 @@ import pytest
 
 from godwit.errors import GodwitError
 from godwit.migration import AUTO_LAZY_MIN_BYTES, choose_strategy
+from godwit.migration.post_copy import free_port, release_port
 
 LAZY = {"lazy_pages": True, "soft_dirty": False}
 PLAIN = {"lazy_pages": False, "soft_dirty": False}
@@ -31,3 +32,15 @@ def test_an_explicit_strategy_is_kept() -> None:
 def test_pre_copy_without_dirty_tracking_is_refused() -> None:
     with pytest.raises(GodwitError, match="soft-dirty"):
         choose_strategy("pre-copy", LAZY, LAZY, 64 * MiB)
+
+
+def test_page_server_ports_are_not_handed_out_twice() -> None:
+    """CRIU binds the port only after the freeze: two migrations armed together must not
+    both be given the port that is free at that moment."""
+    ports = range(47100, 47104)
+    first, second = free_port("127.0.0.1", ports), free_port("127.0.0.1", ports)
+    assert first != second
+    release_port(first)
+    assert free_port("127.0.0.1", ports) == first
+    release_port(first)
+    release_port(second)

@@ -38,11 +38,18 @@ class PostCopy(SourceMigration):
     strategy = "post-copy"
     page_server: asyncio.subprocess.Process | None = None
     page_server_address = ""
+    page_server_port: int | None = None
+
+    async def execute(self) -> None:
+        try:
+            await super().execute()
+        finally:
+            release_port(self.page_server_port)
 
     async def hold_dump(self) -> HeldRunc:
         address = local_address_towards(self.ctx.dest.address.rpartition(":")[0])
-        port = free_port(address, migration_ports(self.ctx.agent_port))
-        self.page_server_address = f"{address}:{port}"
+        self.page_server_port = free_port(address, migration_ports(self.ctx.agent_port))
+        self.page_server_address = f"{address}:{self.page_server_port}"
         self.ctx.store.write_criu_config(self.name, page_server_options(address, self.ctx.tls))
         return await self.runc.hold_lazy_checkpoint(self.name, self.dump_options(),
                                                     self.page_server_address)
@@ -138,13 +145,26 @@ def local_address_towards(host: str) -> str:
         return probe.getsockname()[0]
 
 
+# Page-server ports handed to migrations of this agent: CRIU binds one only after the
+# freeze, so a port that is merely free now could go to two migrations armed together.
+_reserved_ports: set[int] = set()
+
+
 def free_port(address: str, ports: range) -> int:
-    """A free port of the migration block (which QoS classifies as migration traffic)."""
+    """Reserve a free port of the migration block (which QoS classifies as migration
+    traffic); `release_port` gives it back."""
     for port in ports:
+        if port in _reserved_ports:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             try:
                 probe.bind((address, port))
             except OSError:
                 continue
-            return port
+        _reserved_ports.add(port)
+        return port
     raise GodwitError(f"no free page-server port in {ports.start}-{ports.stop - 1}")
+
+
+def release_port(port: int | None) -> None:
+    _reserved_ports.discard(port)
