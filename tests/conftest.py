@@ -14,7 +14,7 @@ import pytest
 from godwit.netns import pick_free_subnet
 from godwit.testbed import Testbed
 
-pytest.register_assert_rewrite("netclient")  # its assert helpers report like test asserts
+pytest.register_assert_rewrite("netclient", "faultmatrix")  # asserts report like tests
 
 
 def _require_runtime() -> None:
