@@ -2,7 +2,7 @@
 makes that agent fail on purpose when a migration reaches the stage, on whichever side
 (source or destination) the agent plays. Unset, every point is a no-op.
 
-Stages: prepare, rootfs, arm, freeze, dump, images, restore, commit.
+Stages: prepare, rootfs, arm, freeze, dump, images, restore, verify (source only), commit.
 Actions:
   hang     the step never ends (its runc/CRIU, when it has one, is stopped with SIGSTOP), as
            with a hung CRIU or peer; only cancelling the step ends the wait
@@ -30,7 +30,8 @@ from godwit import procfs
 from godwit.errors import GodwitError
 
 ENV = "GODWIT_FAULT"
-STAGES = ("prepare", "rootfs", "arm", "freeze", "dump", "images", "restore", "commit")
+STAGES = ("prepare", "rootfs", "arm", "freeze", "dump", "images", "restore", "verify",
+          "commit")
 ACTIONS = ("hang", "error", "crash", "pause", "corrupt")
 CRASH_EXIT = 137
 PAUSE_S = 3.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -162,14 +163,17 @@ def stopped(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] == "T"
 
 
-def kill_stopped_criu(bed: Testbed, host: str) -> int:
-    """SIGKILL the host's CRIU once a `pause` fault point has stopped it mid-step."""
-    pid = wait_for(lambda: next((p for p in criu_of(bed, host) if stopped(p)), None),
-                   timeout=30, what=f"a stopped CRIU on {host}")
-    import os
-
-    os.kill(pid, signal.SIGKILL)
-    return pid
+def kill_stopped_criu(bed: Testbed, host: str) -> list[int]:
+    """SIGKILL the host's CRIU (with the helpers it forked) once a `pause` fault point has
+    stopped it mid-step."""
+    wait_for(lambda: any(stopped(p) for p in criu_of(bed, host)), timeout=30,
+             what=f"a stopped CRIU on {host}")
+    pids = [pid for criu in criu_of(bed, host)
+            for pid in [criu, *procfs.descendants(criu)] if _comm(pid) == "criu"]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
 
 
 def runc_names(bed: Testbed, host: str) -> list[str]:

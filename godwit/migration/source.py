@@ -396,6 +396,7 @@ class SourceMigration:
     async def verify(self) -> None:
         """The restored copy must still be running a moment later."""
         with self.events.phase("verify"):
+            await faults.point("verify")
             await asyncio.sleep(0.2)
             try:
                 async with asyncio.timeout(VERIFY_TIMEOUT_S):
