@@ -135,16 +135,16 @@ def fill(directory: Path, leave: int = 16 << 10) -> None:
 
 
 def criu_of(bed: Testbed, host: str) -> list[int]:
-    """Pids of the CRIUs that runcs of this host's runc root run (not CRIU's helpers)."""
+    """Pids of the CRIU processes (with their helpers) that runcs of this host's runc
+    root run."""
     root = str(bed.host(host).runc_root).encode()
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError):
             if root in cmdline.read_bytes().split(b"\0") and \
                     (cmdline.parent / "comm").read_text().strip() == "runc":
-                runc = int(cmdline.parent.name)
-                found += [pid for pid in procfs.descendants(runc)
-                          if _comm(pid) == "criu" and procfs.parent(pid) == runc]
+                found += [pid for pid in procfs.descendants(int(cmdline.parent.name))
+                          if _comm(pid) == "criu"]
     return found
 
 
@@ -168,8 +168,7 @@ def kill_stopped_criu(bed: Testbed, host: str) -> list[int]:
     stopped it mid-step."""
     wait_for(lambda: any(stopped(p) for p in criu_of(bed, host)), timeout=30,
              what=f"a stopped CRIU on {host}")
-    pids = [pid for criu in criu_of(bed, host)
-            for pid in [criu, *procfs.descendants(criu)] if _comm(pid) == "criu"]
+    pids = criu_of(bed, host)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
