@@ -47,7 +47,7 @@ from godwit.workloads import netserver_bundle  # noqa: E402
 DEFAULT_OUT = ROOT / "bench" / "results" / "soak.json"
 STRATEGIES = ("stop-and-copy", "post-copy")
 HOSTS = ("sa", "sb")
-NAME = "soak"
+NAME = f"soak{os.getpid() % 100000}"  # cgroup paths are /godwit/<host>/<name>: unique per run
 SETTLE_S = 5.0  # background clean-ups (fence watchdogs, idle expiries) after the last move
 MIGRATE_TIMEOUT_S = 120
 CGROUP_FS = Path("/sys/fs/cgroup")
