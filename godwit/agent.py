@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -110,6 +111,7 @@ class Agent:
             web.post("/v1/incoming/{id}/activate", self.activate_incoming),
             web.post("/v1/incoming/{id}/restore", self.restore_incoming),
             web.post("/v1/incoming/{id}/commit", self.commit_incoming),
+            web.post("/v1/incoming/{id}/forget", self.forget_incoming),
             web.get("/v1/incoming/{id}", self.incoming_state),
             web.delete("/v1/incoming/{id}", self.abort_incoming),
         ])
@@ -157,7 +159,7 @@ class Agent:
         if name in self.migrating:
             raise Conflict(f"container {name} is being migrated")
         await self.store.remove(name)
-        self.settle_journals(name)
+        await self.settle_journals(name)
         return web.json_response({"removed": name})
 
     def journals(self, name: str) -> list[Path]:
@@ -165,10 +167,15 @@ class Agent:
         return [path for path in self.state_dir.glob("outgoing/*/journal.json")
                 if json.loads(path.read_text()).get("name") == name]
 
-    def settle_journals(self, name: str) -> None:
-        """The operator decided (resume or rm): forget the in-doubt migrations."""
+    async def settle_journals(self, name: str) -> None:
+        """The operator decided (resume or rm): forget the in-doubt migrations, here and
+        (when it answers) on their destination."""
         for path in self.journals(name):
+            journal = json.loads(path.read_text())
             shutil.rmtree(path.parent, ignore_errors=True)
+            with contextlib.suppress(GodwitError):
+                async with self.peer(journal["options"]["to"], 10) as dest:
+                    await dest.forget_incoming(journal["id"])
 
     async def exec_container(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -198,9 +205,12 @@ class Agent:
             raise Conflict(f"container {name} is {state.status if state else 'gone'}, "
                            "not paused")
         if record.net:
+            if self.journals(name):  # in doubt: the destination's copy ran, then was fenced
+                await asyncio.to_thread(self.store.networking.reset_connections, name,
+                                        ContainerNet.from_json(record.net))
             await asyncio.to_thread(self.store.networking.connect, name)
         await self.runc.resume(name)
-        self.settle_journals(name)
+        await self.settle_journals(name)
         return web.json_response(await self.store.describe(name))
 
     # migrations, source side
@@ -370,6 +380,9 @@ class Agent:
 
     async def commit_incoming(self, request: web.Request) -> web.Response:
         return web.json_response(await self.receiver.commit(request.match_info["id"]))
+
+    async def forget_incoming(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.receiver.forget(request.match_info["id"]))
 
     async def incoming_state(self, request: web.Request) -> web.Response:
         return web.json_response(self.receiver.state(request.match_info["id"]))

@@ -32,6 +32,7 @@ The protocol (all JSON unless noted, errors are `{"error": "one line"}` with 4xx
     POST   /v1/incoming/{id}/activate        source frozen: take over the container's address
     POST   /v1/incoming/{id}/restore         {"page_server"?} -> {"restored_at", "pid", ...}
     POST   /v1/incoming/{id}/commit          the destination keeps the container
+    POST   /v1/incoming/{id}/forget          the source settled it: drop the ended record
     GET    /v1/incoming/{id}                 {"state", "pages"?}
     DELETE /v1/incoming/{id}                 abort: kill a restored copy, drop staged files
 """
@@ -199,6 +200,10 @@ class AgentClient:
 
     async def commit_incoming(self, migration_id: str) -> dict:
         return await self.request("POST", f"/v1/incoming/{migration_id}/commit",
+                                  timeout=QUICK)
+
+    async def forget_incoming(self, migration_id: str) -> dict:
+        return await self.request("POST", f"/v1/incoming/{migration_id}/forget",
                                   timeout=QUICK)
 
     async def incoming_state(self, migration_id: str) -> dict:

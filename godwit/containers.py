@@ -24,6 +24,7 @@ from godwit.network import (
     delete_container_netns,
     netns_name,
     netns_path,
+    reset_connections,
     send_gratuitous_arp,
     set_link,
     wants_own_netns,
@@ -96,6 +97,13 @@ class HostNetworking:
             set_link(name, False)
         except (OSError, NetlinkError, RuntimeError) as exc:
             raise GodwitError(f"cannot isolate {name}: {exc}") from exc
+
+    def reset_connections(self, name: str, net: ContainerNet) -> None:
+        """Abort its TCP connections with other hosts (see network.reset_connections)."""
+        try:
+            reset_connections(self.netns_id, name, net.address)
+        except (OSError, RuntimeError) as exc:
+            raise GodwitError(f"cannot reset the connections of {name}: {exc}") from exc
 
     def connect(self, name: str) -> None:
         """Bring the container's link up and tell the L2 segment where its MAC is now."""

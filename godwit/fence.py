@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 PENDING, COMMITTED, ABORTED, FENCED = "pending", "committed", "aborted", "fenced"
 
@@ -31,8 +32,13 @@ def read_decision(path: Path) -> str:
 def decide(path: Path, new: str) -> str:
     """Move `pending` to `new` atomically; return the decision that holds afterwards."""
     with open(path, "r+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        current = f.read().strip()
+        return _decide(f, new)
+
+
+def _decide(f: IO[str], new: str) -> str:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+        current = _read(f)
         if current != PENDING:
             return current
         f.seek(0)
@@ -41,6 +47,13 @@ def decide(path: Path, new: str) -> str:
         f.flush()
         os.fsync(f.fileno())
         return new
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _read(f: IO[str]) -> str:
+    f.seek(0)
+    return f.read().strip()
 
 
 def start_watchdog(decision: Path, seconds: float, runc: tuple[str, Path], name: str,
@@ -61,17 +74,28 @@ def watchdog(decision: Path, seconds: float, runc: str, runc_root: Path, name: s
              container_dir: Path, netns_id: str = "") -> None:
     """Sleep until the deadline; fence the container unless it was committed. An aborted
     copy is killed here too, in case the agent's own kill failed (killing is idempotent)."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and read_decision(decision) == PENDING:
-        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-    if read_decision(decision) == ABORTED or decide(decision, FENCED) == FENCED:
-        if netns_id:
-            from godwit.network import delete_container_netns
+    if not _must_kill(decision, time.monotonic() + seconds):
+        return
+    if netns_id:
+        from godwit.network import delete_container_netns
 
-            delete_container_netns(netns_id, name)
-        subprocess.run([runc, "--root", str(runc_root), "delete", "--force", name],
-                       stdin=subprocess.DEVNULL, capture_output=True, check=False)
-        shutil.rmtree(container_dir, ignore_errors=True)
+        delete_container_netns(netns_id, name)
+    subprocess.run([runc, "--root", str(runc_root), "delete", "--force", name],
+                   stdin=subprocess.DEVNULL, capture_output=True, check=False)
+    shutil.rmtree(container_dir, ignore_errors=True)
+
+
+def _must_kill(decision: Path, deadline: float) -> bool:
+    """Wait for a decision or the deadline: True when aborted or fenced now. The file is
+    held open, so it is still read after its staging area went (a settled commit)."""
+    try:
+        f = open(decision, "r+")  # noqa: SIM115 - closed below
+    except FileNotFoundError:  # dropped before the watchdog started: aborted
+        return True
+    with f:
+        while time.monotonic() < deadline and _read(f) == PENDING:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        return _read(f) == ABORTED or _decide(f, FENCED) == FENCED
 
 
 if __name__ == "__main__":

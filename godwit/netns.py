@@ -190,8 +190,9 @@ class HostNetwork:
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
             eth0 = ipr.link_lookup(ifname="eth0")[0]
             uplink = eth0
-            if host.bridge:
-                ipr.link("add", ifname=host.bridge, kind="bridge")
+            if host.bridge:  # its MAC fixed to eth0's: container ports come and go
+                mac = ipr.link("get", index=eth0)[0].get_attr("IFLA_ADDRESS")
+                ipr.link("add", ifname=host.bridge, kind="bridge", address=mac)
                 uplink = ipr.link_lookup(ifname=host.bridge)[0]
                 ipr.link("set", index=eth0, master=uplink, state="up")
             ipr.addr("add", index=uplink, address=host.address, prefixlen=self.subnet.prefixlen)

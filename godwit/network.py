@@ -283,6 +283,19 @@ def _garp_frame(mac: bytes, ip: bytes) -> bytes:
     return b"\xff" * 6 + mac + struct.pack("!H", 0x0806) + arp
 
 
+def reset_connections(host: str, container: str, address: str) -> None:
+    """Abort the container's TCP connections with other hosts (SOCK_DESTROY, `ss -K`).
+    For a copy resumed after another copy of it ran and talked to its peers: its
+    connection state is older than theirs, which would stall them until their own
+    timeout; with the sockets gone, a peer's next segment is answered with a reset it
+    accepts. Loopback connections and those to its own address stay."""
+    argv = ["ip", "netns", "exec", netns_name(host, container), "ss", "-K", "-t", "-n", "-4",
+            "state", "connected", "!", "dst", "127.0.0.0/8", "!", "dst", address]
+    result = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        raise RuntimeError(f"ss -K failed: {result.stderr.strip()}")
+
+
 def delete_container_netns(host: str, container: str, *, host_netns: str | None = None) -> None:
     """Remove the veth (both ends) and the netns; missing pieces are fine."""
 

@@ -440,8 +440,10 @@ def _data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
 class _Framer:
     """Synchronous producer of the wire stream for one plan (runs in a worker thread)."""
 
-    def __init__(self, plan: TreePlan, stats: TransferStats, compress: bool, level: int, chunk):
+    def __init__(self, plan: TreePlan, stats: TransferStats, compress: bool, level: int, chunk,
+                 tamper: Callable[[bytes], bytes] | None = None):
         self.plan = plan
+        self.tamper = tamper  # tests only (godwit.faults): alters data after hashing
         self.stats = stats
         self.compress = compress
         self.level = level
@@ -551,6 +553,8 @@ class _Framer:
                         short = True
                         data += bytes(n - len(data))
                     digest.update(data)
+                    if self.tamper:
+                        data = self.tamper(data)
                     pos += n
                     self.done = base + pos
                     yield data
@@ -600,12 +604,13 @@ class TreeStream:
         rate_limit: float | None = None,
         on_progress: Callable[[int], None] | None = None,
         chunk_size: int = DEFAULT_CHUNK,
+        tamper: Callable[[bytes], bytes] | None = None,
     ):
         if not 4096 <= chunk_size <= 64 << 20:
             raise ValueError(f"chunk_size out of range: {chunk_size}")
         self.plan = plan
         self.stats = TransferStats()
-        self._framer = _Framer(plan, self.stats, compress, level, chunk_size)
+        self._framer = _Framer(plan, self.stats, compress, level, chunk_size, tamper)
         self._bucket = _TokenBucket(rate_limit) if rate_limit is not None else None
         self._on_progress = on_progress
         self._used = False

@@ -15,7 +15,7 @@ from godwit.netns import pick_free_subnet
 from godwit.runc import CURRENT_RUNC, DEFAULT_RUNC
 from godwit.testbed import Testbed
 
-pytest.register_assert_rewrite("netclient")  # its assert helpers report like test asserts
+pytest.register_assert_rewrite("netclient", "faultmatrix")  # asserts report like tests
 
 
 def _require_runtime() -> None:

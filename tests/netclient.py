@@ -62,12 +62,20 @@ class Client:
             n += 1
             self.sent[n] = time.monotonic()
             try:
-                self.sock.send(f"{n}\n".encode())
+                self._send_one(f"{n}\n".encode())
             except OSError as exc:
                 if self.kind == socket.SOCK_STREAM:
                     self.errors.append(f"send: {exc!r}")
                     return
             time.sleep(INTERVAL_S)
+
+    def _send_one(self, data: bytes) -> None:
+        """Send all of it; a full send buffer (a long freeze) blocks, as for any client."""
+        while data and not self.stop.is_set():
+            try:
+                data = data[self.sock.send(data):]
+            except TimeoutError:
+                continue
 
     def _recv(self) -> None:
         buf = b""

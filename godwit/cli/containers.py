@@ -172,6 +172,9 @@ def rm_cmd(ctx: Context, name: str, host: str | None) -> None:
 @click.option("--max-freeze", type=float,
               help="Seconds the container may stay frozen before the migration is given up "
                    "and the container resumed [default: 30 + its memory at 100 MB/s].")
+@click.option("--progress-timeout", type=float, default=30.0, show_default=True,
+              help="Before the freeze: give up when a step makes no progress for this many "
+                   "seconds (no byte moves, no step begins).")
 @json_option
 @pass_ctx
 def migrate_cmd(ctx: Context, name: str, to: str, source: str | None, as_json: bool,

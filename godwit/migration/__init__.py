@@ -25,6 +25,7 @@ class MigrationOptions:
     commit_timeout: float = 60.0
     max_clock_skew: float = 0.5
     max_freeze: float | None = None  # seconds; None: default_max_freeze of the memory
+    progress_timeout: float = 30.0  # before the freeze: seconds a step may make no progress
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -36,6 +37,8 @@ class MigrationOptions:
             raise GodwitError("--max-clock-skew must be positive")
         if self.commit_timeout < 5:
             raise GodwitError("commit timeout must be at least 5 seconds")
+        if self.progress_timeout < 1:
+            raise GodwitError("--progress-timeout must be at least 1 s")
         if self.max_freeze is not None and self.max_freeze < MIN_FREEZE_S:
             raise GodwitError(f"--max-freeze must be at least {MIN_FREEZE_S:g} s")
 

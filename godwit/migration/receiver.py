@@ -36,6 +36,8 @@ PAGES = "pages"
 PLACED = "rootfs-placed"  # marker: the received rootfs moved to the container's directory
 MAX_DESCRIPTORS = 16
 UPLOADS = re.compile(r"rootfs|images|pre-[1-9]")
+FENCED_GRACE_S = 10.0  # a source asks how its migration ended until shortly after the fence
+IDLE_TIMEOUT_S = 600.0  # a source that sends no idle_timeout (an older godwit)
 
 
 class Receiver:
@@ -53,6 +55,7 @@ class Receiver:
         self.held: dict[str, HeldRunc[int]] = {}  # armed: runc restore waiting before CRIU
         self.locks: dict[str, asyncio.Lock] = {}
         self.restoring: dict[str, asyncio.Task] = {}  # an abort cancels a restore under way
+        self.active: dict[str, float] = {}  # last request or received byte, per migration
 
     def _lock(self, migration_id: str) -> asyncio.Lock:
         """Restore, commit, abort and the post-copy watcher of one migration never overlap
@@ -97,7 +100,30 @@ class Receiver:
         except GodwitError:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        self.touch(request["id"])
+        self._watch(self._expire_idle(request["id"], float(request.get("idle_timeout",
+                                                                        IDLE_TIMEOUT_S))))
         return {"id": request["id"], "staging": str(staging)}
+
+    def touch(self, migration_id: str) -> None:
+        """The source still drives this migration."""
+        self.active[migration_id] = time.monotonic()
+
+    async def _expire_idle(self, migration_id: str, limit: float) -> None:
+        """A migration the source stopped driving before a restore (it gave up and could
+        not tell us: a partition) must not keep its staging area, name and netns here."""
+        while (idle := time.monotonic() - self.active.get(migration_id, 0.0)) < limit:
+            await asyncio.sleep(limit - idle)
+        self.active.pop(migration_id, None)
+        async with self._lock(migration_id):
+            staging = self._dir(migration_id)
+            if not staging.exists() or (staging / "decision").exists():
+                return
+            request = self.request(migration_id)
+            log.warning("migration %s: no word from the source for %g s, dropping %s",
+                        migration_id, limit, request["name"])
+            await self._drop_unrestored(migration_id, request, staging)
+            await asyncio.to_thread(self._drop_staging, migration_id, staging)
 
     def _prepare_network(self, migration_id: str, name: str, net: ContainerNet) -> None:
         self.store.networking.create(name, net, connected=False)
@@ -110,6 +136,7 @@ class Receiver:
     async def activate(self, migration_id: str) -> dict:
         """The source is frozen and isolated: take over the container's MAC and address."""
         request = self.request(migration_id)
+        self.touch(migration_id)
         if not request.get("net"):
             raise GodwitError(f"migration {migration_id} has no network to activate")
         await asyncio.to_thread(self.store.networking.connect, request["name"])
@@ -142,6 +169,26 @@ class Receiver:
                 "runc-restore.log": work / RUNC_LOG})
         shutil.rmtree(staging, ignore_errors=True)
 
+    async def _drop_when_fenced(self, migration_id: str, seconds: float) -> None:
+        """A fenced migration's staging area goes once its source has stopped asking how
+        it ended (it could not reach us to abort it: a partition)."""
+        await asyncio.sleep(seconds)
+        async with self._lock(migration_id):
+            staging = self._dir(migration_id)
+            if fence.read_decision(staging / "decision") == fence.FENCED and staging.exists():
+                await asyncio.to_thread(self._drop_staging, migration_id, staging)
+
+    async def forget(self, migration_id: str) -> dict:
+        """The source settled a migration that ended here (it deleted its copy after the
+        commit): the small record kept for its questions goes too."""
+        async with self._lock(migration_id):
+            staging = self._dir(migration_id)
+            if staging.exists() and not self._finished(staging):
+                raise Conflict(f"migration {migration_id} has not ended on {self.store.host}")
+            await asyncio.to_thread(self._drop_staging, migration_id, staging)
+        self.locks.pop(migration_id, None)
+        return {"forgotten": migration_id}
+
     def _reserved(self, name: str) -> bool:
         for path in self.root.glob("*/request.json"):
             if json.loads(path.read_text()).get("name") == name and not self._finished(path.parent):
@@ -161,9 +208,11 @@ class Receiver:
         placed = what == "rootfs" and (staging / PLACED).exists()
         dest = self._placed_rootfs(request) if placed else staging / what
         dest.mkdir(exist_ok=True)
+        self.touch(migration_id)
         await faults.point("rootfs" if what == "rootfs" else "images")
         try:
-            stats = await receive_tree(stream, dest)
+            stats = await receive_tree(stream, dest,
+                                       on_progress=lambda _: self.touch(migration_id))
         except TransferError as exc:
             raise GodwitError(f"{what} transfer failed: {exc}") from exc
         return {"files": stats.files, "bytes": stats.bytes, "wire_bytes": stats.wire_bytes,
@@ -176,6 +225,7 @@ class Receiver:
         if not isinstance(descriptors, list) or len(descriptors) > MAX_DESCRIPTORS or \
                 not all(isinstance(d, str) for d in descriptors):
             raise GodwitError("descriptors must be a list of strings")
+        self.touch(migration_id)
         await faults.point("arm")
         async with self._lock(migration_id):
             request = self.request(migration_id)
@@ -258,6 +308,8 @@ class Receiver:
                              (self.store.runc.binary, self.store.runc.root), name,
                              self.store.dir(name),
                              self.store.networking.netns_id if record.owns_netns else None)
+        self._watch(self._drop_when_fenced(
+            migration_id, float(request.get("commit_timeout", 60)) + FENCED_GRACE_S))
         lazy = await self._start_lazy_pages(staging, page_server) if page_server else None
         try:
             pid = await self._held_or_new_restore(held, request, bundle, staging,
@@ -320,10 +372,12 @@ class Receiver:
         """Let the armed restore proceed, or run one now; returns the pid of the container's
         init, which must be alive (read from /proc: a `runc state` would add a process start
         to the freeze)."""
-        await faults.point("restore")
         if held:
-            pid = await held.proceed()
+            held.release()
+            await faults.point("restore", held.proc.pid)
+            pid = await held.outcome()
         else:
+            await faults.point("restore")
             pid = await self._runc_restore(request, bundle, staging, lazy=lazy)
         if not procfs.alive(pid):
             raise GodwitError("the container exited right after its restore")
@@ -432,11 +486,14 @@ class Receiver:
         return path.read_text() if path.exists() else None
 
     def sweep(self, keep_finished_s: float = 86400) -> None:
-        """At agent start: drop staging areas that never reached a restore, and old ones."""
+        """At agent start: drop staging areas that never reached a restore or were fenced
+        or aborted, and old committed ones (a source may still ask about those)."""
         for staging in self.root.iterdir():
             decision = staging / "decision"
             old = time.time() - staging.stat().st_mtime > keep_finished_s
-            if not decision.exists() or (self._finished(staging) and old):
+            ended = decision.exists() and fence.read_decision(decision) in (fence.FENCED,
+                                                                            fence.ABORTED)
+            if not decision.exists() or ended or (self._finished(staging) and old):
                 request = json.loads((staging / "request.json").read_text()) \
                     if (staging / "request.json").exists() else {}
                 if _owns_netns(request) and not decision.exists():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -76,9 +76,12 @@ class EventStream:
         self.report = report
         self.queue: asyncio.Queue[dict | None] = asyncio.Queue()
         self.closed = False
+        self.on_event: Callable[[], None] | None = None  # told of every event (progress)
 
     def emit(self, event: str, **fields: object) -> None:
         self.queue.put_nowait({"event": event, "at": time.time(), **fields})
+        if self.on_event:
+            self.on_event()
 
     @contextmanager
     def phase(self, name: str) -> Iterator[Phase]:

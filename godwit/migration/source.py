@@ -30,6 +30,7 @@ from godwit.errors import GodwitError
 from godwit.migration import MigrationOptions, default_max_freeze
 from godwit.migration.failure_logs import FailureLogs
 from godwit.migration.report import EventStream
+from godwit.network import ContainerNet
 from godwit.preflight import check_file_locks, refusal, run_checks, verdict
 from godwit.runc import RUNC_LOG, CheckpointOptions, HeldRunc, Runc
 from godwit.tls import TLSFiles
@@ -40,6 +41,7 @@ FENCE_MARGIN_S = 3.0
 # killed, the destination's abort is given at most api.ABORT_TIMEOUT_S, the source thaws.
 FREEZE_MARGIN_S = 5.0
 PROGRESS_INTERVAL_S = 0.1
+VERIFY_TIMEOUT_S = 10.0
 
 
 def migration_needs(store: ContainerStore, name: str, shared: bool) -> tuple[int, int]:
@@ -81,6 +83,7 @@ class SourceMigration:
         self.images = ctx.work_dir / "images"
         self.prepared = self.frozen = self.isolated = False
         self.restore_sent_at: float | None = None
+        self.restored = False  # the destination answered the restore: its copy ran
         self.manifest: dict | None = None
         self.journal_path = ctx.work_dir / "journal.json"
         self.journal_state: dict = {}
@@ -143,6 +146,7 @@ class SourceMigration:
         self.journal_state = dict(journal)
         if journal.get("restore_sent"):
             self.restore_sent_at = time.monotonic()  # wait for a fence as if just sent
+        self.restored = journal.get("restored", False)
         self.report.error = "the source agent restarted during the migration"
         if journal.get("commit_sent"):
             state = await self.destination_state()
@@ -162,12 +166,39 @@ class SourceMigration:
         self.settle_work_dir()
 
     async def migrate(self) -> None:
+        await self.within_progress_timeout(self.steps_before_freeze())
+        await self.migrate_frozen()
+
+    async def steps_before_freeze(self) -> None:
         await self.prepare_destination()
         if not self.shared:
             await self.send_rootfs(initial=True)
         await self.before_freeze()
         await self.arm()
-        await self.migrate_frozen()
+
+    async def within_progress_timeout(self, steps: Awaitable[None]) -> None:
+        """Run the steps before the freeze (no deadline of their own: a rootfs may take
+        long) so that one that makes no progress (no step begins, no byte moves, e.g. the
+        link is cut) for `--progress-timeout` seconds is cancelled, naming the step."""
+        limit = self.options.progress_timeout
+        timer = asyncio.timeout(limit)
+        loop = asyncio.get_running_loop()
+
+        def progressed() -> None:
+            if not timer.expired():  # events still come while the stalled step unwinds
+                timer.reschedule(loop.time() + limit)
+
+        self.events.on_event = progressed
+        try:
+            async with timer:
+                await steps
+        except TimeoutError as exc:
+            if not timer.expired():
+                raise
+            raise GodwitError(f"no progress for {limit:g} s during "
+                              f"{self.current_phase()}") from exc
+        finally:
+            self.events.on_event = None
 
     async def before_freeze(self) -> None:
         """Strategy hook: work done while the container still runs (pre-copy rounds)."""
@@ -253,6 +284,7 @@ class SourceMigration:
             "config": self.ctx.store.config(self.name),
             "shared_rootfs": self.record.rootfs if self.shared else None,
             "commit_timeout": self.fence_timeout,
+            "idle_timeout": self.options.progress_timeout + self.max_freeze(),
             "tcp_established": True,
             "strategy": self.strategy,
             "net": self.record.net,
@@ -353,6 +385,8 @@ class SourceMigration:
             self.journal(restore_sent=True)
             restored = await self.ctx.dest.restore_incoming(self.report.id,
                                                             self.restore_request())
+            self.restored = True
+            self.journal(restored=True)
             self.report.resumed_at = time.time()
             self.report.held_packets = int(restored.get("held_packets", 0))
             self.report.downtime_s = self.report.resumed_at - (self.report.frozen_at or 0)
@@ -364,8 +398,14 @@ class SourceMigration:
     async def verify(self) -> None:
         """The restored copy must still be running a moment later."""
         with self.events.phase("verify"):
+            await faults.point("verify")
             await asyncio.sleep(0.2)
-            state = await self.ctx.dest.container(self.name)
+            try:
+                async with asyncio.timeout(VERIFY_TIMEOUT_S):
+                    state = await self.ctx.dest.container(self.name)
+            except TimeoutError as exc:
+                raise GodwitError(f"destination did not answer within {VERIFY_TIMEOUT_S:g} s "
+                                  "after the restore") from exc
             if state.get("status") != "running":
                 raise GodwitError(f"restored container is {state.get('status')} on destination")
 
@@ -404,6 +444,8 @@ class SourceMigration:
             else:
                 self.ctx.store.forget(self.name, keep_rootfs=self.shared)
             shutil.rmtree(self.ctx.work_dir, ignore_errors=True)
+            with contextlib.suppress(GodwitError):  # else it goes with the destination's sweep
+                await self.ctx.dest.forget_incoming(self.report.id)
 
     # transfers
     async def upload(self, what: str, plan: TreePlan, phase: str) -> int:
@@ -418,7 +460,8 @@ class SourceMigration:
                 self.events.progress(phase, done, plan.total_bytes)
 
         body = send_tree(plan, compress=self.options.compress,
-                         rate_limit=self.options.rate_limit, on_progress=on_progress)
+                         rate_limit=self.options.rate_limit, on_progress=on_progress,
+                         tamper=faults.corrupter("rootfs" if what == "rootfs" else "images"))
         result = await self.ctx.dest.upload(self.report.id, what, body)
         self.report.wire_bytes += int(result.get("wire_bytes", result.get("bytes", 0)))
         return plan.total_bytes
@@ -433,10 +476,12 @@ class SourceMigration:
         """Seconds from the restore until the destination fences an uncommitted copy."""
         return self.options.commit_timeout
 
-    async def destination_state(self) -> str | None:
+    async def destination_state(self, within: float | None = None) -> str | None:
+        """The destination's decision; None when it does not answer (`within` seconds)."""
         try:
-            return (await self.ctx.dest.incoming_state(self.report.id)).get("state")
-        except GodwitError:
+            async with asyncio.timeout(within):
+                return (await self.ctx.dest.incoming_state(self.report.id)).get("state")
+        except (GodwitError, TimeoutError):
             return None
 
     async def rollback(self) -> str:
@@ -451,6 +496,9 @@ class SourceMigration:
             return f"running on {self.report.source} (never frozen)"
         try:
             await self.release_source()
+            if self.restored and self.record.net:
+                await asyncio.to_thread(self.ctx.store.networking.reset_connections,
+                                        self.name, ContainerNet.from_json(self.record.net))
             if self.isolated:
                 await asyncio.to_thread(self.ctx.store.networking.connect, self.name)
             await self.resume_source()
@@ -478,10 +526,11 @@ class SourceMigration:
             try:
                 return (await self.ctx.dest.abort_incoming(self.report.id)).get("state", "")
             except GodwitError:
-                if await self.destination_state() == "committed":
-                    return "committed"
-                if self.restore_sent_at is None:
+                if self.restore_sent_at is None:  # no restore, no commit: nothing runs there
                     return "unreachable"
+                left = self.fence_deadline() - time.monotonic()
+                if left > 0 and await self.destination_state(within=left) == "committed":
+                    return "committed"
             if time.monotonic() >= self.fence_deadline():
                 return "fenced"
             await asyncio.sleep(0.5)
