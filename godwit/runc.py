@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -324,12 +325,27 @@ class Runc:
         await _run(self._argv("kill", name, signal))
 
     async def delete(self, name: str) -> None:
-        """Kill (if needed) and delete a container; a missing one is fine."""
+        """Kill (if needed) and delete a container; a missing one is fine, and what a
+        restore killed half way left of it goes too."""
         try:
             await _run(self._argv("delete", "--force", name))
         except RuncError as exc:
             if "does not exist" not in str(exc):
                 raise
+        await asyncio.to_thread(self._drop_restore_leftovers, name)
+
+    def _drop_restore_leftovers(self, name: str) -> None:
+        """A `runc restore` killed before it wrote its state leaves its bind mount of the
+        rootfs (<root>/<name>/criu-root) and the directory, which runc then no longer
+        knows: unmount and remove them."""
+        leftover = self.root / name
+        if not leftover.is_dir() or (leftover / "state.json").exists():
+            return
+        mounted = [point for point, _, _ in procfs.mounts()
+                   if point == str(leftover) or point.startswith(f"{leftover}/")]
+        for point in sorted(mounted, reverse=True):
+            subprocess.run(["umount", "--lazy", point], capture_output=True, check=False)
+        shutil.rmtree(leftover, ignore_errors=True)
 
     async def exec(self, name: str, argv: list[str]) -> tuple[int, str, str]:
         """Run a command inside a container; returns (exit code, stdout, stderr)."""

@@ -74,4 +74,8 @@ def test_a_hung_step_ends_at_the_freeze_deadline(bed: Testbed, faulty: str,
     assert not list((bed.host("b").state_dir / "incoming").glob("*")), "b keeps nothing"
     left = runc_commands(bed, "checkpoint", "a") + runc_commands(bed, "restore", "b")
     assert not left, f"runc/CRIU of the migration still running: {left}"
+    runc_dir = bed.host("b").runc_root / name
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(runc_dir) not in mounts, "the killed restore's mount of the rootfs is still there"
+    assert not runc_dir.exists(), "runc's state of the killed restore is left on b"
     bed.godwit("rm", name)

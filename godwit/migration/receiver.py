@@ -403,9 +403,11 @@ class Receiver:
         self.store.forget(name)
 
     async def _drop_unrestored(self, migration_id: str, request: dict, staging: Path) -> None:
-        """Undo what came before a restore: a held runc restore, a placed rootfs, the netns."""
+        """Undo what came before a restore, or of a restore killed half way: a held runc
+        restore and what runc left, a placed rootfs, the netns."""
         if held := self.held.pop(migration_id, None):
             await held.call_off()
+        await self.store.runc.delete(request["name"])
         await self._drop_network(migration_id, request["name"], _owns_netns(request))
         if (staging / PLACED).exists():
             self.store.forget(request["name"])
