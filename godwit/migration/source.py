@@ -190,13 +190,7 @@ class SourceMigration:
 
         self.events.on_event = progressed
         try:
-            async with timer:
-                await steps
-        except TimeoutError as exc:
-            if not timer.expired():
-                raise
-            raise GodwitError(f"no progress for {limit:g} s during "
-                              f"{self.current_phase()}") from exc
+            await self.bounded(steps, timer, f"no progress for {limit:g} s")
         finally:
             self.events.on_event = None
 
@@ -226,15 +220,20 @@ class SourceMigration:
         the source."""
         limit = self.max_freeze()
         self.report.max_freeze_s = limit
-        deadline = asyncio.timeout(limit)
+        await self.bounded(steps, asyncio.timeout(limit),
+                           f"freeze deadline of {limit:g} s passed")
+
+    async def bounded(self, steps: Awaitable[None], timer: asyncio.Timeout,
+                      overrun: str) -> None:
+        """Run `steps` under `timer`; when it expires, fail with `overrun` and the step
+        that was under way (a timeout raised by the steps themselves goes on up)."""
         try:
-            async with deadline:
+            async with timer:
                 await steps
         except TimeoutError as exc:
-            if not deadline.expired():
+            if not timer.expired():
                 raise
-            raise GodwitError(f"freeze deadline of {limit:g} s passed during "
-                              f"{self.current_phase()}") from exc
+            raise GodwitError(f"{overrun} during {self.current_phase()}") from exc
 
     def max_freeze(self) -> float:
         """Seconds the container may stay frozen: the operator's, or from its memory."""
