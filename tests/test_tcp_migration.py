@@ -22,6 +22,8 @@ from godwit.workloads import netserver_bundle
 
 pytestmark = pytest.mark.integration
 STALL_TOLERANCE = 0.2
+# The scheduler's jitter on 2 shared vCPUs; a retransmission back-off would add >= 200 ms.
+STALL_JITTER_S = 0.05
 
 
 @pytest.fixture
@@ -74,7 +76,7 @@ def test_tcp_connection_and_ip_survive_migration(any_bed: Testbed, client_host: 
     client.assert_stream_intact()
     assert tcp_counters(client_host)["EstabResets"] == resets, "the client saw a reset"
     assert report["held_packets"] > 0
-    assert abs(stall - downtime) <= STALL_TOLERANCE * downtime
+    assert abs(stall - downtime) <= max(STALL_TOLERANCE * downtime, STALL_JITTER_S)
 
 
 def test_udp_service_continues_after_migration(bed: Testbed, client_host: TestHost,
