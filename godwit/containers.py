@@ -16,6 +16,7 @@ from godwit import freezer
 from godwit.bundle import load_config, rewrite_for_host
 from godwit.criu import criu_base_options
 from godwit.errors import Conflict, GodwitError, NotFound
+from godwit.fsio import atomic_write
 from godwit.network import (
     ContainerNet,
     config_with_netns,
@@ -155,9 +156,7 @@ class ContainerStore:
     def save(self, record: ContainerRecord) -> None:
         path = self.dir(record.name) / "record.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record.to_json(), indent=1))
-        tmp.replace(path)
+        atomic_write(path, json.dumps(record.to_json(), indent=1))
 
     def freeze(self, name: str) -> None:
         """Freeze the container's cgroup, as `runc pause` does (see godwit.freezer)."""

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from godwit.fsio import atomic_write
 from godwit.tls import TLSFiles
 
 Kind = Literal["agent", "client"]
@@ -74,19 +75,6 @@ class IssuedCert:
         revoked_at = datetime.fromisoformat(d["revoked_at"]) if d.get("revoked_at") else None
         fields = {**d, "not_after": datetime.fromisoformat(d["not_after"])}
         return cls(**(fields | {"revoked_at": revoked_at}))
-
-
-def _write_file(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Atomically replace ``path`` with ``data``, created with exactly ``mode``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -147,8 +135,8 @@ class CertificateAuthority:
         with self._locked():
             key = ec.generate_private_key(ec.SECP256R1())
             cert = self._ca_certificate(key, name, days)
-            _write_file(self.ca_key, _key_pem(key), 0o600)
-            _write_file(self.ca_cert, cert.public_bytes(serialization.Encoding.PEM))
+            atomic_write(self.ca_key, _key_pem(key), 0o600)
+            atomic_write(self.ca_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
             self._write_index([])
             self._write_crl(key, cert, [], CRL_DAYS)
         return cert
@@ -253,8 +241,9 @@ class CertificateAuthority:
             not_after = min(not_after, ca_cert.not_valid_after_utc)
             entry = IssuedCert(name, serial, kind, list(sans), not_after)
             cert = self._leaf(ca_key, ca_cert, key, entry, not_before)
-            _write_file(self.issued / f"{name}.key", _key_pem(key), 0o600)
-            _write_file(self.issued / f"{name}.crt", cert.public_bytes(serialization.Encoding.PEM))
+            atomic_write(self.issued / f"{name}.key", _key_pem(key), 0o600)
+            atomic_write(self.issued / f"{name}.crt", cert.public_bytes(serialization.Encoding.PEM),
+                        0o644)
             self._write_index([*index, entry])
         return entry
 
@@ -344,7 +333,7 @@ class CertificateAuthority:
                 )
                 builder = builder.add_revoked_certificate(revoked)
         crl = builder.sign(key, hashes.SHA256())
-        _write_file(self.crl, crl.public_bytes(serialization.Encoding.PEM))
+        atomic_write(self.crl, crl.public_bytes(serialization.Encoding.PEM), 0o644)
         return next_update
 
     def _load_ca(self) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -369,7 +358,7 @@ class CertificateAuthority:
 
     def _write_index(self, index: list[IssuedCert]) -> None:
         data = json.dumps([e.to_json() for e in index], indent=2) + "\n"
-        _write_file(self.index, data.encode())
+        atomic_write(self.index, data.encode())
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

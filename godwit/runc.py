@@ -22,6 +22,7 @@ from typing import Generic, TypeVar
 from godwit import criu_gate, procfs
 from godwit.criu import CRIU
 from godwit.errors import GodwitError, NotFound
+from godwit.fsio import atomic_write
 
 DEFAULT_RUNC = "runc"  # Debian's, on PATH; agents choose another with `--runc`
 CURRENT_RUNC = Path("/usr/local/lib/godwit/runc-1.3/runc")  # scripts/runc-current
@@ -134,10 +135,7 @@ def install_gate(directory: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     text = f"#!{sys.executable} -IS\n" + Path(criu_gate.__file__).read_text()
     if not target.exists() or target.read_text() != text:
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.chmod(0o755)
-        tmp.replace(target)
+        atomic_write(target, text, 0o755)
     return target
 
 

@@ -27,6 +27,7 @@ from godwit.api import DEFAULT_PORT, AgentClient, AgentUnreachable
 from godwit.containers import ContainerStore
 from godwit.criu import log_error
 from godwit.errors import GodwitError
+from godwit.fsio import atomic_write
 from godwit.migration import MigrationOptions, default_max_freeze
 from godwit.migration.failure_logs import FailureLogs
 from godwit.migration.report import EventStream
@@ -135,9 +136,7 @@ class SourceMigration:
         record = {"id": self.report.id, "name": self.name, "strategy": self.strategy,
                   "options": self.options.to_json(), **self.journal_state}
         self.journal_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.journal_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        tmp.replace(self.journal_path)
+        atomic_write(self.journal_path, json.dumps(record))
 
     async def recover(self, journal: dict) -> None:
         """After a source agent restart: settle a migration the old agent left half way."""
