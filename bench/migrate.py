@@ -4,7 +4,7 @@
         [--out bench/results/migrate.json] [--strategies stop-and-copy]
         [--peers manual,podman]
 
-Two netns hosts a and b with agents (godwit.testbed) on this machine. For every size N a
+Two netns hosts a and b with agents (godwit.lab.testbed) on this machine. For every size N a
 fresh memhog container touches N MiB of incompressible memory (no dirtying), is migrated
 a → b, then verified: SIGUSR1 makes memhog recompute the checksum of its whole buffer,
 which must equal the one from before the migration (a mismatch aborts the benchmark).
@@ -54,9 +54,9 @@ from common import ROOT, console, machine_info, markdown, run_main
 from rich.table import Table
 
 from godwit.bundle import load_config, rewrite_for_host, save_config
-from godwit.netns import pick_free_subnet
-from godwit.testbed import Testbed
-from godwit.workloads import memhog_bundle, read_state
+from godwit.lab.netns import pick_free_subnet
+from godwit.lab.testbed import Testbed
+from godwit.lab.workloads import memhog_bundle, read_state
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "migrate.json"
 PREFIX = "gwbench"

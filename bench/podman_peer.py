@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from godwit.bundle import make_busybox_rootfs
-from godwit.testbed import Testbed
-from godwit.workloads import build_memhog
+from godwit.lab.bundles import make_busybox_rootfs
+from godwit.lab.testbed import Testbed
+from godwit.lab.workloads import build_memhog
 
 PODMAN = "podman"
 PODMAN_TIMEOUT_S = 300

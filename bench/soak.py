@@ -3,7 +3,7 @@ counting failures, client-visible errors and what the hosts hold before and afte
 
     .venv/bin/python bench/soak.py [--round-trips 200] [--out bench/results/soak.json]
 
-Two netns hosts sa and sb with agents (godwit.testbed) and a client host sc. A netserver
+Two netns hosts sa and sb with agents (godwit.lab.testbed) and a client host sc. A netserver
 container with its own address runs on sa; a client on sc keeps one TCP connection open
 and sends a numbered request every 10 ms for the whole run (tests/netclient.py). Each
 round trip migrates it sa → sb → sa, the strategies alternating per migration
@@ -40,9 +40,9 @@ sys.path.insert(0, str(ROOT / "tests"))  # the network tests' client
 
 from netclient import Client  # noqa: E402
 
-from godwit.netns import TestHost, pick_free_subnet  # noqa: E402
-from godwit.testbed import Testbed  # noqa: E402
-from godwit.workloads import netserver_bundle  # noqa: E402
+from godwit.lab.netns import TestHost, pick_free_subnet  # noqa: E402
+from godwit.lab.testbed import Testbed  # noqa: E402
+from godwit.lab.workloads import netserver_bundle  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "soak.json"
 STRATEGIES = ("stop-and-copy", "post-copy")

@@ -40,9 +40,9 @@ from rich.table import Table
 from zdtm_harness import RunResult, Variant, run_test
 from zdtm_suite import ZdtmError, ZdtmTest, build, select
 
+from godwit.lab.netns import pick_free_subnet
+from godwit.lab.testbed import Testbed
 from godwit.migration import STRATEGIES
-from godwit.netns import pick_free_subnet
-from godwit.testbed import Testbed
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "results" / "zdtm.json"

@@ -30,8 +30,9 @@ from typing import Any
 
 from zdtm_suite import ZdtmTest
 
-from godwit.bundle import make_busybox_rootfs, oci_config, save_config
-from godwit.testbed import Testbed
+from godwit.bundle import oci_config, save_config
+from godwit.lab.bundles import make_busybox_rootfs
+from godwit.lab.testbed import Testbed
 
 MIGRATE_TIMEOUT_S = 45
 CLI_TIMEOUT_S = 60

@@ -1,16 +1,16 @@
-"""OCI bundles for runc: config.json generation/rewrite and a static-busybox rootfs."""
+"""OCI bundles for runc: config.json generation, loading, saving and rewriting.
+
+The busybox rootfs and the test bundles built on it are in :mod:`godwit.lab.bundles`.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
-import shutil
-import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-BUSYBOX = Path("/usr/bin/busybox")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Same as `runc spec` (runc 1.1).
 DEFAULT_CAPS = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
@@ -27,14 +27,6 @@ MASKED_PATHS = [
     "/proc/scsi",
 ]
 READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
-ROOTFS_DIRS = ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "root"]
-ROOTFS_DIRS += ["var", "run"]
-
-# PID 1 of a pid namespace ignores signals it has no handler for: trap TERM to stop cleanly.
-COUNTER_SCRIPT = (
-    "trap 'exit 0' TERM INT; i=0; "
-    "while :; do i=$((i+1)); echo $i > /count.tmp; mv /count.tmp /count; sleep 0.1; done"
-)
 
 
 def _mount(dest: str, typ: str, source: str, options: list[str]) -> dict[str, Any]:
@@ -126,38 +118,6 @@ def oci_config(
     }
 
 
-def make_busybox_rootfs(rootfs: Path, hostname: str = "godwit") -> None:
-    """Populate ``rootfs`` with the base dirs, static busybox + applet symlinks and /etc."""
-    for d in ROOTFS_DIRS:
-        (rootfs / d).mkdir(parents=True, exist_ok=True)
-    (rootfs / "tmp").chmod(0o1777)
-    shutil.copy2(BUSYBOX, rootfs / "bin/busybox")
-    applets = subprocess.run(
-        [str(BUSYBOX), "--list-full"], capture_output=True, text=True, check=True
-    ).stdout.split()
-    for rel in applets:
-        link = rootfs / rel
-        if rel != "bin/busybox" and not link.is_symlink() and not link.exists():
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to("/bin/busybox")
-    etc = rootfs / "etc"
-    (etc / "passwd").write_text(
-        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n"
-    )
-    (etc / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
-    (etc / "hostname").write_text(f"{hostname}\n")
-
-
-def write_bundle(bundle_dir: Path, args: list[str], **kw: Any) -> Path:
-    """Create ``bundle_dir`` with a busybox rootfs and config.json (``kw`` → :func:`oci_config`)."""
-    bundle_dir = Path(bundle_dir)
-    bundle_dir.mkdir(parents=True, exist_ok=True)
-    config = oci_config(args, **kw)
-    make_busybox_rootfs(bundle_dir / "rootfs", hostname=config["hostname"])
-    save_config(bundle_dir, config)
-    return bundle_dir
-
-
 def load_config(bundle_dir: Path) -> dict[str, Any]:
     """Read ``bundle_dir/config.json``."""
     return json.loads((Path(bundle_dir) / "config.json").read_text())
@@ -176,16 +136,3 @@ def rewrite_for_host(config: dict[str, Any], *, rootfs: Path, cgroups_path: str)
     new["root"]["path"] = str(Path(rootfs).resolve())
     new.setdefault("linux", {})["cgroupsPath"] = cgroups_path
     return new
-
-
-def counter_bundle(bundle_dir: Path, **kw: Any) -> Path:
-    """Bundle whose shell increments an in-memory counter every 100 ms into ``/count``."""
-    return write_bundle(bundle_dir, ["/bin/sh", "-c", COUNTER_SCRIPT], **kw)
-
-
-def read_count(rootfs: Path) -> int | None:
-    """The counter bundle's current value, or None before its first write."""
-    try:
-        return int((Path(rootfs) / "count").read_text())
-    except (FileNotFoundError, ValueError):
-        return None

@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from godwit.netns import pick_free_subnet
+from godwit.lab.netns import pick_free_subnet
+from godwit.lab.testbed import Testbed
 from godwit.runc import CURRENT_RUNC, DEFAULT_RUNC
-from godwit.testbed import Testbed
 
 pytest.register_assert_rewrite("netclient", "faultmatrix")  # asserts report like tests
 

@@ -20,8 +20,8 @@ from netclient import Client
 
 from godwit import network, procfs
 from godwit.api import DEFAULT_PORT
-from godwit.netns import TestHost
-from godwit.testbed import Testbed
+from godwit.lab.netns import TestHost
+from godwit.lab.testbed import Testbed
 
 NAME = "srv"
 COMMIT_TIMEOUT_S = 5  # the fence: an uncommitted destination copy lives this long

@@ -14,7 +14,7 @@ from typing import Any
 from conftest import wait_for
 
 from godwit import network
-from godwit.netns import TestHost
+from godwit.lab.netns import TestHost
 
 PORT = 7000
 INTERVAL_S = 0.01

@@ -10,7 +10,7 @@ import pytest
 
 from godwit.api import AgentClient
 from godwit.errors import GodwitError
-from godwit.testbed import Testbed
+from godwit.lab.testbed import Testbed
 from godwit.tls import client_context
 
 pytestmark = pytest.mark.integration

@@ -15,17 +15,9 @@ from typing import Any
 
 import pytest
 
-from godwit.bundle import (
-    counter_bundle,
-    load_config,
-    make_busybox_rootfs,
-    oci_config,
-    read_count,
-    rewrite_for_host,
-    save_config,
-    write_bundle,
-)
-from godwit.workloads import build_memhog, memhog_bundle, read_state
+from godwit.bundle import load_config, oci_config, rewrite_for_host, save_config
+from godwit.lab.bundles import counter_bundle, make_busybox_rootfs, read_count, write_bundle
+from godwit.lab.workloads import build_memhog, memhog_bundle, read_state
 
 root_only = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("runc"), reason="needs root and runc"

@@ -13,8 +13,8 @@ import pytest
 from conftest import wait_for
 
 from godwit import criu_gate
+from godwit.lab.workloads import memhog_bundle, read_state
 from godwit.runc import CheckpointOptions, Runc, RuncError
-from godwit.workloads import memhog_bundle, read_state
 
 NAME = "gated"
 STDIO = ["/dev/null", "/dev/null", "/dev/null"]

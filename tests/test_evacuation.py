@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from conftest import _require_runtime, wait_for
 
-from godwit.bundle import counter_bundle, read_count
 from godwit.evacuation import Planner
-from godwit.netns import pick_free_subnet
-from godwit.testbed import Testbed
+from godwit.lab.bundles import counter_bundle, read_count
+from godwit.lab.netns import pick_free_subnet
+from godwit.lab.testbed import Testbed
 
 pytestmark = pytest.mark.integration
 NAMES = [f"evac{i}" for i in range(5)]

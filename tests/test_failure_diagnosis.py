@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import cli_json, copies, wait_for
 
-from godwit.bundle import load_config, read_count, save_config, write_bundle
-from godwit.testbed import Testbed
+from godwit.bundle import load_config, save_config
+from godwit.lab.bundles import read_count, write_bundle
+from godwit.lab.testbed import Testbed
 
 pytestmark = pytest.mark.integration
 

@@ -41,10 +41,10 @@ from faultmatrix import (
 from netclient import Client
 
 from godwit.faults import STAGES
+from godwit.lab.netns import TestHost
+from godwit.lab.testbed import Testbed
+from godwit.lab.workloads import netserver_bundle
 from godwit.migration.source import FENCE_MARGIN_S, FREEZE_MARGIN_S
-from godwit.netns import TestHost
-from godwit.testbed import Testbed
-from godwit.workloads import netserver_bundle
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 RESUMED = "running on a (resumed)"

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import copies, wait_for
 
-from godwit.bundle import counter_bundle, read_count
+from godwit.lab.bundles import counter_bundle, read_count
+from godwit.lab.testbed import Testbed
 from godwit.migration.source import FREEZE_MARGIN_S
-from godwit.testbed import Testbed
 
 pytestmark = pytest.mark.integration
 MAX_FREEZE_S = 4

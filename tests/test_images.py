@@ -1,5 +1,5 @@
 """Containers run from images (an OCI layout and a docker-archive built on this machine by
-godwit.workloads.images): the image's config applied and overridable, whiteouts honoured,
+godwit.lab.workloads.images): the image's config applied and overridable, whiteouts honoured,
 provenance kept through a migration, and bad references refused in one line."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from conftest import cli_json
 from netclient import Client
 
 from godwit import network
-from godwit.netns import TestHost
-from godwit.testbed import Testbed
-from godwit.workloads.images import TAG, WHITED_OUT, TestImage, netserver_image
+from godwit.lab.netns import TestHost
+from godwit.lab.testbed import Testbed
+from godwit.lab.workloads.images import TAG, WHITED_OUT, TestImage, netserver_image
 
 pytestmark = pytest.mark.integration
 

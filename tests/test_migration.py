@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from conftest import cli_json, copies, wait_for
 
-from godwit.bundle import counter_bundle, load_config, read_count, save_config
-from godwit.testbed import Testbed
-from godwit.workloads import memhog_bundle, read_state
+from godwit.bundle import load_config, save_config
+from godwit.lab.bundles import counter_bundle, read_count
+from godwit.lab.testbed import Testbed
+from godwit.lab.workloads import memhog_bundle, read_state
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Network-namespace test hosts (godwit.netns)."""
+"""Network-namespace test hosts (godwit.lab.netns)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute, netns
 
-from godwit.netns import HostNetwork, TestHost, cleanup_stale, pick_free_subnet
+from godwit.lab.netns import HostNetwork, TestHost, cleanup_stale, pick_free_subnet
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 PREFIX = f"gwt{os.getpid()}"

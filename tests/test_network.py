@@ -25,10 +25,10 @@ from pyroute2 import netns
 
 from godwit import network
 from godwit.bundle import load_config, rewrite_for_host, save_config
-from godwit.netns import HostNetwork, TestHost, cleanup_stale, pick_free_subnet
+from godwit.lab.netns import HostNetwork, TestHost, cleanup_stale, pick_free_subnet
+from godwit.lab.workloads import netserver_bundle
 from godwit.network import ContainerNet, PacketHold
 from godwit.runc import CheckpointOptions, Runc
-from godwit.workloads import netserver_bundle
 
 PREFIX = f"gwn{os.getpid() % 100000}"
 NAME = "srv"

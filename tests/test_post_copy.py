@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import cli_json, copies, wait_for
 
-from godwit.testbed import Testbed
-from godwit.workloads import memhog_bundle, read_state
+from godwit.lab.testbed import Testbed
+from godwit.lab.workloads import memhog_bundle, read_state
 
 pytestmark = pytest.mark.integration
 

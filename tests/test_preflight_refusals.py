@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 from conftest import copies, wait_for
 
-from godwit.bundle import counter_bundle, read_count
-from godwit.testbed import Testbed
+from godwit.lab.bundles import counter_bundle, read_count
+from godwit.lab.testbed import Testbed
 from godwit.tls import server_context
 
 pytestmark = pytest.mark.integration

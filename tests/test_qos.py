@@ -16,7 +16,7 @@ from pyroute2 import IPRoute
 
 from godwit import qos
 from godwit.errors import GodwitError
-from godwit.netns import HostNetwork, TestHost, cleanup_stale, pick_free_subnet
+from godwit.lab.netns import HostNetwork, TestHost, cleanup_stale, pick_free_subnet
 from godwit.qos import QosPolicy
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")

@@ -16,10 +16,10 @@ from conftest import _require_runtime, cli_json, wait_for
 from test_qos import FLOWS
 
 from godwit import qos
-from godwit.netns import pick_free_subnet
+from godwit.lab.netns import pick_free_subnet
+from godwit.lab.testbed import Testbed
+from godwit.lab.workloads import memhog_bundle, read_state
 from godwit.qos import QosPolicy
-from godwit.testbed import Testbed
-from godwit.workloads import memhog_bundle, read_state
 
 pytestmark = pytest.mark.integration
 LINK, MIGRATION = 800, 200

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import _current_runc, cli_json, copies, wait_for
 
-from godwit.bundle import counter_bundle, read_count
+from godwit.lab.bundles import counter_bundle, read_count
+from godwit.lab.testbed import Testbed
 from godwit.runc_features import series
-from godwit.testbed import Testbed
 
 pytestmark = pytest.mark.integration
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import cli_json, copies, wait_for
 
-from godwit.bundle import write_bundle
-from godwit.testbed import Testbed
-from godwit.workloads import build_static
+from godwit.lab.bundles import write_bundle
+from godwit.lab.testbed import Testbed
+from godwit.lab.workloads import build_static
 
 pytestmark = pytest.mark.integration
 

@@ -15,10 +15,10 @@ from netclient import Client, tcp_counters
 
 from godwit import network
 from godwit.api import AgentClient
-from godwit.netns import TestHost
-from godwit.testbed import Testbed
+from godwit.lab.netns import TestHost
+from godwit.lab.testbed import Testbed
+from godwit.lab.workloads import netserver_bundle
 from godwit.tls import client_context
-from godwit.workloads import netserver_bundle
 
 pytestmark = pytest.mark.integration
 STALL_TOLERANCE = 0.2

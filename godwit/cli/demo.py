@@ -9,6 +9,6 @@ import click
 @click.option("--keep", is_flag=True, help="Leave the hosts running afterwards.")
 def demo(keep: bool) -> None:
     """Create two network-namespace hosts and live-migrate a counting container."""
-    from godwit.demo import run_demo
+    from godwit.lab.demo import run_demo
 
     run_demo(keep=keep)

@@ -13,7 +13,7 @@ import pytest
 from zdtm_harness import RunResult, Variant, run_test
 from zdtm_suite import ZdtmTest, build, load_tests
 
-from godwit.testbed import Testbed
+from godwit.lab.testbed import Testbed
 
 pytestmark = [pytest.mark.integration, pytest.mark.conformance]
 

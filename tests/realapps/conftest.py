@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from godwit.netns import TestHost
-from godwit.testbed import Testbed
+from godwit.lab.netns import TestHost
+from godwit.lab.testbed import Testbed
 from realapps.rootfs import cached_rootfs
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from conftest import copies
 
 from godwit.bundle import save_config
-from godwit.netns import TestHost
-from godwit.testbed import Testbed
+from godwit.lab.netns import TestHost
+from godwit.lab.testbed import Testbed
 
 # (strategy, shared storage): every app migrates in each of these four ways.
 MIGRATIONS = [("stop-and-copy", False), ("stop-and-copy", True),

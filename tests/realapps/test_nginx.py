@@ -15,8 +15,8 @@ from conftest import wait_for
 
 from godwit import network
 from godwit.bundle import DEFAULT_CAPS, oci_config
-from godwit.netns import TestHost
-from godwit.testbed import Testbed
+from godwit.lab.netns import TestHost
+from godwit.lab.testbed import Testbed
 
 from .harness import (
     MIGRATION_IDS,

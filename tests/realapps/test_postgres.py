@@ -12,8 +12,8 @@ import pytest
 from conftest import wait_for
 
 from godwit.bundle import oci_config
-from godwit.netns import TestHost
-from godwit.testbed import Testbed
+from godwit.lab.netns import TestHost
+from godwit.lab.testbed import Testbed
 
 from .harness import (
     MIGRATION_IDS,

@@ -18,8 +18,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from godwit.bundle import BUSYBOX, make_busybox_rootfs
-from godwit.workloads import build_netserver
+from godwit.lab.bundles import BUSYBOX, make_busybox_rootfs
+from godwit.lab.workloads import build_netserver
 
 TAG = "netserver"
 WHITED_OUT = "etc/build-secret"  # added by layer 1, deleted by layer 2

@@ -37,13 +37,11 @@ from typing import Any
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from godwit.network import DEFAULT_BRIDGE, NETNS_PREFIX
+from godwit.network import _CLONE_NEWNET, DEFAULT_BRIDGE, NETNS_DIR, NETNS_PREFIX
 from godwit.runc import CURRENT_RUNC, DEFAULT_RUNC
 
 DEFAULT_BASE_DIR = Path("/run/godwit-hosts")
-NETNS_DIR = Path("/run/netns")
 RUNCS = (DEFAULT_RUNC, str(CURRENT_RUNC))  # a test host's agent may run either
-_CLONE_NEWNET = 0x40000000
 _PREFIX_RE = re.compile(r"[a-z][a-z0-9]{0,9}")  # "<prefix>-v254" must fit IFNAMSIZ-1 = 15
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,30}")
 

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from godwit.api import DEFAULT_PORT
-from godwit.netns import HostNetwork, TestHost, cleanup_stale
+from godwit.lab.netns import HostNetwork, TestHost, cleanup_stale
 from godwit.pki import CertificateAuthority
 from godwit.tls import client_context
 

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from godwit.bundle import write_bundle
+from godwit.lab.bundles import write_bundle
 
 MEMHOG_SOURCE = Path(__file__).with_name("memhog.c")
 NETSERVER_SOURCE = Path(__file__).with_name("netserver.c")

@@ -22,12 +22,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from godwit.bundle import counter_bundle, read_count
 from godwit.errors import GodwitError
-from godwit.netns import TestHost, pick_free_subnet
+from godwit.lab.bundles import counter_bundle, read_count
+from godwit.lab.netns import TestHost, pick_free_subnet
+from godwit.lab.testbed import Testbed
+from godwit.lab.workloads import netserver_bundle
 from godwit.network import in_netns
-from godwit.testbed import Testbed
-from godwit.workloads import netserver_bundle
 
 console = Console()
 SERVER_PORT = 7000
