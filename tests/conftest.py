@@ -16,6 +16,19 @@ from godwit.lab.testbed import Testbed
 from godwit.runc import CURRENT_RUNC, DEFAULT_RUNC
 
 pytest.register_assert_rewrite("netclient", "faultmatrix")  # asserts report like tests
+# The fast lane, `pytest -m "not integration"`, runs unit tests only (no root, seconds):
+# these markers and these root-only fixtures make a test an integration test.
+IMPLIES_INTEGRATION = ("realapps", "conformance", "faults", "soak")
+ROOT_FIXTURES = frozenset({"bed", "current_bed", "any_bed", "runc_binary"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before the -m selection
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark integration every test that has an implying marker or uses a root fixture."""
+    for item in items:
+        implied = any(item.get_closest_marker(name) for name in IMPLIES_INTEGRATION)
+        if implied or ROOT_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 def _require_runtime() -> None:

@@ -157,6 +157,7 @@ def _varint_at(data: bytes, pos: int) -> tuple[int, int]:
     return value | data[pos] << shift, pos + 1
 
 
+@pytest.mark.integration
 @needs_criu
 def test_cpuinfo_round_trip(tmp_path: Path) -> None:
     image = asyncio.run(preflight.cpuinfo_dump(tmp_path / "src"))
