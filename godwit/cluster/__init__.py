@@ -1,0 +1,1 @@
+"""Cluster mode: hosts, container ownership and migration records in etcd v3."""
