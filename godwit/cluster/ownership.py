@@ -57,16 +57,20 @@ async def claim(store: Store, container: str, host: str) -> Owner:
 
 async def commit_owner(store: Store, container: str, from_host: str, to_host: str) -> Owner:
     """Move ownership from `from_host` to `to_host` in one transaction; refused (with the
-    actual owner named) unless `from_host` owns it now. A lost answer raises OutcomeUnknown:
-    read `owner()` once etcd answers to learn the outcome."""
+    actual owner named) unless `from_host` owns it now. Idempotent: if `to_host` owns it
+    already (an earlier attempt whose answer was lost applied; the migration lock excludes
+    any other mover), that is the result. After the store's deadline, OutcomeUnknown: read
+    `owner()` once etcd answers to learn the outcome."""
     key = CONTAINERS + container
     reply = await store.txn([store.same_value(key, {"host": from_host})],
                             [store.op_put(key, {"host": to_host})], [store.op_get(key)])
     if reply.succeeded:
         return Owner(container, to_host, reply.header.revision)
-    raise OwnershipConflict(
-        f"container {container} is owned by {_host(store.entry_of(reply.responses[0]))}, "
-        f"not {from_host}: ownership not moved to {to_host}")
+    current = store.entry_of(reply.responses[0])
+    if current and current.value["host"] == to_host:
+        return Owner(container, to_host, current.mod_revision)
+    raise OwnershipConflict(f"container {container} is owned by {_host(current)}, "
+                            f"not {from_host}: ownership not moved to {to_host}")
 
 
 async def release(store: Store, container: str, host: str) -> bool:
@@ -102,11 +106,11 @@ class MigrationLock:
         except BaseException:
             await lease.stop()
             raise
-        if not reply.succeeded:
+        held = None if reply.succeeded else self.store.entry_of(reply.responses[0])
+        if held is not None and held.lease != lease.id:  # not our own earlier attempt
             await lease.stop()
-            held = self.store.entry_of(reply.responses[0])
             raise MigrationLocked(f"container {self.container} is already being migrated "
-                                  f"({_describe(held.value if held else {})}): refused")
+                                  f"({_describe(held.value)}): refused")
         self.lease = lease
 
     async def release(self) -> None:

@@ -20,8 +20,8 @@ The client library is etcd3aio (pinned in pyproject.toml). The three options com
 
 Every call here has a deadline; an unreachable, stopped or frozen etcd ends in
 `ClusterUnavailable` with one line, never a hang. Reads and idempotent writes are retried
-within the deadline (a member that dies leaves in-flight requests waiting for the next
-leader); a transaction is sent once (see `txn`).
+within the deadline: a member that dies leaves in-flight requests waiting for the next
+leader, which the next attempt reaches (so transactions are written to be idempotent).
 """
 
 from __future__ import annotations
@@ -174,14 +174,12 @@ class Store:
         return reply.deleted > 0
 
     async def txn(self, compare: list, success: list, failure: list = ()) -> Any:
-        """One transaction, sent once: a lost answer raises OutcomeUnknown (the caller reads
-        the keys to learn whether it applied; sending it again could apply it twice)."""
-        started = time.monotonic()
-        try:
-            return await self.client.kv.txn(compare, success, list(failure),
-                                            timeout=self.timeout)
-        except (TimeoutError, EtcdError, grpc.aio.AioRpcError) as e:
-            raise OutcomeUnknown(self._unavailable("transaction", e, started)) from e
+        """One transaction, retried within the deadline like every call: an attempt whose
+        answer was lost (a leader killed mid-request) may have applied, so write each
+        transaction to be idempotent (its compare sees its own earlier success). At the
+        deadline, OutcomeUnknown: read the keys once etcd answers to learn the outcome."""
+        return await self._retried("transaction", lambda t: self.client.kv.txn(
+            compare, success, list(failure), timeout=t), unknown_outcome=True)
 
     async def grant(self, ttl: int) -> int:
         """A new lease of `ttl` seconds; returns its id."""
@@ -205,8 +203,16 @@ class Store:
         return await self._retried("lease keepalive", once)
 
     async def revoke(self, lease: int) -> None:
-        """Revoke a lease: every key attached to it goes."""
-        await self._retried("lease revoke", lambda t: self.client.lease.revoke(lease, timeout=t))
+        """Revoke a lease: every key attached to it goes (a lease already gone is fine)."""
+
+        async def once(timeout: float) -> None:
+            try:
+                await self.client.lease.revoke(lease, timeout=timeout)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+
+        await self._retried("lease revoke", once)
 
     # transaction building blocks, on relative keys
     def same_value(self, relative: str, value: dict[str, Any]) -> Any:
@@ -233,7 +239,8 @@ class Store:
         return Entry(kv.key.decode()[len(self.prefix):], json.loads(kv.value),
                      kv.create_revision, kv.mod_revision, kv.lease)
 
-    async def _retried(self, what: str, call: Callable[[float], Awaitable[T]]) -> T:
+    async def _retried(self, what: str, call: Callable[[float], Awaitable[T]], *,
+                       unknown_outcome: bool = False) -> T:
         """`call(attempt_timeout)` until it answers or the deadline passes."""
         started = time.monotonic()
         deadline = started + self.timeout
@@ -246,7 +253,8 @@ class Store:
                     raise GodwitError(f"etcd refused the {what}: {_first_line(e.details())}") \
                         from e
                 if time.monotonic() + RETRY_PAUSE_S >= deadline:
-                    raise ClusterUnavailable(self._unavailable(what, e, started)) from e
+                    error = OutcomeUnknown if unknown_outcome else ClusterUnavailable
+                    raise error(self._unavailable(what, e, started)) from e
                 await asyncio.sleep(RETRY_PAUSE_S)
 
     def _unavailable(self, what: str, error: BaseException, started: float) -> str:
