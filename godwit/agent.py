@@ -24,6 +24,7 @@ from godwit.containers import ContainerStore, HostNetworking
 from godwit.criu import CriuCapabilities, probe, tune_host
 from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.image_config import Overrides
+from godwit.metrics import metrics_handler
 from godwit.migration import MigrationOptions, choose_strategy
 from godwit.migration.failure_logs import FailureLogs
 from godwit.migration.post_copy import PostCopy
@@ -114,6 +115,7 @@ class Agent:
             web.post("/v1/incoming/{id}/forget", self.forget_incoming),
             web.get("/v1/incoming/{id}", self.incoming_state),
             web.delete("/v1/incoming/{id}", self.abort_incoming),
+            web.get("/metrics", metrics_handler(self)),
         ])
         return app
 

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from godwit.metrics import observe_migration
+
 
 @dataclass
 class Phase:
@@ -117,6 +119,7 @@ class ReportArchive:
     def save(self, report: MigrationReport) -> None:
         path = self.directory / f"{report.id}.json"
         path.write_text(json.dumps(report.to_json(), indent=1))
+        observe_migration(report.to_json())
 
     def load(self, migration_id: str) -> dict | None:
         path = self.directory / f"{migration_id}.json"
