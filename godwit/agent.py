@@ -20,6 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from godwit import __version__, faults, images
 from godwit.api import DEFAULT_PORT, AgentClient
+from godwit.cluster.node import ClusterNode
 from godwit.containers import ContainerStore, HostNetworking
 from godwit.criu import CriuCapabilities, probe, tune_host
 from godwit.errors import Conflict, GodwitError, NotFound
@@ -49,7 +50,9 @@ class Agent:
 
     def __init__(self, name: str, state_dir: Path, runc_root: Path,
                  networking: HostNetworking | None = None, tls: TLSFiles | None = None,
-                 qos: QosSetting | None = None, runc: str = DEFAULT_RUNC) -> None:
+                 qos: QosSetting | None = None, runc: str = DEFAULT_RUNC,
+                 cluster: ClusterNode | None = None) -> None:
+        self.cluster = cluster  # cluster mode: registered in etcd once it listens
         self.tls = tls
         self.qos = qos
         self.port = DEFAULT_PORT
@@ -496,8 +499,13 @@ async def serve(agent: Agent, listen: str, server_ssl: ssl.SSLContext | None = N
     await site.start()
     log.info("agent %s listening on %s", agent.name, listen)
     try:
+        if agent.cluster:
+            await agent.cluster.join()
+            log.info("agent %s registered in etcd as %s", agent.name, agent.cluster.address)
         await asyncio.Event().wait()
     finally:
+        if agent.cluster:
+            await agent.cluster.leave()
         await runner.cleanup()
         await agent.stop()
 

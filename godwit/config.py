@@ -18,11 +18,13 @@ def default_path() -> Path:
 
 @dataclass
 class CliConfig:
-    """`{"hosts": {"name": "addr:port"}, "tls": {"ca", "cert", "key", "crl"} | null}`."""
+    """`{"hosts": {"name": "addr:port"}, "tls": {"ca", "cert", "key", "crl"} | null,
+    "etcd": "https://addr:port,…" | null}` (with etcd, cluster mode: hosts come from etcd)."""
 
     path: Path
     hosts: dict[str, str] = field(default_factory=dict)
     tls: dict[str, str] | None = None
+    etcd: str | None = None
 
     @classmethod
     def load(cls, path: Path | None = None) -> CliConfig:
@@ -33,11 +35,12 @@ class CliConfig:
             raw = json.loads(path.read_text())
         except ValueError as exc:
             raise GodwitError(f"config {path} is not valid JSON") from exc
-        return cls(path, dict(raw.get("hosts", {})), raw.get("tls"))
+        return cls(path, dict(raw.get("hosts", {})), raw.get("tls"), raw.get("etcd"))
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({"hosts": self.hosts, "tls": self.tls}, indent=1))
+        data = {"hosts": self.hosts, "tls": self.tls, "etcd": self.etcd}
+        self.path.write_text(json.dumps(data, indent=1))
 
     def add_host(self, name: str, address: str) -> None:
         self.hosts[name] = normalize_address(address)

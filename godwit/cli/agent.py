@@ -12,7 +12,9 @@ import click
 
 from godwit.agent import Agent, QosSetting, default_name, serve
 from godwit.api import normalize_address
+from godwit.cluster.node import ClusterNode
 from godwit.containers import HostNetworking
+from godwit.errors import GodwitError
 from godwit.qos import QosPolicy
 from godwit.runc import DEFAULT_RUNC
 from godwit.tls import TLSFiles, server_context
@@ -44,14 +46,17 @@ file_option = click.Path(dir_okay=False, exists=True)
                    "to everything else.")
 @click.option("--qos-migration-ceil-mbit", type=float,
               help="Most migration traffic may take when the link is idle [default: link].")
+@click.option("--etcd", "etcd", default=None, metavar="URLS",
+              help="Cluster mode: register this host in etcd (https://ADDR:PORT, comma-"
+                   "separated members), with this agent's TLS files. Default: standalone.")
 @click.option("--insecure", is_flag=True,
               help="Plain HTTP, no authentication: only for an isolated lab network.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def agent(listen: str, state_dir: str, runc_root: str, runc: str, name: str | None,
           tls_ca: str | None, tls_cert: str | None, tls_key: str | None, tls_crl: str | None,
-          container_bridge: str, netns_id: str | None, insecure: bool, log_level: str,
-          **qos_options: object) -> None:
+          container_bridge: str, netns_id: str | None, etcd: str | None, insecure: bool,
+          log_level: str, **qos_options: object) -> None:
     """Serve this host's containers and accept migrations from authenticated peers."""
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -61,10 +66,24 @@ def agent(listen: str, state_dir: str, runc_root: str, runc: str, name: str | No
     host = name or default_name()
     networking = HostNetworking(netns_id or host, container_bridge)
     host_agent = Agent(host, state, Path(runc_root), networking=networking, tls=files,
-                       qos=_qos(**qos_options), runc=_runc_binary(runc))
+                       qos=_qos(**qos_options), runc=_runc_binary(runc),
+                       cluster=_cluster(etcd, files, host, normalize_address(listen)))
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(host_agent, normalize_address(listen),
                           server_context(files) if files else None))
+
+
+def _cluster(etcd: str | None, files: TLSFiles | None, host: str,
+             listen: str) -> ClusterNode | None:
+    """Cluster mode's link to etcd; None in standalone mode."""
+    if not etcd:
+        return None
+    if files is None:
+        raise click.UsageError("--etcd needs the agent's TLS files (etcd requires them)")
+    try:
+        return ClusterNode(etcd, files, host, listen)
+    except GodwitError as exc:
+        raise click.UsageError(f"--etcd: {exc}") from exc
 
 
 def _runc_binary(runc: str) -> str:

@@ -15,6 +15,7 @@ from rich.console import Console
 from godwit.api import AgentClient
 from godwit.config import CliConfig
 from godwit.errors import GodwitError, NotFound
+from godwit.tls import TLSFiles, client_context
 
 T = TypeVar("T")
 console = Console()
@@ -36,20 +37,22 @@ class Context:
             self._config = CliConfig.load(self._path)
         return self._config
 
-    def ssl_context(self) -> ssl.SSLContext | None:
+    def tls_files(self) -> TLSFiles | None:
+        """The operator's TLS files from the config (None: no TLS configured)."""
         tls = self.config.tls
         if not tls:
             return None
-        from godwit.tls import TLSFiles, client_context
-
         missing = [tls[k] for k in ("ca", "cert", "key") if not Path(tls.get(k, "")).is_file()]
         if missing:
             raise GodwitError(f"TLS file(s) in {self.config.path} not found: "
                               f"{', '.join(missing)}")
         crl = tls.get("crl")
-        files = TLSFiles(Path(tls["ca"]), Path(tls["cert"]), Path(tls["key"]),
-                         Path(crl) if crl else None)
-        return client_context(files)
+        return TLSFiles(Path(tls["ca"]), Path(tls["cert"]), Path(tls["key"]),
+                        Path(crl) if crl else None)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        files = self.tls_files()
+        return client_context(files) if files else None
 
     def client(self, host: str, timeout: float = 30) -> AgentClient:
         return AgentClient(self.config.address(host), self.ssl_context(), timeout=timeout)

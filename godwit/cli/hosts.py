@@ -10,6 +10,8 @@ from rich.table import Table
 
 from godwit.cli.common import Context, console, emit_json, gather_hosts, json_option, run
 from godwit.cli.render import size
+from godwit.cluster.node import registered_hosts
+from godwit.cluster.store import parse_endpoints
 from godwit.errors import GodwitError
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -19,10 +21,13 @@ pass_ctx = click.make_pass_decorator(Context)
 @json_option
 @click.pass_context
 def hosts(click_ctx: click.Context, as_json: bool) -> None:
-    """List configured hosts with what their agents report."""
+    """List configured hosts (in cluster mode: the hosts registered in etcd) with what
+    their agents report."""
     if click_ctx.invoked_subcommand:
         return
     ctx: Context = click_ctx.obj
+    if ctx.config.etcd:
+        ctx.config.hosts = run(_registered_hosts(ctx))
     names = ctx.host_names()
     found = run(gather_hosts(ctx, names, lambda a: a.info()))
     if as_json:
@@ -32,6 +37,17 @@ def hosts(click_ctx: click.Context, as_json: bool) -> None:
         console.print(_hosts_table(ctx, found))
     if all(isinstance(r, GodwitError) for r in found.values()):
         sys.exit(1)
+
+
+async def _registered_hosts(ctx: Context) -> dict[str, str]:
+    """Name → address of every live host registered in etcd (cluster mode)."""
+    files = ctx.tls_files()
+    if files is None:
+        raise GodwitError("cluster mode needs the CLI's TLS files: `godwit use-tls`")
+    registered = await registered_hosts(ctx.config.etcd, files)
+    if not registered:
+        raise GodwitError(f"no host is registered in etcd at {ctx.config.etcd}")
+    return {name: info["address"] for name, info in sorted(registered.items())}
 
 
 def _hosts_table(ctx: Context, found: dict) -> Table:
@@ -78,6 +94,19 @@ def hosts_rm(ctx: Context, name: str) -> None:
     ctx.config.save()
 
 
+@click.command("use-etcd")
+@click.argument("urls", required=False)
+@pass_ctx
+def use_etcd(ctx: Context, urls: str | None) -> None:
+    """Cluster mode: read hosts from etcd at URLS (https://ADDR:PORT, comma-separated);
+    without URLS, back to standalone mode (hosts from this config)."""
+    if urls:
+        parse_endpoints(urls)
+    ctx.config.etcd = urls or None
+    ctx.config.save()
+    console.print(f"hosts from etcd at {urls}" if urls else "standalone: hosts from the config")
+
+
 @click.command("use-tls")
 @click.option("--ca", "ca", required=True, type=click.Path(dir_okay=False, exists=True),
               help="godwit CA certificate.")
@@ -95,4 +124,4 @@ def use_tls(ctx: Context, ca: str, cert: str, key: str, crl: str | None) -> None
     console.print(f"CLI will use {ctx.config.tls['cert']} ({ctx.config.path})")
 
 
-COMMANDS = (hosts, use_tls)
+COMMANDS = (hosts, use_etcd, use_tls)
