@@ -45,6 +45,10 @@ from godwit.errors import GodwitError
 from godwit.tls import TLSFiles
 
 DEFAULT_PREFIX = "godwit/"
+# Every etcd member's certificate carries this DNS name beside its own address, and the
+# client checks it: one gRPC channel balances over all members, so it verifies them all
+# against one name (`godwit ca issue etcd1 --san 10.0.0.1 --san etcd.godwit`).
+SERVER_NAME = "etcd.godwit"
 DEFAULT_TIMEOUT_S = 5.0
 ATTEMPT_TIMEOUT_S = 2.0
 RETRY_PAUSE_S = 0.2
@@ -122,7 +126,7 @@ class Store:
             client = Etcd3Client(
                 self.endpoints, ca_cert=self.tls.ca.read_bytes(),
                 cert_key=self.tls.key.read_bytes(), cert_chain=self.tls.cert.read_bytes(),
-                tls_server_name=self.endpoints[0].rsplit(":", 1)[0], rpc_max_attempts=1)
+                tls_server_name=SERVER_NAME, rpc_max_attempts=1)
         except OSError as e:
             raise GodwitError(f"cannot read TLS files for etcd: {e}") from e
         await client.connect()

@@ -3,8 +3,12 @@
 `EtcdCluster(ca, size=1)` is a single node, `size=3` a 3-member cluster (for failure tests).
 Every member is Debian's `etcd` binary (scripts/setup installs etcd-server), runs in the
 root network namespace with its own data dir under /var/tmp and its own client and peer
-ports, picked free on `address`. Bind it on a testbed's bridge address (`HostNetwork.gateway`)
-and the agents in the netns hosts reach it through their default route. Clients and peers
+ports, picked free on its address. Bind it on a testbed's bridge address
+(`HostNetwork.gateway`) and the agents in the netns hosts reach it through their default
+route. The members' certificates name that address and `etcd.godwit`, the name clients
+check (godwit.cluster.store). All members share the address: etcd refuses a peer whose
+certificate's IP addresses do not include the address the connection comes from, and on
+one machine every connection between loopback addresses comes from 127.0.0.1. Clients and peers
 both need a certificate of the CA (`--client-cert-auth`, `--peer-client-cert-auth`) and the
 CA's CRL applies to clients.
 """
@@ -21,6 +25,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from godwit.cluster.store import SERVER_NAME
 from godwit.pki import CertificateAuthority
 from godwit.tls import TLSFiles, client_context
 
@@ -105,13 +110,13 @@ class EtcdCluster:
 
     def start(self) -> None:
         """Issue the certificates, start every member, wait until the cluster is healthy."""
-        self.client_tls = self._issue(f"{self.prefix}-etcd-client", server=False)
-        ports = _free_ports(self.address, 2 * self.size)
+        self.client_tls = self._issue(f"{self.prefix}-etcd-client", None)
         for i in range(self.size):
             name = f"{self.prefix}-etcd{i}"
+            client_port, peer_port = _free_ports(self.address, 2)
             self.members.append(EtcdMember(
-                name, self.address, ports[2 * i], ports[2 * i + 1], self.work / name,
-                self._issue(name, server=True), self.work / f"{name}.log"))
+                name, self.address, client_port, peer_port, self.work / name,
+                self._issue(name, [self.address]), self.work / f"{name}.log"))
         for member in self.members:
             self.start_member(member)
         for member in self.members:
@@ -167,10 +172,11 @@ class EtcdCluster:
             member.process = None
         shutil.rmtree(self.work, ignore_errors=True)
 
-    def _issue(self, name: str, *, server: bool) -> TLSFiles:
-        """A certificate of the CA: a member's (server and client auth) or a client's."""
-        if server:
-            self.ca.issue_agent(name, sorted({self.address, "127.0.0.1", "localhost"}))
+    def _issue(self, name: str, addresses: list[str] | None) -> TLSFiles:
+        """A certificate of the CA: a member's (server and client auth, for its addresses
+        and the name clients check) or, without addresses, a client's."""
+        if addresses:
+            self.ca.issue_agent(name, [*addresses, SERVER_NAME])
         else:
             self.ca.issue_client(name)
         return self.ca.bundle_for(name)
