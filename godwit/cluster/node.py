@@ -49,7 +49,7 @@ def advertised_address(listen: str, etcd_endpoint: str) -> str:
         try:
             probe.connect((etcd_host, int(etcd_port)))  # UDP: picks the route, sends nothing
         except OSError as e:
-            raise GodwitError(f"no route to etcd at {etcd_endpoint}: {e.strerror}") from e
+            raise GodwitError(f"cannot reach etcd at {etcd_endpoint}: {e.strerror}") from e
         return f"{probe.getsockname()[0]}:{port}"
 
 
