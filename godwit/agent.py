@@ -13,6 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from aiohttp import web
 from cryptography import x509
@@ -34,7 +35,33 @@ from godwit.migration.receiver import Receiver
 from godwit.migration.report import EventStream, MigrationReport, ReportArchive
 from godwit.migration.source import SourceContext, SourceMigration, migration_needs
 from godwit.network import ContainerNet
+from godwit.openapi import document
 from godwit.preflight import check_cpuinfo_image, run_checks
+from godwit.protocol import (
+    PROTOCOL_VERSION,
+    ROUTES,
+    ArmRequest,
+    ClockSample,
+    ContainerInfo,
+    ExecRequest,
+    ExecResult,
+    HostInfo,
+    IncomingRequest,
+    KeptLog,
+    MigrationLogs,
+    PreflightReply,
+    PreflightRequest,
+    QosState,
+    Removed,
+    Report,
+    RestoreRequest,
+    RunRequest,
+    Signalled,
+    SignalRequest,
+    convert,
+    decode,
+    encode,
+)
 from godwit.qos import QosPolicy, apply_policy, clear_policy, describe_policy
 from godwit.runc import DEFAULT_RUNC, Runc
 from godwit.runc_features import RuncFeatures, probe_runc
@@ -43,6 +70,7 @@ from godwit.tls import RevocationList, TLSFiles, client_context, peer_certificat
 log = logging.getLogger("godwit.agent")
 STRATEGIES = {"stop-and-copy": SourceMigration, "post-copy": PostCopy, "pre-copy": PreCopy}
 RESTORE_TIMEOUT_S = 600
+M = TypeVar("M")
 
 
 class Agent:
@@ -93,71 +121,48 @@ class Agent:
         revocations = RevocationList(self.tls) if self.tls else None
         middlewares = [error_middleware, peer_middleware(revocations)]
         app = web.Application(middlewares=middlewares, client_max_size=1 << 20)
-        app.add_routes([
-            web.get("/v1/info", self.info),
-            web.get("/v1/containers", self.list_containers),
-            web.post("/v1/containers", self.run_container),
-            web.get("/v1/containers/{name}", self.get_container),
-            web.delete("/v1/containers/{name}", self.remove_container),
-            web.post("/v1/containers/{name}/exec", self.exec_container),
-            web.post("/v1/containers/{name}/signal", self.signal_container),
-            web.post("/v1/containers/{name}/resume", self.resume_container),
-            web.post("/v1/containers/{name}/migrate", self.migrate),
-            web.get("/v1/time", self.clock),
-            web.post("/v1/preflight", self.preflight),
-            web.post("/v1/preflight/cpuinfo", self.check_cpuinfo),
-            web.get("/v1/migrations", self.history),
-            web.get("/v1/migrations/{id}", self.report),
-            web.get("/v1/migrations/{id}/logs", self.migration_logs),
-            web.post("/v1/incoming", self.prepare_incoming),
-            web.put("/v1/incoming/{id}/{what}", self.upload_incoming),
-            web.post("/v1/incoming/{id}/arm", self.arm_incoming),
-            web.post("/v1/incoming/{id}/activate", self.activate_incoming),
-            web.post("/v1/incoming/{id}/restore", self.restore_incoming),
-            web.post("/v1/incoming/{id}/commit", self.commit_incoming),
-            web.post("/v1/incoming/{id}/forget", self.forget_incoming),
-            web.get("/v1/incoming/{id}", self.incoming_state),
-            web.delete("/v1/incoming/{id}", self.abort_incoming),
-            web.get("/metrics", metrics_handler(self)),
-        ])
+        app.add_routes([web.route(r.method, r.path, getattr(self, r.handler)) for r in ROUTES])
+        # Prometheus text for scrapers, outside the JSON protocol and its OpenAPI document
+        app.add_routes([web.get("/metrics", metrics_handler(self))])
         return app
 
     # host and containers
     async def info(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.describe_host())
+        return _reply(await self.describe_host())
 
-    async def describe_host(self) -> dict:
-        return {
-            "name": self.name,
-            "godwit": __version__,
-            "runc": await self.runc.version(),
-            "runc_features": self.runc_features.to_json() if self.runc_features else None,
-            "criu": self.caps.to_json() if self.caps else None,
-            "time": time.time(),
-            "containers": len(await self.store.list()),
-            "mem_available": _mem_available(),
-            "disk_free": shutil.disk_usage(self.state_dir).free,
-            "qos": await asyncio.to_thread(describe_policy, self.qos.uplink)
-            if self.qos else None,
-        }
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(document())
+
+    async def describe_host(self) -> HostInfo:
+        qos = await asyncio.to_thread(describe_policy, self.qos.uplink) if self.qos else None
+        return HostInfo(
+            name=self.name, godwit=__version__, protocol=PROTOCOL_VERSION,
+            runc=await self.runc.version(), runc_features=self.runc_features, criu=self.caps,
+            time=time.time(), containers=len(await self.store.list()),
+            mem_available=_mem_available(), disk_free=shutil.disk_usage(self.state_dir).free,
+            qos=convert(qos, QosState, "QoS state") if qos else None,
+        )
+
+    async def describe(self, name: str) -> ContainerInfo:
+        return convert(await self.store.describe(name), ContainerInfo, "container")
 
     async def list_containers(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.store.list())
+        return _reply(convert(await self.store.list(), list[ContainerInfo], "containers"))
 
     async def get_container(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.store.describe(request.match_info["name"]))
+        return _reply(await self.describe(request.match_info["name"]))
 
     async def run_container(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
-        net = _container_net(body.get("net"))
-        if body.get("image") is not None:
-            await images.create_from_image(self.store, str(body.get("name", "")),
-                                           str(body["image"]),
-                                           Overrides.from_json(body.get("overrides")), net)
+        body = await _body(request, RunRequest)
+        if (body.image is None) == (body.bundle is None):
+            raise GodwitError("give either a bundle or an image")
+        if body.image is not None:
+            overrides = Overrides.from_json((body.overrides or Overrides()).to_json())
+            await images.create_from_image(self.store, body.name, body.image, overrides,
+                                           body.net)
         else:
-            await self.store.create(str(body.get("name", "")),
-                                    Path(str(body.get("bundle", ""))), net)
-        return web.json_response(await self.store.describe(body["name"]), status=201)
+            await self.store.create(body.name, Path(body.bundle or ""), body.net)
+        return _reply(await self.describe(body.name), status=201)
 
     async def remove_container(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -165,7 +170,7 @@ class Agent:
             raise Conflict(f"container {name} is being migrated")
         await self.store.remove(name)
         await self.settle_journals(name)
-        return web.json_response({"removed": name})
+        return _reply(Removed(removed=name))
 
     def journals(self, name: str) -> list[Path]:
         """Journals of this container's unsettled (in-doubt) outgoing migrations."""
@@ -184,19 +189,17 @@ class Agent:
 
     async def exec_container(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        argv = (await _json_body(request)).get("argv")
-        if not argv or not all(isinstance(a, str) for a in argv):
-            raise GodwitError("exec needs a command")
+        body = await _body(request, ExecRequest)
         self.store.record(name)
-        code, out, err = await self.runc.exec(name, argv)
-        return web.json_response({"exit_code": code, "stdout": out, "stderr": err})
+        code, out, err = await self.runc.exec(name, body.argv)
+        return _reply(ExecResult(exit_code=code, stdout=out, stderr=err))
 
     async def signal_container(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        signal = str((await _json_body(request)).get("signal", "TERM"))
+        signal = (await _body(request, SignalRequest)).signal
         self.store.record(name)
         await self.runc.kill(name, signal)
-        return web.json_response({"signalled": name, "signal": signal})
+        return _reply(Signalled(signalled=name, signal=signal))
 
     async def resume_container(self, request: web.Request) -> web.Response:
         """Resume a paused copy, e.g. one a migration left paused when it ended in doubt;
@@ -216,12 +219,12 @@ class Agent:
             await asyncio.to_thread(self.store.networking.connect, name)
         await self.runc.resume(name)
         await self.settle_journals(name)
-        return web.json_response(await self.store.describe(name))
+        return _reply(await self.describe(name))
 
     # migrations, source side
     async def migrate(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
-        options = MigrationOptions.from_json(await _json_body(request))
+        options = await _body(request, MigrationOptions)
         self.store.record(name)
         if name in self.migrating:
             raise Conflict(f"container {name} is already being migrated")
@@ -243,10 +246,11 @@ class Agent:
         )
 
     def pick_strategy(self, options: MigrationOptions, name: str | None,
-                      dest_info: dict | None) -> str:
+                      dest_info: HostInfo | None) -> str:
         caps = self.caps.to_json() if self.caps else {}
         memory = self.store.private_memory(name) if name else 0
-        return choose_strategy(options.strategy, caps, (dest_info or {}).get("criu"), memory)
+        dest_caps = dest_info.criu.to_json() if dest_info and dest_info.criu else None
+        return choose_strategy(options.strategy, caps, dest_caps, memory)
 
     async def run_migration(self, name: str, options: MigrationOptions,
                             events: EventStream) -> None:
@@ -321,18 +325,16 @@ class Agent:
     # pre-flight
     async def clock(self, request: web.Request) -> web.Response:
         received = time.time()
-        return web.json_response({"received": received, "sent": time.time()})
+        return _reply(ClockSample(received=received, sent=time.time()))
 
     async def check_cpuinfo(self, request: web.Request) -> web.Response:
-        finding = await check_cpuinfo_image(await request.read())
-        return web.json_response(finding.to_json())
+        return _reply(await check_cpuinfo_image(await request.read()))
 
     async def preflight(self, request: web.Request) -> web.Response:
         """`godwit check`: the pre-flight checks from this host to another, nothing frozen."""
-        body = await _json_body(request)
-        options = MigrationOptions.from_json({"to": body.get("to", ""),
-                                              "strategy": body.get("strategy", "auto")})
-        name = body.get("container")
+        body = await _body(request, PreflightRequest)
+        options = MigrationOptions(to=body.to, strategy=body.strategy)
+        name = body.container
         mem, disk = await asyncio.to_thread(migration_needs, self.store, name, False) \
             if name else (0, 0)
         async with self.peer(options.to) as dest:
@@ -342,58 +344,54 @@ class Agent:
                 strategy=self.pick_strategy(options, name, dest_info),
                 needed_mem=mem, needed_disk=disk,
                 max_skew_s=options.max_clock_skew)
-        return web.json_response({"source": self.name, "destination": dest_info.get("name"),
-                                  "findings": [f.to_json() for f in findings]})
+        return _reply(PreflightReply(source=self.name, destination=dest_info.name,
+                                     findings=findings))
 
     async def history(self, request: web.Request) -> web.Response:
-        return web.json_response(self.reports.all())
+        return _reply(convert(self.reports.all(), list[Report], "saved reports"))
 
     async def report(self, request: web.Request) -> web.Response:
         report = self.reports.load(request.match_info["id"].replace("/", ""))
         if report is None:
             raise NotFound(f"no migration {request.match_info['id']} on {self.name}")
-        return web.json_response(report)
+        return _reply(convert(report, Report, "saved report"))
 
     async def migration_logs(self, request: web.Request) -> web.Response:
         """The CRIU/runc logs this host kept of a failed migration (as source or
         destination); none kept is an empty list."""
         logs = await asyncio.to_thread(self.failure_logs.read, request.match_info["id"])
-        return web.json_response({"host": self.name, "logs": logs})
+        return _reply(MigrationLogs(host=self.name, logs=convert(logs, list[KeptLog])))
 
     # migrations, destination side
     async def prepare_incoming(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.receiver.prepare(await _json_body(request)))
+        return _reply(await self.receiver.prepare(await _body(request, IncomingRequest)))
 
     async def upload_incoming(self, request: web.Request) -> web.Response:
         info = request.match_info
-        return web.json_response(await self.receiver.receive(info["id"], info["what"],
-                                                             request.content))
+        return _reply(await self.receiver.receive(info["id"], info["what"], request.content))
 
     async def arm_incoming(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
-        return web.json_response(await self.receiver.arm(request.match_info["id"],
-                                                         body.get("descriptors")))
+        body = await _body(request, ArmRequest)
+        return _reply(await self.receiver.arm(request.match_info["id"], body.descriptors))
 
     async def activate_incoming(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.receiver.activate(request.match_info["id"]))
+        return _reply(await self.receiver.activate(request.match_info["id"]))
 
     async def restore_incoming(self, request: web.Request) -> web.Response:
-        body = await _json_body(request) if request.can_read_body else {}
-        page_server = body.get("page_server")
-        return web.json_response(await self.receiver.restore(request.match_info["id"],
-                                                             page_server))
+        body = await _body(request, RestoreRequest)
+        return _reply(await self.receiver.restore(request.match_info["id"], body.page_server))
 
     async def commit_incoming(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.receiver.commit(request.match_info["id"]))
+        return _reply(await self.receiver.commit(request.match_info["id"]))
 
     async def forget_incoming(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.receiver.forget(request.match_info["id"]))
+        return _reply(await self.receiver.forget(request.match_info["id"]))
 
     async def incoming_state(self, request: web.Request) -> web.Response:
-        return web.json_response(self.receiver.state(request.match_info["id"]))
+        return _reply(self.receiver.state(request.match_info["id"]))
 
     async def abort_incoming(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.receiver.abort(request.match_info["id"]))
+        return _reply(await self.receiver.abort(request.match_info["id"]))
 
 
 @web.middleware
@@ -447,14 +445,13 @@ def _is_agent(cert: x509.Certificate) -> bool:
     return ExtendedKeyUsageOID.SERVER_AUTH in usage
 
 
-async def _json_body(request: web.Request) -> dict:
-    try:
-        body = await request.json()
-    except ValueError as exc:
-        raise GodwitError("request body is not valid JSON") from exc
-    if not isinstance(body, dict):
-        raise GodwitError("request body must be a JSON object")
-    return body
+async def _body(request: web.Request, kind: type[M]) -> M:
+    """The request's JSON body as a protocol message (a bad one is a 400: GodwitError)."""
+    return decode(await request.read(), kind)
+
+
+def _reply(message: object, status: int = 200) -> web.Response:
+    return web.Response(body=encode(message), status=status, content_type="application/json")
 
 
 async def _stream_events(request: web.Request, events: EventStream) -> web.StreamResponse:
@@ -463,21 +460,12 @@ async def _stream_events(request: web.Request, events: EventStream) -> web.Strea
     await response.prepare(request)
     while (event := await events.queue.get()) is not None:
         try:
-            await response.write(json.dumps(event).encode() + b"\n")
+            await response.write(encode(event) + b"\n")
         except (ConnectionError, RuntimeError):
             log.warning("client left while migration %s runs on", events.report.id)
             return response
     await response.write_eof()
     return response
-
-
-def _container_net(raw: object) -> ContainerNet | None:
-    if not raw:
-        return None
-    try:
-        return ContainerNet.from_json(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError) as exc:
-        raise GodwitError(f"invalid container network: {exc}") from exc
 
 
 def _mem_available() -> int:

@@ -1,56 +1,59 @@
 """HTTP/JSON client of a godwit agent, used by the CLI and by agents talking to each other.
 
-The protocol (all JSON unless noted, errors are `{"error": "one line"}` with 4xx/5xx):
-
-    GET    /v1/info                          host facts: versions, CRIU features, time, resources
-    GET    /v1/containers                    containers of this host
-    POST   /v1/containers                    {"name", "bundle", "net"?}: start from a bundle dir,
-                                             or {"name", "image", "overrides"?, "net"?} from
-                                             an image (godwit.images; overrides: "env",
-                                             "user", "workdir", "args")
-    GET    /v1/containers/{name}             one container
-    DELETE /v1/containers/{name}             kill and remove
-    POST   /v1/containers/{name}/exec        {"argv"} -> {"exit_code", "stdout", "stderr"}
-    POST   /v1/containers/{name}/signal      {"signal"}
-    POST   /v1/containers/{name}/resume      resume a paused copy (after an in-doubt migration)
-    POST   /v1/containers/{name}/migrate     {"to", "strategy", ...} -> NDJSON event stream
-    GET    /v1/time                          {"received", "sent"}: clock samples for skew checks
-    POST   /v1/preflight                     {"to", "strategy", "container"?} -> {"findings"}
-    POST   /v1/preflight/cpuinfo             body: a `criu cpuinfo dump` image -> a finding
-    GET    /v1/migrations                    reports of past migrations (history)
-    GET    /v1/migrations/{id}               one report
-    GET    /v1/migrations/{id}/logs          {"host", "logs": [{"name", "size", "text"}]}: the
-                                             CRIU/runc logs this host kept of a failed
-                                             migration, as source or destination ([]: none)
-  destination side of a migration (agent to agent):
-    POST   /v1/incoming                      {"id", "name", "config", "shared_rootfs", "net",
-                                             "commit_timeout", ...}: prepare
-    PUT    /v1/incoming/{id}/rootfs          body: godwit tree stream (see transport.py)
-    PUT    /v1/incoming/{id}/images          body: godwit tree stream (also pre-1 … pre-9)
-    POST   /v1/incoming/{id}/arm             {"descriptors"}: place rootfs and bundle, start
-                                             runc restore held before CRIU (before the freeze)
-    POST   /v1/incoming/{id}/activate        source frozen: take over the container's address
-    POST   /v1/incoming/{id}/restore         {"page_server"?} -> {"restored_at", "pid", ...}
-    POST   /v1/incoming/{id}/commit          the destination keeps the container
-    POST   /v1/incoming/{id}/forget          the source settled it: drop the ended record
-    GET    /v1/incoming/{id}                 {"state", "pages"?}
-    DELETE /v1/incoming/{id}                 abort: kill a restored copy, drop staged files
+The routes and every body are in godwit.protocol (`ROUTES`, one Struct per body); an agent
+serves the same as an OpenAPI 3.1 document at `GET /v1/openapi.json`. Errors are
+`{"error": "one line"}` with a 4xx/5xx status. Replies are decoded into their types here,
+so a peer's malformed answer is a GodwitError of one line, not a KeyError later.
 """
 
 from __future__ import annotations
 
-import json
 import ssl
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
 from godwit.errors import Conflict, GodwitError, NotFound
+from godwit.image_config import Overrides
+from godwit.migration import MigrationOptions
+from godwit.network import ContainerNet
+from godwit.preflight import Finding
+from godwit.protocol import (
+    Activated,
+    Armed,
+    ArmRequest,
+    ClockSample,
+    ContainerInfo,
+    ErrorReply,
+    Event,
+    ExecRequest,
+    ExecResult,
+    Forgotten,
+    HostInfo,
+    IncomingRequest,
+    IncomingState,
+    MigrationLogs,
+    PreflightReply,
+    PreflightRequest,
+    Prepared,
+    Removed,
+    Report,
+    Restored,
+    RestoreRequest,
+    RunRequest,
+    Signalled,
+    SignalRequest,
+    Uploaded,
+    decode,
+    encode,
+)
 
 DEFAULT_PORT = 7451
 QUICK = aiohttp.ClientTimeout(total=10)  # safety-net calls must not hang on a dead peer
 ABORT_TIMEOUT_S = 3.0  # a rollback's abort: the source may resume sooner (source.py)
+JSON = {"Content-Type": "application/json"}
+R = TypeVar("R")
 
 
 class AgentUnreachable(GodwitError):
@@ -91,14 +94,32 @@ class AgentClient:
         if self._session:
             await self._session.close()
 
-    async def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One JSON request; raises a GodwitError subclass on any failure."""
+    async def request(self, method: str, path: str, reply: type[R] = Any,  # type: ignore[assignment]
+                      body: object = None, **kwargs: Any) -> R:
+        """One request (`body`: a protocol message); the reply decoded as `reply`. Raises
+        a GodwitError subclass on any failure."""
         assert self._session, "use AgentClient as an async context manager"
+        if body is not None:
+            kwargs.update(data=encode(body), headers=JSON)
         try:
             async with self._session.request(method, self.base + path, **kwargs) as resp:
-                return await _json_or_raise(resp)
+                return await self._reply(resp, reply)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise AgentUnreachable(f"agent {self.address}: {self._explain(exc)}") from exc
+
+    async def _reply(self, resp: aiohttp.ClientResponse, reply: type[R]) -> R:
+        data = await resp.read()
+        if resp.status < 400:
+            return decode(data, reply, f"reply of agent {self.address}")
+        try:
+            message = decode(data, ErrorReply).error
+        except GodwitError:
+            message = f"HTTP {resp.status} {resp.reason}"
+        if resp.status == 404:
+            raise NotFound(message)
+        if resp.status == 409:
+            raise Conflict(message)
+        raise GodwitError(message)
 
     def _explain(self, exc: BaseException) -> str:
         """asyncio sends no TLS alert, so a refused handshake looks like a hang-up."""
@@ -109,125 +130,119 @@ class AgentClient:
                      " (the agent probably requires TLS: see `godwit use-tls`)")
         return text
 
-    async def stream_events(self, path: str, body: dict) -> AsyncIterator[dict]:
+    async def stream_events(self, path: str, body: object) -> AsyncIterator[Event]:
         """POST and yield the NDJSON events of the response."""
         assert self._session
         try:
             async with self._session.post(
-                self.base + path, json=body, timeout=aiohttp.ClientTimeout(total=None)
+                self.base + path, data=encode(body), headers=JSON,
+                timeout=aiohttp.ClientTimeout(total=None)
             ) as resp:
                 if resp.status >= 400:
-                    await _json_or_raise(resp)
+                    await self._reply(resp, ErrorReply)
                 async for line in resp.content:
                     if line.strip():
-                        yield json.loads(line)
+                        yield decode(line, Event, f"event from agent {self.address}")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise AgentUnreachable(f"agent {self.address}: {self._explain(exc)}") from exc
 
-    # containers
-    async def info(self) -> dict:
-        return await self.request("GET", "/v1/info")
+    # host and containers
+    async def info(self) -> HostInfo:
+        return await self.request("GET", "/v1/info", HostInfo)
 
-    async def containers(self) -> list[dict]:
-        return await self.request("GET", "/v1/containers")
+    async def openapi(self) -> dict:
+        return await self.request("GET", "/v1/openapi.json", dict)
 
-    async def container(self, name: str) -> dict:
-        return await self.request("GET", f"/v1/containers/{name}")
+    async def containers(self) -> list[ContainerInfo]:
+        return await self.request("GET", "/v1/containers", list[ContainerInfo])
 
-    async def run(self, name: str, bundle: str, net: dict | None = None) -> dict:
-        body = {"name": name, "bundle": bundle, "net": net}
-        return await self.request("POST", "/v1/containers", json=body)
+    async def container(self, name: str) -> ContainerInfo:
+        return await self.request("GET", f"/v1/containers/{name}", ContainerInfo)
 
-    async def run_image(self, name: str, image: str, overrides: dict | None = None,
-                        net: dict | None = None) -> dict:
-        body = {"name": name, "image": image, "overrides": overrides, "net": net}
-        return await self.request("POST", "/v1/containers", json=body)
+    async def run(self, name: str, bundle: str, net: ContainerNet | None = None
+                  ) -> ContainerInfo:
+        body = RunRequest(name=name, bundle=bundle, net=net)
+        return await self.request("POST", "/v1/containers", ContainerInfo, body)
 
-    async def remove(self, name: str) -> dict:
-        return await self.request("DELETE", f"/v1/containers/{name}")
+    async def run_image(self, name: str, image: str, overrides: Overrides | None = None,
+                        net: ContainerNet | None = None) -> ContainerInfo:
+        body = RunRequest(name=name, image=image, overrides=overrides, net=net)
+        return await self.request("POST", "/v1/containers", ContainerInfo, body)
 
-    async def exec(self, name: str, argv: list[str]) -> dict:
-        return await self.request("POST", f"/v1/containers/{name}/exec", json={"argv": argv})
+    async def remove(self, name: str) -> Removed:
+        return await self.request("DELETE", f"/v1/containers/{name}", Removed)
 
-    async def signal(self, name: str, signal: str) -> dict:
-        body = {"signal": signal}
-        return await self.request("POST", f"/v1/containers/{name}/signal", json=body)
+    async def exec(self, name: str, argv: list[str]) -> ExecResult:
+        return await self.request("POST", f"/v1/containers/{name}/exec", ExecResult,
+                                  ExecRequest(argv=argv))
 
-    async def resume(self, name: str) -> dict:
-        return await self.request("POST", f"/v1/containers/{name}/resume")
+    async def signal(self, name: str, signal: str) -> Signalled:
+        return await self.request("POST", f"/v1/containers/{name}/signal", Signalled,
+                                  SignalRequest(signal=signal))
 
-    def migrate(self, name: str, options: dict) -> AsyncIterator[dict]:
+    async def resume(self, name: str) -> ContainerInfo:
+        return await self.request("POST", f"/v1/containers/{name}/resume", ContainerInfo)
+
+    def migrate(self, name: str, options: MigrationOptions) -> AsyncIterator[Event]:
         return self.stream_events(f"/v1/containers/{name}/migrate", options)
 
+    # pre-flight and history
     async def time_pair(self) -> tuple[float, float]:
         """(receive, send) times of the agent's clock for one request."""
-        stamps = await self.request("GET", "/v1/time")
-        return stamps["received"], stamps["sent"]
+        stamps = await self.request("GET", "/v1/time", ClockSample)
+        return stamps.received, stamps.sent
 
-    async def check_cpuinfo(self, image: bytes) -> dict:
-        return await self.request("POST", "/v1/preflight/cpuinfo", data=image)
+    async def check_cpuinfo(self, image: bytes) -> Finding:
+        return await self.request("POST", "/v1/preflight/cpuinfo", Finding, data=image)
 
-    async def preflight(self, body: dict) -> dict:
-        return await self.request("POST", "/v1/preflight", json=body)
+    async def preflight(self, body: PreflightRequest) -> PreflightReply:
+        return await self.request("POST", "/v1/preflight", PreflightReply, body)
 
-    async def history(self) -> list[dict]:
-        return await self.request("GET", "/v1/migrations")
+    async def history(self) -> list[Report]:
+        return await self.request("GET", "/v1/migrations", list[Report])
 
-    async def report(self, migration_id: str) -> dict:
-        return await self.request("GET", f"/v1/migrations/{migration_id}")
+    async def report(self, migration_id: str) -> Report:
+        return await self.request("GET", f"/v1/migrations/{migration_id}", Report)
 
-    async def migration_logs(self, migration_id: str) -> dict:
-        return await self.request("GET", f"/v1/migrations/{migration_id}/logs")
+    async def migration_logs(self, migration_id: str) -> MigrationLogs:
+        return await self.request("GET", f"/v1/migrations/{migration_id}/logs", MigrationLogs)
 
     # destination side of a migration
-    async def prepare_incoming(self, request: dict) -> dict:
-        return await self.request("POST", "/v1/incoming", json=request)
+    async def prepare_incoming(self, request: IncomingRequest) -> Prepared:
+        return await self.request("POST", "/v1/incoming", Prepared, request)
 
-    async def upload(self, migration_id: str, what: str, body: AsyncIterator[bytes]) -> dict:
-        return await self.request("PUT", f"/v1/incoming/{migration_id}/{what}", data=body)
+    async def upload(self, migration_id: str, what: str, body: AsyncIterator[bytes]
+                     ) -> Uploaded:
+        return await self.request("PUT", f"/v1/incoming/{migration_id}/{what}", Uploaded,
+                                  data=body)
 
-    async def arm_incoming(self, migration_id: str, descriptors: list[str]) -> dict:
-        return await self.request("POST", f"/v1/incoming/{migration_id}/arm",
-                                  json={"descriptors": descriptors})
+    async def arm_incoming(self, migration_id: str, descriptors: list[str]) -> Armed:
+        return await self.request("POST", f"/v1/incoming/{migration_id}/arm", Armed,
+                                  ArmRequest(descriptors=descriptors))
 
-    async def activate_incoming(self, migration_id: str) -> dict:
-        return await self.request("POST", f"/v1/incoming/{migration_id}/activate",
+    async def activate_incoming(self, migration_id: str) -> Activated:
+        return await self.request("POST", f"/v1/incoming/{migration_id}/activate", Activated,
                                   timeout=QUICK)
 
-    async def restore_incoming(self, migration_id: str, body: dict | None = None) -> dict:
-        return await self.request("POST", f"/v1/incoming/{migration_id}/restore",
-                                  json=body or {})
+    async def restore_incoming(self, migration_id: str, body: RestoreRequest) -> Restored:
+        return await self.request("POST", f"/v1/incoming/{migration_id}/restore", Restored,
+                                  body)
 
-    async def commit_incoming(self, migration_id: str) -> dict:
+    async def commit_incoming(self, migration_id: str) -> IncomingState:
         return await self.request("POST", f"/v1/incoming/{migration_id}/commit",
+                                  IncomingState, timeout=QUICK)
+
+    async def forget_incoming(self, migration_id: str) -> Forgotten:
+        return await self.request("POST", f"/v1/incoming/{migration_id}/forget", Forgotten,
                                   timeout=QUICK)
 
-    async def forget_incoming(self, migration_id: str) -> dict:
-        return await self.request("POST", f"/v1/incoming/{migration_id}/forget",
+    async def incoming_state(self, migration_id: str) -> IncomingState:
+        return await self.request("GET", f"/v1/incoming/{migration_id}", IncomingState,
                                   timeout=QUICK)
 
-    async def incoming_state(self, migration_id: str) -> dict:
-        return await self.request("GET", f"/v1/incoming/{migration_id}", timeout=QUICK)
-
-    async def abort_incoming(self, migration_id: str) -> dict:
-        return await self.request("DELETE", f"/v1/incoming/{migration_id}",
+    async def abort_incoming(self, migration_id: str) -> IncomingState:
+        return await self.request("DELETE", f"/v1/incoming/{migration_id}", IncomingState,
                                   timeout=aiohttp.ClientTimeout(total=ABORT_TIMEOUT_S))
-
-
-async def _json_or_raise(resp: aiohttp.ClientResponse) -> Any:
-    try:
-        data = await resp.json(content_type=None)
-    except (ValueError, aiohttp.ContentTypeError):
-        data = None
-    if resp.status < 400:
-        return data
-    message = data.get("error") if isinstance(data, dict) else None
-    message = message or f"HTTP {resp.status} {resp.reason}"
-    if resp.status == 404:
-        raise NotFound(message)
-    if resp.status == 409:
-        raise Conflict(message)
-    raise GodwitError(message)
 
 
 def _describe(exc: BaseException) -> str:

@@ -56,7 +56,7 @@ async def free_memory(clients: dict[str, AgentClient]) -> dict[str, int]:
 
     async def ask(name: str, client: AgentClient) -> tuple[str, int | None]:
         try:
-            return name, int((await client.info())["mem_available"])
+            return name, (await client.info()).mem_available
         except GodwitError:
             return name, None
 

@@ -1,8 +1,8 @@
 """Pre-flight checks before a container is frozen: clocks, CRIU/runc, CPU, resources.
 
 Every check returns :class:`Finding` s; :func:`verdict` says whether the migration may go on.
-The host facts are the agents' ``/v1/info`` dicts (``criu``, ``runc``, ``runc_features``,
-``mem_available``, ``disk_free``).
+The host facts are the agents' ``/v1/info`` replies (protocol.HostInfo), read here as
+plain dicts (``criu``, ``runc``, ``runc_features``, ``mem_available``, ``disk_free``).
 """
 
 from __future__ import annotations
@@ -12,11 +12,16 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+import msgspec
 
 from godwit.criu import run_criu
 from godwit.errors import GodwitError
 from godwit.runc_features import series
+
+if TYPE_CHECKING:
+    from godwit.protocol import HostInfo
 
 Level = Literal["ok", "warn", "error"]
 Sample = tuple[float, float, float, float]  # t1 client send, t2 server recv, t3 server send, t4
@@ -84,6 +89,15 @@ def check_skew(skew: SkewResult, limit_s: float = SKEW_LIMIT_S) -> Finding:
                f"(±{skew.delay_s / 2 * 1e3:.1f} ms)")
     level: Level = "error" if size > limit_s else "warn" if size > SKEW_WARN_S else "ok"
     return Finding("clock", level, message)
+
+
+# protocol
+def check_protocol(local: str, remote: str) -> Finding:
+    """Agents of different major protocol versions do not understand each other's bodies."""
+    if local.split(".")[0] != remote.split(".")[0]:
+        return Finding("protocol", "error", f"the destination speaks godwit protocol {remote}, "
+                       f"this host {local}: run the same godwit release on both")
+    return Finding("protocol", "ok", f"godwit protocol {local} -> {remote}")
 
 
 # CRIU and runc
@@ -231,13 +245,18 @@ def _mib(n: int) -> str:
 
 
 # all checks of one migration
-async def run_checks(source_info: dict, dest_info: dict, dest, *, strategy: str,
+async def run_checks(source: HostInfo, destination: HostInfo, dest, *, strategy: str,
                      needed_mem: int, needed_disk: int, max_skew_s: float) -> list[Finding]:
-    """Every pre-flight check between this (source) host and ``dest`` (an AgentClient)."""
-    findings = compare_criu(source_info, dest_info, strategy)
+    """Every pre-flight check between this (source) host and ``dest`` (an AgentClient);
+    against a peer of another protocol only that one (its other answers may mislead)."""
+    protocol = check_protocol(source.protocol, destination.protocol)
+    if protocol.level == "error":
+        return [protocol]
+    source_info, dest_info = msgspec.to_builtins(source), msgspec.to_builtins(destination)
+    findings = [protocol, *compare_criu(source_info, dest_info, strategy)]
     findings.append(check_skew(await measure_skew(dest.time_pair), max_skew_s))
     findings.extend(check_resources(dest_info, needed_mem, needed_disk))
-    findings.append(Finding(**await dest.check_cpuinfo(await cpuinfo_image())))
+    findings.append(await dest.check_cpuinfo(await cpuinfo_image()))
     return findings
 
 

@@ -66,7 +66,7 @@ def test_revocation_applies_to_an_open_connection(bed: Testbed) -> None:
 
     async def go() -> None:
         async with AgentClient(bed.address("a"), context, timeout=5) as agent:
-            assert (await agent.info())["name"] == "a"
+            assert (await agent.info()).name == "a"
             bed.ca.revoke("eve")
             with pytest.raises(GodwitError, match="revoked"):
                 await agent.info()

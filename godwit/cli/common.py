@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,6 +15,7 @@ from rich.console import Console
 from godwit.api import AgentClient
 from godwit.config import CliConfig
 from godwit.errors import GodwitError, NotFound
+from godwit.protocol import Event, to_json
 from godwit.tls import TLSFiles, client_context
 
 T = TypeVar("T")
@@ -84,6 +85,17 @@ async def gather_hosts(ctx: Context, hosts: list[str],
 
     results = await asyncio.gather(*(ask(h) for h in hosts))
     return dict(zip(hosts, results, strict=True))
+
+
+async def plain_events(events: AsyncIterator[Event]) -> AsyncIterator[dict]:
+    """A migration's events as plain JSON values, for printing."""
+    async for event in events:
+        yield to_json(event)
+
+
+async def plain_history(agent: AgentClient) -> list[dict]:
+    """An agent's migration reports as plain JSON values, for printing and plotting."""
+    return [to_json(report) for report in await agent.history()]
 
 
 async def locate(ctx: Context, name: str) -> str:

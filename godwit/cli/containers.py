@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
@@ -17,6 +18,8 @@ from godwit.cli.common import (
     gather_hosts,
     json_option,
     locate,
+    plain_events,
+    plain_history,
     run,
 )
 from godwit.cli.render import containers_table, findings_table, follow_migration, report_table
@@ -24,7 +27,10 @@ from godwit.errors import GodwitError
 from godwit.image_config import Overrides
 from godwit.images import absolute_reference
 from godwit.migration import STRATEGIES, MigrationOptions
+from godwit.network import ContainerNet
+from godwit.protocol import ContainerInfo, MigrationLogs, PreflightRequest, convert, to_json
 
+T = TypeVar("T")
 pass_ctx = click.make_pass_decorator(Context)
 host_option = click.option("--host", "-H", help="Host name from the config, or ADDR:PORT.")
 
@@ -57,10 +63,10 @@ def run_cmd(ctx: Context, name: str, bundle: str | None, image: str | None,
         raise GodwitError("give either --bundle DIR or --image REF")
     if bundle and (env or user or workdir or args):
         raise GodwitError("--env, --user, --workdir and ARGS go with --image only")
-    net = {"ip": ip, "gateway": gateway} if ip else None
-    overrides = Overrides(env, user, workdir, args or None).to_json()
+    net = convert({"ip": ip, "gateway": gateway}, ContainerNet, "--ip/--gateway") if ip else None
+    overrides = Overrides(env, user, workdir, args or None)
 
-    async def go() -> dict:
+    async def go() -> ContainerInfo:
         async with ctx.client(target, timeout=600) as agent:
             if image:
                 return await agent.run_image(name, absolute_reference(image), overrides, net)
@@ -68,10 +74,10 @@ def run_cmd(ctx: Context, name: str, bundle: str | None, image: str | None,
 
     result = run(go())
     if as_json:
-        emit_json(result)
+        emit_json(to_json(result))
     else:
-        console.print(f"{name} running on {result['host']}" + (
-            f" (image {result['image']}, {result['image_digest']})" if image else ""),
+        console.print(f"{name} running on {result.host}" + (
+            f" (image {result.image}, {result.image_digest})" if image else ""),
             markup=False, soft_wrap=True)
 
 
@@ -90,7 +96,7 @@ def ps_cmd(ctx: Context, host: str | None, as_json: bool) -> None:
     """List containers on every configured host."""
     found = run(gather_hosts(ctx, [host] if host else ctx.host_names(),
                              lambda a: a.containers()))
-    rows = [row for r in found.values() if isinstance(r, list) for row in r]
+    rows = [to_json(row) for r in found.values() if isinstance(r, list) for row in r]
     errors = {h: str(r) for h, r in found.items() if isinstance(r, GodwitError)}
     if as_json:
         emit_json({"containers": rows, "errors": errors})
@@ -103,10 +109,10 @@ def ps_cmd(ctx: Context, host: str | None, as_json: bool) -> None:
 
 
 def on_container(ctx: Context, name: str, host: str | None,
-                 call: Callable[[AgentClient], Awaitable[dict]]) -> dict:
+                 call: Callable[[AgentClient], Awaitable[T]]) -> T:
     """Ask the agent of the host that runs container NAME (found when --host is not given)."""
 
-    async def go() -> dict:
+    async def go() -> T:
         async with ctx.client(host or await locate(ctx, name)) as agent:
             return await call(agent)
 
@@ -121,9 +127,9 @@ def on_container(ctx: Context, name: str, host: str | None,
 def exec_cmd(ctx: Context, name: str, argv: tuple[str, ...], host: str | None) -> None:
     """Run a command inside container NAME and print its output."""
     result = on_container(ctx, name, host, lambda agent: agent.exec(name, list(argv)))
-    sys.stdout.write(result["stdout"])
-    sys.stderr.write(result["stderr"])
-    sys.exit(result["exit_code"])
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    sys.exit(result.exit_code)
 
 
 @click.command("kill")
@@ -143,7 +149,7 @@ def kill_cmd(ctx: Context, name: str, signal: str, host: str | None) -> None:
 def resume_cmd(ctx: Context, name: str, host: str | None) -> None:
     """Resume a paused container (a migration that ended in doubt leaves it paused)."""
     result = on_container(ctx, name, host, lambda agent: agent.resume(name))
-    console.print(f"{name} {result['status']} on {result['host']}")
+    console.print(f"{name} {result.status} on {result.host}")
 
 
 @click.command("rm")
@@ -202,7 +208,7 @@ async def _migrate(ctx: Context, name: str, source: str | None,
     async with ctx.client(options.to, timeout=10) as dest:
         await dest.info()
     async with ctx.client(source, timeout=600) as agent:
-        events = agent.migrate(name, options.to_json())
+        events = plain_events(agent.migrate(name, options))
         if quiet:
             return [e async for e in events if e["event"] == "result"][-1]["report"]
         console.print(f"migrating {name}: {source} → {ctx.config.name_of(options.to)}")
@@ -215,7 +221,7 @@ async def _migrate(ctx: Context, name: str, source: str | None,
 @pass_ctx
 def history_cmd(ctx: Context, host: str | None, as_json: bool) -> None:
     """Migrations recorded by the source agents."""
-    found = run(gather_hosts(ctx, [host] if host else ctx.host_names(), lambda a: a.history()))
+    found = run(gather_hosts(ctx, [host] if host else ctx.host_names(), plain_history))
     reports = sorted((r for v in found.values() if isinstance(v, list) for r in v),
                      key=lambda r: r["started_at"])
     if as_json:
@@ -246,7 +252,7 @@ def history_cmd(ctx: Context, host: str | None, as_json: bool) -> None:
 def report_cmd(ctx: Context, migration_id: str, host: str | None, png: str | None,
                show_logs: bool, as_json: bool) -> None:
     """Print the report of one migration (an ID prefix is enough)."""
-    found = run(gather_hosts(ctx, [host] if host else ctx.host_names(), lambda a: a.history()))
+    found = run(gather_hosts(ctx, [host] if host else ctx.host_names(), plain_history))
     matches = [r for v in found.values() if isinstance(v, list) for r in v
                if r["id"].startswith(migration_id)]
     if len(matches) != 1:
@@ -268,7 +274,8 @@ def print_logs(ctx: Context, report: dict, as_json: bool) -> None:
     a header per file; as plain text, not through rich (a log is no markup)."""
     found = run(gather_hosts(ctx, ctx.host_names(), lambda a: a.migration_logs(report["id"])))
     roles = {report["source"]: "source", report["destination"]: "destination"}
-    kept = {r["host"]: r["logs"] for r in found.values() if isinstance(r, dict) and r["logs"]}
+    kept = {r.host: to_json(r.logs) for r in found.values()
+            if isinstance(r, MigrationLogs) and r.logs}
     kept = dict(sorted(kept.items(), key=lambda item: roles.get(item[0]) != "source"))
     down = [h for h, r in found.items() if isinstance(r, GodwitError)]
     hint = f" (unreachable: {', '.join(down)})" if down else ""
@@ -303,8 +310,9 @@ def check_cmd(ctx: Context, host: str, sources: tuple[str, ...], strategy: str,
     origins = list(sources) or [h for h in ctx.host_names() if ctx.config.address(h) != target]
     if not origins:
         raise GodwitError("no source host to check from: pass --from")
-    body = {"to": target, "strategy": strategy, "container": container}
-    found = run(gather_hosts(ctx, origins, lambda a: a.preflight(body)))
+    body = PreflightRequest(to=target, strategy=strategy, container=container)
+    found = {h: r if isinstance(r, GodwitError) else to_json(r) for h, r in
+             run(gather_hosts(ctx, origins, lambda a: a.preflight(body))).items()}
     if as_json:
         emit_json({h: ({"error": str(r)} if isinstance(r, GodwitError) else r)
                    for h, r in found.items()})

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import sys
 from contextlib import AsyncExitStack
-from dataclasses import replace
 
 import click
+from msgspec.structs import replace
 from rich.table import Table
 
-from godwit.cli.common import Context, console, emit_json, json_option, run
+from godwit.cli.common import Context, console, emit_json, json_option, plain_events, run
 from godwit.cli.render import seconds, size
 from godwit.errors import GodwitError
 from godwit.evacuation import Outcome, Planner, evacuate, free_memory
 from godwit.migration import STRATEGIES, MigrationOptions
+from godwit.protocol import to_json
 
 pass_ctx = click.make_pass_decorator(Context)
 MOVABLE = ("running",)  # a paused container may be an in-doubt leftover: left alone
@@ -54,13 +55,14 @@ async def _evacuate(ctx: Context, host: str, destinations: list[str], parallel: 
         source = await stack.enter_async_context(ctx.client(host, timeout=600))
         dests = {d: await stack.enter_async_context(ctx.client(d, timeout=10))
                  for d in destinations}
-        rows = [c for c in await source.containers() if c["status"] in MOVABLE]
+        rows = [to_json(c) for c in await source.containers() if c.status in MOVABLE]
         planner = Planner(await free_memory(dests))
         if not planner.free:
             raise GodwitError("no destination host is reachable")
 
         def migrate(name: str, dest: str):
-            return source.migrate(name, replace(template, to=ctx.config.address(dest)).to_json())
+            return plain_events(source.migrate(name, replace(template,
+                                                             to=ctx.config.address(dest))))
 
         def show(outcome: Outcome) -> None:
             if not quiet:

@@ -13,6 +13,7 @@ from godwit.cli.render import size
 from godwit.cluster.node import registered_hosts
 from godwit.cluster.store import parse_endpoints
 from godwit.errors import GodwitError
+from godwit.protocol import to_json
 
 pass_ctx = click.make_pass_decorator(Context)
 
@@ -29,7 +30,8 @@ def hosts(click_ctx: click.Context, as_json: bool) -> None:
     if ctx.config.etcd:
         ctx.config.hosts = run(_registered_hosts(ctx))
     names = ctx.host_names()
-    found = run(gather_hosts(ctx, names, lambda a: a.info()))
+    found = {h: r if isinstance(r, GodwitError) else to_json(r)
+             for h, r in run(gather_hosts(ctx, names, lambda a: a.info())).items()}
     if as_json:
         emit_json({h: ({"error": str(r)} if isinstance(r, GodwitError) else r)
                    for h, r in found.items()})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import msgspec
 
 from godwit.errors import GodwitError
 
@@ -13,9 +13,9 @@ SLOW_LINK_BPS = 100e6  # transfer over a link this slow (MB/s; this VM does ~400
 OBSOLETE_OPTIONS = {"tcp_established"}  # always on now; older journals may still name it
 
 
-@dataclass(frozen=True)
-class MigrationOptions:
-    """What the operator asked for; validated before anything is touched."""
+class MigrationOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What the operator asked for (the body of `POST /v1/containers/{name}/migrate`);
+    validated before anything is touched."""
 
     to: str
     strategy: str = "auto"
@@ -28,6 +28,8 @@ class MigrationOptions:
     progress_timeout: float = 30.0  # before the freeze: seconds a step may make no progress
 
     def __post_init__(self) -> None:
+        if not self.to:
+            raise GodwitError("a destination host is required")
         if self.strategy not in STRATEGIES:
             choices = ", ".join(STRATEGIES)
             raise GodwitError(f"unknown strategy {self.strategy!r} (one of {choices})")
@@ -44,20 +46,15 @@ class MigrationOptions:
 
     @classmethod
     def from_json(cls, data: dict) -> MigrationOptions:
-        known = {f.name for f in fields(cls)}
+        """Options saved in a journal (a request body goes through godwit.protocol)."""
         data = {k: v for k, v in data.items() if k not in OBSOLETE_OPTIONS}
-        unknown = set(data) - known
-        if unknown:
-            raise GodwitError(f"unknown migration option(s): {', '.join(sorted(unknown))}")
-        if not data.get("to"):
-            raise GodwitError("a destination host is required")
         try:
-            return cls(**data)
-        except TypeError as exc:
+            return msgspec.convert(data, cls)
+        except msgspec.ValidationError as exc:
             raise GodwitError(f"bad migration options: {exc}") from exc
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return msgspec.structs.asdict(self)
 
     @property
     def rate_limit(self) -> float | None:

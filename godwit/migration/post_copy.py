@@ -26,6 +26,7 @@ from functools import cached_property
 from godwit import procfs
 from godwit.errors import GodwitError
 from godwit.migration.source import SourceMigration
+from godwit.protocol import RestoreRequest
 from godwit.qos import migration_ports
 from godwit.runc import HeldRunc
 from godwit.tls import TLSFiles
@@ -72,8 +73,8 @@ class PostCopy(SourceMigration):
         memory = self.ctx.store.memory_usage(self.name)
         return self.options.commit_timeout + memory / SLOWEST_PAGES_BPS
 
-    def restore_request(self) -> dict:
-        return {"page_server": self.page_server_address}
+    def restore_request(self) -> RestoreRequest:
+        return RestoreRequest(page_server=self.page_server_address)
 
     async def verify(self) -> None:
         await self.wait_for_pages()
@@ -99,7 +100,7 @@ class PostCopy(SourceMigration):
             state = await self.ctx.dest.incoming_state(self.report.id)
         except GodwitError:
             return None
-        return state.get("pages") or state.get("state", "unknown")
+        return state.pages or state.state
 
     async def release_source(self) -> None:
         """Rollback: freeze the ptrace-stopped tasks, then stop the page server, so the

@@ -26,6 +26,18 @@ from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.image_config import provenance_fields
 from godwit.migration.failure_logs import FailureLogs
 from godwit.network import ContainerNet, PacketHold
+from godwit.protocol import (
+    Activated,
+    Armed,
+    Forgotten,
+    IncomingRequest,
+    IncomingState,
+    Prepared,
+    Restored,
+    Uploaded,
+    convert,
+    encode,
+)
 from godwit.runc import RUNC_LOG, HeldRunc
 from godwit.tls import TLSFiles
 from godwit.transport import TransferError, receive_tree
@@ -34,10 +46,8 @@ log = logging.getLogger("godwit.receiver")
 ID_CHARS = set("0123456789abcdef-")
 PAGES = "pages"
 PLACED = "rootfs-placed"  # marker: the received rootfs moved to the container's directory
-MAX_DESCRIPTORS = 16
 UPLOADS = re.compile(r"rootfs|images|pre-[1-9]")
 FENCED_GRACE_S = 10.0  # a source asks how its migration ended until shortly after the fence
-IDLE_TIMEOUT_S = 600.0  # a source that sends no idle_timeout (an older godwit)
 
 
 class Receiver:
@@ -67,43 +77,41 @@ class Receiver:
             raise GodwitError(f"invalid migration id {migration_id!r}")
         return self.root / migration_id
 
-    def request(self, migration_id: str) -> dict:
+    def request(self, migration_id: str) -> IncomingRequest:
         path = self._dir(migration_id) / "request.json"
         if not path.exists():
             raise NotFound(f"migration {migration_id} unknown on {self.store.host}")
-        return json.loads(path.read_text())
+        return _saved_request(path)
 
-    async def prepare(self, request: dict) -> dict:
+    async def prepare(self, request: IncomingRequest) -> Prepared:
         """Reserve the name and a staging area; check a shared rootfs is visible here;
         for a networked container, make its netns now (link down, arriving packets held)."""
-        name = check_name(request.get("name", ""))
-        staging = self._dir(request.get("id", ""))
+        name = check_name(request.name)
+        staging = self._dir(request.id)
         await faults.point("prepare")
         if self.store.exists(name) or self._reserved(name):
             raise Conflict(f"container {name} already exists on {self.store.host}")
-        shared = request.get("shared_rootfs")
+        shared = request.shared_rootfs
         if shared and not Path(shared).is_dir():
             raise GodwitError(
                 f"shared rootfs {shared} is not visible on {self.store.host}; "
                 "drop --shared-storage to transfer it"
             )
-        net = ContainerNet.from_json(request["net"]) if request.get("net") else None
-        if net:
-            self.store.check_address_free(net)
+        if request.net:
+            self.store.check_address_free(request.net)
         staging.mkdir(parents=True)
-        (staging / "request.json").write_text(json.dumps(request))
+        (staging / "request.json").write_bytes(encode(request))
         try:
-            if net:
-                await asyncio.to_thread(self._prepare_network, request["id"], name, net)
-            elif request.get("private_netns"):
+            if request.net:
+                await asyncio.to_thread(self._prepare_network, request.id, name, request.net)
+            elif request.private_netns:
                 await asyncio.to_thread(self.store.networking.create_private, name)
         except GodwitError:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        self.touch(request["id"])
-        self._watch(self._expire_idle(request["id"], float(request.get("idle_timeout",
-                                                                        IDLE_TIMEOUT_S))))
-        return {"id": request["id"], "staging": str(staging)}
+        self.touch(request.id)
+        self._watch(self._expire_idle(request.id, request.idle_timeout))
+        return Prepared(id=request.id, staging=str(staging))
 
     def touch(self, migration_id: str) -> None:
         """The source still drives this migration."""
@@ -121,7 +129,7 @@ class Receiver:
                 return
             request = self.request(migration_id)
             log.warning("migration %s: no word from the source for %g s, dropping %s",
-                        migration_id, limit, request["name"])
+                        migration_id, limit, request.name)
             await self._drop_unrestored(migration_id, request, staging)
             await asyncio.to_thread(self._drop_staging, migration_id, staging)
 
@@ -133,15 +141,15 @@ class Receiver:
             self.store.networking.delete(name)
             raise GodwitError(f"cannot hold packets for {name} here: {exc}") from exc
 
-    async def activate(self, migration_id: str) -> dict:
+    async def activate(self, migration_id: str) -> Activated:
         """The source is frozen and isolated: take over the container's MAC and address."""
         request = self.request(migration_id)
         self.touch(migration_id)
-        if not request.get("net"):
+        if not request.net:
             raise GodwitError(f"migration {migration_id} has no network to activate")
-        await asyncio.to_thread(self.store.networking.connect, request["name"])
-        self._watch(self._expire_activation(migration_id, float(request["commit_timeout"])))
-        return {"activated": request["name"]}
+        await asyncio.to_thread(self.store.networking.connect, request.name)
+        self._watch(self._expire_activation(migration_id, request.commit_timeout))
+        return Activated(activated=request.name)
 
     async def _expire_activation(self, migration_id: str, seconds: float) -> None:
         """An activated netns answers for the container's address; if no restore follows
@@ -153,7 +161,7 @@ class Receiver:
                 return
             request = self.request(migration_id)
             log.warning("migration %s: no restore after activation, dropping %s's address",
-                        migration_id, request["name"])
+                        migration_id, request.name)
             await self._drop_unrestored(migration_id, request, staging)
             await asyncio.to_thread(self._drop_staging, migration_id, staging)
 
@@ -178,7 +186,7 @@ class Receiver:
             if fence.read_decision(staging / "decision") == fence.FENCED and staging.exists():
                 await asyncio.to_thread(self._drop_staging, migration_id, staging)
 
-    async def forget(self, migration_id: str) -> dict:
+    async def forget(self, migration_id: str) -> Forgotten:
         """The source settled a migration that ended here (it deleted its copy after the
         commit): the small record kept for its questions goes too."""
         async with self._lock(migration_id):
@@ -187,11 +195,11 @@ class Receiver:
                 raise Conflict(f"migration {migration_id} has not ended on {self.store.host}")
             await asyncio.to_thread(self._drop_staging, migration_id, staging)
         self.locks.pop(migration_id, None)
-        return {"forgotten": migration_id}
+        return Forgotten(forgotten=migration_id)
 
     def _reserved(self, name: str) -> bool:
         for path in self.root.glob("*/request.json"):
-            if json.loads(path.read_text()).get("name") == name and not self._finished(path.parent):
+            if _saved_request(path).name == name and not self._finished(path.parent):
                 return True
         return False
 
@@ -199,7 +207,7 @@ class Receiver:
         decision = staging / "decision"
         return decision.exists() and fence.read_decision(decision) != fence.PENDING
 
-    async def receive(self, migration_id: str, what: str, stream) -> dict:
+    async def receive(self, migration_id: str, what: str, stream) -> Uploaded:
         """Receive the rootfs or the CRIU images as a godwit tree stream."""
         if not UPLOADS.fullmatch(what):
             raise NotFound(f"nothing to upload as {what!r}")
@@ -215,16 +223,13 @@ class Receiver:
                                        on_progress=lambda _: self.touch(migration_id))
         except TransferError as exc:
             raise GodwitError(f"{what} transfer failed: {exc}") from exc
-        return {"files": stats.files, "bytes": stats.bytes, "wire_bytes": stats.wire_bytes,
-                "seconds": stats.seconds}
+        return Uploaded(files=stats.files, bytes=stats.bytes, wire_bytes=stats.wire_bytes,
+                        seconds=stats.seconds)
 
-    async def arm(self, migration_id: str, descriptors: object) -> dict:
+    async def arm(self, migration_id: str, descriptors: list[str]) -> Armed:
         """The source is about to freeze: place the rootfs, write the bundle and start
         `runc restore`, held before CRIU. `descriptors` is runc's descriptors.json of the
         dump (the container's stdio), which runc reads before CRIU starts."""
-        if not isinstance(descriptors, list) or len(descriptors) > MAX_DESCRIPTORS or \
-                not all(isinstance(d, str) for d in descriptors):
-            raise GodwitError("descriptors must be a list of strings")
         self.touch(migration_id)
         await faults.point("arm")
         async with self._lock(migration_id):
@@ -237,10 +242,9 @@ class Receiver:
             images.mkdir(exist_ok=True)
             (images / "descriptors.json").write_text(json.dumps(descriptors))
             self.held[migration_id] = await self._runc_restore(
-                request, bundle, staging, lazy=request.get("strategy") == "post-copy",
-                hold=True)
-        self._watch(self._expire_hold(migration_id, float(request["commit_timeout"])))
-        return {"armed": request["name"]}
+                request, bundle, staging, lazy=request.strategy == "post-copy", hold=True)
+        self._watch(self._expire_hold(migration_id, request.commit_timeout))
+        return Armed(armed=request.name)
 
     async def _expire_hold(self, migration_id: str, seconds: float) -> None:
         """A held restore the source never lets through (it gave up, or its images take
@@ -257,9 +261,9 @@ class Receiver:
         for one in held:
             await one.call_off()
 
-    def _install(self, request: dict, staging: Path) -> Path:
+    def _install(self, request: IncomingRequest, staging: Path) -> Path:
         """Put the rootfs in place (once) and write this host's bundle; returns it."""
-        shared = request.get("shared_rootfs")
+        shared = request.shared_rootfs
         if shared:
             rootfs = Path(shared)
         elif (staging / PLACED).exists():
@@ -271,13 +275,13 @@ class Receiver:
                 raise GodwitError("no rootfs was received")
             (staging / "rootfs").rename(rootfs)
             (staging / PLACED).touch()
-        return self.store.install_bundle(request["name"], request["config"], rootfs,
-                                         _owns_netns(request))
+        return self.store.install_bundle(request.name, request.config, rootfs,
+                                         request.owns_netns)
 
-    def _placed_rootfs(self, request: dict) -> Path:
-        return self.store.dir(request["name"]) / "rootfs"
+    def _placed_rootfs(self, request: IncomingRequest) -> Path:
+        return self.store.dir(request.name) / "rootfs"
 
-    async def restore(self, migration_id: str, page_server: str | None = None) -> dict:
+    async def restore(self, migration_id: str, page_server: str | None = None) -> Restored:
         """Restore the container; arm the fence first so an unconfirmed copy cannot survive.
         With `page_server` (post-copy) memory comes later, pulled from the source."""
         async with self._lock(migration_id):
@@ -289,27 +293,27 @@ class Receiver:
             finally:
                 self.restoring.pop(migration_id, None)
 
-    async def _restore(self, migration_id: str, page_server: str | None) -> dict:
+    async def _restore(self, migration_id: str, page_server: str | None) -> Restored:
         request = self.request(migration_id)
         staging = self._dir(migration_id)
         if (staging / "decision").exists():
             raise Conflict(f"migration {migration_id} was already restored")
-        name = request["name"]
+        name = request.name
         held = self.held.pop(migration_id, None)
         bundle = self.store.bundle_dir(name) if held else self._install(request, staging)
-        rootfs = Path(request.get("shared_rootfs") or self._placed_rootfs(request))
-        record = ContainerRecord(name, str(rootfs), not request.get("shared_rootfs"),
-                                 time.time(), origin=request.get("source"),
-                                 net=request.get("net"),
-                                 private_netns=bool(request.get("private_netns")),
-                                 **provenance_fields(request.get("config") or {}))
+        rootfs = Path(request.shared_rootfs or self._placed_rootfs(request))
+        record = ContainerRecord(name, str(rootfs), not request.shared_rootfs,
+                                 time.time(), origin=request.source,
+                                 net=request.net.to_json() if request.net else None,
+                                 private_netns=request.private_netns,
+                                 **provenance_fields(request.config))
         self.store.save(record)
-        fence.start_watchdog(staging / "decision", float(request.get("commit_timeout", 60)),
+        fence.start_watchdog(staging / "decision", request.commit_timeout,
                              (self.store.runc.binary, self.store.runc.root), name,
                              self.store.dir(name),
                              self.store.networking.netns_id if record.owns_netns else None)
         self._watch(self._drop_when_fenced(
-            migration_id, float(request.get("commit_timeout", 60)) + FENCED_GRACE_S))
+            migration_id, request.commit_timeout + FENCED_GRACE_S))
         lazy = await self._start_lazy_pages(staging, page_server) if page_server else None
         try:
             pid = await self._held_or_new_restore(held, request, bundle, staging,
@@ -330,7 +334,7 @@ class Receiver:
         if lazy:
             self._watch_pages(migration_id, lazy, name, record.owns_netns)
         held_packets = await self._release_packets(migration_id)
-        return {"restored_at": time.time(), "held_packets": held_packets, "pid": pid}
+        return Restored(restored_at=time.time(), held_packets=held_packets, pid=pid)
 
     async def _release_packets(self, migration_id: str) -> int:
         hold = self.holds.pop(migration_id, None)
@@ -367,7 +371,7 @@ class Receiver:
             with contextlib.suppress(GodwitError):
                 await self._discard(migration_id, staging, name, networked)
 
-    async def _held_or_new_restore(self, held: HeldRunc[int] | None, request: dict,
+    async def _held_or_new_restore(self, held: HeldRunc[int] | None, request: IncomingRequest,
                                    bundle: Path, staging: Path, lazy: bool) -> int:
         """Let the armed restore proceed, or run one now; returns the pid of the container's
         init, which must be alive (read from /proc: a `runc state` would add a process start
@@ -383,15 +387,15 @@ class Receiver:
             raise GodwitError("the container exited right after its restore")
         return pid
 
-    async def _runc_restore(self, request: dict, bundle: Path, staging: Path, *, lazy: bool,
-                            hold: bool = False):
-        """runc restore of the staged images; with `hold`, a HeldRunc waiting before CRIU."""
+    async def _runc_restore(self, request: IncomingRequest, bundle: Path, staging: Path, *,
+                            lazy: bool, hold: bool = False):
+        """runc restore of the staged images (dumped with their established TCP connections,
+        see source.dump_options); with `hold`, a HeldRunc waiting before CRIU."""
         work = staging / "work"
         work.mkdir(exist_ok=True)
         restore = self.store.runc.hold_restore if hold else self.store.runc.restore
-        return await restore(request["name"], bundle, staging / "images", work,
-                             tcp_established=bool(request.get("tcp_established")),
-                             lazy_pages=lazy)
+        return await restore(request.name, bundle, staging / "images", work,
+                             tcp_established=True, lazy_pages=lazy)
 
     async def _discard(self, migration_id: str, staging: Path, name: str,
                        networked: bool) -> None:
@@ -402,15 +406,16 @@ class Receiver:
         await self.store.runc.delete(name)
         self.store.forget(name)
 
-    async def _drop_unrestored(self, migration_id: str, request: dict, staging: Path) -> None:
+    async def _drop_unrestored(self, migration_id: str, request: IncomingRequest,
+                               staging: Path) -> None:
         """Undo what came before a restore, or of a restore killed half way: a held runc
         restore and what runc left, a placed rootfs, the netns."""
         if held := self.held.pop(migration_id, None):
             await held.call_off()
-        await self.store.runc.delete(request["name"])
-        await self._drop_network(migration_id, request["name"], _owns_netns(request))
+        await self.store.runc.delete(request.name)
+        await self._drop_network(migration_id, request.name, request.owns_netns)
         if (staging / PLACED).exists():
-            self.store.forget(request["name"])
+            self.store.forget(request.name)
 
     async def _drop_network(self, migration_id: str, name: str, networked: bool) -> None:
         """Isolate, drop held packets (never let a peer reach an empty netns), delete.
@@ -425,7 +430,7 @@ class Receiver:
             await asyncio.to_thread(self.store.networking.isolate, name)
         await asyncio.to_thread(self.store.networking.delete, name)
 
-    async def commit(self, migration_id: str) -> dict:
+    async def commit(self, migration_id: str) -> IncomingState:
         """The source heard the restore succeeded: keep the container for good, if it still
         runs (committing a dead copy would let the source delete the only good one)."""
         await faults.point("commit")
@@ -435,7 +440,7 @@ class Receiver:
             pages = self._pages(staging)
             if pages is not None and not pages.startswith("complete"):
                 raise Conflict(f"migration {migration_id} cannot commit: memory pages {pages}")
-            state = await self.store.state(request["name"])
+            state = await self.store.state(request.name)
             if fence.read_decision(staging / "decision") == fence.PENDING and (
                     not state or state.status != "running"):
                 raise Conflict(f"migration {migration_id} cannot commit: the container "
@@ -445,14 +450,14 @@ class Receiver:
             if decision != fence.COMMITTED:
                 raise Conflict(f"migration {migration_id} cannot commit: {decision}")
         await asyncio.to_thread(self._drop_leftovers, staging)
-        return {"state": fence.COMMITTED}
+        return IncomingState(state=fence.COMMITTED)
 
     @staticmethod
     def _drop_leftovers(staging: Path) -> None:
         for leftover in ("images", "rootfs", "work", *(p.name for p in staging.glob("pre-*"))):
             shutil.rmtree(staging / leftover, ignore_errors=True)
 
-    async def abort(self, migration_id: str) -> dict:
+    async def abort(self, migration_id: str) -> IncomingState:
         """Kill a restored copy (unless committed) and drop staged files; a restore under
         way is cancelled first (its runc and CRIU killed). Idempotent."""
         if restoring := self.restoring.get(migration_id):
@@ -460,26 +465,25 @@ class Receiver:
         async with self._lock(migration_id):
             staging = self._dir(migration_id)
             if not staging.exists():
-                return {"state": "unknown"}
+                return IncomingState(state="unknown")
             request = self.request(migration_id)
-            name, networked = request["name"], _owns_netns(request)
+            name, networked = request.name, request.owns_netns
             if (staging / "decision").exists():
                 await self._discard(migration_id, staging, name, networked)
             else:
                 await self._drop_unrestored(migration_id, request, staging)
             await asyncio.to_thread(self._drop_staging, migration_id, staging)
         self.locks.pop(migration_id, None)
-        return {"state": fence.ABORTED}
+        return IncomingState(state=fence.ABORTED)
 
-    def state(self, migration_id: str) -> dict:
+    def state(self, migration_id: str) -> IncomingState:
         staging = self._dir(migration_id)
         if not staging.exists():
-            return {"state": "unknown"}
+            return IncomingState(state="unknown")
         decision = staging / "decision"
-        state = {"state": fence.read_decision(decision) if decision.exists() else "prepared"}
-        if (pages := self._pages(staging)) is not None:
-            state["pages"] = pages
-        return state
+        return IncomingState(
+            state=fence.read_decision(decision) if decision.exists() else "prepared",
+            pages=self._pages(staging))
 
     @staticmethod
     def _pages(staging: Path) -> str | None:
@@ -496,15 +500,19 @@ class Receiver:
             ended = decision.exists() and fence.read_decision(decision) in (fence.FENCED,
                                                                             fence.ABORTED)
             if not decision.exists() or ended or (self._finished(staging) and old):
-                request = json.loads((staging / "request.json").read_text()) \
-                    if (staging / "request.json").exists() else {}
-                if _owns_netns(request) and not decision.exists():
-                    self.store.networking.delete(request["name"])
-                if (staging / PLACED).exists() and not decision.exists():
-                    self.store.forget(request["name"])
+                saved = staging / "request.json"
+                request = _saved_request(saved) if saved.exists() else None
+                if request and request.owns_netns and not decision.exists():
+                    self.store.networking.delete(request.name)
+                if request and (staging / PLACED).exists() and not decision.exists():
+                    self.store.forget(request.name)
                 self._drop_staging(staging.name, staging)
 
 
-def _owns_netns(request: dict) -> bool:
-    """The incoming container gets a godwit netns here (with or without an address)."""
-    return bool(request.get("net")) or bool(request.get("private_netns"))
+def _saved_request(path: Path) -> IncomingRequest:
+    """A request.json this agent saved; the fields of an older godwit that are no longer
+    sent (tcp_established) are dropped."""
+    raw = json.loads(path.read_text())
+    known = set(IncomingRequest.__struct_fields__)
+    return convert({k: v for k, v in raw.items() if k in known}, IncomingRequest,
+                   f"saved {path.name}")

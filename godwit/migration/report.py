@@ -11,6 +11,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from godwit.metrics import observe_migration
+from godwit.protocol import (
+    Event,
+    LogEvent,
+    PhaseEvent,
+    ProgressEvent,
+    Report,
+    ResultEvent,
+    convert,
+)
 
 
 @dataclass
@@ -64,6 +73,9 @@ class MigrationReport:
             raw["seconds"] = phase.seconds
         return data
 
+    def to_wire(self) -> Report:
+        return convert(self.to_json(), Report, "report")
+
     @classmethod
     def from_json(cls, data: dict) -> MigrationReport:
         data = {k: v for k, v in data.items() if k != "total_s"}
@@ -76,12 +88,12 @@ class EventStream:
 
     def __init__(self, report: MigrationReport) -> None:
         self.report = report
-        self.queue: asyncio.Queue[dict | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self.closed = False
         self.on_event: Callable[[], None] | None = None  # told of every event (progress)
 
-    def emit(self, event: str, **fields: object) -> None:
-        self.queue.put_nowait({"event": event, "at": time.time(), **fields})
+    def emit(self, event: Event) -> None:
+        self.queue.put_nowait(event)
         if self.on_event:
             self.on_event()
 
@@ -90,21 +102,21 @@ class EventStream:
         """Time a phase and tell the client when it starts and ends."""
         phase = Phase(name, time.time())
         self.report.phases.append(phase)
-        self.emit("phase", name=name, state="start")
+        self.emit(PhaseEvent(at=time.time(), name=name, state="start"))
         try:
             yield phase
         finally:
             phase.ended = time.time()
-            self.emit("phase", name=name, state="end", seconds=phase.seconds)
+            self.emit(PhaseEvent(at=phase.ended, name=name, state="end", seconds=phase.seconds))
 
     def progress(self, name: str, done: int, total: int) -> None:
-        self.emit("progress", name=name, done=done, total=total)
+        self.emit(ProgressEvent(at=time.time(), name=name, done=done, total=total))
 
     def log(self, message: str) -> None:
-        self.emit("log", message=message)
+        self.emit(LogEvent(at=time.time(), message=message))
 
     def close(self) -> None:
-        self.emit("result", report=self.report.to_json())
+        self.emit(ResultEvent(at=time.time(), report=self.report.to_wire()))
         self.queue.put_nowait(None)
         self.closed = True
 

@@ -33,6 +33,7 @@ from godwit.migration.failure_logs import FailureLogs
 from godwit.migration.report import EventStream
 from godwit.network import ContainerNet
 from godwit.preflight import check_file_locks, refusal, run_checks, verdict
+from godwit.protocol import HostInfo, IncomingRequest, RestoreRequest
 from godwit.runc import RUNC_LOG, CheckpointOptions, HeldRunc, Runc
 from godwit.tls import TLSFiles
 from godwit.transport import TreePlan, diff_manifests, plan_tree, scan_tree, send_tree
@@ -65,7 +66,7 @@ class SourceContext:
     store: ContainerStore
     dest: AgentClient
     work_dir: Path
-    local_info: dict
+    local_info: HostInfo
     tls: TLSFiles | None = None
     agent_port: int = DEFAULT_PORT
     failure_logs: FailureLogs | None = None
@@ -248,15 +249,15 @@ class SourceMigration:
         with self.events.phase("prepare"):
             await faults.point("prepare")
             info = await self.ctx.dest.info()
-            self.report.destination = info.get("name") or self.report.destination
-            if info.get("name") == self.report.source:
+            self.report.destination = info.name or self.report.destination
+            if info.name == self.report.source:
                 raise GodwitError(f"{self.name} is already on {self.report.source}")
             await self.preflight(info)
             await self.ctx.dest.prepare_incoming(self.incoming_request())
             self.prepared = True
             self.journal(prepared=True)
 
-    async def preflight(self, dest_info: dict) -> None:
+    async def preflight(self, dest_info: HostInfo) -> None:
         """Refuse before anything is frozen when the destination cannot take the container."""
         needed_mem, needed_disk = await asyncio.to_thread(
             migration_needs, self.ctx.store, self.name, self.shared)
@@ -274,20 +275,19 @@ class SourceMigration:
         if not verdict(findings):
             raise GodwitError(f"pre-flight refused: {refusal(findings)}")
 
-    def incoming_request(self) -> dict:
-        return {
-            "id": self.report.id,
-            "name": self.name,
-            "source": self.report.source,
-            "config": self.ctx.store.config(self.name),
-            "shared_rootfs": self.record.rootfs if self.shared else None,
-            "commit_timeout": self.fence_timeout,
-            "idle_timeout": self.options.progress_timeout + self.max_freeze(),
-            "tcp_established": True,
-            "strategy": self.strategy,
-            "net": self.record.net,
-            "private_netns": self.record.private_netns,
-        }
+    def incoming_request(self) -> IncomingRequest:
+        return IncomingRequest(
+            id=self.report.id,
+            name=self.name,
+            source=self.report.source,
+            config=self.ctx.store.config(self.name),
+            shared_rootfs=self.record.rootfs if self.shared else None,
+            commit_timeout=self.fence_timeout,
+            idle_timeout=self.options.progress_timeout + self.max_freeze(),
+            strategy=self.strategy,
+            net=ContainerNet.from_json(self.record.net) if self.record.net else None,
+            private_netns=self.record.private_netns,
+        )
 
     async def send_rootfs(self, *, initial: bool) -> None:
         """First pass while running; second pass, frozen, carries only what changed."""
@@ -386,12 +386,12 @@ class SourceMigration:
             self.restored = True
             self.journal(restored=True)
             self.report.resumed_at = time.time()
-            self.report.held_packets = int(restored.get("held_packets", 0))
+            self.report.held_packets = restored.held_packets
             self.report.downtime_s = self.report.resumed_at - (self.report.frozen_at or 0)
 
-    def restore_request(self) -> dict:
+    def restore_request(self) -> RestoreRequest:
         """What the destination's restore needs beyond the staged files."""
-        return {}
+        return RestoreRequest()
 
     async def verify(self) -> None:
         """The restored copy must still be running a moment later."""
@@ -404,8 +404,8 @@ class SourceMigration:
             except TimeoutError as exc:
                 raise GodwitError(f"destination did not answer within {VERIFY_TIMEOUT_S:g} s "
                                   "after the restore") from exc
-            if state.get("status") != "running":
-                raise GodwitError(f"restored container is {state.get('status')} on destination")
+            if state.status != "running":
+                raise GodwitError(f"restored container is {state.status} on destination")
 
     async def commit(self) -> None:
         with self.events.phase("commit"):
@@ -461,7 +461,7 @@ class SourceMigration:
                          rate_limit=self.options.rate_limit, on_progress=on_progress,
                          tamper=faults.corrupter("rootfs" if what == "rootfs" else "images"))
         result = await self.ctx.dest.upload(self.report.id, what, body)
-        self.report.wire_bytes += int(result.get("wire_bytes", result.get("bytes", 0)))
+        self.report.wire_bytes += result.wire_bytes
         return plan.total_bytes
 
     # safety net
@@ -478,7 +478,7 @@ class SourceMigration:
         """The destination's decision; None when it does not answer (`within` seconds)."""
         try:
             async with asyncio.timeout(within):
-                return (await self.ctx.dest.incoming_state(self.report.id)).get("state")
+                return (await self.ctx.dest.incoming_state(self.report.id)).state
         except (GodwitError, TimeoutError):
             return None
 
@@ -522,7 +522,7 @@ class SourceMigration:
         abort, a known commit or the passing of the fence deadline will do."""
         while True:
             try:
-                return (await self.ctx.dest.abort_incoming(self.report.id)).get("state", "")
+                return (await self.ctx.dest.abort_incoming(self.report.id)).state
             except GodwitError:
                 if self.restore_sent_at is None:  # no restore, no commit: nothing runs there
                     return "unreachable"
