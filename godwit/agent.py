@@ -378,7 +378,8 @@ class Agent:
         return _reply(await self.receiver.activate(request.match_info["id"]))
 
     async def restore_incoming(self, request: web.Request) -> web.Response:
-        body = await _body(request, RestoreRequest)
+        body = await _body(request, RestoreRequest) if request.can_read_body \
+            else RestoreRequest()
         return _reply(await self.receiver.restore(request.match_info["id"], body.page_server))
 
     async def commit_incoming(self, request: web.Request) -> web.Response:

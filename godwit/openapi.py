@@ -67,8 +67,7 @@ def _operation(route: Route, schema_of: dict[str, Any]) -> dict[str, Any]:
         operation["requestBody"] = {"required": True, "content": {
             route.body: {"schema": {"type": "string", "contentMediaType": route.body}}}}
     elif route.body is not None:
-        required = any(f.required for f in msgspec.structs.fields(route.body))
-        operation["requestBody"] = {"required": required, "content": {
+        operation["requestBody"] = {"required": not route.optional_body, "content": {
             "application/json": {"schema": schema_of[_key(route.body)]}}}
     return operation
 

@@ -311,10 +311,7 @@ def encode(message: object) -> bytes:
 
 
 def decode(data: bytes, kind: type[M], what: str = "request body") -> M:
-    """`data` as a `kind`; a body that does not fit is a GodwitError of one line. An empty
-    body stands for `{}` (a message whose fields all have defaults)."""
-    if not data.strip():
-        data = b"{}"
+    """`data` as a `kind`; a body that does not fit is a GodwitError of one line."""
     try:
         return msgspec.json.decode(data, type=kind)
     except msgspec.ValidationError as exc:
@@ -349,6 +346,7 @@ class Route:
     body: Any = None  # a Request type, or a media type of a raw body
     stream: bool = False  # the reply is NDJSON lines of `reply`
     status: int = 200
+    optional_body: bool = False  # no body stands for `body()` (every field has a default)
 
 
 OCTET = "application/octet-stream"
@@ -391,7 +389,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/incoming/{id}/activate", "activate_incoming",
           "source frozen: take over the container's address", Activated),
     Route("POST", "/v1/incoming/{id}/restore", "restore_incoming", "restore the container",
-          Restored, RestoreRequest),
+          Restored, RestoreRequest, optional_body=True),
     Route("POST", "/v1/incoming/{id}/commit", "commit_incoming",
           "the destination keeps the container", IncomingState),
     Route("POST", "/v1/incoming/{id}/forget", "forget_incoming",

@@ -26,8 +26,8 @@ from godwit.protocol import (
     HostInfo,
     IncomingRequest,
     Report,
-    RestoreRequest,
     ResultEvent,
+    SignalRequest,
     decode,
     encode,
     message_types,
@@ -115,7 +115,7 @@ def test_container_info_carries_the_whole_record() -> None:
 
 
 @pytest.mark.parametrize(("body", "kind", "error"), [
-    (b"", ExecRequest, "invalid request body: Object missing required field `argv`"),
+    (b"{}", ExecRequest, "invalid request body: Object missing required field `argv`"),
     (b"{nope", ExecRequest, "request body is not valid JSON"),
     (b"[]", ExecRequest, "Expected `object`, got `array`"),
     (b'{"argv": []}', ExecRequest, "Expected `array` of length >= 1 - at `$.argv`"),
@@ -136,8 +136,9 @@ def test_a_bad_body_is_one_line(body: bytes, kind: type, error: str) -> None:
     assert "\n" not in str(caught.value)
 
 
-def test_an_empty_body_is_an_empty_object_when_nothing_is_required() -> None:
-    assert decode(b"", RestoreRequest) == RestoreRequest()
+def test_an_empty_body_is_refused_even_when_every_field_has_a_default() -> None:
+    with pytest.raises(GodwitError, match="not valid JSON"):
+        decode(b"", SignalRequest)  # a POST without body must not send SIGTERM
 
 
 def test_a_reply_from_a_newer_agent_may_carry_more_fields() -> None:
