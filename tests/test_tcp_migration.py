@@ -18,6 +18,8 @@ from godwit.api import AgentClient
 from godwit.lab.netns import TestHost
 from godwit.lab.testbed import Testbed
 from godwit.lab.workloads import netserver_bundle
+from godwit.network import ContainerNet
+from godwit.protocol import IncomingRequest
 from godwit.tls import client_context
 
 pytestmark = pytest.mark.integration
@@ -114,8 +116,9 @@ def test_an_activated_address_is_dropped_when_no_restore_follows(bed: Testbed) -
     """A source that froze, switched, then vanished must not leave b answering for the IP."""
     migration_id = str(uuid.uuid4())
     address = f"{list(bed.net.subnet.hosts())[210]}/{bed.net.subnet.prefixlen}"
-    request = {"id": migration_id, "name": "ghost", "source": "a", "config": {},
-               "net": {"ip": address}, "commit_timeout": 1}
+    request = IncomingRequest(id=migration_id, name="ghost", source="a", config={},
+                              net=ContainerNet(address), commit_timeout=1,
+                              strategy="stop-and-copy")
     netns_file = network.netns_path(bed.host("b").netns, "ghost")
 
     async def prepare_and_activate() -> None:
