@@ -16,6 +16,7 @@ from conftest import copies, wait_for
 
 from godwit.lab.bundles import counter_bundle, read_count
 from godwit.lab.testbed import Testbed
+from godwit.protocol import PROTOCOL_VERSION
 from godwit.tls import server_context
 
 pytestmark = pytest.mark.integration
@@ -30,6 +31,7 @@ class FakeAgent:
     criu_version: str = "4.2.1"
     lazy_pages: bool = True
     disk_free: int = 100 << 30
+    protocol: str = PROTOCOL_VERSION
     incoming: list[str] = field(default_factory=list)
 
     def app(self) -> web.Application:
@@ -42,7 +44,8 @@ class FakeAgent:
     async def info(self, _: web.Request) -> web.Response:
         criu = {"version": self.criu_version, "check_ok": True, "check_message": "",
                 "lazy_pages": self.lazy_pages, "soft_dirty": False}
-        return web.json_response({"name": "fake", "runc": "1.1.5+ds1", "criu": criu,
+        return web.json_response({"name": "fake", "godwit": "0", "protocol": self.protocol,
+                                  "runc": "1.1.5+ds1", "criu": criu,
                                   "time": time.time() + self.clock_offset, "containers": 0,
                                   "mem_available": 100 << 30, "disk_free": self.disk_free})
 
@@ -82,7 +85,7 @@ def fake(bed: Testbed) -> Iterator[tuple[FakeAgent, str]]:
 def counter(bed: Testbed, fake: tuple[FakeAgent, str]) -> Iterator[str]:
     agent, _ = fake
     agent.clock_offset, agent.criu_version, agent.disk_free = 0.0, "4.2.1", 100 << 30
-    agent.lazy_pages = True
+    agent.lazy_pages, agent.protocol = True, PROTOCOL_VERSION
     agent.incoming.clear()
     bundle = counter_bundle(bed.bundle_dir("pf"))
     assert bed.godwit("run", "pf", "--bundle", str(bundle), "--host", "a").returncode == 0
@@ -119,6 +122,14 @@ def test_small_skew_only_warns(bed, fake, counter) -> None:
     result = bed.godwit("check", fake[1], "--from", "a", "--json")
     findings = json.loads(result.stdout)["a"]["findings"]
     assert {f["check"]: f["level"] for f in findings}["clock"] == "warn"
+
+
+def test_another_protocol_major_version_is_refused(bed, fake, counter) -> None:
+    fake[0].protocol = f"{int(PROTOCOL_VERSION.split('.')[0]) + 1}.0"
+    error = refused(bed, fake)["error"]
+    assert error == (f"pre-flight refused: protocol: the destination speaks godwit protocol "
+                     f"{fake[0].protocol}, this host {PROTOCOL_VERSION}: run the same godwit "
+                     "release on both")
 
 
 def test_criu_major_version_mismatch_is_refused(bed, fake, counter) -> None:
