@@ -9,8 +9,10 @@ pydantic:
   of dicts (what dataclasses would need) miss fields and drift from the docs;
 - OpenAPI 3.1: `msgspec.json.schema_components` writes JSON Schema 2020-12 components,
   the dialect of OpenAPI 3.1, tagged unions with a discriminator included;
-- speed: decoding and encoding go straight between bytes and objects, and the module
-  imports in about a millisecond (the CLI starts it every time; pydantic takes ~100 ms);
+- speed: decoding and encoding go straight between bytes and objects (an incoming
+  request decodes and validates in ~6 µs here, faster than `json.loads` alone, ~13 µs, or
+  pydantic, ~13 µs), and importing it and defining a type takes ~19 ms against ~90 ms for
+  pydantic 2.14 (every CLI command pays it);
 - one small wheel without dependencies, pinned exactly in pyproject.toml.
 
 Requests refuse unknown fields (a misspelt option is an error, not silently ignored);
