@@ -167,3 +167,11 @@ def test_openapi_document_is_valid_and_lists_every_route() -> None:
         assert operation["operationId"] == route.handler
         if isinstance(route.body, type):
             assert "requestBody" in operation
+
+
+def test_every_route_has_its_handler_on_the_agent() -> None:
+    from godwit.agent import Agent
+
+    for route in ROUTES:
+        assert callable(getattr(Agent, route.handler, None)), route
+    assert len({(r.method, r.path) for r in ROUTES}) == len(ROUTES)
