@@ -9,7 +9,7 @@ Modules:
 - `manifest`: scans of a tree, their difference, and the `TreePlan` of a transfer;
 - `send`: the plan as a stream (`send_tree`), read and hashed by a producer thread;
 - `receive`: parsing a stream (`receive_tree`, `TreeReceiver`);
-- `apply`: applying its records to the destination;
+- `apply`: applying its records to the destination, one handler per record kind;
 - `safefs`: file system operations relative to directory fds, for hostile trees.
 """
 

@@ -1,4 +1,4 @@
-"""Applying received records to a destination tree.
+"""Applying received records to a destination tree, one handler per record kind.
 
 Every path is checked (`check_path`) and resolved below the destination without following
 symlinks (`safefs`). Regular files, symlinks and special files are created under a
@@ -94,6 +94,9 @@ class IncomingFile:
             self.writes.popleft().result()
 
 
+RecordHandler = Callable[[str, dict], IncomingFile | None]
+
+
 class TreeWriter:
     """The destination side of a stream: `apply` each record, `write` a file's data,
     `commit_file` it with its digest, then `finish`. Blocking file I/O."""
@@ -111,6 +114,16 @@ class TreeWriter:
         self._tmp_n = 0
         self._chown = os.geteuid() == 0
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._handlers: dict[str, RecordHandler] = {
+            "file": self._begin_file,
+            "dir": self._mkdir,
+            "symlink": self._symlink,
+            "fifo": self._mknod,
+            "chr": self._mknod,
+            "blk": self._mknod,
+            "hardlink": self._hardlink,
+            "delete": self._delete,
+        }
 
     def apply(self, h: dict) -> IncomingFile | None:
         """Apply one record (not ``end``); a ``file`` returns the file whose data follows."""
@@ -119,21 +132,10 @@ class TreeWriter:
         rel = check_path(h.get("path"), allow_root=kind == "dir")
         self.stats.entries += 1
         self._touched.pop(rel, None)  # its own times come from this record, if any
-        if kind == "file":
-            return self._begin_file(rel, h)
-        if kind == "dir":
-            self._mkdir(rel, h)
-        elif kind == "symlink":
-            self._symlink(rel, h)
-        elif kind in _NODE_TYPES:
-            self._mknod(rel, h)
-        elif kind == "hardlink":
-            self._hardlink(rel, h)
-        elif kind == "delete":
-            self._delete(rel, h)
-        else:
+        handler = self._handlers.get(kind)  # type: ignore[arg-type]
+        if handler is None:
             raise TransferError(f"malformed header: unknown type {str(kind)[:40]!r}")
-        return None
+        return handler(rel, h)
 
     def finish(self) -> None:
         """Deepest first: modes and mtimes of received directories, then restore the
