@@ -89,7 +89,7 @@ def criu_base_options() -> list[str]:
     CRIU's network lock runs iptables-restore five times per dump and per restore (~70 ms
     each way, all of it frozen); godwit does that job itself: the source copy is cut off
     the network before its dump, and the destination holds arriving packets until the
-    restore has finished (network.PacketHold); a non-networked container has only
+    restore has finished (godwit.packet_hold.PacketHold); a non-networked container has only
     loopback. And CRIU mounts every cgroup hierarchy afresh (~20 ms) unless it is given
     a "yard" where they already are. File locks and deleted open files (ghosts, up to
     GHOST_LIMIT each) are carried."""

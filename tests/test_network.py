@@ -27,7 +27,8 @@ from godwit import network
 from godwit.bundle import load_config, rewrite_for_host, save_config
 from godwit.lab.netns import HostNetwork, TestHost, cleanup_stale, pick_free_subnet
 from godwit.lab.workloads import netserver_bundle
-from godwit.network import ContainerNet, PacketHold
+from godwit.network import ContainerNet
+from godwit.packet_hold import PacketHold
 from godwit.runc import CheckpointOptions, Runc
 
 PREFIX = f"gwn{os.getpid() % 100000}"

@@ -25,7 +25,8 @@ from godwit.criu import LAZY_LOG, lazy_pages_verdict, log_error, start_lazy_page
 from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.image_config import provenance_fields
 from godwit.migration.failure_logs import FailureLogs
-from godwit.network import ContainerNet, PacketHold
+from godwit.network import ContainerNet
+from godwit.packet_hold import PacketHold
 from godwit.protocol import (
     Activated,
     Armed,
