@@ -46,6 +46,8 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from godwit.errors import GodwitError
+
 NETNS_DIR = Path("/run/netns")
 NETNS_PREFIX = "gwc-"
 VETH_PREFIX = "gwc"
@@ -189,21 +191,21 @@ def wants_own_netns(config: dict[str, Any]) -> bool:
 
 def _loopback_up() -> None:
     with IPRoute() as ipr:
-        ipr.link("set", index=_index(ipr, "lo"), state="up")
+        ipr.link("set", index=link_index(ipr, "lo"), state="up")
 
 
 def _add_veth(container_netns: str, container: str, bridge: str) -> None:
     veth = host_veth_name(container)
     with IPRoute() as ipr:
-        br = _index(ipr, bridge)
+        br = link_index(ipr, bridge)
         peer = {"ifname": CONTAINER_IFNAME, "net_ns_fd": container_netns}
         ipr.link("add", ifname=veth, kind="veth", peer=peer)
-        ipr.link("set", index=_index(ipr, veth), master=br)
+        ipr.link("set", index=link_index(ipr, veth), master=br)
 
 
 def _configure_container_side(net: ContainerNet) -> None:
     with IPRoute() as ipr:
-        eth0 = _index(ipr, CONTAINER_IFNAME)
+        eth0 = link_index(ipr, CONTAINER_IFNAME)
         ipr.link("set", index=eth0, address=net.mac)
         ipr.addr("add", index=eth0, address=net.address, prefixlen=net.prefixlen)
         ipr.link("set", index=eth0, state="up")  # no carrier until the host end is up
@@ -224,7 +226,7 @@ def set_link(
 
     def switch() -> None:
         with IPRoute() as ipr:
-            idx = _index(ipr, veth)
+            idx = link_index(ipr, veth)
             ipr.link("set", index=idx, state="up" if up else "down")
             if up:
                 _wait_oper_up(ipr, idx, veth, timeout)
@@ -249,7 +251,7 @@ def send_gratuitous_arp(
 
     def send() -> socket.socket:
         with IPRoute() as ipr:
-            idx = _index(ipr, ifname)
+            idx = link_index(ipr, ifname)
             _wait_oper_up(ipr, idx, ifname, timeout)
             link = ipr.link("get", index=idx)[0]
             mac = bytes.fromhex(link.get("IFLA_ADDRESS").replace(":", ""))
@@ -310,8 +312,17 @@ def delete_container_netns(host: str, container: str, *, host_netns: str | None 
         netns.remove(netns_name(host, container))
 
 
-def _index(ipr: IPRoute, ifname: str) -> int:
+class InterfaceNotFound(GodwitError, FileNotFoundError):
+    """No network interface of that name (in the netns looked at)."""
+
+    def __init__(self, ifname: str) -> None:
+        super().__init__(f"no interface {ifname}")
+        self.errno = errno.ENODEV
+
+
+def link_index(ipr: IPRoute, ifname: str) -> int:
+    """The index of interface `ifname`; `InterfaceNotFound` if there is none."""
     found = ipr.link_lookup(ifname=ifname)
     if not found:
-        raise FileNotFoundError(errno.ENODEV, f"no interface {ifname}")
+        raise InterfaceNotFound(ifname)
     return found[0]

@@ -29,6 +29,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from godwit.api import DEFAULT_PORT
 from godwit.errors import GodwitError
+from godwit.network import link_index
 
 ROOT, LINK, MIGRATION, DEFAULT = 0x67770000, 0x67770001, 0x67770010, 0x67770020
 CLASS_NAMES = {LINK: "link", MIGRATION: "migration", DEFAULT: "default"}
@@ -65,7 +66,7 @@ class QosPolicy:
 def apply_policy(ifname: str, policy: QosPolicy, netns: str | None = None) -> None:
     """Install (or replace) the godwit HTB tree on ``ifname``'s egress."""
     with _ipr(netns) as ipr:
-        index = _index(ipr, ifname)
+        index = link_index(ipr, ifname)
         _remove_root(ipr, index, ifname)
         try:
             _install(ipr, index, policy)
@@ -77,14 +78,14 @@ def apply_policy(ifname: str, policy: QosPolicy, netns: str | None = None) -> No
 def clear_policy(ifname: str, netns: str | None = None) -> None:
     """Remove the godwit HTB tree; the kernel's default qdisc comes back. Idempotent."""
     with _ipr(netns) as ipr:
-        _remove_root(ipr, _index(ipr, ifname), ifname)
+        _remove_root(ipr, link_index(ipr, ifname), ifname)
 
 
 def describe_policy(ifname: str, netns: str | None = None) -> dict:
     """``{"ifname", "active", "classes": {name: {rate_mbit, ceil_mbit, bytes, packets,
     drops}}}``; no classes when no godwit policy is installed."""
     with _ipr(netns) as ipr:
-        index = _index(ipr, ifname)
+        index = link_index(ipr, ifname)
         ours = {msg["handle"]: msg for msg in ipr.get_classes(index=index)
                 if msg["handle"] in CLASS_NAMES and msg.get_attr("TCA_KIND") == "htb"}
     classes = {CLASS_NAMES[h]: _class_info(ours[h]) for h in sorted(ours)}
@@ -157,13 +158,6 @@ def _remove_root(ipr: IPRoute, index: int, ifname: str) -> None:
         elif qdisc["handle"] != 0:  # handle 0: the kernel's default (noqueue, mq, ...)
             raise GodwitError(f"{ifname} has a root qdisc godwit did not install "
                               f"({qdisc.get_attr('TCA_KIND')}); remove it first")
-
-
-def _index(ipr: IPRoute, ifname: str) -> int:
-    found = ipr.link_lookup(ifname=ifname)
-    if not found:
-        raise GodwitError(f"no interface {ifname}")
-    return found[0]
 
 
 @contextlib.contextmanager
