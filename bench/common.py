@@ -3,6 +3,7 @@ in Markdown, and a main() that cleans the testbed up on Ctrl-C or SIGTERM."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import os
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rich.console import Console
+
+from godwit.cgroups import hierarchies
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -116,3 +119,14 @@ def run_main(bench: Callable[[], T], failure: type[Exception],
         return 130
     report(result)
     return 0
+
+
+def remove_cgroup(rel: str, *, parents: bool = False) -> None:
+    """rmdir ``rel`` (and, with ``parents``, its parents while empty) in every hierarchy;
+    a cgroup still in use or missing stays as it is."""
+    parts = Path(rel.strip("/")).parts
+    last = 0 if parents else len(parts) - 1
+    for hierarchy in hierarchies():
+        for depth in range(len(parts), last, -1):
+            with contextlib.suppress(OSError):
+                (hierarchy / Path(*parts[:depth])).rmdir()

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import podman_peer
-from common import ROOT, console, machine_info, markdown, run_main
+from common import ROOT, console, machine_info, markdown, remove_cgroup, run_main
 from rich.table import Table
 
 from godwit.bundle import load_config, rewrite_for_host, save_config
@@ -65,7 +65,6 @@ READY_TIMEOUT_S = 120  # memhog filling and checksumming its buffer
 VERIFY_TIMEOUT_S = 120
 MIGRATE_TIMEOUT_S = 300
 RUNC_TIMEOUT_S = 180
-CGROUP_FS = Path("/sys/fs/cgroup")
 
 T = TypeVar("T")
 
@@ -119,16 +118,6 @@ def check_memory(before: dict[str, Any], after: dict[str, Any], where: str) -> N
 
 def tree_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def remove_cgroup(rel: str, *, parents: bool = False) -> None:
-    """rmdir ``rel`` (and, with ``parents``, its parents while empty) in every hierarchy."""
-    parts = Path(rel.strip("/")).parts
-    last = 0 if parents else len(parts) - 1
-    for hierarchy in [CGROUP_FS, *CGROUP_FS.iterdir()]:
-        for depth in range(len(parts), last, -1):
-            with contextlib.suppress(OSError):
-                (hierarchy / Path(*parts[:depth])).rmdir()
 
 
 def median(values: list[float]) -> float:

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the network tests' client
 
 from netclient import Client  # noqa: E402
 
+from godwit.cgroups import hierarchies  # noqa: E402
 from godwit.lab.netns import TestHost, pick_free_subnet  # noqa: E402
 from godwit.lab.testbed import Testbed  # noqa: E402
 from godwit.lab.workloads import netserver_bundle  # noqa: E402
@@ -50,7 +51,6 @@ HOSTS = ("sa", "sb")
 NAME = f"soak{os.getpid() % 100000}"  # cgroup paths are /godwit/<host>/<name>: unique per run
 SETTLE_S = 5.0  # background clean-ups (fence watchdogs, idle expiries) after the last move
 MIGRATE_TIMEOUT_S = 120
-CGROUP_FS = Path("/sys/fs/cgroup")
 BYTES_NOISE = 64
 BY_DESIGN = ("reports", "agent.log")  # grow with every migration: history and logs
 
@@ -78,7 +78,7 @@ def snapshot(bed: Testbed) -> dict[str, int]:
 def _cgroups(host: str) -> int:
     """Cgroups under godwit/<host> in every hierarchy (v1 controllers, unified, or v2)."""
     total = 0
-    for hierarchy in [CGROUP_FS, *(p for p in CGROUP_FS.iterdir() if p.is_dir())]:
+    for hierarchy in hierarchies():
         base = hierarchy / "godwit" / host
         if base.is_dir():
             total += 1 + sum(len(dirs) for _, dirs, _ in os.walk(base))

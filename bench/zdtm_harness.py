@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import remove_cgroup
 from zdtm_suite import ZdtmTest
 
 from godwit.bundle import oci_config, save_config
@@ -36,7 +37,6 @@ from godwit.lab.testbed import Testbed
 
 MIGRATE_TIMEOUT_S = 45
 CLI_TIMEOUT_S = 60
-CGROUP_FS = Path("/sys/fs/cgroup")
 TEST_DIR_IN_CT = "/zdtm/static"
 # Capability names by bit number (linux/capability.h); the container gets those of the
 # host's bounding set.
@@ -365,12 +365,6 @@ def out_tail(static: Path, name: str, lines: int) -> list[str]:
 def passed(tail: list[str]) -> bool:
     """zdtm.py: PASS is a word of the .out's last line."""
     return bool(tail) and "PASS" in tail[-1].split()
-
-
-def remove_cgroup(rel: str) -> None:
-    for hierarchy in [CGROUP_FS, *(p for p in CGROUP_FS.iterdir() if p.is_dir())]:
-        with contextlib.suppress(OSError):
-            (hierarchy / rel.strip("/")).rmdir()
 
 
 def run_test(bed: Testbed, test: ZdtmTest, test_dir: Path, variant: Variant, *,

@@ -14,6 +14,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from godwit import freezer
 from godwit.bundle import load_config, rewrite_for_host
+from godwit.cgroups import CGROUP_ROOT
 from godwit.criu import criu_base_options
 from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.fsio import atomic_write
@@ -32,7 +33,6 @@ from godwit.network import (
 )
 from godwit.runc import ContainerState, Runc
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from godwit import procfs
+from godwit.cgroups import CGROUP_ROOT
 from godwit.errors import GodwitError
 from godwit.tls import TLSFiles
 
@@ -74,7 +75,6 @@ async def probe() -> CriuCapabilities:
     return CriuCapabilities(version, rc == 0, message, lazy, dirty)
 
 
-CGROUP_FS = Path("/sys/fs/cgroup")
 
 
 # Deleted files a container still holds open travel inside the images; CRIU refuses any
@@ -95,7 +95,7 @@ def criu_base_options() -> list[str]:
     GHOST_LIMIT each) are carried."""
     options = ["network-lock skip", "file-locks", f"ghost-limit {GHOST_LIMIT}"]
     if cgroup_yard():
-        options.append(f"cgroup-yard {CGROUP_FS}")
+        options.append(f"cgroup-yard {CGROUP_ROOT}")
     return options
 
 
@@ -108,7 +108,7 @@ def cgroup_yard() -> bool:
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         controllers = line.split(":")[1]
         wanted.add(controllers.removeprefix("name=") or "unified")
-    return all(str(CGROUP_FS / name) in mounts for name in wanted)
+    return all(str(CGROUP_ROOT / name) in mounts for name in wanted)
 
 
 def tune_host() -> list[str]:

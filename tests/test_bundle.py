@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from godwit.bundle import load_config, oci_config, rewrite_for_host, save_config
+from godwit.cgroups import CGROUP_ROOT
 from godwit.lab.bundles import counter_bundle, make_busybox_rootfs, read_count, write_bundle
 from godwit.lab.workloads import build_memhog, memhog_bundle, read_state
 
@@ -23,7 +24,6 @@ root_only = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("runc"), reason="needs root and runc"
 )
 CGROUP_PARENT = f"gwt{os.getpid()}"
-CGROUP_FS = Path("/sys/fs/cgroup")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
@@ -85,7 +85,7 @@ def runc_host(tmp_path: Path) -> Iterator[Callable[[str], Runc]]:
 
 def remove_cgroups(pattern: str) -> None:
     """rmdir (deepest first) every cgroup dir matching ``pattern`` in all v1 controllers."""
-    for top in CGROUP_FS.glob(f"*/{pattern}"):
+    for top in CGROUP_ROOT.glob(f"*/{pattern}"):
         for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
             with contextlib.suppress(OSError):
                 os.rmdir(dirpath)
