@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from rich.console import Console
 
 from godwit.cgroups import hierarchies
+from godwit.runc import DEFAULT_RUNC
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -61,7 +62,7 @@ def machine_info() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "mem_gib": round(int(meminfo[meminfo.index("MemTotal:") + 1]) / (1 << 20), 1),
         "criu": command_line(["criu", "--version"]).removeprefix("Version: "),
-        "runc": command_line(["runc", "--version"]).removeprefix("runc version "),
+        "runc": command_line([DEFAULT_RUNC, "--version"]).removeprefix("runc version "),
         "python": platform.python_version(),
         "godwit_commit": command_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
         "godwit_dirty": bool(command_lines(["git", "-C", str(ROOT), "status", "--porcelain"])),

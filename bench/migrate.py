@@ -57,6 +57,7 @@ from godwit.bundle import load_config, rewrite_for_host, save_config
 from godwit.lab.netns import pick_free_subnet
 from godwit.lab.testbed import Testbed
 from godwit.lab.workloads import memhog_bundle, read_state
+from godwit.runc import DEFAULT_RUNC
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "migrate.json"
 PREFIX = "gwbench"
@@ -193,7 +194,7 @@ def godwit_result(report: dict[str, Any], wall: float) -> dict[str, Any]:
 def runc(bed: Testbed, host: str, args: list[str], log: Path) -> None:
     """``runc --root <host's root> ARGS`` in the host's netns; stdio /dev/null (a pipe
     would hang ``run/restore -d``), errors from the JSON log file."""
-    argv = ["runc", "--root", str(bed.host(host).runc_root), "--log", str(log),
+    argv = [DEFAULT_RUNC, "--root", str(bed.host(host).runc_root), "--log", str(log),
             "--log-format", "json", *args]
     dev = subprocess.DEVNULL
     proc = bed.net.run_in(host, argv, stdin=dev, stdout=dev, stderr=dev)

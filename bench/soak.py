@@ -44,6 +44,7 @@ from godwit.cgroups import hierarchies  # noqa: E402
 from godwit.lab.netns import TestHost, pick_free_subnet  # noqa: E402
 from godwit.lab.testbed import Testbed  # noqa: E402
 from godwit.lab.workloads import netserver_bundle  # noqa: E402
+from godwit.runc import DEFAULT_RUNC  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "soak.json"
 STRATEGIES = ("stop-and-copy", "post-copy")
@@ -249,7 +250,7 @@ def machine_info() -> dict[str, Any]:
     return {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "kernel": platform.release(), "cpus": os.cpu_count(),
             "criu": line(["criu", "--version"]).removeprefix("Version: "),
-            "runc": line(["runc", "--version"]).removeprefix("runc version "),
+            "runc": line([DEFAULT_RUNC, "--version"]).removeprefix("runc version "),
             "godwit_commit": line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
             "godwit_dirty": bool(line(["git", "-C", str(ROOT), "status", "--porcelain"])),
             "loadavg_before": os.getloadavg()}

@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def _require_runtime() -> None:
     if os.geteuid() != 0:
         pytest.fail("integration tests need root (run scripts/setup and the tests as root)")
-    for tool in ("runc", "criu", "iptables"):
+    for tool in (DEFAULT_RUNC, "criu", "iptables"):
         if not shutil.which(tool):
             pytest.fail(f"{tool} missing: run scripts/setup first")
     check = subprocess.run(["criu", "check"], capture_output=True, text=True)

@@ -22,6 +22,7 @@ from godwit import network, procfs
 from godwit.api import DEFAULT_PORT
 from godwit.lab.netns import TestHost
 from godwit.lab.testbed import Testbed
+from godwit.runc import DEFAULT_RUNC
 
 NAME = "srv"
 COMMIT_TIMEOUT_S = 5  # the fence: an uncommitted destination copy lives this long
@@ -176,7 +177,7 @@ def kill_stopped_criu(bed: Testbed, host: str) -> list[int]:
 
 
 def runc_names(bed: Testbed, host: str) -> list[str]:
-    runc = subprocess.run(["runc", "--root", str(bed.host(host).runc_root), "list", "-q"],
+    runc = subprocess.run([DEFAULT_RUNC, "--root", str(bed.host(host).runc_root), "list", "-q"],
                           capture_output=True, text=True, check=True)
     return runc.stdout.split()
 

@@ -19,9 +19,10 @@ from godwit.bundle import load_config, oci_config, rewrite_for_host, save_config
 from godwit.cgroups import CGROUP_ROOT
 from godwit.lab.bundles import counter_bundle, make_busybox_rootfs, read_count, write_bundle
 from godwit.lab.workloads import build_memhog, memhog_bundle, read_state
+from godwit.runc import DEFAULT_RUNC
 
 root_only = pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("runc"), reason="needs root and runc"
+    os.geteuid() != 0 or not shutil.which(DEFAULT_RUNC), reason="needs root and runc"
 )
 CGROUP_PARENT = f"gwt{os.getpid()}"
 
@@ -46,7 +47,7 @@ class Runc:
         return f"/godwit/{CGROUP_PARENT}-{self.host}/{cid}"
 
     def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
-        argv = ["runc", "--root", str(self.root), "--log", str(self.log), *args]
+        argv = [DEFAULT_RUNC, "--root", str(self.root), "--log", str(self.log), *args]
         # Container stdio = runc's stdio: keep it /dev/null so CRIU can dump it.
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, text=True, check=False)  # fmt: skip
@@ -56,7 +57,7 @@ class Runc:
         return proc
 
     def status(self, cid: str) -> str:
-        out = subprocess.run(["runc", "--root", str(self.root), "state", cid],
+        out = subprocess.run([DEFAULT_RUNC, "--root", str(self.root), "state", cid],
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
         return json.loads(out)["status"]
 

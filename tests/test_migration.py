@@ -16,6 +16,7 @@ from godwit.bundle import load_config, save_config
 from godwit.lab.bundles import counter_bundle, read_count
 from godwit.lab.testbed import Testbed
 from godwit.lab.workloads import memhog_bundle, read_state
+from godwit.runc import DEFAULT_RUNC
 
 pytestmark = pytest.mark.integration
 
@@ -262,7 +263,7 @@ def test_resume_brings_back_a_paused_copy(bed: Testbed) -> None:
     start(bed, "held", counter_bundle(bed.bundle_dir("held")))
     rootfs = rootfs_of(bed, "held")
     wait_for(lambda: read_count(rootfs), what="counter")
-    runc = ["runc", "--root", str(bed.host("a").runc_root)]
+    runc = [DEFAULT_RUNC, "--root", str(bed.host("a").runc_root)]
     subprocess.run([*runc, "pause", "held"], check=True)
     assert copies(bed, "held") == [("a", "paused")]
     frozen = read_count(rootfs)

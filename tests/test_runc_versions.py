@@ -12,6 +12,7 @@ from conftest import _current_runc, cli_json, copies, wait_for
 
 from godwit.lab.bundles import counter_bundle, read_count
 from godwit.lab.testbed import Testbed
+from godwit.runc import DEFAULT_RUNC
 from godwit.runc_features import series
 
 pytestmark = pytest.mark.integration
@@ -44,7 +45,7 @@ def b_on_current_runc(bed: Testbed) -> Iterator[str]:
 
 
 def test_pre_flight_warns_of_another_runc_release(bed: Testbed, b_on_current_runc: str) -> None:
-    local = runc_version("runc")
+    local = runc_version(DEFAULT_RUNC)
     assert series(local) != series(b_on_current_runc), "the test needs two runc releases"
     findings = cli_json(bed, "check", "b", "--from", "a")["a"]["findings"]
     runc = [f for f in findings if f["check"] == "runc"]
