@@ -44,10 +44,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import podman_peer
 from common import ROOT, console, machine_info, markdown, remove_cgroup, run_main
@@ -66,9 +65,6 @@ READY_TIMEOUT_S = 120  # memhog filling and checksumming its buffer
 VERIFY_TIMEOUT_S = 120
 MIGRATE_TIMEOUT_S = 300
 RUNC_TIMEOUT_S = 180
-
-T = TypeVar("T")
-
 
 class BenchError(RuntimeError):
     """A run failed or lost memory: the benchmark stops."""
@@ -89,23 +85,15 @@ class Method:
 # ------------------------------------------------------------------------ helpers
 
 
-def wait_for(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    """Poll until predicate() is truthy; return its value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.02)
-    raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def wait_status(rootfs: Path, status: str, timeout: float) -> dict[str, Any]:
     """memhog's state once it reads ``status``."""
-    def probe() -> dict[str, Any]:
-        state = read_state(rootfs)
-        return state if state.get("status") == status else {}
-
-    return wait_for(probe, timeout, f"memhog {status} in {rootfs}")
+    deadline = time.monotonic() + timeout
+    while (state := read_state(rootfs)).get("status") != status:
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout:.0f} s waiting for memhog {status}"
+                             f" in {rootfs}")
+        time.sleep(0.02)
+    return state
 
 
 def check_memory(before: dict[str, Any], after: dict[str, Any], where: str) -> None:
