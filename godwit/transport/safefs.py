@@ -113,13 +113,9 @@ def open_regular(dir_fd: int, name: str) -> tuple[int, os.stat_result] | None:
     """(read fd, fstat) of `name` if it is a regular file, else None. Never open()s
     anything else: a device node swapped into a running container's tree would be opened
     outside its cgroup. OSError for other failures than a vanished entry."""
+    pfd = -1
     try:
         pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-    except OSError as e:
-        if e.errno in GONE:
-            return None
-        raise
-    try:
         st = os.fstat(pfd)
         if not stat.S_ISREG(st.st_mode):
             return None
@@ -129,7 +125,8 @@ def open_regular(dir_fd: int, name: str) -> tuple[int, os.stat_result] | None:
             return None
         raise
     finally:
-        os.close(pfd)
+        if pfd >= 0:
+            os.close(pfd)
 
 
 def data_extents(fd: int, size: int, max_extents: int) -> list[tuple[int, int]] | None:
