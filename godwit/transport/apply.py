@@ -73,12 +73,8 @@ class IncomingFile:
     ext_pos: int = 0
     writes: deque = field(default_factory=deque)  # pending writer-thread futures
 
-    def placements(self, data: memoryview) -> Iterator[tuple[memoryview, int]]:
-        """(piece, file offset) for the next `data` bytes of the stream."""
-        if self.extents is None:
-            yield data, self.offset
-            self.offset += len(data)
-            return
+    def extent_pieces(self, data: memoryview) -> Iterator[tuple[memoryview, int]]:
+        """(piece, file offset) for the next `data` bytes of a sparse file's stream."""
         while data:
             off, length = self.extents[self.ext_i]
             k = min(length - self.ext_pos, len(data))
@@ -178,8 +174,11 @@ class TreeWriter:
         cur.remaining -= len(data)
         if cur.extents is None:
             self.stats.bytes += len(data)
-        for piece, offset in cur.placements(data):
-            self._pwrite(cur, piece, offset)
+            self._pwrite(cur, data, cur.offset)
+            cur.offset += len(data)
+        else:
+            for piece, offset in cur.extent_pieces(data):
+                self._pwrite(cur, piece, offset)
         cur.sha.update(data)
 
     def commit_file(self, digest: bytes) -> None:

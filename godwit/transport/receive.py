@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import enum
 import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
@@ -34,16 +33,8 @@ _RECV_BATCH = 1 << 20  # bytes handed to the worker thread at a time
 _RECV_INFLIGHT = 3  # batches queued for the worker thread
 
 
-class _Expect(enum.IntEnum):
-    """What the parser reads next."""
-
-    MAGIC = enum.auto()
-    LENGTH = enum.auto()
-    HEADER = enum.auto()
-    DATA = enum.auto()
-    TRAILER = enum.auto()
-    DONE = enum.auto()
-    FAILED = enum.auto()
+# What the parser reads next (plain ints: compared several times per record).
+_MAGIC, _LENGTH, _HEADER, _DATA, _TRAILER, _DONE, _FAILED = range(7)
 
 
 class _Sink:
@@ -60,7 +51,7 @@ class TreeReceiver:
         self.dest = Path(dest)
         self.stats = TransferStats()
         self._tree = TreeWriter(dest, self.stats)
-        self._state = _Expect.MAGIC
+        self._state = _MAGIC
         self._need = STREAM_HEADER_LEN
         self._buf = bytearray()
         self._zw: zstandard.ZstdDecompressionWriter | None = None
@@ -71,7 +62,7 @@ class TreeReceiver:
         return self.stats.bytes
 
     def feed(self, data: bytes) -> None:
-        if self._state == _Expect.FAILED:
+        if self._state == _FAILED:
             raise TransferError("receiver already failed")
         self.stats.wire_bytes += len(data)
         try:
@@ -91,7 +82,7 @@ class TreeReceiver:
 
     def finish(self) -> TransferStats:
         """Check the stream was complete, apply directory metadata, return the stats."""
-        if self._state != _Expect.DONE:
+        if self._state != _DONE:
             cur = self._tree.incoming
             what = "inside file " + repr(cur.path) if cur else "before the end record"
             self.abort()
@@ -107,9 +98,9 @@ class TreeReceiver:
 
     def abort(self) -> None:
         """Drop the file being received (its temporary name) and close everything."""
-        if self._state == _Expect.FAILED:
+        if self._state == _FAILED:
             return
-        self._state = _Expect.FAILED
+        self._state = _FAILED
         self._tree.abort()
 
     # ---- parsing
@@ -119,16 +110,16 @@ class TreeReceiver:
         pos = 0
         while pos < len(mv):
             state = self._state
-            if state == _Expect.DATA:
+            if state == _DATA:
                 pos = self._consume_data(mv, pos)
                 continue
-            if state == _Expect.DONE:
+            if state == _DONE:
                 raise TransferError("trailing data after the end record")
             field, pos = self._take_field(mv, pos)
             if field is None:
                 return
             self._on_field(state, field)
-            if state == _Expect.MAGIC and self._zw is not None:
+            if state == _MAGIC and self._zw is not None:
                 if pos < len(mv):
                     self._zw.write(mv[pos:])  # calls back with the decompressed bytes
                 return
@@ -151,40 +142,37 @@ class TreeReceiver:
         k = min(cur.remaining, len(mv) - pos)
         self._tree.write(mv[pos : pos + k])
         if cur.remaining == 0:
-            self._expect(_Expect.TRAILER, DIGEST_LEN)
+            self._state, self._need = _TRAILER, DIGEST_LEN
         return pos + k
 
-    def _on_field(self, state: _Expect, field: memoryview) -> None:
-        if state == _Expect.MAGIC:
+    def _on_field(self, state: int, field: memoryview) -> None:
+        if state == _MAGIC:
             self._start(bytes(field))
-        elif state == _Expect.LENGTH:
-            self._expect(_Expect.HEADER, header_length(field))
-        elif state == _Expect.HEADER:
+        elif state == _LENGTH:
+            self._state, self._need = _HEADER, header_length(field)
+        elif state == _HEADER:
             self._record(bytes(field))
         else:  # TRAILER
             self._tree.commit_file(bytes(field))
-            self._expect(_Expect.LENGTH, LENGTH_LEN)
-
-    def _expect(self, state: _Expect, need: int) -> None:
-        self._state, self._need = state, need
+            self._state, self._need = _LENGTH, LENGTH_LEN
 
     def _start(self, head: bytes) -> None:
         if parse_stream_header(head):
             self._zw = zstandard.ZstdDecompressor().stream_writer(
                 _Sink(self._consume), write_size=_RECV_BATCH, closefd=False
             )
-        self._expect(_Expect.LENGTH, LENGTH_LEN)
+        self._state, self._need = _LENGTH, LENGTH_LEN
 
     def _record(self, raw: bytes) -> None:
         h = decode_header(raw)
-        self._expect(_Expect.LENGTH, LENGTH_LEN)
+        self._state, self._need = _LENGTH, LENGTH_LEN
         if h.get("type") == "end":
             check_end(h, self.stats)
-            self._state = _Expect.DONE
+            self._state = _DONE
             return
         incoming = self._tree.apply(h)
         if incoming is not None:
-            self._expect(_Expect.DATA if incoming.remaining else _Expect.TRAILER, DIGEST_LEN)
+            self._state, self._need = _DATA if incoming.remaining else _TRAILER, DIGEST_LEN
 
 
 def _as_transfer_error(e: Exception, where: str) -> TransferError:

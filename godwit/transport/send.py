@@ -50,30 +50,29 @@ class _Framer:
         self.done = 0  # progress: file content bytes read (logical)
 
     def wire(self) -> Iterator[Chunk]:
-        """(wire chunk, progress after it)."""
+        """(wire chunk, progress after it): big pieces go out as they are, small ones
+        (records, small files) are gathered into chunks of about `_WIRE_FLUSH` first."""
         out = bytearray(stream_header(self.compress))
         comp = None
         if self.compress:  # threads=1: libzstd compresses while this thread reads and hashes
             comp = zstandard.ZstdCompressor(level=self.level, threads=1).compressobj()
         for piece in self._records():
-            yield from self._batched(out, comp.compress(piece) if comp is not None else piece)
+            if comp is not None:
+                piece = comp.compress(piece)
+            if len(piece) >= _WIRE_FLUSH:
+                if out:
+                    yield bytes(out), self.done
+                    out.clear()
+                yield piece, self.done
+            elif piece:
+                out += piece
+                if len(out) >= _WIRE_FLUSH:
+                    yield bytes(out), self.done
+                    out.clear()
         if comp is not None:
             out += comp.flush()
         if out:
             yield bytes(out), self.done
-
-    def _batched(self, out: bytearray, piece: bytes) -> Iterator[Chunk]:
-        """Big pieces go out as they are, small ones are gathered in `out` first."""
-        if len(piece) >= _WIRE_FLUSH:
-            if out:
-                yield bytes(out), self.done
-                out.clear()
-            yield piece, self.done
-        elif piece:
-            out += piece
-            if len(out) >= _WIRE_FLUSH:
-                yield bytes(out), self.done
-                out.clear()
 
     def _records(self) -> Iterator[bytes]:
         stats = self.stats
@@ -105,7 +104,10 @@ class _Framer:
                 return
             if st.st_nlink > 1:
                 sent_inodes[key] = path
-            yield from self._file_content(fd, st, path)
+            extents = _sparse_extents(fd, st)
+            yield self._file_record(path, st, extents)
+            ranges = extents if extents is not None else [(0, st.st_size)]
+            yield from self._file_data(fd, path, st.st_size, ranges)
         except OSError as e:
             raise TransferError(f"{path}: {e.strerror}") from e
         finally:
@@ -119,18 +121,16 @@ class _Framer:
         except OSError as e:
             raise TransferError(f"{path}: {e.strerror}") from e
 
-    def _file_content(self, fd: int, st: os.stat_result, path: str) -> Iterator[bytes]:
-        size = st.st_size
-        extents = data_extents(fd, size, MAX_EXTENTS) if st.st_blocks * 512 < size else None
+    def _file_record(self, path: str, st: os.stat_result,
+                     extents: list[tuple[int, int]] | None) -> bytes:
         h = {"type": "file", "path": path, "mode": stat.S_IMODE(st.st_mode)}
-        h.update(uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns, size=size)
+        h.update(uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns, size=st.st_size)
         if extents is not None:
             h["extents"] = extents
         self.stats.entries += 1
         self.stats.files += 1
-        self.stats.bytes += size
-        yield encode_record(h)
-        yield from self._file_data(fd, path, size, extents if extents is not None else [(0, size)])
+        self.stats.bytes += st.st_size
+        return encode_record(h)
 
     def _file_data(self, fd: int, path: str, size: int,
                    ranges: list[tuple[int, int]]) -> Iterator[bytes]:
@@ -168,6 +168,13 @@ class _PaddedReader:
             self.short = True
             data += bytes(n - len(data))
         return data
+
+
+def _sparse_extents(fd: int, st: os.stat_result) -> list[tuple[int, int]] | None:
+    """The data ranges of a file with holes; None to send it dense."""
+    if st.st_blocks * 512 >= st.st_size:
+        return None
+    return data_extents(fd, st.st_size, MAX_EXTENTS)
 
 
 def _entry_header(path: str, meta: FileMeta) -> dict:
