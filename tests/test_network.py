@@ -25,6 +25,7 @@ from pyroute2 import netns
 
 from godwit import network
 from godwit.bundle import load_config, rewrite_for_host, save_config
+from godwit.errors import GodwitError
 from godwit.lab.netns import HostNetwork, TestHost, cleanup_stale, pick_free_subnet
 from godwit.lab.workloads import netserver_bundle
 from godwit.network import ContainerNet
@@ -53,6 +54,17 @@ def test_names_fit_the_kernel_limits() -> None:
     assert len(veth) <= 15 and veth.startswith("gwc")
     assert network.netns_name("gw-a", "web") == "gwc-gw-a-web"
     assert network.netns_path("gw-a", "web") == Path("/run/netns/gwc-gw-a-web")
+
+
+def test_a_missing_interface_is_one_line_for_operators_and_a_missing_file_for_callers() -> None:
+    class NoLinks:
+        def link_lookup(self, ifname: str) -> list[int]:
+            return []
+
+    with pytest.raises(network.InterfaceNotFound) as raised:
+        network.link_index(NoLinks(), "eth9")  # type: ignore[arg-type]
+    assert str(raised.value) == "no interface eth9"
+    assert isinstance(raised.value, GodwitError) and isinstance(raised.value, FileNotFoundError)
 
 
 def test_gratuitous_arp_frame() -> None:
