@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import TypeVar
 
 from aiohttp import web
-from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from godwit import __version__, faults, images
+from godwit import __version__, authz, faults, images
 from godwit.api import DEFAULT_PORT, AgentClient
+from godwit.authz import MigrationOwners
 from godwit.cluster.node import ClusterNode
 from godwit.containers import ContainerStore, HostNetworking
 from godwit.criu import CriuCapabilities, probe, tune_host
 from godwit.errors import Conflict, GodwitError, NotFound
+from godwit.identity import Identity, IdentityError, identity_of
 from godwit.image_config import Overrides
 from godwit.metrics import metrics_handler
 from godwit.migration import MigrationOptions, choose_strategy
@@ -119,7 +119,8 @@ class Agent:
 
     def app(self) -> web.Application:
         revocations = RevocationList(self.tls) if self.tls else None
-        middlewares = [error_middleware, peer_middleware(revocations)]
+        owners = MigrationOwners(self.receiver.root)
+        middlewares = [error_middleware, peer_middleware(revocations, owners)]
         app = web.Application(middlewares=middlewares, client_max_size=1 << 20)
         app.add_routes([web.route(r.method, r.path, getattr(self, r.handler)) for r in ROUTES])
         # Prometheus text for scrapers, outside the JSON protocol and its OpenAPI document
@@ -413,10 +414,10 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         return web.json_response({"error": f"internal error: {exc}"}, status=500)
 
 
-def peer_middleware(revocations: RevocationList | None):
+def peer_middleware(revocations: RevocationList | None, owners: MigrationOwners):
     """Per request: the peer's certificate must not be revoked (even on a connection opened
-    before the revocation), and only agents (serverAuth certificates) may push a migration
-    into this host; operators drive migrations through the source agent."""
+    before the revocation), must carry a godwit role allowed on the route (godwit.authz),
+    and only the agent that prepared an incoming migration may act on it."""
 
     @web.middleware
     async def middleware(request: web.Request, handler) -> web.StreamResponse:
@@ -425,25 +426,44 @@ def peer_middleware(revocations: RevocationList | None):
         cert = peer_certificate(request)
         if cert is None or (revocations and revocations.is_revoked(cert.serial_number)):
             return _refuse(request, "certificate revoked")
-        if request.path.startswith("/v1/incoming") and not _is_agent(cert):
-            return _refuse(request, "only agent certificates may send migrations")
+        try:
+            identity = identity_of(cert)
+        except IdentityError as exc:
+            return _refuse(request, str(exc))
+        match = request.match_info
+        if match.http_exception is not None:  # no such route: 404/405 as usual
+            return await handler(request)
+        route = match.route.resource.canonical if match.route.resource else request.path
+        migration_id = match.get("id", "") if route.startswith("/v1/incoming") else ""
+        if reason := (authz.refusal(identity, request.method, route)
+                      or owners.refusal(migration_id, identity)):
+            return _refuse(request, reason)
+        request["identity"] = identity
+        if route == "/v1/incoming" and request.method == "POST":
+            return await _prepare_bound(request, handler, owners, identity)
         return await handler(request)
 
     return middleware
+
+
+async def _prepare_bound(request: web.Request, handler, owners: MigrationOwners,
+                         identity: Identity) -> web.StreamResponse:
+    """Prepare an incoming migration and bind it to the agent that asked."""
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    response = await handler(request)
+    migration_id = body.get("id") if isinstance(body, dict) else None
+    if response.status == 200 and isinstance(migration_id, str) and "/" not in migration_id:
+        owners.bind(migration_id, identity)
+    return response
 
 
 def _refuse(request: web.Request, reason: str) -> web.Response:
     log.warning("refused %s %s from %s: %s", request.method, request.path, request.remote,
                 reason)
     return web.json_response({"error": reason}, status=403, headers={"Connection": "close"})
-
-
-def _is_agent(cert: x509.Certificate) -> bool:
-    try:
-        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
-        return False
-    return ExtendedKeyUsageOID.SERVER_AUTH in usage
 
 
 async def _body(request: web.Request, kind: type[M]) -> M:

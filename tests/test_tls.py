@@ -168,7 +168,7 @@ def test_renew_gives_a_working_cert(
     shutil.copy(old.cert, old_cert)
     shutil.copy(old.key, old_key)
     second = pki.renew("renewme", days=30)
-    assert (second.name, second.kind) == ("renewme", "client") and second.serial != first.serial
+    assert (second.name, second.role) == ("renewme", "operator") and second.serial != first.serial
     assert old.key.read_bytes() != old_key.read_bytes()  # a new key, too
     assert get(client_context(pki.bundle_for("renewme")), port) == "renewme"
     old_ctx = client_context(files_with(pki, old_cert, old_key))
@@ -245,8 +245,11 @@ def test_hostname_mismatch_refused(
     assert message in err.value.certificate_error.verify_message
 
 
-def test_revoked_server_refused_by_client(pki: CertificateAuthority, server: Server) -> None:
+def test_revoked_server_refused_by_client(server: Server, tmp_path: Path) -> None:
+    pki = CertificateAuthority(tmp_path / "ca")
+    pki.init()
     pki.issue_agent("stolen", ["127.0.0.1"])
+    pki.issue_client("alice")
     port = server.serve(pki.bundle_for("stolen"))
     assert get(client_context(pki.bundle_for("alice")), port) == "alice"
     pki.revoke("stolen")
@@ -299,9 +302,9 @@ def test_cli_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert "CA created" in run("init")
     assert run("init", code=1).startswith("error: a CA already exists in")
     agent = json.loads(run("issue", "host-a", "--san", "10.0.0.1", "--san", "host-a.lan", "--json"))
-    assert agent["sans"] == ["10.0.0.1", "host-a.lan"] and agent["kind"] == "agent"
+    assert agent["sans"] == ["10.0.0.1", "host-a.lan"] and agent["role"] == "agent"
     assert json.loads(run("issue", "host-b", "--json"))["sans"] == ["host-b"]
-    assert "bob" in run("issue-client", "bob")
+    assert "bob" in run("issue", "bob", "--role", "operator")
     renewed = json.loads(run("renew", "host-a", "--json"))
     assert renewed["serial"] != agent["serial"]
     revoked = json.loads(run("revoke", agent["serial"], "--json"))["revoked"]

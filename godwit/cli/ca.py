@@ -15,7 +15,16 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from godwit.pki import CRL_DAYS, CertificateAuthority, IssuedCert, PKIError
+from godwit.fsio import atomic_write
+from godwit.pki import (
+    CRL_DAYS,
+    ROLES,
+    CertificateAuthority,
+    IssuedCert,
+    PKIError,
+    Role,
+    make_csr,
+)
 
 DEFAULT_CA_DIR = "/etc/godwit/ca"
 
@@ -60,17 +69,24 @@ def _emit(as_json: bool, data: Any, human: Callable[[Console], None]) -> None:
 def _table(certs: list[IssuedCert]) -> Table:
     """Certificates, serials in full (``revoke`` takes them)."""
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for name in ("name", "kind", "status", "not after", "serial", "SANs"):
+    for name in ("name", "role", "status", "not after", "days left", "serial", "SANs"):
         table.add_column(name, no_wrap=name != "SANs", overflow="fold")
     for c in certs:
-        status, sans = "revoked" if c.revoked else "valid", ", ".join(c.sans) or "-"
-        row = (c.name, c.kind, status, f"{c.not_after:%Y-%m-%d}", c.serial, sans)
-        table.add_row(*row, style="red" if c.revoked else None)
+        sans, days = ", ".join(c.sans) or "-", c.days_left()
+        status = c.status() if days >= 0 or c.revoked else "expired"
+        row = (c.name, c.role, status, f"{c.not_after:%Y-%m-%d}", str(days), c.serial, sans)
+        table.add_row(*row, style=None if status == "valid" else "red")
     return table
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 days_option = click.option("--days", type=click.IntRange(min=1), default=365, show_default=True)
+sans_option = click.option("--san", "sans", multiple=True,
+                           help="DNS name or IP address of the host (repeatable).")
+role_option = click.option("--role", type=click.Choice(ROLES), default="agent",
+                           show_default=True,
+                           help="agent (a host), operator (drives it) or viewer (reads).")
+target_argument = click.argument("serial_or_name", metavar="SERIAL|NAME")
 
 
 @click.group()
@@ -119,29 +135,55 @@ def _print_issued(as_json: bool, authority: CertificateAuthority, cert: IssuedCe
 
 
 @ca.command()
-@click.argument("host")
-@click.option("--san", "sans", multiple=True, help="DNS name or IP address (repeatable).")
-@days_option
-@json_option
-@click.pass_context
-@_handle_errors
-def issue(ctx: click.Context, host: str, sans: tuple[str, ...], days: int, as_json: bool) -> None:
-    """Issue an agent certificate for HOST (SANs default to HOST itself)."""
-    authority = _ca(ctx)
-    cert = authority.issue_agent(host, list(sans) or [host], days)
-    _print_issued(as_json, authority, cert)
-
-
-@ca.command("issue-client")
 @click.argument("name")
+@role_option
+@sans_option
 @days_option
 @json_option
 @click.pass_context
 @_handle_errors
-def issue_client(ctx: click.Context, name: str, days: int, as_json: bool) -> None:
-    """Issue an operator (client-only) certificate."""
+def issue(ctx: click.Context, name: str, role: Role, sans: tuple[str, ...], days: int,
+          as_json: bool) -> None:
+    """Issue a key and certificate for NAME (an agent's SANs default to NAME itself).
+    Prefer `csr` on the host and `sign` here: the key then never leaves the host."""
     authority = _ca(ctx)
-    _print_issued(as_json, authority, authority.issue_client(name, days))
+    default = [name] if role == "agent" else []
+    _print_issued(as_json, authority, authority.issue(name, role, list(sans) or default, days))
+
+
+@ca.command()
+@click.argument("name")
+@sans_option
+@click.option("--key", "key_path", type=click.Path(dir_okay=False, path_type=Path),
+              required=True, help="Where to write the new private key (0600, on this host).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the CSR (default: stdout).")
+@_handle_errors
+def csr(name: str, sans: tuple[str, ...], key_path: Path, out: Path | None) -> None:
+    """On the host: make a key and a certificate signing request for NAME; give the CSR to
+    the CA (`godwit ca sign`). An agent's SANs default to NAME itself."""
+    pem = make_csr(name, list(sans) or [name], key_path)
+    if out:
+        atomic_write(out, pem, 0o644)
+        click.echo(f"key {key_path}\ncsr {out}: sign it with `godwit ca sign {out} --role …`")
+    else:
+        click.echo(pem.decode(), nl=False)
+
+
+@ca.command()
+@click.argument("csr_file", type=click.File("rb"))
+@role_option
+@days_option
+@click.option("--renew", "renewal", is_flag=True,
+              help="NAME already has a certificate: issue a new one beside it.")
+@json_option
+@click.pass_context
+@_handle_errors
+def sign(ctx: click.Context, csr_file: Any, role: Role, days: int, renewal: bool,
+         as_json: bool) -> None:
+    """Sign a CSR made by `godwit ca csr`: name and SANs from the CSR, role from --role."""
+    authority = _ca(ctx)
+    _print_issued(as_json, authority, authority.sign(csr_file.read(), role, days, renewal))
 
 
 @ca.command()
@@ -156,22 +198,47 @@ def renew(ctx: click.Context, name: str, days: int, as_json: bool) -> None:
     _print_issued(as_json, authority, authority.renew(name, days))
 
 
-@ca.command()
-@click.argument("serial_or_name", metavar="SERIAL|NAME")
-@json_option
-@click.pass_context
-@_handle_errors
-def revoke(ctx: click.Context, serial_or_name: str, as_json: bool) -> None:
-    """Revoke a certificate by serial, or all certificates of NAME; rewrites the CRL."""
+def _changed(ctx: click.Context, as_json: bool, change: str, serial_or_name: str) -> None:
+    """Revoke, suspend or release; show what changed and where the new CRL is."""
     authority = _ca(ctx)
-    certs = authority.revoke(serial_or_name)
-    data = {"revoked": [c.to_json() for c in certs], "crl": str(authority.crl)}
+    certs = getattr(authority, change)(serial_or_name)
+    data = {change.rstrip("e") + "ed": [c.to_json() for c in certs], "crl": str(authority.crl)}
 
     def human(console: Console) -> None:
         console.print(_table(certs))
         console.print(f"copy {authority.crl} to every agent (picked up without restart)")
 
     _emit(as_json, data, human)
+
+
+@ca.command()
+@target_argument
+@json_option
+@click.pass_context
+@_handle_errors
+def revoke(ctx: click.Context, serial_or_name: str, as_json: bool) -> None:
+    """Revoke every unrevoked certificate of NAME (old and renewed), or one by serial."""
+    _changed(ctx, as_json, "revoke", serial_or_name)
+
+
+@ca.command()
+@target_argument
+@json_option
+@click.pass_context
+@_handle_errors
+def suspend(ctx: click.Context, serial_or_name: str, as_json: bool) -> None:
+    """Suspend certificates (revoked with certificateHold) until `release`."""
+    _changed(ctx, as_json, "suspend", serial_or_name)
+
+
+@ca.command()
+@target_argument
+@json_option
+@click.pass_context
+@_handle_errors
+def release(ctx: click.Context, serial_or_name: str, as_json: bool) -> None:
+    """Lift a suspension: the certificates are valid again."""
+    _changed(ctx, as_json, "release", serial_or_name)
 
 
 @ca.command()
@@ -183,7 +250,7 @@ def crl(ctx: click.Context, days: int, as_json: bool) -> None:
     """Re-sign the CRL with a new next-update date (agents refuse peers once it expires)."""
     authority = _ca(ctx)
     next_update = authority.refresh_crl(days)
-    data = {"crl": str(authority.crl), "next_update": next_update.isoformat()}
+    data = {"crl": str(authority.crl), "next_update": next_update.isoformat(), "days_left": days}
     _emit(as_json, data, lambda c: c.print(f"{authority.crl} valid until {next_update:%Y-%m-%d}"))
 
 
@@ -192,6 +259,7 @@ def crl(ctx: click.Context, days: int, as_json: bool) -> None:
 @click.pass_context
 @_handle_errors
 def list_(ctx: click.Context, as_json: bool) -> None:
-    """List issued certificates (renewed and revoked ones included)."""
+    """List issued certificates (renewed and revoked ones included), with days left."""
     certs = _ca(ctx).list()
-    _emit(as_json, [c.to_json() for c in certs], lambda c: c.print(_table(certs)))
+    data = [c.to_json() | {"days_left": c.days_left()} for c in certs]
+    _emit(as_json, data, lambda c: c.print(_table(certs)))

@@ -113,7 +113,7 @@ def use_etcd(ctx: Context, urls: str | None) -> None:
 @click.option("--ca", "ca", required=True, type=click.Path(dir_okay=False, exists=True),
               help="godwit CA certificate.")
 @click.option("--cert", required=True, type=click.Path(dir_okay=False, exists=True),
-              help="Your operator certificate (godwit ca issue-client).")
+              help="Your operator certificate (godwit ca issue NAME --role operator).")
 @click.option("--key", required=True, type=click.Path(dir_okay=False, exists=True))
 @click.option("--crl", type=click.Path(dir_okay=False, exists=True),
               help="The CA's CRL, to refuse revoked agents.")
