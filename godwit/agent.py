@@ -18,6 +18,7 @@ from typing import TypeVar
 from aiohttp import web
 
 from godwit import __version__, authz, faults, images
+from godwit.admission import Admission
 from godwit.api import DEFAULT_PORT, AgentClient
 from godwit.authz import MigrationOwners
 from godwit.cluster.node import ClusterNode
@@ -89,6 +90,7 @@ class Agent:
         self.runc = Runc(runc_root, state_dir / "runc-work", runc)
         self.runc_features: RuncFeatures | None = None
         self.store = ContainerStore(state_dir, self.runc, name, networking)
+        self.admission = Admission(state_dir, self.store.networking.bridge)
         self.failure_logs = FailureLogs(state_dir / "failed-logs")
         self.receiver = Receiver(self.store, state_dir, tls, self.failure_logs)
         self.reports = ReportArchive(state_dir / "reports")
@@ -155,6 +157,7 @@ class Agent:
 
     async def run_container(self, request: web.Request) -> web.Response:
         body = await _body(request, RunRequest)
+        await self.admission.check_run(body)
         if (body.image is None) == (body.bundle is None):
             raise GodwitError("give either a bundle or an image")
         if body.image is not None:
@@ -365,7 +368,9 @@ class Agent:
 
     # migrations, destination side
     async def prepare_incoming(self, request: web.Request) -> web.Response:
-        return _reply(await self.receiver.prepare(await _body(request, IncomingRequest)))
+        body = await _body(request, IncomingRequest)
+        await self.admission.check_incoming(body)
+        return _reply(await self.receiver.prepare(body))
 
     async def upload_incoming(self, request: web.Request) -> web.Response:
         info = request.match_info

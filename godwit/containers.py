@@ -208,7 +208,7 @@ class ContainerStore:
         annotations = host_config.setdefault("annotations", {})
         annotations["org.criu.config"] = str(self.criu_config(name))
         self.write_criu_config(name)
-        (bundle / "config.json").write_text(json.dumps(host_config, indent=1))
+        atomic_write(bundle / "config.json", json.dumps(host_config, indent=1))  # env: 0600
         return bundle
 
     def config(self, name: str) -> dict:

@@ -45,7 +45,7 @@ def test_plain_http_is_refused(bed: Testbed) -> None:
 
 
 def test_operator_cannot_push_a_migration(bed: Testbed) -> None:
-    with pytest.raises(GodwitError, match="operator certificate .operator. may not POST /v1/incoming"):
+    with pytest.raises(GodwitError, match=r"operator certificate .* may not POST"):
         call(bed, client_context(bed.operator_tls), "POST", "/v1/incoming")
 
 

@@ -62,7 +62,8 @@ def agent(listen: str, state_dir: str, runc_root: str, runc: str, name: str | No
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     files = _tls_files(tls_ca, tls_cert, tls_key, tls_crl, insecure)
     state = Path(state_dir)
-    state.mkdir(parents=True, exist_ok=True)
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    state.chmod(0o700)  # containers' configs, environments and rootfs: root only
     host = name or default_name()
     networking = HostNetworking(netns_id or host, container_bridge)
     host_agent = Agent(host, state, Path(runc_root), networking=networking, tls=files,

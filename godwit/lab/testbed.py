@@ -20,6 +20,11 @@ from godwit.pki import CertificateAuthority
 from godwit.tls import client_context
 
 AGENT_START_TIMEOUT_S = 15
+# What the lab's workloads need beyond godwit's default admission policy (runc's 3).
+LAB_CAPABILITIES = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_SETGID",
+                    "CAP_SETUID", "CAP_SETPCAP", "CAP_SETFCAP", "CAP_NET_RAW", "CAP_MKNOD",
+                    "CAP_SYS_CHROOT", "CAP_NET_ADMIN"]
+LAB_DEVICES = [{"type": "c", "major": 10, "minor": 229}]  # /dev/fuse
 
 
 class Testbed:
@@ -88,6 +93,7 @@ class Testbed:
         to its environment (e.g. a godwit.faults point)."""
         host = self.host(name)
         host.state_dir.mkdir(parents=True, exist_ok=True)
+        self._write_policy(host)
         log = open(host.state_dir / "agent.log", "ab")  # noqa: SIM115 - owned by the process
         files = self.ca.bundle_for(name)
         argv = [sys.executable, "-m", "godwit", "agent", "--listen", self.address(name),
@@ -101,6 +107,17 @@ class Testbed:
         self.agents[name] = proc
         self._wait_ready(name, proc)
         return proc
+
+    def _write_policy(self, host: TestHost) -> None:
+        """The lab's admission policy (godwit.admission): bundles under the testbed's work
+        dir and the rootfs cache, bind mounts from there and the temporary dir, the lab's
+        capabilities and devices; every host's address is reserved."""
+        cache = os.environ.get("GODWIT_CACHE", "/var/cache/godwit")
+        policy = {"storage_roots": [str(self.work), cache],
+                  "bind_roots": [str(self.work), tempfile.gettempdir()],
+                  "capabilities": LAB_CAPABILITIES, "devices": LAB_DEVICES,
+                  "reserved_addresses": [h.address for h in self.net.hosts.values()]}
+        (host.state_dir / "policy.json").write_text(json.dumps(policy))
 
     def _wait_ready(self, name: str, proc: subprocess.Popen) -> None:
         deadline = time.monotonic() + AGENT_START_TIMEOUT_S

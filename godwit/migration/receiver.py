@@ -23,6 +23,7 @@ from godwit import faults, fence, procfs
 from godwit.containers import ContainerRecord, ContainerStore, check_name
 from godwit.criu import LAZY_LOG, lazy_pages_verdict, log_error, start_lazy_pages
 from godwit.errors import Conflict, GodwitError, NotFound
+from godwit.fsio import atomic_write
 from godwit.image_config import provenance_fields
 from godwit.migration.failure_logs import FailureLogs
 from godwit.network import ContainerNet
@@ -101,7 +102,7 @@ class Receiver:
         if request.net:
             self.store.check_address_free(request.net)
         staging.mkdir(parents=True)
-        (staging / "request.json").write_bytes(encode(request))
+        atomic_write(staging / "request.json", encode(request))  # config and env: 0600
         try:
             if request.net:
                 await asyncio.to_thread(self._prepare_network, request.id, name, request.net)
