@@ -1,0 +1,207 @@
+"""Least-privilege trust over real mutual TLS: each test fails if its attack succeeds.
+
+Hosts a and b of the testbed run real agents; certificates come from the testbed's CA."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from godwit.bundle import counter_bundle, load_config, oci_config
+from godwit.testbed import Testbed
+from godwit.tls import TLSFiles, client_context
+
+pytestmark = pytest.mark.integration
+
+
+def call(bed: Testbed, host: str, files: TLSFiles, method: str, path: str,
+         body: object = None) -> tuple[int, dict]:
+    """One request to ``host``'s agent with the certificate ``files``: (status, JSON)."""
+    async def go() -> tuple[int, dict]:
+        async with aiohttp.ClientSession() as session, session.request(
+                method, f"https://{bed.address(host)}{path}", json=body,
+                ssl=client_context(files), timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    return asyncio.run(go())
+
+
+def certificate(bed: Testbed, name: str, role: str = "operator") -> TLSFiles:
+    """A certificate of ``role`` from the testbed's CA (issued once per name)."""
+    if not any(c.name == name for c in bed.ca.list()):
+        sans = [f"{name}.test"] if role == "agent" else []
+        bed.ca.issue(name, role, sans)  # type: ignore[arg-type]
+    return bed.ca.bundle_for(name)
+
+
+def incoming(config: dict | None = None, **extra: object) -> dict:
+    """A prepare request as a source sends it, without network (nothing made but staging)."""
+    return {"id": str(uuid.uuid4()), "name": f"sec-{uuid.uuid4().hex[:8]}",
+            "config": config or oci_config(["/bin/sh"]), "commit_timeout": 30,
+            "idle_timeout": 60, "strategy": "stop-and-copy", **extra}
+
+
+# -- admission on the destination --------------------------------------------------------
+
+@pytest.mark.parametrize("attack", ["hook", "host bind mount", "capability", "timeout"])
+def test_a_dangerous_incoming_migration_is_refused(bed: Testbed, attack: str) -> None:
+    config = oci_config(["/bin/sh"])
+    extra: dict = {}
+    if attack == "hook":
+        config["hooks"] = {"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", "id"]}]}
+    elif attack == "host bind mount":
+        config["mounts"].append({"destination": "/host", "type": "bind", "source": "/",
+                                 "options": ["rbind", "rw"]})
+    elif attack == "capability":
+        for names in config["process"]["capabilities"].values():
+            names.append("CAP_SYS_ADMIN")
+    else:
+        extra["commit_timeout"] = float("inf")
+    request = incoming(config, **extra)
+    agent_a = bed.ca.bundle_for("a")
+    status, body = call(bed, "b", agent_a, "POST", "/v1/incoming", json.loads(
+        json.dumps(request).replace("Infinity", "1e999")))
+    assert status == 400 and "refused by" in body["error"], body
+    words = {"hook": "hooks.createRuntime", "host bind mount": "bind mount of /",
+             "capability": "CAP_SYS_ADMIN", "timeout": "commit_timeout"}[attack]
+    assert words in body["error"] and "\n" not in body["error"]
+    state = call(bed, "b", agent_a, "GET", f"/v1/incoming/{request['id']}")
+    assert state == (200, {"state": "unknown"}), "nothing may be staged"
+
+
+def test_a_shared_rootfs_outside_the_storage_roots_is_refused(bed: Testbed) -> None:
+    request = incoming(shared_rootfs="/")
+    status, body = call(bed, "b", bed.ca.bundle_for("a"), "POST", "/v1/incoming", request)
+    assert status == 400 and "shared_rootfs / is outside the storage roots" in body["error"]
+
+
+# -- a migration belongs to the agent that prepared it ------------------------------------
+
+def test_another_agent_cannot_act_on_a_migration(bed: Testbed) -> None:
+    agent_a, mallory = bed.ca.bundle_for("a"), certificate(bed, "c", "agent")
+    request = incoming()
+    status, body = call(bed, "b", agent_a, "POST", "/v1/incoming", request)
+    assert status == 200, body
+    mid = request["id"]
+    try:
+        for method, path, payload in [
+                ("GET", f"/v1/incoming/{mid}", None),
+                ("PUT", f"/v1/incoming/{mid}/rootfs", None),
+                ("POST", f"/v1/incoming/{mid}/arm", {"descriptors": []}),
+                ("POST", f"/v1/incoming/{mid}/restore", {}),
+                ("POST", f"/v1/incoming/{mid}/commit", {}),
+                ("POST", f"/v1/incoming/{mid}/forget", {}),
+                ("DELETE", f"/v1/incoming/{mid}", None)]:
+            status, body = call(bed, "b", mallory, method, path, payload)
+            assert status == 403, (method, path, body)
+            assert "prepared by another agent" in body["error"]
+        assert call(bed, "b", agent_a, "GET", f"/v1/incoming/{mid}") == \
+            (200, {"state": "prepared"}), "the migration must be untouched"
+    finally:
+        assert call(bed, "b", agent_a, "DELETE", f"/v1/incoming/{mid}")[0] == 200
+
+
+# -- roles --------------------------------------------------------------------------------
+
+def test_an_agent_certificate_is_not_an_operator(bed: Testbed, tmp_path: Path) -> None:
+    agent_a = bed.ca.bundle_for("a")
+    bundle = counter_bundle(bed.bundle_dir("sec-agent-run"))
+    for method, path, payload in [
+            ("POST", "/v1/containers", {"name": "sec-agent-run", "bundle": str(bundle)}),
+            ("POST", "/v1/containers/x/exec", {"argv": ["id"]}),
+            ("POST", "/v1/containers/x/migrate", {"to": bed.address("a")}),
+            ("DELETE", "/v1/containers/x", None),
+            ("GET", "/v1/containers", None)]:
+        status, body = call(bed, "b", agent_a, method, path, payload)
+        assert status == 403 and "agent certificate 'a' may not" in body["error"], body
+    assert call(bed, "b", bed.operator_tls, "GET", "/v1/containers/sec-agent-run")[0] == 404
+
+
+def test_an_operator_cannot_run_a_bundle_outside_the_storage_roots(
+        bed: Testbed, tmp_path: Path) -> None:
+    bundle = counter_bundle(tmp_path / "outside")
+    result = bed.godwit("run", "sec-outside", "--bundle", str(bundle), "--host", "a")
+    assert result.returncode != 0
+    assert "is outside the storage roots" in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    inside = counter_bundle(bed.bundle_dir("sec-rootfs-escape"))
+    config = load_config(inside)
+    config["root"]["path"] = "/"
+    (inside / "config.json").write_text(json.dumps(config))
+    result = bed.godwit("run", "sec-rootfs-escape", "--bundle", str(inside), "--host", "a")
+    assert result.returncode != 0 and "root.path / is outside" in result.stderr
+    assert call(bed, "a", bed.operator_tls, "GET", "/v1/containers/sec-outside")[0] == 404
+
+
+def test_a_viewer_can_only_read(bed: Testbed) -> None:
+    viewer = certificate(bed, "auditor", "viewer")
+    for path in ("/v1/info", "/v1/containers", "/v1/migrations", "/v1/time"):
+        assert call(bed, "a", viewer, "GET", path)[0] == 200, path
+    bundle = counter_bundle(bed.bundle_dir("sec-viewer"))
+    for method, path, payload in [
+            ("POST", "/v1/containers", {"name": "sec-viewer", "bundle": str(bundle)}),
+            ("POST", "/v1/containers/x/signal", {"signal": "KILL"}),
+            ("POST", "/v1/containers/x/resume", {}),
+            ("POST", "/v1/containers/x/migrate", {"to": bed.address("b")}),
+            ("DELETE", "/v1/containers/x", None),
+            ("POST", "/v1/preflight", {"to": bed.address("b")}),
+            ("POST", "/v1/incoming", incoming()),
+            ("GET", f"/v1/incoming/{uuid.uuid4()}", None)]:
+        status, body = call(bed, "a", viewer, method, path, payload)
+        assert status == 403 and "viewer certificate 'auditor' may not" in body["error"], body
+
+
+def test_a_certificate_without_a_role_is_refused(bed: Testbed, tmp_path: Path) -> None:
+    """Certificates issued before roles existed (CN only) must be re-issued."""
+    ca_key = serialization.load_pem_private_key(bed.ca.ca_key.read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(bed.ca.ca_cert.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old-operator")]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
+            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+    files = TLSFiles(ca=bed.ca.ca_cert, cert=tmp_path / "old.crt", key=tmp_path / "old.key",
+                     crl=bed.ca.crl)
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                            serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    status, body = call(bed, "a", files, "GET", "/v1/info")
+    assert status == 403 and "carries no godwit role: re-issue it" in body["error"], body
+
+
+def test_a_suspended_certificate_is_refused_until_released(bed: Testbed) -> None:
+    viewer = certificate(bed, "intern", "viewer")
+    assert call(bed, "a", viewer, "GET", "/v1/info")[0] == 200
+    bed.ca.suspend("intern")
+    with pytest.raises(aiohttp.ClientError):  # the handshake fails: the CRL lists it
+        call(bed, "a", viewer, "GET", "/v1/info")
+    bed.ca.release("intern")
+    assert call(bed, "a", viewer, "GET", "/v1/info")[0] == 200
+
+
+# -- container addresses ------------------------------------------------------------------
+
+@pytest.mark.parametrize("whose", ["gateway", "host b"])
+def test_a_gateway_or_host_address_is_refused(bed: Testbed, whose: str) -> None:
+    address = bed.net.gateway if whose == "gateway" else bed.host("b").address
+    bundle = counter_bundle(bed.bundle_dir(f"sec-ip-{whose[-1]}"))
+    result = bed.godwit("run", f"sec-ip-{whose[-1]}", "--bundle", str(bundle), "--host", "a",
+                        "--ip", f"{address}/{bed.net.subnet.prefixlen}",
+                        "--gateway", bed.net.gateway)
+    assert result.returncode != 0, result.stdout
+    why = "is the gateway's address" if whose == "gateway" else "is a host's address"
+    assert why in result.stderr and result.stderr.count("\n") == 1, result.stderr
