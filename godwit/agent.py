@@ -59,6 +59,7 @@ from godwit.protocol import (
     RunRequest,
     Signalled,
     SignalRequest,
+    TlsExpiry,
     convert,
     decode,
     encode,
@@ -66,7 +67,7 @@ from godwit.protocol import (
 from godwit.qos import QosPolicy, apply_policy, clear_policy, describe_policy
 from godwit.runc import DEFAULT_RUNC, Runc
 from godwit.runc_features import RuncFeatures, probe_runc
-from godwit.tls import RevocationList, TLSFiles, client_context, peer_certificate
+from godwit.tls import RevocationList, TLSFiles, client_context, expiry, peer_certificate
 
 log = logging.getLogger("godwit.agent")
 STRATEGIES = {"stop-and-copy": SourceMigration, "post-copy": PostCopy, "pre-copy": PreCopy}
@@ -144,6 +145,7 @@ class Agent:
             time=time.time(), containers=len(await self.store.list()),
             mem_available=_mem_available(), disk_free=shutil.disk_usage(self.state_dir).free,
             qos=convert(qos, QosState, "QoS state") if qos else None,
+            tls=TlsExpiry(**expiry(self.tls)) if self.tls else None,
         )
 
     async def describe(self, name: str) -> ContainerInfo:

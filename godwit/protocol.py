@@ -35,7 +35,7 @@ from godwit.network import ContainerNet
 from godwit.preflight import Finding
 from godwit.runc_features import RuncFeatures
 
-PROTOCOL_VERSION = "1.0"  # major.minor: a new major is not understood by an older agent
+PROTOCOL_VERSION = "1.1"  # major.minor: a new major is not understood by an older agent
 MigrationId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f-]{1,64}$", max_length=64)]
 M = TypeVar("M")
 
@@ -71,6 +71,14 @@ class QosState(Reply, kw_only=True):
     classes: dict[str, QosClass] = {}
 
 
+class TlsExpiry(Reply, kw_only=True):
+    """Whole days before the agent's certificate expires and its CRL goes stale (None:
+    unreadable, or no CRL); since protocol 1.1."""
+
+    certificate_days_left: int | None = None
+    crl_days_left: int | None = None
+
+
 class HostInfo(Reply, kw_only=True):
     """`GET /v1/info`: what pre-flight and strategy choice need to know about a host."""
 
@@ -85,6 +93,7 @@ class HostInfo(Reply, kw_only=True):
     mem_available: int
     disk_free: int
     qos: QosState | None = None
+    tls: TlsExpiry | None = None  # since 1.1
 
 
 class ClockSample(Reply, kw_only=True):

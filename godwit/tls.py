@@ -17,6 +17,7 @@ on servers, so a revoked or expired certificate cannot come back through resumpt
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import ssl
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CRL_WARN_BEFORE = timedelta(days=7)
+CERT_WARN_BEFORE = timedelta(days=30)
 
 _Fingerprint = tuple[tuple[int, int, int, int], ...]
 
@@ -70,7 +72,31 @@ def _base_context(purpose: ssl.Purpose, files: TLSFiles) -> ssl.SSLContext:
         ctx.load_verify_locations(cafile=str(files.crl))
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
         _warn_if_crl_expires(files.crl)
+    _warn_if_cert_expires(files.cert)
     return ctx
+
+
+def _warn_if_cert_expires(cert: Path) -> None:
+    """Log a warning when our own certificate is close to (or past) its expiry."""
+    with contextlib.suppress(OSError, ValueError):
+        not_after = x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc
+        if not_after - datetime.now(UTC) < CERT_WARN_BEFORE:
+            log.warning("certificate %s expires %s: renew it (godwit ca renew, or csr + sign)",
+                        cert, not_after)
+
+
+def expiry(files: TLSFiles) -> dict[str, int | None]:
+    """Whole days left before our certificate expires and the CRL must be re-signed (None:
+    unreadable, or no CRL), for `godwit hosts`."""
+    now = datetime.now(UTC)
+    days: dict[str, int | None] = {"certificate_days_left": None, "crl_days_left": None}
+    with contextlib.suppress(OSError, ValueError):
+        cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+        days["certificate_days_left"] = (cert.not_valid_after_utc - now).days
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        next_update = x509.load_pem_x509_crl(files.crl.read_bytes()).next_update_utc  # type: ignore[union-attr]
+        days["crl_days_left"] = (next_update - now).days  # type: ignore[operator]
+    return days
 
 
 def _warn_if_crl_expires(crl: Path) -> None:

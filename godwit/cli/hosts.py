@@ -55,19 +55,29 @@ async def _registered_hosts(ctx: Context) -> dict[str, str]:
 def _hosts_table(ctx: Context, found: dict) -> Table:
     table = Table(box=None, header_style="bold")
     for column in ("HOST", "ADDRESS", "STATE", "CONTAINERS", "CRIU", "RUNC", "LAZY",
-                   "MEM FREE"):
+                   "MEM FREE", "CERT/CRL DAYS"):
         table.add_column(column)
     for host, info in found.items():
         address = ctx.config.hosts.get(host, host)
         if isinstance(info, GodwitError):
-            table.add_row(host, address, f"[red]down[/]: {info}", "", "", "", "", "")
+            table.add_row(host, address, f"[red]down[/]: {info}", "", "", "", "", "", "")
             continue
         criu = info.get("criu") or {}
         table.add_row(host, address, "[green]up[/]", str(info["containers"]),
                       criu.get("version", "?") + ("" if criu.get("check_ok") else " (broken)"),
                       str(info.get("runc", "?")), "yes" if _lazy_pages(info) else "no",
-                      size(info["mem_available"]))
+                      size(info["mem_available"]), _days_left(info.get("tls")))
     return table
+
+
+def _days_left(tls: dict | None) -> str:
+    """`cert/crl` days left before the agent's certificate expires and its CRL is stale;
+    red under a week (agents refuse every peer once their CRL has expired)."""
+    if not tls:
+        return "-"
+    days = [tls.get("certificate_days_left"), tls.get("crl_days_left")]
+    text = "/".join("?" if d is None else str(d) for d in days)
+    return f"[red]{text}[/]" if any(d is not None and d < 7 for d in days) else text
 
 
 def _lazy_pages(info: dict) -> bool:

@@ -205,3 +205,11 @@ def test_a_gateway_or_host_address_is_refused(bed: Testbed, whose: str) -> None:
     assert result.returncode != 0, result.stdout
     why = "is the gateway's address" if whose == "gateway" else "is a host's address"
     assert why in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_hosts_show_certificate_and_crl_days_left(bed: Testbed) -> None:
+    result = bed.godwit("hosts", "--json")
+    assert result.returncode == 0, result.stderr
+    tls = json.loads(result.stdout)["a"]["tls"]
+    assert 360 <= tls["certificate_days_left"] <= 365 and 80 <= tls["crl_days_left"] <= 90
+    assert "CERT/CRL DAYS" in bed.godwit("hosts").stdout
