@@ -371,6 +371,7 @@ def run_test(bed: Testbed, test: ZdtmTest, test_dir: Path, variant: Variant, *,
              name: str, logs_dir: Path, as_root: bool = False) -> RunResult:
     """One run of TEST in a fresh container; never raises for a test or godwit failure."""
     result = RunResult(test.name, variant.strategy, variant.shared_storage)
+    bed.widen_policy(capabilities=host_capabilities())  # privileged like zdtm's ns flavour
     try:
         bundle = make_bundle(bed.bundle_dir(name), test, test_dir, as_root=as_root)
     except (HarnessError, OSError, subprocess.SubprocessError) as exc:

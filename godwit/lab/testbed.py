@@ -44,6 +44,7 @@ class Testbed:
         self.work = Path(tempfile.mkdtemp(prefix=f"godwit-{prefix}-", dir="/var/tmp"))
         self.config_path = self.work / "cli.json"
         self.agents: dict[str, subprocess.Popen] = {}
+        self.policy_extra: dict = {}
 
     def __enter__(self) -> Testbed:
         cleanup_stale(self.prefix, base_dir=self.net.base_dir)
@@ -117,7 +118,15 @@ class Testbed:
                   "bind_roots": [str(self.work), tempfile.gettempdir()],
                   "capabilities": LAB_CAPABILITIES, "devices": LAB_DEVICES,
                   "reserved_addresses": [h.address for h in self.net.hosts.values()]}
+        policy |= self.policy_extra
         (host.state_dir / "policy.json").write_text(json.dumps(policy))
+
+    def widen_policy(self, **keys: object) -> None:
+        """Replace keys of every host's admission policy (e.g. ``capabilities`` for a
+        privileged workload); agents read it at the next check, no restart needed."""
+        self.policy_extra |= keys
+        for name in self.agents:
+            self._write_policy(self.host(name))
 
     def _wait_ready(self, name: str, proc: subprocess.Popen) -> None:
         deadline = time.monotonic() + AGENT_START_TIMEOUT_S
