@@ -22,7 +22,8 @@ from godwit.admission import (
     check_run,
     load_policy,
 )
-from godwit.bundle import counter_bundle, load_config, oci_config
+from godwit.bundle import load_config, oci_config
+from godwit.lab.bundles import counter_bundle
 from godwit.network import config_with_netns
 
 STATE = Path("/var/lib/godwit-test-state")

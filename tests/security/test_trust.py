@@ -17,8 +17,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from godwit.bundle import counter_bundle, load_config, oci_config
-from godwit.testbed import Testbed
+from godwit.bundle import load_config, oci_config
+from godwit.lab.bundles import counter_bundle
+from godwit.lab.testbed import Testbed
 from godwit.tls import TLSFiles, client_context
 
 pytestmark = pytest.mark.integration
