@@ -313,6 +313,17 @@ def test_cli_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert listed[agent["serial"]]["revoked"] and not listed[renewed["serial"]]["revoked"]
     assert renewed["serial"] in run("list")
     assert "valid until" in run("crl", "--days", "30")
+    key, csr = tmp_path / "h1.key", tmp_path / "h1.csr"
+    assert "sign it with" in run("csr", "h1", "--san", "10.0.0.9", "--key", str(key),
+                                 "--out", str(csr))
+    signed = json.loads(run("sign", str(csr), "--role", "agent", "--json"))
+    assert signed["role"] == "agent" and signed["sans"] == ["10.0.0.9"]
+    assert json.loads(run("suspend", "h1", "--json"))["suspended"][0]["on_hold"]
+    assert "suspended" in run("list")
+    assert json.loads(run("release", "h1", "--json"))["released"][0]["serial"] == \
+        signed["serial"]
+    assert 363 <= json.loads(run("list", "--json"))[-1]["days_left"] <= 365
+    assert "'root' is not one of" in run("sign", str(csr), "--role", "root", code=2)
     err = run("issue", "bad/name", code=1)
     assert err.startswith("error: invalid name") and err.count("\n") == 1
     err = run("--ca-dir", str(tmp_path / "none"), "list", code=1)

@@ -198,47 +198,33 @@ def renew(ctx: click.Context, name: str, days: int, as_json: bool) -> None:
     _print_issued(as_json, authority, authority.renew(name, days))
 
 
-def _changed(ctx: click.Context, as_json: bool, change: str, serial_or_name: str) -> None:
-    """Revoke, suspend or release; show what changed and where the new CRL is."""
-    authority = _ca(ctx)
-    certs = getattr(authority, change)(serial_or_name)
-    data = {change.rstrip("e") + "ed": [c.to_json() for c in certs], "crl": str(authority.crl)}
+def _status_command(change: str, summary: str) -> None:
+    """`godwit ca revoke|suspend|release SERIAL|NAME`: change, show what changed and where
+    the new CRL is."""
 
-    def human(console: Console) -> None:
-        console.print(_table(certs))
-        console.print(f"copy {authority.crl} to every agent (picked up without restart)")
+    @ca.command(change, help=summary)
+    @target_argument
+    @json_option
+    @click.pass_context
+    @_handle_errors
+    def command(ctx: click.Context, serial_or_name: str, as_json: bool) -> None:
+        authority = _ca(ctx)
+        certs = getattr(authority, change)(serial_or_name)
+        data = {change.rstrip("e") + "ed": [c.to_json() for c in certs],
+                "crl": str(authority.crl)}
 
-    _emit(as_json, data, human)
+        def human(console: Console) -> None:
+            console.print(_table(certs))
+            console.print(f"copy {authority.crl} to every agent (picked up without restart)")
 
-
-@ca.command()
-@target_argument
-@json_option
-@click.pass_context
-@_handle_errors
-def revoke(ctx: click.Context, serial_or_name: str, as_json: bool) -> None:
-    """Revoke every unrevoked certificate of NAME (old and renewed), or one by serial."""
-    _changed(ctx, as_json, "revoke", serial_or_name)
-
-
-@ca.command()
-@target_argument
-@json_option
-@click.pass_context
-@_handle_errors
-def suspend(ctx: click.Context, serial_or_name: str, as_json: bool) -> None:
-    """Suspend certificates (revoked with certificateHold) until `release`."""
-    _changed(ctx, as_json, "suspend", serial_or_name)
+        _emit(as_json, data, human)
 
 
-@ca.command()
-@target_argument
-@json_option
-@click.pass_context
-@_handle_errors
-def release(ctx: click.Context, serial_or_name: str, as_json: bool) -> None:
-    """Lift a suspension: the certificates are valid again."""
-    _changed(ctx, as_json, "release", serial_or_name)
+_status_command("revoke", "Revoke every unrevoked certificate of NAME (old and renewed), "
+                          "or one by serial; rewrites the CRL.")
+_status_command("suspend", "Suspend certificates (revoked with certificateHold) until "
+                           "`release`.")
+_status_command("release", "Lift a suspension: the certificates are valid again.")
 
 
 @ca.command()

@@ -7,7 +7,6 @@ import stat
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
@@ -132,35 +131,6 @@ def test_an_index_written_before_roles_still_loads(ca: CertificateAuthority) -> 
                for k, v in data[0].items() if k != "on_hold"}
     ca.index.write_text(json.dumps(data))
     assert ca.list()[0].role == "operator"
-
-
-def test_cli_csr_sign_suspend_release_and_days_left(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GODWIT_CA_DIR", str(tmp_path / "ca"))
-    from godwit.cli.ca import ca as ca_cli
-
-    runner = CliRunner()
-
-    def run(*args: str, code: int = 0) -> str:
-        result = runner.invoke(ca_cli, list(args))
-        assert result.exit_code == code, result.output
-        return result.stdout if code == 0 else result.stderr
-
-    run("init")
-    key, csr = tmp_path / "h1.key", tmp_path / "h1.csr"
-    assert "sign it with" in run("csr", "h1", "--san", "10.0.0.1", "--key", str(key),
-                                 "--out", str(csr))
-    signed = json.loads(run("sign", str(csr), "--role", "agent", "--json"))
-    assert signed["role"] == "agent" and signed["sans"] == ["10.0.0.1"]
-    assert json.loads(run("suspend", "h1", "--json"))["suspended"][0]["on_hold"]
-    assert "suspended" in run("list")
-    assert json.loads(run("release", "h1", "--json"))["released"][0]["serial"] == \
-        signed["serial"]
-    listed = json.loads(run("list", "--json"))
-    assert 363 <= listed[0]["days_left"] <= 365
-    assert json.loads(run("crl", "--days", "30", "--json"))["days_left"] == 30
-    err = run("sign", str(csr), "--role", "root", code=2)
-    assert "'root' is not one of" in err
 
 
 def test_every_agent_route_has_an_authorization_rule(tmp_path: Path) -> None:
