@@ -215,12 +215,17 @@ def test_revoked_cert_refused_without_restart(
     assert get(client_context(pki.bundle_for("alice")), port) == "alice"
 
 
-def test_unreadable_crl_fails_closed(server: Server, tmp_path: Path) -> None:
+def fresh_ca(tmp_path: Path, server: Server) -> tuple[CertificateAuthority, int]:
+    """A CA of its own with agent "server" on 127.0.0.1 (served) and client "alice"."""
     ca = CertificateAuthority(tmp_path / "ca")
     ca.init()
     ca.issue_agent("server", ["127.0.0.1"])
     ca.issue_client("alice")
-    port = server.serve(ca.bundle_for("server"))
+    return ca, server.serve(ca.bundle_for("server"))
+
+
+def test_unreadable_crl_fails_closed(server: Server, tmp_path: Path) -> None:
+    ca, port = fresh_ca(tmp_path, server)
     ctx = client_context(ca.bundle_for("alice"))
     good = ca.crl.read_bytes()
     ca.crl.write_bytes(b"garbage")
@@ -246,13 +251,9 @@ def test_hostname_mismatch_refused(
 
 
 def test_revoked_server_refused_by_client(server: Server, tmp_path: Path) -> None:
-    pki = CertificateAuthority(tmp_path / "ca")
-    pki.init()
-    pki.issue_agent("stolen", ["127.0.0.1"])
-    pki.issue_client("alice")
-    port = server.serve(pki.bundle_for("stolen"))
+    pki, port = fresh_ca(tmp_path, server)  # its own CA: 127.0.0.1 names one host only
     assert get(client_context(pki.bundle_for("alice")), port) == "alice"
-    pki.revoke("stolen")
+    pki.revoke("server")
     with pytest.raises(aiohttp.ClientConnectorCertificateError) as err:
         get(client_context(pki.bundle_for("alice")), port)
     assert err.value.certificate_error.verify_message == "certificate revoked"
