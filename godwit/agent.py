@@ -20,6 +20,7 @@ from aiohttp import web
 from godwit import __version__, authz, faults, images
 from godwit.admission import Admission
 from godwit.api import DEFAULT_PORT, AgentClient
+from godwit.audit import AuditLog, audit_middleware
 from godwit.authz import MigrationOwners
 from godwit.cluster.node import ClusterNode
 from godwit.containers import ContainerStore, HostNetworking
@@ -123,7 +124,8 @@ class Agent:
     def app(self) -> web.Application:
         revocations = RevocationList(self.tls) if self.tls else None
         owners = MigrationOwners(self.receiver.root)
-        middlewares = [error_middleware, peer_middleware(revocations, owners)]
+        audit = audit_middleware(AuditLog(self.state_dir / "audit.log"))
+        middlewares = [audit, error_middleware, peer_middleware(revocations, owners)]
         app = web.Application(middlewares=middlewares, client_max_size=1 << 20)
         app.add_routes([web.route(r.method, r.path, getattr(self, r.handler)) for r in ROUTES])
         # Prometheus text for scrapers, outside the JSON protocol and its OpenAPI document
@@ -437,6 +439,7 @@ def peer_middleware(revocations: RevocationList | None, owners: MigrationOwners)
             identity = identity_of(cert)
         except IdentityError as exc:
             return _refuse(request, str(exc))
+        request["identity"] = identity
         match = request.match_info
         if match.http_exception is not None:  # no such route: 404/405 as usual
             return await handler(request)
@@ -445,7 +448,6 @@ def peer_middleware(revocations: RevocationList | None, owners: MigrationOwners)
         if reason := (authz.refusal(identity, request.method, route)
                       or owners.refusal(migration_id, identity)):
             return _refuse(request, reason)
-        request["identity"] = identity
         if route == "/v1/incoming" and request.method == "POST":
             return await _prepare_bound(request, handler, owners, identity)
         return await handler(request)

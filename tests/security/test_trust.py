@@ -214,3 +214,18 @@ def test_hosts_show_certificate_and_crl_days_left(bed: Testbed) -> None:
     tls = json.loads(result.stdout)["a"]["tls"]
     assert 360 <= tls["certificate_days_left"] <= 365 and 80 <= tls["crl_days_left"] <= 90
     assert "CERT/CRL DAYS" in bed.godwit("hosts").stdout
+
+
+def test_state_changing_requests_are_audited(bed: Testbed) -> None:
+    viewer = certificate(bed, "auditor", "viewer")
+    missing = f"/v1/containers/sec-{uuid.uuid4().hex[:8]}"
+    assert call(bed, "a", bed.operator_tls, "POST", missing + "/signal", {"signal": "TERM"})[0] \
+        == 404
+    assert call(bed, "a", viewer, "DELETE", missing)[0] == 403
+    assert call(bed, "a", viewer, "GET", missing)[0] == 404
+    log = bed.host("a").state_dir / "audit.log"
+    assert oct(log.stat().st_mode & 0o777) == "0o600"
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    mine = [(e["who"], e["role"], e["method"], e["result"]) for e in lines
+            if e["path"].startswith(missing)]
+    assert mine == [("operator", "operator", "POST", 404), ("auditor", "viewer", "DELETE", 403)]
