@@ -25,6 +25,7 @@ from godwit.authz import MigrationOwners
 from godwit.cluster.node import ClusterNode
 from godwit.containers import ContainerStore, HostNetworking
 from godwit.criu import CriuCapabilities, probe, tune_host
+from godwit.crl_push import crl_handler
 from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.identity import Identity, IdentityError, identity_of
 from godwit.image_config import Overrides
@@ -130,6 +131,8 @@ class Agent:
         app.add_routes([web.route(r.method, r.path, getattr(self, r.handler)) for r in ROUTES])
         # Prometheus text for scrapers, outside the JSON protocol and its OpenAPI document
         app.add_routes([web.get("/metrics", metrics_handler(self))])
+        # an operator's fresh CRL (`godwit ca crl --push`): a PEM body, outside the protocol
+        app.add_routes([web.put("/v1/crl", crl_handler(self.tls))])
         return app
 
     # host and containers

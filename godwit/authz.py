@@ -25,6 +25,7 @@ RULES: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/v1/info"): READ_ALL,
     ("GET", "/v1/openapi.json"): READ_ALL,
     ("GET", "/metrics"): READ,
+    ("PUT", "/v1/crl"): OPERATE,
     ("GET", "/v1/containers"): READ,
     ("POST", "/v1/containers"): OPERATE,
     ("GET", "/v1/containers/{name}"): READ_ALL,

@@ -229,15 +229,45 @@ _status_command("release", "Lift a suspension: the certificates are valid again.
 
 @ca.command()
 @click.option("--days", type=click.IntRange(min=1), default=CRL_DAYS, show_default=True)
+@click.option("--push", is_flag=True,
+              help="Then install it on every configured host (with your operator certificate).")
 @json_option
 @click.pass_context
 @_handle_errors
-def crl(ctx: click.Context, days: int, as_json: bool) -> None:
+def crl(ctx: click.Context, days: int, push: bool, as_json: bool) -> None:
     """Re-sign the CRL with a new next-update date (agents refuse peers once it expires)."""
     authority = _ca(ctx)
     next_update = authority.refresh_crl(days)
-    data = {"crl": str(authority.crl), "next_update": next_update.isoformat(), "days_left": days}
-    _emit(as_json, data, lambda c: c.print(f"{authority.crl} valid until {next_update:%Y-%m-%d}"))
+    data: dict[str, Any] = {"crl": str(authority.crl), "next_update": next_update.isoformat(),
+                            "days_left": days}
+    if push:
+        data["pushed"] = _push_crl(ctx, authority.crl.read_bytes())
+
+    def human(console: Console) -> None:
+        console.print(f"{authority.crl} valid until {next_update:%Y-%m-%d}")
+        for host, outcome in data.get("pushed", {}).items():
+            console.print(f"{host}: {outcome}")
+
+    _emit(as_json, data, human)
+    if any(o != "installed" for o in data.get("pushed", {}).values()):
+        sys.exit(1)
+
+
+def _push_crl(ctx: click.Context, pem: bytes) -> dict[str, str]:
+    """PUT the CRL to every host of the CLI config; per host "installed" or the error."""
+    from godwit.cli.common import Context, gather_hosts, run
+    from godwit.errors import GodwitError
+
+    root = ctx.find_object(Context)
+    if root is None:
+        raise CAError("--push needs the godwit CLI's config (`godwit ca crl --push`)")
+    try:
+        found = run(gather_hosts(root, root.host_names(),
+                                 lambda agent: agent.request("PUT", "/v1/crl", data=pem)))
+    except GodwitError as exc:
+        raise CAError(str(exc)) from None
+    return {host: f"error: {r}" if isinstance(r, GodwitError) else "installed"
+            for host, r in found.items()}
 
 
 @ca.command("list")

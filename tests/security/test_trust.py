@@ -20,6 +20,7 @@ from cryptography.x509.oid import NameOID
 from godwit.bundle import load_config, oci_config
 from godwit.lab.bundles import counter_bundle
 from godwit.lab.testbed import Testbed
+from godwit.pki import CertificateAuthority
 from godwit.tls import TLSFiles, client_context
 
 pytestmark = pytest.mark.integration
@@ -229,3 +230,27 @@ def test_state_changing_requests_are_audited(bed: Testbed) -> None:
     mine = [(e["who"], e["role"], e["method"], e["result"]) for e in lines
             if e["path"].startswith(missing)]
     assert mine == [("operator", "operator", "POST", 404), ("auditor", "viewer", "DELETE", 403)]
+
+
+def test_crl_push_installs_only_a_fresh_crl_of_our_ca(bed: Testbed, tmp_path: Path) -> None:
+    async def put(files: TLSFiles, pem: bytes) -> tuple[int, dict]:
+        async with aiohttp.ClientSession() as session, session.put(
+                f"https://{bed.address('a')}/v1/crl", data=pem,
+                ssl=client_context(files)) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    old = bed.ca.crl.read_bytes()
+    result = bed.godwit("ca", "--ca-dir", str(bed.ca.dir), "crl", "--push")
+    assert result.returncode == 0, result.stderr
+    assert "a: installed" in result.stdout and "b: installed" in result.stdout
+    fresh = bed.ca.crl.read_bytes()
+    status, body = asyncio.run(put(bed.operator_tls, old))
+    assert status == 409 and "older than the one installed" in body["error"], body
+    other = CertificateAuthority(tmp_path / "other")
+    other.init()
+    status, body = asyncio.run(put(bed.operator_tls, other.crl.read_bytes()))
+    assert status == 400 and "not signed by this agent's CA" in body["error"], body
+    assert asyncio.run(put(bed.operator_tls, b"garbage"))[0] == 400
+    status, body = asyncio.run(put(certificate(bed, "auditor", "viewer"), fresh))
+    assert status == 403, body
+    assert bed.ca.crl.read_bytes() == fresh
