@@ -254,3 +254,32 @@ def test_crl_push_installs_only_a_fresh_crl_of_our_ca(bed: Testbed, tmp_path: Pa
     status, body = asyncio.run(put(certificate(bed, "auditor", "viewer"), fresh))
     assert status == 403, body
     assert bed.ca.crl.read_bytes() == fresh
+
+
+def test_a_refused_migration_fails_before_the_freeze(bed: Testbed) -> None:
+    """a admits CAP_SYS_ADMIN, b does not: the migration stops at prepare, and the
+    container never stops counting on a."""
+    policy_a = bed.host("a").state_dir / "policy.json"
+    saved = policy_a.read_text()
+    policy = json.loads(saved)
+    policy["capabilities"] = [*policy["capabilities"], "CAP_SYS_ADMIN"]
+    policy_a.write_text(json.dumps(policy))
+    bundle = counter_bundle(bed.bundle_dir("sec-sysadmin"))
+    config = load_config(bundle)
+    for names in config["process"]["capabilities"].values():
+        names.append("CAP_SYS_ADMIN")
+    (bundle / "config.json").write_text(json.dumps(config))
+    try:
+        run = bed.godwit("run", "sec-sysadmin", "--bundle", str(bundle), "--host", "a")
+        assert run.returncode == 0, run.stderr
+        result = bed.godwit("migrate", "sec-sysadmin", "--to", "b", "--json")
+        assert result.returncode != 0
+        report = json.loads(result.stdout)
+        assert "CAP_SYS_ADMIN not allowed" in report["error"], report
+        assert report["outcome"] == "running on a (never frozen)", report
+        state = call(bed, "a", bed.operator_tls, "GET", "/v1/containers/sec-sysadmin")[1]
+        assert state["status"] == "running", state
+        assert call(bed, "b", bed.operator_tls, "GET", "/v1/containers/sec-sysadmin")[0] == 404
+    finally:
+        bed.godwit("rm", "sec-sysadmin")
+        policy_a.write_text(saved)
