@@ -43,6 +43,7 @@ from typing import Any
 import msgspec
 
 from godwit.bundle import DEFAULT_CAPS
+from godwit.containers import check_name
 from godwit.errors import GodwitError
 
 SYSTEM_POLICY = Path("/etc/godwit/policy.json")
@@ -84,6 +85,7 @@ class HostFacts:
     addresses: frozenset[ipaddress.IPv4Address] = frozenset()
     gateways: frozenset[ipaddress.IPv4Address] = frozenset()
     bridge_networks: tuple[ipaddress.IPv4Network, ...] = field(default=())
+    bridge_present: bool = True  # without it no container gets an address here at all
 
 
 def load_policy(state_dir: Path, system: Path = SYSTEM_POLICY) -> Policy:
@@ -200,6 +202,8 @@ def check_address(net: object, policy: Policy, facts: HostFacts) -> None:
         _refuse(f"net: {exc}", policy)
     ip = interface.ip
     subnets = policy.subnets or facts.bridge_networks
+    if not subnets and not facts.bridge_present:
+        return  # nothing can be attached here: the network setup says so in its words
     if not subnets:
         _refuse("no container subnet is configured here: add \"subnets\" to the policy file",
                 policy)
@@ -363,7 +367,8 @@ def host_facts(bridge: str) -> HostFacts:
         for route in ipr.get_default_routes(family=socket.AF_INET):
             if gateway := route.get_attr("RTA_GATEWAY"):
                 gateways.add(ipaddress.IPv4Address(gateway))
-    return HostFacts(frozenset(addresses), frozenset(gateways), tuple(networks))
+    return HostFacts(frozenset(addresses), frozenset(gateways), tuple(networks),
+                     bridge_index is not None)
 
 
 class Admission:

@@ -38,7 +38,8 @@ def install_crl(files: TLSFiles, pem: bytes) -> dict:
     if installed is not None and number < installed:
         raise Conflict(f"the CRL (number {number}) is older than the one installed "
                        f"({installed})")
-    atomic_write(files.crl, pem, 0o644)
+    if _installed_bytes(files) != pem:  # agents may share one file (a lab): write once
+        atomic_write(files.crl, pem, 0o644)
     return {"crl_number": number, "next_update": next_update.isoformat(),
             "revoked": len(crl)}
 
@@ -48,6 +49,13 @@ def _number(crl: x509.CertificateRevocationList) -> int:
         return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     except x509.ExtensionNotFound:
         return -1
+
+
+def _installed_bytes(files: TLSFiles) -> bytes | None:
+    try:
+        return files.crl.read_bytes()  # type: ignore[union-attr]
+    except OSError:
+        return None
 
 
 def _installed_number(files: TLSFiles) -> int | None:

@@ -180,9 +180,10 @@ def _check_role(name: str, role: str, sans: list[str]) -> None:
 
 
 def _check_unique(index: list[IssuedCert], name: str, sans: list[str], renewal: bool) -> None:
-    """One live certificate per name (unless renewing), and a SAN names one host only."""
+    """One live certificate per name (unless renewing), and a SAN names one host only;
+    a suspended certificate still holds its name and SANs (it may be released)."""
     now = datetime.now(UTC)
-    live = [e for e in index if e.live(now)]
+    live = [e for e in index if e.not_after > now and (not e.revoked or e.on_hold)]
     if not renewal and any(e.name == name for e in live):
         raise PKIError(f"{name!r} already has a certificate; use `renew` or `revoke`")
     wanted = {_san_key(s) for s in sans}
@@ -277,12 +278,14 @@ class CertificateAuthority:
         return self._issue_days(name, last.role, last.sans, days, renewal=True)
 
     def revoke(self, serial_or_name: str, hold: bool = False) -> list[IssuedCert]:
-        """Revoke every unrevoked certificate of a name (renewed and old alike), or one by
-        serial; ``hold`` suspends instead (reason certificateHold). Rewrites the CRL."""
+        """Revoke every unrevoked (or suspended) certificate of a name, renewed and old
+        alike, or one by serial; ``hold`` suspends instead (reason certificateHold).
+        Rewrites the CRL."""
         key, cert = self._load_ca()
         with self._locked():
             index = self._read_index()
-            hits = [e for e in _select(index, serial_or_name) if not e.revoked]
+            hits = [e for e in _select(index, serial_or_name)
+                    if not e.revoked or (e.on_hold and not hold)]  # a hold made permanent
             if not hits:
                 raise PKIError(f"no certificate to revoke with serial or name {serial_or_name!r}")
             now = datetime.now(UTC)

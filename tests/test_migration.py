@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -107,6 +108,7 @@ def test_256_mib_memory_is_preserved(bed: Testbed) -> None:
     remove(bed, "mem256")
 
 
+CACHE = os.environ.get("GODWIT_CACHE", "/var/cache/godwit")  # a lab storage root
 DEV_ADDITIONS = ("mkfifo /dev/pipe && ln -s null /dev/void && touch /dev/empty && "
                  "chmod 0640 /dev/empty && mkdir -m 0710 /dev/sub && "
                  "ln -s ../zero /dev/sub/zero && echo kept > /dev/shm/note")
@@ -215,9 +217,11 @@ def test_restore_failure_on_destination_resumes_source(bed: Testbed, tmp_path: P
     [
         (["migrate", "nosuch", "--to", "b"], "not found"),
         (["migrate", "x", "--to", "b", "--strategy", "warp"], "Invalid value"),
-        (["run", "bad", "--bundle", "/nonexistent/bundle", "--host", "a"], "not a directory"),
-        (["run", "bad", "--bundle", "/tmp", "--host", "a"], "no config.json"),
+        (["run", "bad", "--bundle", f"{CACHE}/nonexistent/bundle", "--host", "a"],
+         "not a directory"),  # inside the lab's storage roots: the store's checks, not the policy
+        (["run", "bad", "--bundle", CACHE, "--host", "a"], "no config.json"),
         (["run", "../evil", "--bundle", "/tmp", "--host", "a"], "invalid container name"),
+        (["run", "bad", "--bundle", "/tmp", "--host", "a"], "outside the storage roots"),
         (["ps", "--host", "127.0.0.1:1"], "cannot connect"),
         (["exec", "nosuch", "true"], "not found"),
         (["hosts", "rm", "nosuch"], "no host"),

@@ -15,6 +15,7 @@ from netclient import Client, tcp_counters
 
 from godwit import network
 from godwit.api import AgentClient
+from godwit.bundle import oci_config
 from godwit.lab.netns import TestHost
 from godwit.lab.testbed import Testbed
 from godwit.lab.workloads import netserver_bundle
@@ -116,7 +117,8 @@ def test_an_activated_address_is_dropped_when_no_restore_follows(bed: Testbed) -
     """A source that froze, switched, then vanished must not leave b answering for the IP."""
     migration_id = str(uuid.uuid4())
     address = f"{list(bed.net.subnet.hosts())[210]}/{bed.net.subnet.prefixlen}"
-    request = IncomingRequest(id=migration_id, name="ghost", source="a", config={},
+    request = IncomingRequest(id=migration_id, name="ghost", source="a",
+                              config=oci_config(["/bin/sh"]),  # admissible (godwit.admission)
                               net=ContainerNet(address), commit_timeout=1,
                               strategy="stop-and-copy")
     netns_file = network.netns_path(bed.host("b").netns, "ghost")

@@ -212,3 +212,8 @@ def test_a_broken_policy_file_is_one_line(tmp_path: Path) -> None:
     refused("positive finite", load_policy, tmp_path, tmp_path / "none")
     (tmp_path / "policy.json").write_text("[")
     refused("cannot read the admission policy", load_policy, tmp_path, tmp_path / "none")
+
+
+def test_without_the_bridge_no_address_is_checked_here() -> None:
+    """Nothing can be attached: the network setup refuses in its own words."""
+    check_address({"ip": "192.168.1.5/24"}, POLICY, HostFacts(bridge_present=False))

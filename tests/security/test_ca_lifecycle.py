@@ -53,6 +53,9 @@ def test_a_san_names_one_host_only(ca: CertificateAuthority) -> None:
         ca.issue_agent("h2", ["H1.LAN."])
     with pytest.raises(PKIError, match="already has a certificate"):
         ca.issue_agent("h1", ["10.0.0.9"])
+    ca.suspend("h1")
+    with pytest.raises(PKIError, match="already names 'h1'"):
+        ca.issue_agent("h2", ["10.0.0.1"])  # a suspended certificate may come back
     ca.revoke("h1")
     ca.issue_agent("h2", ["10.0.0.1"])  # free again once revoked
 
