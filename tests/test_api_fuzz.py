@@ -103,8 +103,9 @@ def is_json(body: object) -> bool:
 class Fuzzer:
     """Sends generated cases to a real agent within a time budget."""
 
-    def __init__(self, session: requests.Session, base: str, budget_s: float) -> None:
-        self.session, self.base = session, base
+    def __init__(self, operator: requests.Session, agent: requests.Session, base: str,
+                 budget_s: float) -> None:
+        self.operator, self.agent, self.base = operator, agent, base
         self.deadline = time.monotonic() + budget_s
         self.sent = 0
 
@@ -134,7 +135,8 @@ class Fuzzer:
                 return  # accepted, it would start something
             if time.monotonic() > self.deadline:
                 return
-            response = case.call(base_url=self.base, session=self.session, timeout=30)
+            session = self.agent if route.path.startswith("/v1/incoming") else self.operator
+            response = case.call(base_url=self.base, session=session, timeout=30)
             self.sent += 1
             case.validate_response(response, checks=checks)
 
@@ -143,14 +145,15 @@ class Fuzzer:
 
 def test_fuzzed_requests_are_refused_cleanly_and_change_nothing(target: Testbed) -> None:
     bed = target
-    session = session_of(bed.ca.bundle_for("b"))  # /v1/incoming is open to agents only
+    # each route with a role allowed on it (godwit.authz): /v1/incoming is for agents only
+    operator, agent = session_of(bed.operator_tls), session_of(bed.ca.bundle_for("b"))
     base = f"https://{bed.address('a')}"
-    document = session.get(f"{base}/v1/openapi.json", timeout=10).json()
+    document = operator.get(f"{base}/v1/openapi.json", timeout=10).json()
     schema = schemathesis.openapi.from_dict(document)
     log_before = len(bed.agent_log("a"))
     before = host_state(bed)
     started = time.monotonic()
-    fuzzer = Fuzzer(session, base, BUDGET_S)
+    fuzzer = Fuzzer(operator, agent, base, BUDGET_S)
     fuzzer.run(schema, schemathesis.GenerationMode.NEGATIVE)
     fuzzer.run(schema, schemathesis.GenerationMode.POSITIVE)
     print(f"{fuzzer.sent} requests in {time.monotonic() - started:.1f} s")

@@ -48,7 +48,7 @@ def certificate(bed: Testbed, name: str, role: str = "operator") -> TLSFiles:
 
 def incoming(config: dict | None = None, **extra: object) -> dict:
     """A prepare request as a source sends it, without network (nothing made but staging)."""
-    return {"id": str(uuid.uuid4()), "name": f"sec-{uuid.uuid4().hex[:8]}",
+    return {"id": str(uuid.uuid4()), "name": f"sec-{uuid.uuid4().hex[:8]}", "source": "a",
             "config": config or oci_config(["/bin/sh"]), "commit_timeout": 30,
             "idle_timeout": 60, "strategy": "stop-and-copy", **extra}
 
@@ -68,17 +68,16 @@ def test_a_dangerous_incoming_migration_is_refused(bed: Testbed, attack: str) ->
         for names in config["process"]["capabilities"].values():
             names.append("CAP_SYS_ADMIN")
     else:
-        extra["commit_timeout"] = float("inf")
+        extra["commit_timeout"] = 1e308  # JSON has no infinity: the largest finite instead
     request = incoming(config, **extra)
     agent_a = bed.ca.bundle_for("a")
-    status, body = call(bed, "b", agent_a, "POST", "/v1/incoming", json.loads(
-        json.dumps(request).replace("Infinity", "1e999")))
+    status, body = call(bed, "b", agent_a, "POST", "/v1/incoming", request)
     assert status == 400 and "refused by" in body["error"], body
     words = {"hook": "hooks.createRuntime", "host bind mount": "bind mount of /",
              "capability": "CAP_SYS_ADMIN", "timeout": "commit_timeout"}[attack]
     assert words in body["error"] and "\n" not in body["error"]
-    state = call(bed, "b", agent_a, "GET", f"/v1/incoming/{request['id']}")
-    assert state == (200, {"state": "unknown"}), "nothing may be staged"
+    status, state = call(bed, "b", agent_a, "GET", f"/v1/incoming/{request['id']}")
+    assert (status, state["state"]) == (200, "unknown"), "nothing may be staged"
 
 
 def test_a_shared_rootfs_outside_the_storage_roots_is_refused(bed: Testbed) -> None:
@@ -107,8 +106,8 @@ def test_another_agent_cannot_act_on_a_migration(bed: Testbed) -> None:
             status, body = call(bed, "b", mallory, method, path, payload)
             assert status == 403, (method, path, body)
             assert "prepared by another agent" in body["error"]
-        assert call(bed, "b", agent_a, "GET", f"/v1/incoming/{mid}") == \
-            (200, {"state": "prepared"}), "the migration must be untouched"
+        status, state = call(bed, "b", agent_a, "GET", f"/v1/incoming/{mid}")
+        assert (status, state["state"]) == (200, "prepared"), "the migration must be untouched"
     finally:
         assert call(bed, "b", agent_a, "DELETE", f"/v1/incoming/{mid}")[0] == 200
 
