@@ -282,3 +282,23 @@ def test_a_refused_migration_fails_before_the_freeze(bed: Testbed) -> None:
     finally:
         bed.godwit("rm", "sec-sysadmin")
         policy_a.write_text(saved)
+
+
+def test_state_holding_configs_and_environments_is_private(bed: Testbed) -> None:
+    """Other local users reach neither the state dir nor a request's or bundle's config."""
+    agent_a, request = bed.ca.bundle_for("a"), incoming()
+    assert call(bed, "b", agent_a, "POST", "/v1/incoming", request)[0] == 200
+    state = bed.host("b").state_dir
+    try:
+        assert state.stat().st_mode & 0o777 == 0o700
+        staged = state / "incoming" / request["id"] / "request.json"
+        assert staged.stat().st_mode & 0o777 == 0o600
+    finally:
+        assert call(bed, "b", agent_a, "DELETE", f"/v1/incoming/{request['id']}")[0] == 200
+    bundle = counter_bundle(bed.bundle_dir("sec-private"))
+    assert bed.godwit("run", "sec-private", "--bundle", str(bundle), "--host", "b").returncode == 0
+    try:
+        configs = list(state.glob("containers/sec-private/**/config.json"))
+        assert configs and all(c.stat().st_mode & 0o777 == 0o600 for c in configs), configs
+    finally:
+        bed.godwit("rm", "sec-private")
