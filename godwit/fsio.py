@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
 
@@ -11,7 +12,7 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> None:
     """Replace `path` with `data`: written to a temporary file with exactly `mode`, fsync'd,
     renamed over `path`, and the directory fsync'd, so a crash leaves the old or the new."""
     payload = data.encode() if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # writers don't collide
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         os.fchmod(fd, mode)
