@@ -521,7 +521,7 @@ async def serve(agent: Agent, listen: str, server_ssl: ssl.SSLContext | None = N
     log.info("agent %s listening on %s", agent.name, listen)
     try:
         if agent.cluster:
-            await agent.cluster.join()
+            await agent.cluster.join(lambda: agent.peer(agent.cluster.address, RESTORE_TIMEOUT_S))
             log.info("agent %s registered in etcd as %s", agent.name, agent.cluster.address)
         await asyncio.Event().wait()
     finally:

@@ -86,7 +86,7 @@ async def _move_one(outcome: Outcome, planner: Planner, migrate: MigrateFn) -> N
     tried: set[str] = set()
     while (destination := planner.pick(outcome.memory, tried)) is not None:
         tried.add(destination)
-        report = await _attempt(outcome.container, destination, migrate)
+        report = await attempt(outcome.container, destination, migrate)
         outcome.attempts.append({"destination": destination, "result": report.get("result"),
                                  "error": report.get("error")})
         if report.get("result") == "ok":
@@ -97,12 +97,12 @@ async def _move_one(outcome: Outcome, planner: Planner, migrate: MigrateFn) -> N
         if report.get("result") == "in-doubt" or report.get("source_lost"):
             outcome.result = "unknown" if report.get("source_lost") else "in-doubt"
             return
-        if _destination_down(report):
+        if destination_down(report):
             planner.down.add(destination)
     outcome.result = "failed" if outcome.attempts else "no destination"
 
 
-async def _attempt(name: str, destination: str, migrate: MigrateFn) -> dict:
+async def attempt(name: str, destination: str, migrate: MigrateFn) -> dict:
     try:
         results = [e async for e in migrate(name, destination) if e["event"] == "result"]
     except AgentUnreachable as exc:  # the source agent itself: the migration's fate is its own
@@ -112,6 +112,6 @@ async def _attempt(name: str, destination: str, migrate: MigrateFn) -> dict:
     return results[-1]["report"] if results else {"result": "failed", "error": "no report"}
 
 
-def _destination_down(report: dict) -> bool:
+def destination_down(report: dict) -> bool:
     """Errors in a source agent's report are about its peer, the destination."""
     return "cannot connect" in (report.get("error") or "")

@@ -28,7 +28,7 @@ def hosts(click_ctx: click.Context, as_json: bool) -> None:
         return
     ctx: Context = click_ctx.obj
     if ctx.config.etcd:
-        ctx.config.hosts = run(_registered_hosts(ctx))
+        ctx.config.hosts = run(registered_addresses(ctx))
     names = ctx.host_names()
     found = {h: r if isinstance(r, GodwitError) else to_json(r)
              for h, r in run(gather_hosts(ctx, names, lambda a: a.info())).items()}
@@ -41,7 +41,7 @@ def hosts(click_ctx: click.Context, as_json: bool) -> None:
         sys.exit(1)
 
 
-async def _registered_hosts(ctx: Context) -> dict[str, str]:
+async def registered_addresses(ctx: Context) -> dict[str, str]:
     """Name → address of every live host registered in etcd (cluster mode)."""
     files = ctx.tls_files()
     if files is None:

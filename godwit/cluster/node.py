@@ -4,32 +4,45 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from godwit import __version__
+from godwit.api import AgentClient
 from godwit.cluster.membership import Registration, live_hosts
+from godwit.cluster.plan_runner import PlanRunner
 from godwit.cluster.store import Store
 from godwit.errors import GodwitError
 from godwit.tls import TLSFiles
 
 
 class ClusterNode:
-    """`await node.join()` once the agent listens; `await node.leave()` when it stops."""
+    """`await node.join(local)` once the agent listens (`local()`: a client of the agent
+    itself, through which it runs its share of evacuation plans); `await node.leave()`."""
 
     def __init__(self, urls: str, tls: TLSFiles, name: str, listen: str) -> None:
         self.store = Store(urls, tls)
         self.name = name
         self.address = advertised_address(listen, self.store.endpoints[0])
         self.registration: Registration | None = None
+        self.plans: PlanRunner | None = None
 
-    async def join(self) -> None:
+    async def join(self, local: Callable[[], AgentClient]) -> None:
         """Connect and register (ClusterUnavailable, one line, if etcd does not answer)."""
         await self.store.connect()
         self.registration = Registration(self.store, self.name,
                                          {"address": self.address, "godwit": __version__})
         await self.registration.start()
+        self.plans = PlanRunner(self.store, self.name, self._lease_id, local)
+        self.plans.start()
+
+    def _lease_id(self) -> int:
+        lease = self.registration.lease if self.registration else None
+        return lease.id if lease else 0
 
     async def leave(self) -> None:
+        if self.plans is not None:
+            await self.plans.stop()
         if self.registration is not None:
             await self.registration.stop()
         await self.store.close()

@@ -30,7 +30,7 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -111,6 +111,7 @@ class Store:
         self.tls = tls
         self.prefix = prefix
         self.timeout = timeout
+        self.round_trips = 0  # requests sent (attempts included): the control plane's cost
         self._client: Etcd3Client | None = None
 
     async def __aenter__(self) -> Store:
@@ -218,6 +219,15 @@ class Store:
 
         await self._retried("lease revoke", once)
 
+    async def watch(self, relative_prefix: str) -> AsyncIterator[None]:
+        """Yields once per batch of changes under the prefix, for as long as it is iterated
+        (the client reconnects to another member on its own). Callers re-read what they need:
+        a wake-up, not a change log, so a missed batch costs nothing but a later re-read."""
+        start = self.key(relative_prefix)
+        async for reply in self.client.watch.watch(start, range_end=prefix_range_end(start)):
+            if reply.events:
+                yield None
+
     # transaction building blocks, on relative keys
     def same_value(self, relative: str, value: dict[str, Any]) -> Any:
         return KVService.txn_compare_value(self.key(relative), encode(value))
@@ -250,6 +260,7 @@ class Store:
         deadline = started + self.timeout
         while True:
             remaining = deadline - time.monotonic()
+            self.round_trips += 1
             try:
                 return await call(min(ATTEMPT_TIMEOUT_S, remaining))
             except (TimeoutError, EtcdError, grpc.aio.AioRpcError) as e:
