@@ -36,6 +36,11 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC core logs each failed handshake
+# The agent forks (pyroute2 creates network namespaces in a forked child): with gRPC's fork
+# support on, the child runs gRPC's fork handler and aborts at times ("Check failed:
+# next_worker->state == KICKED" in ev_epoll1_linux.cc), so `godwit run` failed with "child
+# process is dead, status: -6" in about one run of six. The children never use gRPC.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import grpc
 from etcd3aio import Etcd3Client, EtcdError
