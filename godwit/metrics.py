@@ -15,6 +15,7 @@ the agent when scraped.
 | `godwit_migration_preflight_refusals_total` | counter | check |
 | `godwit_migrations_running` | gauge | |
 | `godwit_qos_class_sent_bytes_total` | counter | class (link, migration, default) |
+| `godwit_etcd_requests_total` | counter | (cluster mode) |
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ class AgentCollector(Collector):
         yield GaugeMetricFamily("godwit_migrations_running",
                                 "Migrations this agent runs as the source now",
                                 value=len(self.agent.migrating))
+        if self.agent.cluster is not None:
+            yield CounterMetricFamily("godwit_etcd_requests",
+                                      "Requests this agent sent to etcd (retries included)",
+                                      value=self.agent.cluster.store.round_trips)
         if self.agent.qos is None:
             return
         sent = CounterMetricFamily("godwit_qos_class_sent_bytes",

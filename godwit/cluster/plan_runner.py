@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 from godwit.api import AgentClient
@@ -125,9 +126,12 @@ class PlanRunner:
             if (entry := await self._update(entry, result="running",
                                             destination=destination)) is None:
                 return
+            started = time.time()
             report = await self._migrate(plan, name, address)
-            attempts = [*entry.value["attempts"], {"destination": destination,
-                        "result": report.get("result"), "error": report.get("error")}]
+            attempts = [*entry.value["attempts"], {
+                "destination": destination, "result": report.get("result"),
+                "error": report.get("error"), "migration": report.get("id"),
+                "started": started, "ended": time.time()}]
             result = report.get("result")
             if result == "ok" or result == "in-doubt" or report.get("source_lost"):
                 final = "unknown" if report.get("source_lost") else result
