@@ -22,6 +22,7 @@ from godwit.admission import Admission
 from godwit.api import DEFAULT_PORT, AgentClient
 from godwit.audit import AuditLog, audit_middleware
 from godwit.authz import MigrationOwners
+from godwit.cluster.migration_hooks import ClusterMigrations, SourceGuard
 from godwit.cluster.node import ClusterNode
 from godwit.containers import ContainerStore, HostNetworking
 from godwit.criu import CriuCapabilities, probe, tune_host
@@ -99,6 +100,8 @@ class Agent:
         self.reports = ReportArchive(state_dir / "reports")
         self.caps: CriuCapabilities | None = None
         self.migrating: dict[str, asyncio.Task] = {}
+        self.etcd = ClusterMigrations(cluster.store, name) if cluster else None
+        self.receiver.cluster = self.etcd
 
     async def start(self) -> None:
         if fault := faults.configured():
@@ -242,8 +245,12 @@ class Agent:
         if self.journals(name):
             raise Conflict(f"an earlier migration of {name} ended in doubt: check its "
                            f"destination, then `godwit resume {name}` or `godwit rm {name}`")
-        events = EventStream(self.new_report(name, options))
-        task = asyncio.create_task(self.run_migration(name, options, events))
+        report = self.new_report(name, options)
+        guard = self.etcd.source(name, report.id, options.to) if self.etcd else None
+        if guard:  # the lock, before anything is touched (refused: nothing happened)
+            await guard.begin()
+        events = EventStream(report)
+        task = asyncio.create_task(self.run_migration(name, options, events, guard))
         self.migrating[name] = task
         task.add_done_callback(lambda _: self.migrating.pop(name, None))
         return await _stream_events(request, events)
@@ -264,10 +271,10 @@ class Agent:
         return choose_strategy(options.strategy, caps, dest_caps, memory)
 
     async def run_migration(self, name: str, options: MigrationOptions,
-                            events: EventStream) -> None:
+                            events: EventStream, guard: SourceGuard | None = None) -> None:
         """Run one migration to its end; its report is always saved and the client told."""
         try:
-            await self.start_migration(name, options, events)
+            await self.start_migration(name, options, events, guard)
         except Exception as exc:  # before anything was frozen: the container is untouched
             log.exception("migration %s of %s could not start", events.report.id, name)
             events.report.result, events.report.error = "failed", str(exc)
@@ -277,11 +284,14 @@ class Agent:
                 events.close()
             self.reports.save(events.report)
             log.info("migration %s of %s: %s", events.report.id, name, events.report.result)
+            if guard:
+                await guard.end(events.report.to_json())
 
     async def start_migration(self, name: str, options: MigrationOptions,
-                              events: EventStream) -> None:
+                              events: EventStream, guard: SourceGuard | None = None) -> None:
         async with self.peer(options.to, RESTORE_TIMEOUT_S) as dest:
             ctx = await self.source_context(dest, events.report.id)
+            ctx.cluster = guard
             strategy = self.pick_strategy(options, name, await dest.info())
             events.report.strategy = strategy
             await STRATEGIES[strategy](ctx, name, options, events).execute()

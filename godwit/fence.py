@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -57,13 +58,15 @@ def _read(f: IO[str]) -> str:
 
 
 def start_watchdog(decision: Path, seconds: float, runc: tuple[str, Path], name: str,
-                   container_dir: Path, netns_id: str | None = None) -> None:
+                   container_dir: Path, netns_id: str | None = None,
+                   cluster: list[str] | None = None) -> None:
     """Arm the watchdog; it outlives the agent. `runc` is (binary, root) of the agent's
     runc. With `netns_id`, the container's netns is deleted (isolating it) before the
-    container is killed."""
+    container is killed. With `cluster` (cluster mode: ClusterMigrations.fence_args), an
+    undecided copy at the deadline lives or dies by the decision in etcd."""
     decision.write_text(PENDING)
     argv = [sys.executable, "-m", "godwit.fence", str(decision), str(seconds), runc[0],
-            str(runc[1]), name, str(container_dir), netns_id or ""]
+            str(runc[1]), name, str(container_dir), netns_id or "", *(cluster or [])]
     subprocess.Popen(
         argv, start_new_session=True, close_fds=True,
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -71,10 +74,18 @@ def start_watchdog(decision: Path, seconds: float, runc: tuple[str, Path], name:
 
 
 def watchdog(decision: Path, seconds: float, runc: str, runc_root: Path, name: str,
-             container_dir: Path, netns_id: str = "") -> None:
+             container_dir: Path, netns_id: str = "", cluster: list[str] | None = None) -> None:
     """Sleep until the deadline; fence the container unless it was committed. An aborted
     copy is killed here too, in case the agent's own kill failed (killing is idempotent)."""
-    if not _must_kill(decision, time.monotonic() + seconds):
+    settle = None
+    if cluster:
+        from godwit.cluster.migration_hooks import settle_fence
+
+        def settle() -> str:
+            held = settle_fence(cluster, [runc, "--root", str(runc_root)], name)
+            return COMMITTED if held == COMMITTED else FENCED
+
+    if not _must_kill(decision, time.monotonic() + seconds, settle):
         return
     if netns_id:
         from godwit.network import delete_container_netns
@@ -85,9 +96,12 @@ def watchdog(decision: Path, seconds: float, runc: str, runc_root: Path, name: s
     shutil.rmtree(container_dir, ignore_errors=True)
 
 
-def _must_kill(decision: Path, deadline: float) -> bool:
+def _must_kill(decision: Path, deadline: float,
+               settle: Callable[[], str] | None = None) -> bool:
     """Wait for a decision or the deadline: True when aborted or fenced now. The file is
-    held open, so it is still read after its staging area went (a settled commit)."""
+    held open, so it is still read after its staging area went (a settled commit).
+    `settle`: what an undecided copy becomes at the deadline (cluster mode: etcd's
+    decision), else fenced."""
     try:
         f = open(decision, "r+")  # noqa: SIM115 - closed below
     except FileNotFoundError:  # dropped before the watchdog started: aborted
@@ -95,10 +109,12 @@ def _must_kill(decision: Path, deadline: float) -> bool:
     with f:
         while time.monotonic() < deadline and _read(f) == PENDING:
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        if _read(f) == PENDING and settle is not None:
+            return _decide(f, settle()) != COMMITTED
         return _read(f) == ABORTED or _decide(f, FENCED) == FENCED
 
 
 if __name__ == "__main__":
     decision_file, seconds, runc, runc_root, container, container_dir, netns = sys.argv[1:8]
     watchdog(Path(decision_file), float(seconds), runc, Path(runc_root), container,
-             Path(container_dir), netns)
+             Path(container_dir), netns, sys.argv[8:] or None)

@@ -10,6 +10,7 @@ from typing import TypeVar
 import click
 
 from godwit.api import AgentClient
+from godwit.cli.cluster import cluster_history
 from godwit.cli.common import (
     Context,
     console,
@@ -220,10 +221,14 @@ async def _migrate(ctx: Context, name: str, source: str | None,
 @json_option
 @pass_ctx
 def history_cmd(ctx: Context, host: str | None, as_json: bool) -> None:
-    """Migrations recorded by the source agents."""
-    found = run(gather_hosts(ctx, [host] if host else ctx.host_names(), plain_history))
-    reports = sorted((r for v in found.values() if isinstance(v, list) for r in v),
-                     key=lambda r: r["started_at"])
+    """Migrations recorded by the source agents (in cluster mode: every host's, from etcd;
+    only those out of HOST with --host)."""
+    if ctx.config.etcd:
+        reports = run(cluster_history(ctx, host))
+    else:
+        found = run(gather_hosts(ctx, [host] if host else ctx.host_names(), plain_history))
+        reports = sorted((r for v in found.values() if isinstance(v, list) for r in v),
+                         key=lambda r: r["started_at"])
     if as_json:
         emit_json(reports)
         return

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 from contextlib import AsyncExitStack
 
+from godwit.cli.cluster import cluster_store
 from godwit.cli.common import Context, console
 from godwit.cli.hosts import registered_addresses
 from godwit.cluster import plans
@@ -21,13 +22,6 @@ from godwit.migration import MigrationOptions
 
 MOVABLE = ("running",)  # a paused container may be an in-doubt leftover: left alone
 POLL_S = 2.0
-
-
-def cluster_store(ctx: Context) -> Store:
-    files = ctx.tls_files()
-    if files is None:
-        raise GodwitError("cluster mode needs the CLI's TLS files: `godwit use-tls`")
-    return Store(ctx.config.etcd, files)
 
 
 async def start_plan(ctx: Context, hosts: list[str], targets: list[str], per_host: int,

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from godwit import faults, fence, procfs
 from godwit.containers import ContainerRecord, ContainerStore, check_name
@@ -44,6 +45,9 @@ from godwit.runc import RUNC_LOG, HeldRunc
 from godwit.tls import TLSFiles
 from godwit.transport import TransferError, receive_tree
 
+if TYPE_CHECKING:
+    from godwit.cluster.migration_hooks import ClusterMigrations
+
 log = logging.getLogger("godwit.receiver")
 ID_CHARS = set("0123456789abcdef-")
 PAGES = "pages"
@@ -68,6 +72,7 @@ class Receiver:
         self.locks: dict[str, asyncio.Lock] = {}
         self.restoring: dict[str, asyncio.Task] = {}  # an abort cancels a restore under way
         self.active: dict[str, float] = {}  # last request or received byte, per migration
+        self.cluster: ClusterMigrations | None = None  # cluster mode: etcd decides commits
 
     def _lock(self, migration_id: str) -> asyncio.Lock:
         """Restore, commit, abort and the post-copy watcher of one migration never overlap
@@ -313,7 +318,9 @@ class Receiver:
         fence.start_watchdog(staging / "decision", request.commit_timeout,
                              (self.store.runc.binary, self.store.runc.root), name,
                              self.store.dir(name),
-                             self.store.networking.netns_id if record.owns_netns else None)
+                             self.store.networking.netns_id if record.owns_netns else None,
+                             self.cluster.fence_args(self.tls, migration_id)
+                             if self.cluster and self.tls else None)
         self._watch(self._drop_when_fenced(
             migration_id, request.commit_timeout + FENCED_GRACE_S))
         lazy = await self._start_lazy_pages(staging, page_server) if page_server else None
@@ -447,10 +454,13 @@ class Receiver:
                     not state or state.status != "running"):
                 raise Conflict(f"migration {migration_id} cannot commit: the container "
                                f"is {state.status if state else 'gone'} here")
+            if self.cluster and (staging / "decision").exists():
+                await self.cluster.commit(migration_id, request["name"], request["source"])
             decision = fence.decide(staging / "decision", fence.COMMITTED) \
                 if (staging / "decision").exists() else "not restored"
             if decision != fence.COMMITTED:
                 raise Conflict(f"migration {migration_id} cannot commit: {decision}")
+            await faults.point("committed")
         await asyncio.to_thread(self._drop_leftovers, staging)
         return IncomingState(state=fence.COMMITTED)
 

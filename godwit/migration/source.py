@@ -24,6 +24,8 @@ from typing import Any
 
 from godwit import faults, procfs
 from godwit.api import DEFAULT_PORT, AgentClient, AgentUnreachable
+from godwit.cluster.migration_hooks import COMMITTED, SourceGuard
+from godwit.cluster.store import ClusterUnavailable
 from godwit.containers import ContainerStore
 from godwit.criu import log_error
 from godwit.errors import GodwitError
@@ -70,6 +72,7 @@ class SourceContext:
     tls: TLSFiles | None = None
     agent_port: int = DEFAULT_PORT
     failure_logs: FailureLogs | None = None
+    cluster: SourceGuard | None = None  # cluster mode: the lock, and etcd decides commits
 
 
 class SourceMigration:
@@ -324,6 +327,8 @@ class SourceMigration:
 
     async def freeze(self) -> None:
         with self.events.phase("freeze"):
+            if self.ctx.cluster:
+                await self.ctx.cluster.before_freeze()
             self.report.frozen_at = time.time()  # processes stop during the pause call
             self.journal(frozen=True)
             await asyncio.to_thread(self.ctx.store.freeze, self.name)
@@ -413,11 +418,23 @@ class SourceMigration:
             self.journal(commit_sent=True)
             try:
                 await self.ctx.dest.commit_incoming(self.report.id)
-            except AgentUnreachable:
+            except GodwitError as exc:
+                if not (self.ctx.cluster or isinstance(exc, AgentUnreachable)):
+                    raise
                 await self.learn_commit_outcome()
 
     async def learn_commit_outcome(self) -> None:
-        """The commit answer was lost: ask until the fence deadline passes."""
+        """The commit answer was lost: in cluster mode etcd holds the decision (one is
+        written if none was); else ask the destination until the fence deadline passes."""
+        if self.ctx.cluster:
+            try:
+                decision = await self.ctx.cluster.outcome()
+            except ClusterUnavailable as exc:
+                raise InDoubt(f"commit sent; neither the destination nor etcd answers: "
+                              f"{exc}") from exc
+            if decision == COMMITTED:
+                return
+            raise GodwitError(f"the destination did not commit (etcd: {decision})")
         while time.monotonic() < self.fence_deadline():
             state = await self.destination_state()
             if state == "committed":
