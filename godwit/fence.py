@@ -79,9 +79,12 @@ def watchdog(decision: Path, seconds: float, runc: str, runc_root: Path, name: s
     copy is killed here too, in case the agent's own kill failed (killing is idempotent)."""
     settle = None
     if cluster:
-        from godwit.cluster.migration_hooks import settle_fence
 
         def settle() -> str:
+            # imported only now: the decision file must be opened first (gRPC takes a
+            # while to import, and a committed migration's staging area goes at once)
+            from godwit.cluster.migration_hooks import settle_fence
+
             held = settle_fence(cluster, [runc, "--root", str(runc_root)], name)
             return COMMITTED if held == COMMITTED else FENCED
 

@@ -156,6 +156,19 @@ class EtcdCluster:
         raise RuntimeError(f"etcd member {member.name} not healthy in {timeout:.0f} s: "
                            f"{self.log_tail(member)}")
 
+    async def leader(self) -> EtcdMember:
+        """The running member that is the leader now."""
+        from godwit.cluster.store import Store
+
+        for member in self.members:
+            if member.process is None:
+                continue
+            async with Store(f"https://{member.endpoint}", self.client_tls) as one:
+                status = await one.client.maintenance.status(timeout=2)
+                if status.leader == status.header.member_id:
+                    return member
+        raise RuntimeError("no member of the etcd cluster is the leader")
+
     def log_tail(self, member: EtcdMember, size: int = 600) -> str:
         text = member.log.read_text(errors="replace") if member.log.exists() else ""
         return text[-size:].strip()

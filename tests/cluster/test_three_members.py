@@ -11,7 +11,7 @@ import pytest
 from godwit.cluster import ownership
 from godwit.cluster.membership import Registration, live_hosts
 from godwit.cluster.store import Store
-from godwit.lab.etcd import EtcdCluster, EtcdMember
+from godwit.lab.etcd import EtcdCluster
 from godwit.pki import CertificateAuthority
 
 pytestmark = pytest.mark.integration
@@ -23,24 +23,13 @@ def trio(ca: CertificateAuthority):
         yield cluster
 
 
-async def _leader(cluster: EtcdCluster) -> EtcdMember:
-    for member in cluster.members:
-        if member.process is None:
-            continue
-        async with Store(f"https://{member.endpoint}", cluster.client_tls) as one:
-            status = await one.client.maintenance.status(timeout=2)
-            if status.leader == status.header.member_id:
-                return member
-    raise AssertionError("no member is the leader")
-
-
 def test_leader_killed_cluster_still_serves(trio: EtcdCluster, prefix: str) -> None:
     async def scenario() -> None:
         async with Store(trio.urls, trio.client_tls, prefix=prefix) as store:
             host = Registration(store, "a", {"address": "10.0.0.2:7070"}, ttl=3)
             await host.start()
             await ownership.claim(store, "web", "a")
-            leader = await _leader(trio)
+            leader = await trio.leader()
             trio.kill_member(leader)
             started = time.monotonic()
             moved = await ownership.commit_owner(store, "web", "a", "b")
@@ -51,7 +40,7 @@ def test_leader_killed_cluster_still_serves(trio: EtcdCluster, prefix: str) -> N
             await asyncio.sleep(4)  # past the host's TTL: its keepalive reached the others
             assert "a" in await live_hosts(store)
             assert (await ownership.owner(store, "web")).host == "b"
-            assert leader != await _leader(trio)
+            assert leader != await trio.leader()
             await host.stop()
         trio.start_member(leader)  # back on its data dir, it catches up
         trio.wait_healthy(leader)
@@ -63,7 +52,7 @@ def test_leader_killed_cluster_still_serves(trio: EtcdCluster, prefix: str) -> N
 
 def test_follower_killed_cluster_still_serves(trio: EtcdCluster, prefix: str) -> None:
     async def scenario() -> None:
-        leader = await _leader(trio)
+        leader = await trio.leader()
         follower = next(m for m in trio.members if m is not leader)
         trio.kill_member(follower)
         try:
