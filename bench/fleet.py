@@ -193,6 +193,7 @@ def per_migration(tasks: list[dict], reports: dict[str, dict]) -> list[dict]:
                 "other_migration_s": report["total_s"] - work,
                 "plan_overhead_s": attempt["ended"] - attempt["started"] - report["total_s"],
                 "phases": {p["name"]: p["seconds"] for p in report["phases"]},
+                "report_bytes": len(json.dumps(report, separators=(",", ":"))),
             })
     return rows
 
@@ -295,6 +296,7 @@ def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                                                f"({result['etcd_messages']:.0f} in all)"],
         ["agents' etcd requests / migration", f"{result['agents_etcd_requests'] / n:.1f}"],
         ["etcd keys after", str(result["etcd_keys_after"])],
+        ["report in etcd (median)", f"{median(rows, 'report_bytes') / 1024:.1f} KiB"],
         ["agent RSS (median / max)", f"{statistics.median(rss):.0f} / {max(rss):.0f} MiB"],
         ["etcd RSS", f"{result['etcd_rss_mib']:.0f} MiB"],
         ["load average before → after", f"{result['machine']['loadavg_before'][0]:.1f} → "

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from godwit.api import AgentClient
 from godwit.cluster import plans
-from godwit.cluster.membership import live_hosts
+from godwit.cluster.membership import HOSTS
 from godwit.cluster.plans import Plan
 from godwit.cluster.store import ClusterUnavailable, Entry, Store
 from godwit.errors import GodwitError, NotFound
@@ -77,11 +77,11 @@ class PlanRunner:
     async def scan(self) -> None:
         """Start a worker for each task of this host that is not final and has none."""
         for plan in await plans.active(self.store):
-            if self.host in plan.hosts:
-                for entry in await plans.tasks(self.store, plan.id, self.host):
-                    if entry.value["result"] not in plans.FINAL and entry.key not in \
-                            self.workers:
-                        self._spawn(plan, entry)
+            if self.host not in plan.hosts:
+                continue  # only the hosts emptied read a plan's tasks: no fan-out
+            for entry in await plans.tasks(self.store, plan.id, self.host):
+                if entry.value["result"] not in plans.FINAL and entry.key not in self.workers:
+                    self._spawn(plan, entry)
             await plans.finish_if_complete(self.store, plan)
 
     def _spawn(self, plan: Plan, entry: Entry) -> None:
@@ -120,9 +120,10 @@ class PlanRunner:
             return
         tried = {a["destination"] for a in entry.value["attempts"]}
         for destination in _candidates(plan, entry.value["planned"], tried):
-            address = (await live_hosts(self.store)).get(destination, {}).get("address")
-            if address is None:
+            registered = await self.store.get(HOSTS + destination)
+            if registered is None:
                 continue  # not registered (down): try the next one
+            address = registered.value["address"]
             if (entry := await self._update(entry, result="running",
                                             destination=destination)) is None:
                 return
