@@ -121,9 +121,14 @@ async def finish_if_complete(store: Store, plan: Plan) -> bool:
 
 
 async def take_slot(store: Store, plan: Plan, lease: int, holder: dict[str, Any]) -> str | None:
-    """One of the plan's free migration slots, held on `lease`; None if all are taken."""
+    """One of the plan's free migration slots, held on `lease`; None if all are taken (one
+    read, then a transaction per slot that read free: a waiting agent costs little)."""
+    taken = {e.key for e in await store.list(f"{SLOTS}{plan.id}/")
+             if not (e.lease == lease and e.value == holder)}
     for n in range(plan.per_cluster):
         key = f"{SLOTS}{plan.id}/{n}"
+        if key in taken:
+            continue
         reply = await store.txn([store.absent(key)], [store.op_put(key, holder, lease=lease)],
                                 [store.op_get(key)])
         held = store.entry_of(reply.responses[0]) if not reply.succeeded else None
