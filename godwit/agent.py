@@ -22,7 +22,7 @@ from godwit.admission import Admission
 from godwit.api import DEFAULT_PORT, AgentClient
 from godwit.audit import AuditLog, audit_middleware
 from godwit.authz import MigrationOwners
-from godwit.cluster.migration_hooks import ClusterMigrations, SourceGuard
+from godwit.cluster.migration_hooks import SourceGuard
 from godwit.cluster.node import ClusterNode
 from godwit.containers import ContainerStore, HostNetworking
 from godwit.criu import CriuCapabilities, probe, tune_host
@@ -100,7 +100,7 @@ class Agent:
         self.reports = ReportArchive(state_dir / "reports")
         self.caps: CriuCapabilities | None = None
         self.migrating: dict[str, asyncio.Task] = {}
-        self.etcd = ClusterMigrations(cluster.store, name) if cluster else None
+        self.etcd = cluster.migrations if cluster else None
         self.receiver.cluster = self.etcd
 
     async def start(self) -> None:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 
 from godwit.api import AgentClient, AgentUnreachable
-from godwit.errors import GodwitError
+from godwit.errors import Conflict, GodwitError
 
 MigrateFn = Callable[[str, str], AsyncIterator[dict]]
 
@@ -107,8 +107,8 @@ async def attempt(name: str, destination: str, migrate: MigrateFn) -> dict:
         results = [e async for e in migrate(name, destination) if e["event"] == "result"]
     except AgentUnreachable as exc:  # the source agent itself: the migration's fate is its own
         return {"result": "failed", "error": str(exc), "source_lost": True}
-    except GodwitError as exc:
-        return {"result": "failed", "error": str(exc)}
+    except GodwitError as exc:  # a Conflict: the source refused, the container is busy
+        return {"result": "failed", "error": str(exc), "refused": isinstance(exc, Conflict)}
     return results[-1]["report"] if results else {"result": "failed", "error": "no report"}
 
 

@@ -72,6 +72,19 @@ class ClusterMigrations:
         raise OwnershipConflict(f"migration {migration_id} cannot commit: {name} is owned by "
                                 f"{owner.value['host'] if owner else 'nobody'}, not {source}")
 
+    async def release_stale_locks(self) -> list[str]:
+        """At the agent's start: the locks this host's previous agent process held (it
+        died mid-migration; its recovery settles those migrations) go now rather than when
+        their leases expire. Returns the containers unlocked."""
+        store, released = self.store, []
+        for entry in await store.list(ownership.LOCKS):
+            if entry.value.get("source") == self.host:
+                reply = await store.txn([store.same_value(entry.key, entry.value)],
+                                        [store.op_delete(entry.key)])
+                if reply.succeeded:
+                    released.append(entry.key[len(ownership.LOCKS):])
+        return released
+
     async def save_report(self, report: dict) -> None:
         try:
             await records.save_report(self.store, report)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -10,10 +11,13 @@ from typing import Any
 from godwit import __version__
 from godwit.api import AgentClient
 from godwit.cluster.membership import Registration, live_hosts
+from godwit.cluster.migration_hooks import ClusterMigrations
 from godwit.cluster.plan_runner import PlanRunner
 from godwit.cluster.store import Store
 from godwit.errors import GodwitError
 from godwit.tls import TLSFiles
+
+log = logging.getLogger("godwit.cluster")
 
 
 class ClusterNode:
@@ -26,6 +30,7 @@ class ClusterNode:
         self.address = advertised_address(listen, self.store.endpoints[0])
         self.registration: Registration | None = None
         self.plans: PlanRunner | None = None
+        self.migrations = ClusterMigrations(self.store, name)
 
     async def join(self, local: Callable[[], AgentClient]) -> None:
         """Connect and register (ClusterUnavailable, one line, if etcd does not answer)."""
@@ -33,6 +38,9 @@ class ClusterNode:
         self.registration = Registration(self.store, self.name,
                                          {"address": self.address, "godwit": __version__})
         await self.registration.start()
+        for container in await self.migrations.release_stale_locks():
+            log.warning("migration lock of %s released: held by this host's previous agent",
+                        container)
         self.plans = PlanRunner(self.store, self.name, self._lease_id, local)
         self.plans.start()
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from godwit.api import AgentClient
 from godwit.cluster import plans
 from godwit.cluster.membership import HOSTS
+from godwit.cluster.ownership import LOCK_TTL_S
 from godwit.cluster.plans import Plan
 from godwit.cluster.store import ClusterUnavailable, Entry, Store
 from godwit.errors import GodwitError, NotFound
@@ -28,6 +29,8 @@ from godwit.migration import MigrationOptions
 log = logging.getLogger("godwit.cluster")
 RESCAN_S = 5.0
 SLOT_WAIT_S = 2.0
+BUSY_WAIT_S = 2 * LOCK_TTL_S
+BUSY_RETRY_S = 1.0
 
 
 class PlanRunner:
@@ -147,9 +150,18 @@ class PlanRunner:
                            "no destination")
 
     async def _migrate(self, plan: Plan, name: str, address: str) -> dict:
+        """One migration; while the source refuses it because the container is busy (its
+        lock held, e.g. by this agent's previous life until the lock's lease expires),
+        ask again for up to BUSY_WAIT_S."""
         options = MigrationOptions.from_json({**plan.options, "to": address})
-        async with self.local() as agent:
-            return await attempt(name, address, lambda n, _: agent.migrate(n, options.to_json()))
+        deadline = time.monotonic() + BUSY_WAIT_S
+        while True:
+            async with self.local() as agent:
+                report = await attempt(name, address,
+                                       lambda n, _: agent.migrate(n, options.to_json()))
+            if not report.get("refused") or time.monotonic() > deadline:
+                return report
+            await asyncio.sleep(BUSY_RETRY_S)
 
     async def _resume(self, entry: Entry) -> Entry | None:
         """A task this host's agent ran before it restarted: where is the container now?"""
