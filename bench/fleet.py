@@ -50,6 +50,7 @@ from godwit.lab.bundles import counter_bundle
 from godwit.lab.etcd import EtcdCluster
 from godwit.lab.netns import pick_free_subnet
 from godwit.lab.testbed import Testbed
+from godwit.protocol import to_json
 from godwit.tls import client_context
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "fleet.json"
@@ -153,7 +154,7 @@ async def reports_of(bed: Testbed, hosts: list[str]) -> dict[str, dict]:
     found: dict[str, dict] = {}
     for host in hosts:
         async with AgentClient(bed.address(host), context, timeout=30) as agent:
-            found.update({r["id"]: r for r in await agent.history()})
+            found.update({r.id: to_json(r) for r in await agent.history()})
     return found
 
 
@@ -164,8 +165,8 @@ async def census(bed: Testbed) -> dict[str, list[str]]:
     for host in bed.names:
         async with AgentClient(bed.address(host), context, timeout=30) as agent:
             for row in await agent.containers():
-                if row["status"] == "running":
-                    where.setdefault(row["name"], []).append(host)
+                if row.status == "running":
+                    where.setdefault(row.name, []).append(host)
     return where
 
 

@@ -11,7 +11,7 @@ from msgspec.structs import replace
 from rich.table import Table
 
 from godwit.cli.common import Context, console, emit_json, json_option, plain_events, run
-from godwit.cli.evacuate_plan import outcome_of, start_plan, watch_plan
+from godwit.cli.evacuate_plan import MOVABLE, outcome_of, start_plan, watch_plan
 from godwit.cli.render import seconds, size
 from godwit.errors import GodwitError
 from godwit.evacuation import Outcome, Planner, evacuate, free_memory
@@ -19,7 +19,6 @@ from godwit.migration import STRATEGIES, MigrationOptions
 from godwit.protocol import to_json
 
 pass_ctx = click.make_pass_decorator(Context)
-MOVABLE = ("running",)  # a paused container may be an in-doubt leftover: left alone
 
 
 @click.command("evacuate")

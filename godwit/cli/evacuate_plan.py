@@ -41,14 +41,13 @@ async def start_plan(ctx: Context, hosts: list[str], targets: list[str], per_hos
         if not planner.free:
             raise GodwitError("no destination host is reachable")
         rows = [(h, c) for h in hosts for c in await clients[h].containers()
-                if c["status"] in MOVABLE]
+                if c.status in MOVABLE]
     tasks = []
-    for host, row in sorted(rows, key=lambda r: r[1].get("memory", 0), reverse=True):
-        memory = int(row.get("memory", 0))
-        planned = planner.pick(memory, set())
+    for host, row in sorted(rows, key=lambda r: r[1].memory, reverse=True):
+        planned = planner.pick(row.memory, set())
         if planned is None:
             raise GodwitError("no destination host is reachable")
-        tasks.append(plans.new_task(host, row["name"], memory, planned))
+        tasks.append(plans.new_task(host, row.name, row.memory, planned))
     plan = Plan(hosts, list(planner.free), per_host, per_cluster,
                 {k: v for k, v in template.to_json().items() if k != "to"})
     async with cluster_store(ctx) as store:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from godwit.api import AgentClient
 from godwit.cluster import plans
@@ -25,6 +25,7 @@ from godwit.cluster.store import ClusterUnavailable, Entry, Store
 from godwit.errors import GodwitError, NotFound
 from godwit.evacuation import attempt
 from godwit.migration import MigrationOptions
+from godwit.protocol import Event, to_json
 
 log = logging.getLogger("godwit.cluster")
 RESCAN_S = 5.0
@@ -158,7 +159,7 @@ class PlanRunner:
         while True:
             async with self.local() as agent:
                 report = await attempt(name, address,
-                                       lambda n, _: agent.migrate(n, options.to_json()))
+                                       lambda n, _: _plain(agent.migrate(n, options)))
             if not report.get("refused") or time.monotonic() > deadline:
                 return report
             await asyncio.sleep(BUSY_RETRY_S)
@@ -168,7 +169,7 @@ class PlanRunner:
         name, destination = entry.value["container"], entry.value["destination"]
         try:
             async with self.local() as agent:
-                status = (await agent.container(name))["status"]
+                status = (await agent.container(name)).status
         except NotFound:
             status = None
         if status == "running":  # never moved (or rolled back): try again
@@ -186,6 +187,11 @@ class PlanRunner:
         if updated is None:
             log.warning("plan task %s changed under this agent: left alone", entry.key)
         return updated
+
+
+async def _plain(events: AsyncIterator[Event]) -> AsyncIterator[dict]:
+    async for event in events:
+        yield to_json(event)
 
 
 def _candidates(plan: Plan, planned: str, tried: set[str]) -> list[str]:

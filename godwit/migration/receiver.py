@@ -455,7 +455,7 @@ class Receiver:
                 raise Conflict(f"migration {migration_id} cannot commit: the container "
                                f"is {state.status if state else 'gone'} here")
             if self.cluster and (staging / "decision").exists():
-                await self.cluster.commit(migration_id, request["name"], request["source"])
+                await self.cluster.commit(migration_id, request.name, request.source)
             decision = fence.decide(staging / "decision", fence.COMMITTED) \
                 if (staging / "decision").exists() else "not restored"
             if decision != fence.COMMITTED:
