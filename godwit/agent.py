@@ -184,6 +184,8 @@ class Agent:
             raise Conflict(f"container {name} is being migrated")
         await self.store.remove(name)
         await self.settle_journals(name)
+        if self.etcd:
+            await self.etcd.removed(name)
         return _reply(Removed(removed=name))
 
     def journals(self, name: str) -> list[Path]:

@@ -85,6 +85,14 @@ class ClusterMigrations:
                     released.append(entry.key[len(ownership.LOCKS):])
         return released
 
+    async def removed(self, name: str) -> None:
+        """A container removed here: its owner key goes, if this host still owns it (an
+        in-doubt leftover removed on the losing side leaves the winner's key alone)."""
+        try:
+            await ownership.release(self.store, name, self.host)
+        except GodwitError as e:
+            log.warning("owner key of %s not released: %s", name, e)
+
     async def save_report(self, report: dict) -> None:
         try:
             await records.save_report(self.store, report)

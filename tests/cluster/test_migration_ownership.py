@@ -86,6 +86,8 @@ def test_commit_moves_the_owner_and_the_report_is_in_etcd(clustered) -> None:
     assert report["id"] in [r["id"] for r in history]
     assert not etcd_read(etcd, lambda s: s.list(ownership.LOCKS)), "lock released"
     assert copies(bed, "own1") == [("b", "running")]
+    assert bed.godwit("rm", "own1", "--host", "b").returncode == 0
+    assert etcd_read(etcd, lambda s: ownership.owner(s, "own1")) is None  # the name is free
 
 
 def test_two_concurrent_migrations_one_is_refused(clustered) -> None:
