@@ -333,6 +333,8 @@ class Agent:
                           report: MigrationReport) -> None:
         async with self.peer(options.to, 30) as dest:
             ctx = await self.source_context(dest, report.id)
+            if self.etcd:  # no lock (its holder died): only the decision is read
+                ctx.cluster = self.etcd.source(report.container, report.id, options.to)
             try:
                 migration = STRATEGIES[report.strategy](ctx, report.container, options,
                                                         EventStream(report))

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from godwit.cluster import ownership, records
@@ -45,6 +45,7 @@ class ClusterMigrations:
 
     store: Store
     host: str
+    joined: asyncio.Event = field(default_factory=asyncio.Event)  # the store is connected
 
     def source(self, name: str, migration_id: str, destination: str) -> SourceGuard:
         return SourceGuard(self, name, migration_id, destination)
@@ -180,6 +181,14 @@ class SourceGuard:
         """After a commit was sent: `committed`, or `aborted` (written now if nothing was
         decided, so the destination can no longer commit). ClusterUnavailable: unknown."""
         return await decide(self.cluster.store, self.id, ABORTED, self.cluster.host)
+
+    async def decision(self) -> str | None:
+        """`outcome()` for a restarted source agent: None while etcd does not answer."""
+        await self.cluster.joined.wait()
+        try:
+            return await self.outcome()
+        except ClusterUnavailable:
+            return None
 
     async def end(self, report: dict) -> None:
         await self.cluster.save_report(report)

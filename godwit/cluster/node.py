@@ -38,6 +38,7 @@ class ClusterNode:
         self.registration = Registration(self.store, self.name,
                                          {"address": self.address, "godwit": __version__})
         await self.registration.start()
+        self.migrations.joined.set()
         for container in await self.migrations.release_stale_locks():
             log.warning("migration lock of %s released: held by this host's previous agent",
                         container)

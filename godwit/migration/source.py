@@ -153,6 +153,8 @@ class SourceMigration:
         self.report.error = "the source agent restarted during the migration"
         if journal.get("commit_sent"):
             state = await self.destination_state()
+            if state is None and self.ctx.cluster:
+                state = await self.ctx.cluster.decision()
             if state is None:
                 self.report.result = "in-doubt"
                 self.report.outcome = f"paused on {self.report.source}, destination unreachable"
