@@ -11,6 +11,7 @@ import socket
 import ssl
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -24,6 +25,7 @@ from godwit.audit import AuditLog, audit_middleware
 from godwit.authz import MigrationOwners
 from godwit.cluster.migration_hooks import SourceGuard
 from godwit.cluster.node import ClusterNode
+from godwit.cluster.plan_runner import LocalAgent
 from godwit.containers import ContainerStore, HostNetworking
 from godwit.criu import CriuCapabilities, probe, tune_host
 from godwit.crl_push import crl_handler
@@ -66,6 +68,7 @@ from godwit.protocol import (
     convert,
     decode,
     encode,
+    to_json,
 )
 from godwit.qos import QosPolicy, apply_policy, clear_policy, describe_policy
 from godwit.runc import DEFAULT_RUNC, Runc
@@ -239,8 +242,14 @@ class Agent:
 
     # migrations, source side
     async def migrate(self, request: web.Request) -> web.StreamResponse:
-        name = request.match_info["name"]
         options = await _body(request, MigrationOptions)
+        return await _stream_events(request, await self.begin_migration(
+            request.match_info["name"], options))
+
+    async def begin_migration(self, name: str, options: MigrationOptions) -> EventStream:
+        """Start a migration (an operator's through the API, or an evacuation plan's); its
+        events come on the stream's queue. Refused (Conflict, NotFound) before anything is
+        touched."""
         self.store.record(name)
         if name in self.migrating:
             raise Conflict(f"container {name} is already being migrated")
@@ -255,7 +264,20 @@ class Agent:
         task = asyncio.create_task(self.run_migration(name, options, events, guard))
         self.migrating[name] = task
         task.add_done_callback(lambda _: self.migrating.pop(name, None))
-        return await _stream_events(request, events)
+        return events
+
+    async def plan_migration(self, name: str, options: MigrationOptions
+                             ) -> AsyncIterator[dict]:
+        """A migration for an evacuation plan (cluster mode): its events as plain JSON."""
+        events = await self.begin_migration(name, options)
+        while (event := await events.queue.get()) is not None:
+            yield to_json(event)
+
+    async def container_status(self, name: str) -> str | None:
+        try:
+            return (await self.describe(name)).status
+        except NotFound:
+            return None
 
     def new_report(self, name: str, options: MigrationOptions) -> MigrationReport:
         record = self.store.record(name)
@@ -535,7 +557,7 @@ async def serve(agent: Agent, listen: str, server_ssl: ssl.SSLContext | None = N
     log.info("agent %s listening on %s", agent.name, listen)
     try:
         if agent.cluster:
-            await agent.cluster.join(lambda: agent.peer(agent.cluster.address, RESTORE_TIMEOUT_S))
+            await agent.cluster.join(LocalAgent(agent.plan_migration, agent.container_status))
             log.info("agent %s registered in etcd as %s", agent.name, agent.cluster.address)
         await asyncio.Event().wait()
     finally:

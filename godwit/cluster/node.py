@@ -5,14 +5,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-from collections.abc import Callable
 from typing import Any
 
 from godwit import __version__
-from godwit.api import AgentClient
 from godwit.cluster.membership import Registration, live_hosts
 from godwit.cluster.migration_hooks import ClusterMigrations
-from godwit.cluster.plan_runner import PlanRunner
+from godwit.cluster.plan_runner import LocalAgent, PlanRunner
 from godwit.cluster.store import Store
 from godwit.errors import GodwitError
 from godwit.tls import TLSFiles
@@ -21,8 +19,8 @@ log = logging.getLogger("godwit.cluster")
 
 
 class ClusterNode:
-    """`await node.join(local)` once the agent listens (`local()`: a client of the agent
-    itself, through which it runs its share of evacuation plans); `await node.leave()`."""
+    """`await node.join(local)` once the agent listens (`local`: the agent itself, which
+    runs its share of evacuation plans); `await node.leave()` when it stops."""
 
     def __init__(self, urls: str, tls: TLSFiles, name: str, listen: str) -> None:
         self.store = Store(urls, tls)
@@ -32,7 +30,7 @@ class ClusterNode:
         self.plans: PlanRunner | None = None
         self.migrations = ClusterMigrations(self.store, name)
 
-    async def join(self, local: Callable[[], AgentClient]) -> None:
+    async def join(self, local: LocalAgent) -> None:
         """Connect and register (ClusterUnavailable, one line, if etcd does not answer)."""
         await self.store.connect()
         self.registration = Registration(self.store, self.name,

@@ -4,7 +4,8 @@ The runner wakes on a watch of `plans/` (and every RESCAN_S anyway), reads the r
 plans that name its host, and moves each pending task: at most `per_host` at once from this
 host, each holding one of the plan's `per_cluster` slots. It migrates through its own
 agent's API, like an operator would, so a plan's migration is an ordinary one (safety net,
-report, metrics). A task found "running" with no worker is one this agent ran before it
+report, metrics; in-process, as the agent itself: the API's migrate route is an
+operator's). A task found "running" with no worker is one this agent ran before it
 restarted: the container's state on this host says how it ended.
 """
 
@@ -14,18 +15,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
-from godwit.api import AgentClient
 from godwit.cluster import plans
 from godwit.cluster.membership import HOSTS
 from godwit.cluster.ownership import LOCK_TTL_S
 from godwit.cluster.plans import Plan
 from godwit.cluster.store import ClusterUnavailable, Entry, Store
-from godwit.errors import GodwitError, NotFound
+from godwit.errors import GodwitError
 from godwit.evacuation import attempt
 from godwit.migration import MigrationOptions
-from godwit.protocol import Event, to_json
 
 log = logging.getLogger("godwit.cluster")
 RESCAN_S = 5.0
@@ -34,11 +34,21 @@ BUSY_WAIT_S = 2 * LOCK_TTL_S
 BUSY_RETRY_S = 1.0
 
 
+@dataclass(frozen=True)
+class LocalAgent:
+    """What the runner needs of its own agent: start a migration (its events as plain
+    JSON; a refusal raises Conflict before anything is touched), a container's status
+    (None: not on this host)."""
+
+    migrate: Callable[[str, MigrationOptions], AsyncIterator[dict]]
+    status: Callable[[str], Awaitable[str | None]]
+
+
 class PlanRunner:
     """`runner.start()` once the host is registered; `await runner.stop()` before leaving."""
 
     def __init__(self, store: Store, host: str, lease: Callable[[], int],
-                 local: Callable[[], AgentClient]) -> None:
+                 local: LocalAgent) -> None:
         self.store, self.host, self.lease, self.local = store, host, lease, local
         self.workers: dict[str, asyncio.Task] = {}  # task key → its worker
         self.gates: dict[str, asyncio.Semaphore] = {}  # plan id → per-host limit
@@ -157,9 +167,7 @@ class PlanRunner:
         options = MigrationOptions.from_json({**plan.options, "to": address})
         deadline = time.monotonic() + BUSY_WAIT_S
         while True:
-            async with self.local() as agent:
-                report = await attempt(name, address,
-                                       lambda n, _: _plain(agent.migrate(n, options)))
+            report = await attempt(name, address, lambda n, _: self.local.migrate(n, options))
             if not report.get("refused") or time.monotonic() > deadline:
                 return report
             await asyncio.sleep(BUSY_RETRY_S)
@@ -167,11 +175,7 @@ class PlanRunner:
     async def _resume(self, entry: Entry) -> Entry | None:
         """A task this host's agent ran before it restarted: where is the container now?"""
         name, destination = entry.value["container"], entry.value["destination"]
-        try:
-            async with self.local() as agent:
-                status = (await agent.container(name)).status
-        except NotFound:
-            status = None
+        status = await self.local.status(name)
         if status == "running":  # never moved (or rolled back): try again
             log.info("plan task %s resumed after a restart", entry.key)
             return await self._update(entry, result="pending", destination=None)
@@ -187,11 +191,6 @@ class PlanRunner:
         if updated is None:
             log.warning("plan task %s changed under this agent: left alone", entry.key)
         return updated
-
-
-async def _plain(events: AsyncIterator[Event]) -> AsyncIterator[dict]:
-    async for event in events:
-        yield to_json(event)
 
 
 def _candidates(plan: Plan, planned: str, tried: set[str]) -> list[str]:

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from types import SimpleNamespace
 
 import pytest
 
 from godwit.cluster import plans
 from godwit.cluster.membership import Registration
-from godwit.cluster.plan_runner import PlanRunner
+from godwit.cluster.plan_runner import LocalAgent, PlanRunner
 from godwit.cluster.plans import Plan
 from godwit.cluster.store import Store
-from godwit.errors import GodwitError, NotFound
+from godwit.errors import GodwitError
 from godwit.lab.etcd import EtcdCluster
 from godwit.migration import MigrationOptions
 
@@ -22,24 +21,17 @@ pytestmark = pytest.mark.integration
 
 
 class FakeAgent:
-    """The host's own agent as the runner sees it: migrations take `delay` s; containers in
-    `containers` (name → status); a destination in `refusing` fails every migration."""
+    """The host's own agent as the runner sees it (LocalAgent): migrations take `delay` s;
+    containers in `containers` (name → status); a destination in `refusing` fails every
+    migration."""
 
     def __init__(self, host: str, containers: dict[str, str], census: dict, *,
                  delay: float = 0.3, refusing: tuple[str, ...] = ()) -> None:
         self.host, self.containers, self.census = host, containers, census
         self.delay, self.refusing = delay, refusing
 
-    async def __aenter__(self) -> FakeAgent:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        pass
-
-    async def container(self, name: str) -> SimpleNamespace:
-        if name not in self.containers:
-            raise NotFound(f"no container {name}")
-        return SimpleNamespace(name=name, status=self.containers[name])
+    async def status(self, name: str) -> str | None:
+        return self.containers.get(name)
 
     async def migrate(self, name: str, options: MigrationOptions):
         self.census["now"] += 1
@@ -76,7 +68,8 @@ async def _until_done(store: Store, plan_id: str, timeout: float = 40) -> list[d
 
 
 def _runner(store: Store, host: str, hosts: dict, agent: FakeAgent) -> PlanRunner:
-    return PlanRunner(store, host, lambda: hosts[host].lease.id, lambda: agent)
+    return PlanRunner(store, host, lambda: hosts[host].lease.id,
+                      LocalAgent(agent.migrate, agent.status))
 
 
 def test_plan_runs_within_its_limits(etcd: EtcdCluster, prefix: str) -> None:
