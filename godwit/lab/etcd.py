@@ -111,12 +111,15 @@ class EtcdCluster:
     def start(self) -> None:
         """Issue the certificates, start every member, wait until the cluster is healthy."""
         self.client_tls = self._issue(f"{self.prefix}-etcd-client", None)
+        # one certificate for every member: they share the address, and the CA lets a SAN
+        # (the address, etcd.godwit) name one certificate only
+        member_tls = self._issue(f"{self.prefix}-etcd", [self.address])
         for i in range(self.size):
             name = f"{self.prefix}-etcd{i}"
             client_port, peer_port = _free_ports(self.address, 2)
             self.members.append(EtcdMember(
                 name, self.address, client_port, peer_port, self.work / name,
-                self._issue(name, [self.address]), self.work / f"{name}.log"))
+                member_tls, self.work / f"{name}.log"))
         for member in self.members:
             self.start_member(member)
         for member in self.members:
