@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from godwit.cluster.store import SERVER_NAME
-from godwit.pki import CertificateAuthority
+from godwit.pki import CertificateAuthority, PKIError
 from godwit.tls import TLSFiles, client_context
 
 ETCD_BINARY = "etcd"
@@ -111,9 +111,7 @@ class EtcdCluster:
     def start(self) -> None:
         """Issue the certificates, start every member, wait until the cluster is healthy."""
         self.client_tls = self._issue(f"{self.prefix}-etcd-client", None)
-        # one certificate for every member: they share the address, and the CA lets a SAN
-        # (the address, etcd.godwit) name one certificate only
-        member_tls = self._issue(f"{self.prefix}-etcd", [self.address])
+        member_tls = self._member_certificate()
         for i in range(self.size):
             name = f"{self.prefix}-etcd{i}"
             client_port, peer_port = _free_ports(self.address, 2)
@@ -187,6 +185,15 @@ class EtcdCluster:
                     self.kill_member(member)
             member.process = None
         shutil.rmtree(self.work, ignore_errors=True)
+
+    def _member_certificate(self) -> TLSFiles:
+        """One certificate for every member of every lab cluster of this CA on this address
+        (the CA lets a SAN, the address or etcd.godwit, name one certificate only)."""
+        name = f"lab-etcd-{self.address.replace('.', '-')}"
+        try:
+            return self.ca.bundle_for(name)
+        except PKIError:
+            return self._issue(name, [self.address])
 
     def _issue(self, name: str, addresses: list[str] | None) -> TLSFiles:
         """A certificate of the CA: a member's (server and client auth, for its addresses
