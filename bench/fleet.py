@@ -35,7 +35,6 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +46,8 @@ from godwit.api import AgentClient
 from godwit.cluster import plans
 from godwit.cluster.store import Store
 from godwit.lab.bundles import counter_bundle
+from godwit.lab.cluster import cluster_testbed
 from godwit.lab.etcd import EtcdCluster
-from godwit.lab.netns import pick_free_subnet
 from godwit.lab.testbed import Testbed
 from godwit.protocol import to_json
 from godwit.tls import client_context
@@ -79,19 +78,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def host_names(count: int) -> list[str]:
     return [f"h{i:02d}" for i in range(1, count + 1)]
-
-
-def start_cluster(bed: Testbed, etcd: EtcdCluster) -> None:
-    """Restart every agent in cluster mode (4 at a time); the CLI config names etcd."""
-
-    def restart(name: str) -> None:
-        bed.stop_agent(name)
-        bed.start_agent(name, "--etcd", etcd.urls)
-
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(restart, bed.names))
-    config = json.loads(bed.config_path.read_text())
-    bed.config_path.write_text(json.dumps({**config, "etcd": etcd.urls}))
 
 
 async def run_containers(bed: Testbed, count: int) -> dict[str, str]:
@@ -204,9 +190,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     info = machine_info()
     names = host_names(args.hosts)
     emptied = names[:args.evacuate]
-    with Testbed(names, prefix=PREFIX, subnet=pick_free_subnet()) as bed, \
-            EtcdCluster(bed.ca, address=bed.net.gateway, prefix=PREFIX) as etcd:
-        start_cluster(bed, etcd)
+    with cluster_testbed(names, PREFIX) as (bed, etcd):
         console.print(f"{args.hosts} agents in cluster mode "
                       f"({time.perf_counter() - started:.0f} s)")
         placement = asyncio.run(run_containers(bed, args.containers))

@@ -18,8 +18,8 @@ import pytest
 from conftest import _require_runtime, wait_for
 
 from godwit.lab.bundles import counter_bundle, read_count
+from godwit.lab.cluster import cluster_testbed
 from godwit.lab.etcd import EtcdCluster
-from godwit.lab.netns import pick_free_subnet
 from godwit.lab.testbed import Testbed
 
 pytestmark = pytest.mark.integration
@@ -30,15 +30,8 @@ NAMES = [f"plan{i}" for i in range(4)]
 def clustered() -> Iterator[tuple[Testbed, EtcdCluster]]:
     """Hosts a, b, c in cluster mode; the CLI config keeps the hosts (for run and ps)."""
     _require_runtime()
-    prefix = f"gwp{os.getpid() % 100000}"
-    with Testbed(["a", "b", "c"], prefix=prefix, subnet=pick_free_subnet()) as bed, \
-            EtcdCluster(bed.ca, address=bed.net.gateway, prefix=prefix) as etcd:
-        for name in bed.names:
-            bed.stop_agent(name)
-            bed.start_agent(name, "--etcd", etcd.urls)
-        config = json.loads(bed.config_path.read_text())
-        bed.config_path.write_text(json.dumps({**config, "etcd": etcd.urls}))
-        yield bed, etcd
+    with cluster_testbed(["a", "b", "c"], f"gwp{os.getpid() % 100000}") as clustered:
+        yield clustered
 
 
 def _tasks_of(bed: Testbed, plan: str) -> list[dict]:

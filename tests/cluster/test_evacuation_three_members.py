@@ -15,8 +15,8 @@ from conftest import _require_runtime, wait_for
 from godwit.cluster import ownership
 from godwit.cluster.store import Store
 from godwit.lab.bundles import counter_bundle
+from godwit.lab.cluster import cluster_testbed
 from godwit.lab.etcd import EtcdCluster
-from godwit.lab.netns import pick_free_subnet
 from godwit.lab.testbed import Testbed
 
 pytestmark = pytest.mark.integration
@@ -26,15 +26,9 @@ NAMES = [f"tri{i}" for i in range(4)]
 @pytest.fixture(scope="module")
 def clustered() -> Iterator[tuple[Testbed, EtcdCluster]]:
     _require_runtime()
-    prefix = f"gw3e{os.getpid() % 10000}"
-    with Testbed(["a", "b", "c"], prefix=prefix, subnet=pick_free_subnet()) as bed, \
-            EtcdCluster(bed.ca, size=3, address=bed.net.gateway, prefix=prefix) as etcd:
-        for name in bed.names:
-            bed.stop_agent(name)
-            bed.start_agent(name, "--etcd", etcd.urls)
-        config = json.loads(bed.config_path.read_text())
-        bed.config_path.write_text(json.dumps({**config, "etcd": etcd.urls}))
-        yield bed, etcd
+    with cluster_testbed(["a", "b", "c"], f"gw3e{os.getpid() % 10000}",
+                         members=3) as clustered:
+        yield clustered
 
 
 def test_leader_killed_mid_evacuation(clustered) -> None:

@@ -20,8 +20,8 @@ from godwit.cluster.migration_hooks import COMMITTED, DECISIONS
 from godwit.cluster.ownership import MigrationLock
 from godwit.cluster.store import Store
 from godwit.lab.bundles import counter_bundle, read_count
+from godwit.lab.cluster import cluster_testbed, restart_in_cluster
 from godwit.lab.etcd import EtcdCluster
-from godwit.lab.netns import pick_free_subnet
 from godwit.lab.testbed import Testbed
 
 pytestmark = pytest.mark.integration
@@ -31,19 +31,8 @@ OPTIONS = ("--commit-timeout", "8")
 @pytest.fixture(scope="module")
 def clustered() -> Iterator[tuple[Testbed, EtcdCluster]]:
     _require_runtime()
-    prefix = f"gwo{os.getpid() % 100000}"
-    with Testbed(["a", "b"], prefix=prefix, subnet=pick_free_subnet()) as bed, \
-            EtcdCluster(bed.ca, address=bed.net.gateway, prefix=prefix) as etcd:
-        for name in bed.names:
-            restart(bed, etcd, name)
-        config = json.loads(bed.config_path.read_text())
-        bed.config_path.write_text(json.dumps({**config, "etcd": etcd.urls}))
-        yield bed, etcd
-
-
-def restart(bed: Testbed, etcd: EtcdCluster, host: str, **env: str) -> None:
-    bed.stop_agent(host)
-    bed.start_agent(host, "--etcd", etcd.urls, env=env or None)
+    with cluster_testbed(["a", "b"], f"gwo{os.getpid() % 100000}") as clustered:
+        yield clustered
 
 
 def etcd_read(etcd: EtcdCluster, read):
@@ -127,7 +116,7 @@ def test_commit_then_destination_unreachable_resolved_by_owner_key(clustered) ->
     mode that is in-doubt; here a reads the decision and the migration is ok."""
     bed, etcd = clustered
     start(bed, "own4")
-    restart(bed, etcd, "b", GODWIT_FAULT="committed:crash")
+    restart_in_cluster(bed, etcd, "b", GODWIT_FAULT="committed:crash")
     try:
         result = migrate(bed, "own4")
         assert "b" not in bed.agents or bed.agents["b"].poll() is not None, "b did not crash"
@@ -136,7 +125,7 @@ def test_commit_then_destination_unreachable_resolved_by_owner_key(clustered) ->
         assert etcd_read(etcd, lambda s: ownership.owner(s, "own4")).host == "b"
     finally:
         bed.stop_agent("b", signal.SIGKILL)
-        restart(bed, etcd, "b")
+        restart_in_cluster(bed, etcd, "b")
     assert copies(bed, "own4") == [("b", "running")]  # b's copy survived its agent
     counting(bed, "own4")
 
