@@ -17,7 +17,7 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from godwit import __version__, authz, faults, images
+from godwit import __version__, adopt, authz, faults, images
 from godwit.admission import Admission
 from godwit.api import DEFAULT_PORT, AgentClient
 from godwit.audit import AuditLog, audit_middleware
@@ -43,6 +43,7 @@ from godwit.preflight import check_cpuinfo_image, run_checks
 from godwit.protocol import (
     PROTOCOL_VERSION,
     ROUTES,
+    AdoptRequest,
     ArmRequest,
     ClockSample,
     ContainerInfo,
@@ -174,6 +175,19 @@ class Agent:
         else:
             await self.store.create(body.name, Path(body.bundle or ""), body.net)
         return _reply(await self.describe(body.name), status=201)
+
+    async def adopt_container(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        where = adopt.Foreign.of(await _body(request, AdoptRequest), name)
+        await adopt.adopt(self.store, name, where)
+        return _reply(await self.describe(name), status=201)
+
+    async def release_container(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name in self.migrating:
+            raise Conflict(f"container {name} is being migrated")
+        where = adopt.Foreign.of(await _body(request, AdoptRequest), name)
+        return _reply(await adopt.release(self.store, name, where))
 
     async def remove_container(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]

@@ -21,6 +21,7 @@ from godwit.network import ContainerNet
 from godwit.preflight import Finding
 from godwit.protocol import (
     Activated,
+    AdoptRequest,
     Armed,
     ArmRequest,
     ClockSample,
@@ -37,6 +38,7 @@ from godwit.protocol import (
     PreflightReply,
     PreflightRequest,
     Prepared,
+    Released,
     Removed,
     Report,
     Restored,
@@ -182,6 +184,16 @@ class AgentClient:
 
     async def resume(self, name: str) -> ContainerInfo:
         return await self.request("POST", f"/v1/containers/{name}/resume", ContainerInfo)
+
+    async def adopt(self, name: str, runc_root: str | None, runc_id: str | None,
+                    ) -> ContainerInfo:
+        return await self.request("POST", f"/v1/containers/{name}/adopt", ContainerInfo,
+                                  AdoptRequest(runc_root=runc_root, id=runc_id))
+
+    async def release(self, name: str, runc_root: str | None, runc_id: str | None,
+                      ) -> Released:
+        return await self.request("POST", f"/v1/containers/{name}/release", Released,
+                                  AdoptRequest(runc_root=runc_root, id=runc_id))
 
     def migrate(self, name: str, options: MigrationOptions) -> AsyncIterator[Event]:
         return self.stream_events(f"/v1/containers/{name}/migrate", options)

@@ -34,6 +34,8 @@ RULES: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/v1/containers/{name}/signal"): OPERATE,
     ("POST", "/v1/containers/{name}/resume"): OPERATE,
     ("POST", "/v1/containers/{name}/migrate"): OPERATE,
+    ("POST", "/v1/containers/{name}/adopt"): OPERATE,
+    ("POST", "/v1/containers/{name}/release"): OPERATE,
     ("GET", "/v1/time"): READ_ALL,
     ("POST", "/v1/preflight"): OPERATE,
     ("POST", "/v1/preflight/cpuinfo"): AGENT | OPERATE,

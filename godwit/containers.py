@@ -57,6 +57,9 @@ class ContainerRecord:
     image: str | None = None  # provenance of a container run from an image (godwit.images)
     image_digest: str | None = None
     exposed_ports: list[str] | None = None
+    # a runc container godwit adopted here (godwit.adopt): its runc root and id before,
+    # and the cgroup runc gave it (godwit's own path is the destination's)
+    adopted: dict | None = None
 
     @property
     def owns_netns(self) -> bool:
@@ -144,8 +147,11 @@ class ContainerStore:
     def cgroups_path(self, name: str) -> str:
         """Per-host cgroup path, so that hosts sharing a kernel never collide: under the
         host's netns id (per-kernel unique; the host name unless the agent was given
-        `--netns-id`, as testbeds do, whose hosts are all called a, b, ...)."""
-        return f"/godwit/{self.networking.netns_id}/{name}"
+        `--netns-id`, as testbeds do, whose hosts are all called a, b, ...). An adopted
+        container keeps the cgroup runc gave it."""
+        record = self.dir(name) / "record.json"
+        adopted = json.loads(record.read_text()).get("adopted") if record.exists() else None
+        return adopted["cgroup"] if adopted else f"/godwit/{self.networking.netns_id}/{name}"
 
     def record(self, name: str) -> ContainerRecord:
         path = self.dir(name) / "record.json"

@@ -127,6 +127,7 @@ class ContainerInfo(Reply, kw_only=True):
     image: str | None = None
     image_digest: str | None = None
     exposed_ports: list[str] | None = None
+    adopted: dict[str, str] | None = None  # godwit.adopt: runc root, id, cgroup before
     host: str
     memory: int
     status: str
@@ -154,6 +155,22 @@ class Signalled(Reply, kw_only=True):
 
 class Removed(Reply, kw_only=True):
     removed: str
+
+
+class AdoptRequest(Request, kw_only=True):
+    """`adopt` and `release`: where the container is (or goes) outside godwit (defaults:
+    /run/runc, its godwit name)."""
+
+    runc_root: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
+    id: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+
+
+class Released(Reply, kw_only=True):
+    name: str
+    host: str
+    runc_root: str
+    id: str
+    bundle: str
 
 
 # migrations, source side
@@ -378,6 +395,12 @@ ROUTES: tuple[Route, ...] = (
           "signal the container's init", Signalled, SignalRequest),
     Route("POST", "/v1/containers/{name}/resume", "resume_container",
           "resume a paused copy (after an in-doubt migration)", ContainerInfo),
+    Route("POST", "/v1/containers/{name}/adopt", "adopt_container",
+          "take a running runc container godwit did not start under this agent",
+          ContainerInfo, AdoptRequest, status=201, optional_body=True),
+    Route("POST", "/v1/containers/{name}/release", "release_container",
+          "give a container back to plain runc (it keeps running)", Released, AdoptRequest,
+          optional_body=True),
     Route("POST", "/v1/containers/{name}/migrate", "migrate",
           "migrate to another host; NDJSON events, the last a result", Event,
           MigrationOptions, stream=True),

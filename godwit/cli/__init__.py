@@ -21,11 +21,11 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 
 
 def _register() -> None:
-    from godwit.cli import agent, containers, demo, evacuate, hosts
+    from godwit.cli import adopt, agent, containers, demo, evacuate, hosts
     from godwit.cli.ca import ca
 
-    for command in (*containers.COMMANDS, *hosts.COMMANDS, agent.agent, demo.demo, ca,
-                    evacuate.evacuate_cmd):
+    for command in (*containers.COMMANDS, *adopt.COMMANDS, *hosts.COMMANDS, agent.agent,
+                    demo.demo, ca, evacuate.evacuate_cmd):
         cli.add_command(command)
 
 
