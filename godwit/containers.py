@@ -29,7 +29,6 @@ from godwit.network import (
     reset_connections,
     send_gratuitous_arp,
     set_link,
-    wants_own_netns,
 )
 from godwit.runc import ContainerState, Runc
 
@@ -53,7 +52,9 @@ class ContainerRecord:
     created_at: float
     origin: str | None = None
     net: dict | None = None  # ContainerNet.to_json() of a container on the host bridge
-    private_netns: bool = False  # godwit made its netns (loopback only), see create()
+    # godwit made its netns (loopback only, external to CRIU): containers without an
+    # address before their netns was carried by CRIU (see start()), and adopted ones
+    private_netns: bool = False
     image: str | None = None  # provenance of a container run from an image (godwit.images)
     image_digest: str | None = None
     exposed_ports: list[str] | None = None
@@ -238,13 +239,14 @@ class ContainerStore:
                     *, rootfs_from: Path | None = None) -> ContainerRecord:
         """The one way a container is created here: record, owned rootfs (moved from
         `rootfs_from` to record.rootfs), netns, this host's bundle, `runc run`; a failure
-        undoes all of it."""
+        undoes all of it. A container without an address keeps the netns runc makes,
+        which CRIU dumps and restores (godwit.criu_gate): what the container configures
+        in it moves with it."""
         name = record.name
         await self.check_new(name)
         if net:
             self.check_address_free(net)
         record.net = net.to_json() if net else None
-        record.private_netns = not net and wants_own_netns(config)
         self.save(record)
         try:
             if rootfs_from:

@@ -76,18 +76,47 @@ def godwit_netns(bed: Testbed, name: str) -> str | None:
     return found[0]
 
 
-def test_container_without_address_has_a_godwit_netns_on_each_host(bed: Testbed) -> None:
-    """CRIU dumps no external netns: the freeze is spared its ip/iptables-save runs."""
-    start(bed, "loner", counter_bundle(bed.bundle_dir("loner")))
-    on_a = godwit_netns(bed, "loner")
-    assert on_a and on_a.endswith("loner"), on_a
-    code, report = migrate(bed, "loner", "b", "--strategy", "stop-and-copy")
-    assert code == 0, report
-    on_b = godwit_netns(bed, "loner")
-    assert on_b and on_b != on_a and on_b.endswith("loner"), on_b
-    assert not (Path("/run/netns") / on_a).exists(), "the source's netns goes with its copy"
-    remove(bed, "loner")
-    assert not (Path("/run/netns") / on_b).exists()
+# A container without an address configures its own netns (an address and a route on lo)
+# and keeps a TCP connection over loopback streaming numbers into /tcp.log.
+OWN_NETNS_SCRIPT = (
+    "ip addr add 10.99.0.7/32 dev lo && ip route add 10.98.0.0/24 dev lo || exit 1; "
+    "sleep 100000 | nc -l -p 5000 > /tcp.log & sleep 0.5; "
+    "(i=0; while :; do i=$((i+1)); echo $i; sleep 0.1; done) | nc 127.0.0.1 5000 & "
+    "trap 'exit 0' TERM; while :; do sleep 1; done"
+)
+
+
+def last_number(path: Path) -> int:
+    lines = path.read_text().split() if path.exists() else []
+    return int(lines[-1]) if lines else 0
+
+
+@pytest.mark.parametrize("strategy", ["stop-and-copy", "post-copy"])
+def test_container_without_address_carries_its_own_netns_config(
+        bed: Testbed, strategy: str) -> None:
+    """runc makes its netns and CRIU dumps and restores it: the address and route the
+    container added are there on b, and its loopback TCP connection goes on."""
+    name = f"loner-{strategy}"
+    bundle = counter_bundle(bed.bundle_dir(name))
+    config = load_config(bundle)
+    config["process"]["args"] = ["/bin/sh", "-c", OWN_NETNS_SCRIPT]
+    for caps in config["process"]["capabilities"].values():
+        caps.append("CAP_NET_ADMIN")
+    save_config(bundle, config)
+    start(bed, name, bundle)
+    assert godwit_netns(bed, name) is None, "runc's netns, not one in /run/netns"
+    wait_for(lambda: last_number(bundle / "rootfs/tcp.log") >= 5, what="loopback stream")
+    code, report = migrate(bed, name, "b", "--strategy", strategy)
+    assert code == 0, report.get("error")
+    assert godwit_netns(bed, name) is None
+    addresses = bed.godwit("exec", name, "--", "ip", "-4", "-o", "addr", "show", "lo")
+    assert "10.99.0.7/32" in addresses.stdout, addresses
+    routes = bed.godwit("exec", name, "--", "ip", "route", "show")
+    assert "10.98.0.0/24 dev lo" in routes.stdout, routes
+    on_b = rootfs_of(bed, name) / "tcp.log"
+    moved = last_number(on_b)
+    wait_for(lambda: last_number(on_b) > moved + 5, what="loopback stream going on on b")
+    remove(bed, name)
 
 
 def test_256_mib_memory_is_preserved(bed: Testbed) -> None:

@@ -31,7 +31,8 @@ from godwit.fsio import atomic_write
 from godwit.migration import MigrationOptions, default_max_freeze
 from godwit.migration.failure_logs import FailureLogs
 from godwit.migration.report import EventStream
-from godwit.network import ContainerNet
+from godwit.netns_carry import check_own_netns
+from godwit.network import ContainerNet, wants_own_netns
 from godwit.preflight import check_file_locks, refusal, run_checks, verdict
 from godwit.protocol import HostInfo, IncomingRequest, RestoreRequest
 from godwit.runc import RUNC_LOG, CheckpointOptions, HeldRunc, Runc
@@ -268,6 +269,9 @@ class SourceMigration:
         )
         locks = procfs.file_locks(self.ctx.store.pids(self.name))
         findings.append(check_file_locks(locks, self.shared))
+        if not self.record.owns_netns and wants_own_netns(self.ctx.store.config(self.name)):
+            pid = min(self.ctx.store.pids(self.name), default=None)
+            findings.append(await asyncio.to_thread(check_own_netns, pid))
         self.report.preflight = [f.to_json() for f in findings]
         for finding in findings:
             if finding.level != "ok":
