@@ -2,21 +2,21 @@
 
 `adopt` checks, before touching anything, that CRIU can move the container as godwit
 moves its own (running, no terminal, a rootfs directory, stdio that is /dev/null or a
-pipe, its own network namespace holding only the loopback with its usual addresses),
-then takes it over without restarting it:
+pipe, its own network namespace with no device linked outside it), then takes it over
+without restarting it:
 
-* its netns is bind-mounted where godwit keeps a container's netns (/run/netns/gwc-…)
-  and its runc state says so, so that CRIU treats it as external, as for a container
-  godwit started without an address (runc never lets CRIU dump a netns's configuration:
-  it always passes `--empty-ns net`, and a netns CRIU makes on restore has `lo` down);
+* it keeps the netns runc made: CRIU dumps and restores it with what the container
+  configured inside (addresses, routes, devices wholly inside; see godwit.criu_gate), as
+  for a container godwit started without an address;
 * its runc state gets godwit's CRIU configuration (the `org.criu.config` label);
 * runc's state directory `<runc root>/<id>` moves into the agent's runc root, where the
   migration code finds every container it drives;
 * godwit writes a record (the rootfs stays the operator's) and a bundle for destinations.
 
 `release` undoes it on whichever host the container runs: the state directory goes to a
-plain runc root, the state forgets godwit's netns path and CRIU configuration, and the
-record and bundle move to `<state>/released/` (the bundle runc's state names).
+plain runc root, the state forgets godwit's CRIU configuration (and a netns path of
+godwit's), and the record and bundle move to `<state>/released/` (the bundle runc's
+state names).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +32,13 @@ from godwit.bundle import load_config
 from godwit.containers import ContainerRecord, ContainerStore, check_name
 from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.fsio import atomic_write
+from godwit.netns_carry import outside_link_refusal
 from godwit.network import NETNS_DIR
 from godwit.protocol import AdoptRequest, Released
 from godwit.runc import ContainerState, Runc
 
 DEFAULT_RUNC_ROOT = Path("/run/runc")
 CRIU_CONFIG_LABEL = "org.criu.config"
-LOOPBACK_ADDRESSES = {"127.0.0.1/8", "::1/128"}
 STDIO_NAMES = ("stdin", "stdout", "stderr")
 
 
@@ -99,31 +98,8 @@ def check_stdio(targets: list[str]) -> None:
                               "terminal or socket (start it with /dev/null or a pipe)")
 
 
-def netns_refusal(interfaces: list[dict]) -> str | None:
-    """Why a netns (`ip -j -d addr show` inside it) cannot be carried, or None. godwit
-    carries the netns of a container without an address as a fresh one with `lo` up:
-    anything else configured inside would be lost."""
-    for link in interfaces:
-        name = link.get("ifname", "?")
-        if name != "lo":
-            kind = link.get("linkinfo", {}).get("info_kind") or link.get("link_type", "?")
-            peer = " with its peer outside the container" if "link_netnsid" in link else ""
-            return (f"its network namespace has interface {name} ({kind}{peer}): only a "
-                    "loopback-only namespace can be adopted")
-        extra = [f"{a.get('local')}/{a.get('prefixlen')}" for a in link.get("addr_info", [])]
-        extra = [a for a in extra if a not in LOOPBACK_ADDRESSES]
-        if extra:
-            return (f"lo has address {extra[0]} that godwit would not carry: only a "
-                    "loopback-only namespace can be adopted")
-    return None
-
-
 def check_netns(pid: int) -> None:
-    argv = ["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "-j", "-d", "addr", "show"]
-    done = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        raise GodwitError(f"cannot read its network namespace: {done.stderr.strip()}")
-    if reason := netns_refusal(json.loads(done.stdout or "[]")):
+    if reason := outside_link_refusal(pid):
         raise GodwitError(reason)
 
 
@@ -146,12 +122,9 @@ def read_state(state_dir: Path) -> dict:
         raise GodwitError(f"cannot read runc's state of it: {exc}") from exc
 
 
-def with_godwit(state: dict, netns: Path, criu_config: Path) -> dict:
-    """runc's state with the netns godwit keeps (external to CRIU) and its CRIU config."""
+def with_godwit(state: dict, criu_config: Path) -> dict:
+    """runc's state with godwit's CRIU configuration."""
     config = state["config"]
-    for ns in config["namespaces"]:
-        if ns["type"] == "NEWNET":
-            ns["path"] = str(netns)
     labels = [la for la in config.get("labels") or []
               if not la.startswith(f"{CRIU_CONFIG_LABEL}=")]
     config["labels"] = [*labels, f"{CRIU_CONFIG_LABEL}={criu_config}"]
@@ -203,23 +176,20 @@ async def inspect(store: ContainerStore, name: str, where: Foreign) -> tuple[int
 async def adopt(store: ContainerStore, name: str, where: Foreign) -> ContainerRecord:
     """Take a running runc container under this agent without stopping it."""
     pid, config, rootfs = await inspect(store, name, where)
-    record = ContainerRecord(name, str(rootfs), False, time.time(), private_netns=True,
+    record = ContainerRecord(name, str(rootfs), False, time.time(),
                              adopted={"runc_root": str(where.root), "id": where.id,
                                       "cgroup": freezer_cgroup(pid)})
-    netns = NETNS_DIR / store.networking.netns(name)
     original = (where.state_dir / "state.json").read_text()
     store.save(record)
     try:
-        attach_netns(netns.name, pid)
-        store.install_bundle(name, config, rootfs, own_netns=True)
-        write_state(where.state_dir, with_godwit(json.loads(original), netns,
+        store.install_bundle(name, config, rootfs, own_netns=False)
+        write_state(where.state_dir, with_godwit(json.loads(original),
                                                  store.criu_config(name)))
         store.runc.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         shutil.move(where.state_dir, store.runc.root / name)
     except (OSError, GodwitError) as exc:
         if where.state_dir.exists():
             atomic_write(where.state_dir / "state.json", original)
-        store.networking.delete(name)
         store.forget(name)
         raise GodwitError(f"cannot adopt {name}: {exc}") from exc
     return record
@@ -245,14 +215,7 @@ async def release(store: ContainerStore, name: str, where: Foreign) -> Released:
                 without_godwit(runc_state, netns, (store.dir(name), released)))
     where.root.mkdir(mode=0o700, parents=True, exist_ok=True)
     shutil.move(store.runc.root / name, where.state_dir)
-    store.networking.delete(name)
+    if record.owns_netns:  # a netns godwit made: the container holds it from now on
+        store.networking.delete(name)
     return Released(name=name, host=store.host, runc_root=str(where.root), id=where.id,
                     bundle=str(released / "bundle"))
-
-
-def attach_netns(netns_name: str, pid: int) -> None:
-    """Bind-mount the process's netns at /run/netns/NAME (`ip netns attach`)."""
-    done = subprocess.run(["ip", "netns", "attach", netns_name, str(pid)],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if done.returncode != 0:
-        raise GodwitError(f"cannot attach its netns: {done.stderr.strip()}")

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import cli_json, copies, wait_for
 
-from godwit.bundle import counter_bundle, load_config, read_count, save_config
-from godwit.network import NETNS_DIR, netns_name
+from godwit.bundle import COUNTER_SCRIPT, counter_bundle, load_config, read_count, save_config
 from godwit.testbed import Testbed
 
 pytestmark = pytest.mark.integration
@@ -68,7 +67,7 @@ def test_adopted_container_migrates_and_is_released_on_the_destination(
         bed: Testbed, plain: list, shared: bool) -> None:
     name = "adoptee-shared" if shared else "adoptee"
     plain.extend([("a", name), ("b", name)])
-    rootfs = start_plain(bed, name, counter_bundle(bed.bundle_dir(name)))
+    rootfs = start_plain(bed, name, own_address(counter_bundle(bed.bundle_dir(name))))
     wait_for(lambda: (read_count(rootfs) or 0) >= 10, what="counter to reach 10")
 
     adopted = bed.godwit("adopt", name, "--host", "a", "--runc-root", str(plain_root(bed, "a")))
@@ -95,9 +94,10 @@ def test_adopted_container_migrates_and_is_released_on_the_destination(
     assert copies(bed, name) == [], "godwit forgot it"
     state = runc_state(bed, "b", name)
     assert state and state["status"] == "running", state
-    assert not (NETNS_DIR / netns_name(bed.host("b").netns, name)).exists()
     code, count = runc(bed, "b", "exec", name, "cat", "/count")
     assert code == 0 and int(count) > at_freeze, count
+    code, addresses = runc(bed, "b", "exec", name, "ip", "-4", "-o", "addr", "show", "lo")
+    assert "10.99.0.7/32" in addresses, "CRIU carried the netns runc made"
     code, out = runc(bed, "b", "kill", name, "KILL")
     assert code == 0, out
     wait_for(lambda: (runc_state(bed, "b", name) or {}).get("status") == "stopped",
@@ -105,9 +105,9 @@ def test_adopted_container_migrates_and_is_released_on_the_destination(
 
 
 def own_address(bundle: Path) -> Path:
+    """The counter, after giving itself an address on lo (in the netns runc made)."""
     config = load_config(bundle)
-    config["process"]["args"] = ["/bin/sh", "-c", "ip addr add 10.99.0.7/32 dev lo; "
-                                 "trap 'exit 0' TERM; while :; do sleep 1; done"]
+    config["process"]["args"][-1] = f"ip addr add 10.99.0.7/32 dev lo; {COUNTER_SCRIPT}"
     for caps in config["process"]["capabilities"].values():
         caps.append("CAP_NET_ADMIN")
     save_config(bundle, config)
@@ -122,20 +122,28 @@ def host_netns(bundle: Path) -> Path:
     return bundle
 
 
+def veth_to_host(bed: Testbed, runc_id: str) -> None:
+    """Give the container a veth whose peer stays in host a's netns."""
+    pid = (runc_state(bed, "a", runc_id) or {})["pid"]
+    proc = bed.net.run_in("a", ["ip", "link", "add", f"{bed.prefix}v", "type", "veth",
+                                "peer", "name", "eth1", "netns", str(pid)])
+    assert proc.wait(timeout=30) == 0
+
+
 def test_unadoptable_containers_are_refused_and_keep_running(
         bed: Testbed, plain: list) -> None:
     log = bed.work / "host-file.log"
     cases = {
         "hostnet": (host_netns, subprocess.DEVNULL, "shares the host's network namespace"),
         "hostfile": (lambda b: b, log.open("w"), f"its stdout is {log}"),
-        "ownaddr": (own_address, subprocess.DEVNULL, "lo has address 10.99.0.7/32"),
+        "hostveth": (lambda b: b, subprocess.DEVNULL,
+                     "has interface eth1 (veth) linked to another namespace"),
     }
     for name, (adapt, stdout, reason) in cases.items():
         plain.append(("a", name))
         start_plain(bed, name, adapt(counter_bundle(bed.bundle_dir(name))), stdout=stdout)
-        if name == "ownaddr":
-            wait_for(lambda: "10.99.0.7" in runc(bed, "a", "exec", "ownaddr", "ip", "addr")[1],
-                     what="its own address")
+        if name == "hostveth":
+            veth_to_host(bed, name)
         refused = bed.godwit("adopt", name, "--host", "a",
                              "--runc-root", str(plain_root(bed, "a")))
         assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
@@ -143,4 +151,3 @@ def test_unadoptable_containers_are_refused_and_keep_running(
         assert reason in refused.stderr, refused.stderr
         assert (runc_state(bed, "a", name) or {}).get("status") == "running", name
         assert copies(bed, name) == []
-        assert not (NETNS_DIR / netns_name(bed.host("a").netns, name)).exists()

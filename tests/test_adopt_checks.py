@@ -13,37 +13,40 @@ from godwit.adopt import (
     check_config,
     check_netns_kind,
     check_stdio,
-    netns_refusal,
     with_godwit,
     without_godwit,
 )
 from godwit.bundle import oci_config
 from godwit.errors import GodwitError
+from godwit.netns_carry import outside_links
+from godwit.protocol import AdoptRequest
 
-LO = {"ifname": "lo", "link_type": "loopback",
-      "addr_info": [{"local": "127.0.0.1", "prefixlen": 8}, {"local": "::1", "prefixlen": 128}]}
+LO = {"ifname": "lo", "link_type": "loopback"}
 
 
 def test_foreign_defaults_to_runc_root_and_name() -> None:
-    assert Foreign.from_json({}, "web") == Foreign(DEFAULT_RUNC_ROOT, "web")
-    assert Foreign.from_json({"runc_root": "/r", "id": "x1"}, "web").state_dir == Path("/r/x1")
+    assert Foreign.of(AdoptRequest(), "web") == Foreign(DEFAULT_RUNC_ROOT, "web")
+    where = Foreign.of(AdoptRequest(runc_root="/r", id="x1"), "web")
+    assert where.state_dir == Path("/r/x1")
     with pytest.raises(GodwitError, match="not an absolute path"):
-        Foreign.from_json({"runc_root": "rel"}, "web")
+        Foreign.of(AdoptRequest(runc_root="rel"), "web")
     with pytest.raises(GodwitError, match="invalid container name"):
-        Foreign.from_json({"id": "../etc"}, "web")
+        Foreign.of(AdoptRequest(id="../etc"), "web")
 
 
-def test_loopback_only_netns_is_adoptable() -> None:
-    assert netns_refusal([LO]) is None
+def test_netns_with_devices_inside_is_carried() -> None:
+    bridge = {"ifname": "br0", "link_type": "ether", "linkinfo": {"info_kind": "bridge"}}
+    inner_pair = [{"ifname": "v0", "linkinfo": {"info_kind": "veth"}},
+                  {"ifname": "v1", "linkinfo": {"info_kind": "veth"}}]
+    assert outside_links([LO, bridge, *inner_pair]) is None
 
 
-def test_netns_with_more_than_loopback_is_refused() -> None:
+def test_device_linked_outside_is_refused() -> None:
     veth = {"ifname": "eth0", "link_netnsid": 0, "linkinfo": {"info_kind": "veth"}}
-    assert "eth0 (veth with its peer outside the container)" in netns_refusal([LO, veth])
-    bridge = {"ifname": "br0", "linkinfo": {"info_kind": "bridge"}}
-    assert "br0 (bridge)" in netns_refusal([LO, bridge])
-    own = {**LO, "addr_info": [*LO["addr_info"], {"local": "10.9.0.1", "prefixlen": 32}]}
-    assert "lo has address 10.9.0.1/32" in netns_refusal([own])
+    assert "interface eth0 (veth) linked to another namespace" in outside_links([LO, veth])
+    macvlan = {"ifname": "mv0", "link_netnsid": 1, "link_type": "ether",
+               "linkinfo": {"info_kind": "macvlan"}}
+    assert "mv0 (macvlan)" in outside_links([LO, macvlan])
 
 
 def test_host_or_joined_netns_is_refused() -> None:
@@ -80,14 +83,16 @@ def runc_state(rootfs: str, labels: list[str]) -> dict:
         {"type": "NEWPID", "path": ""}, {"type": "NEWNET", "path": ""}]}}
 
 
-def test_state_gets_godwit_netns_and_criu_config_and_loses_them_on_release() -> None:
+def test_state_gets_godwit_criu_config_and_loses_it_on_release() -> None:
     netns, conf = Path("/run/netns/gwc-a-web"), Path("/s/containers/web/criu.conf")
     state = with_godwit(runc_state("/b/rootfs", ["bundle=/b", f"{CRIU_CONFIG_LABEL}=/x"]),
-                        netns, conf)
-    assert state["config"]["namespaces"][1] == {"type": "NEWNET", "path": str(netns)}
+                        conf)
+    assert state["config"]["namespaces"][1] == {"type": "NEWNET", "path": ""}
     assert state["config"]["labels"] == ["bundle=/b", f"{CRIU_CONFIG_LABEL}={conf}"]
     back = without_godwit(state, netns, (Path("/s/containers/web"), Path("/s/released/w")))
     assert back == runc_state("/b/rootfs", ["bundle=/b"])
+    state["config"]["namespaces"][1]["path"] = str(netns)  # a netns godwit made
+    assert without_godwit(state, netns, (Path("/x"), Path("/y"))) == back
 
 
 def test_release_moves_a_godwit_owned_bundle_and_rootfs() -> None:
