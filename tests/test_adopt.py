@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import cli_json, copies, wait_for
 
-from godwit.bundle import COUNTER_SCRIPT, counter_bundle, load_config, read_count, save_config
-from godwit.testbed import Testbed
+from godwit.bundle import load_config, save_config
+from godwit.lab.bundles import COUNTER_SCRIPT, counter_bundle, read_count
+from godwit.lab.testbed import Testbed
 
 pytestmark = pytest.mark.integration
 
