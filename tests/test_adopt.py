@@ -105,6 +105,26 @@ def test_adopted_container_migrates_and_is_released_on_the_destination(
              what="plain runc to manage it")
 
 
+def test_adopted_then_released_in_place_is_runc_s_again(bed: Testbed, plain: list) -> None:
+    """adopt and release on the same host: the container never stops, runc's state goes
+    back where it was and runc drives it as before."""
+    plain.append(("a", "inplace"))
+    rootfs = start_plain(bed, "inplace", counter_bundle(bed.bundle_dir("inplace")))
+    root = str(plain_root(bed, "a"))
+    assert bed.godwit("adopt", "inplace", "--host", "a", "--runc-root", root).returncode == 0
+    pid = (cli_json(bed, "ps")["containers"][0])["pid"]
+    released = bed.godwit("release", "inplace", "--runc-root", root, "--json")
+    assert released.returncode == 0, released.stderr
+    state = runc_state(bed, "a", "inplace")
+    assert state and state["status"] == "running" and state["pid"] == pid, state
+    assert state["bundle"] == str(rootfs.parent), "the operator's bundle, as before"
+    before = read_count(rootfs) or 0
+    wait_for(lambda: (read_count(rootfs) or 0) > before + 3, what="counter going on")
+    code, out = runc(bed, "a", "pause", "inplace")
+    assert code == 0, out
+    assert runc(bed, "a", "resume", "inplace")[0] == 0
+
+
 def own_address(bundle: Path) -> Path:
     """The counter, after giving itself an address on lo (in the netns runc made)."""
     config = load_config(bundle)
