@@ -119,6 +119,21 @@ def test_container_without_address_carries_its_own_netns_config(
     remove(bed, name)
 
 
+def test_netns_with_a_veth_to_the_host_is_refused_before_the_freeze(bed: Testbed) -> None:
+    """Its peer would stay behind: pre-flight names it, nothing is frozen."""
+    start(bed, "linked", counter_bundle(bed.bundle_dir("linked")))
+    pid = next(r["pid"] for r in cli_json(bed, "ps")["containers"] if r["name"] == "linked")
+    add = bed.net.run_in("a", ["ip", "link", "add", f"{bed.prefix}l", "type", "veth",
+                               "peer", "name", "eth1", "netns", str(pid)])
+    assert add.wait(timeout=30) == 0
+    code, report = migrate(bed, "linked", "b")
+    assert code != 0 and report["result"] == "failed", report
+    assert "interface eth1 (veth) linked to another namespace" in report["error"], report
+    assert "freeze" not in [p["name"] for p in report["phases"]], report["phases"]
+    assert copies(bed, "linked") == [("a", "running")]
+    remove(bed, "linked")
+
+
 def test_256_mib_memory_is_preserved(bed: Testbed) -> None:
     start(bed, "mem256", memhog_bundle(bed.bundle_dir("mem256"), 256, seed=7, dirty_pps=0))
     rootfs = rootfs_of(bed, "mem256")
