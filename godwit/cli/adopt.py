@@ -26,8 +26,8 @@ def adopt_cmd(ctx: Context, name: str, host: str, runc_root: str | None,
               runc_id: str | None, as_json: bool) -> None:
     """Take a running runc container godwit did not start under the agent of HOST, as
     NAME, without restarting it: `godwit migrate` then moves it. Refused (container
-    untouched) when CRIU could not move it: terminal, stdio a host file, host network
-    namespace, or a network namespace with more than the loopback."""
+    untouched) when CRIU could not move it: terminal, stdio a host file, the host's
+    network namespace, or a device linked outside its own (a veth to a host bridge)."""
 
     async def go() -> ContainerInfo:
         async with ctx.client(host) as agent:
