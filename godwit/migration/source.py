@@ -270,8 +270,9 @@ class SourceMigration:
         locks = procfs.file_locks(self.ctx.store.pids(self.name))
         findings.append(check_file_locks(locks, self.shared))
         if not self.record.owns_netns and wants_own_netns(self.ctx.store.config(self.name)):
-            pid = min(self.ctx.store.pids(self.name), default=None)
-            findings.append(await asyncio.to_thread(check_own_netns, pid))
+            state = await self.ctx.store.state(self.name)  # its init: no short-lived task
+            findings.append(await asyncio.to_thread(check_own_netns,
+                                                    state.pid if state else None))
         self.report.preflight = [f.to_json() for f in findings]
         for finding in findings:
             if finding.level != "ok":
