@@ -20,6 +20,7 @@ from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.fsio import atomic_write
 from godwit.network import (
     ContainerNet,
+    can_change_netns,
     config_with_netns,
     create_container_netns,
     create_private_netns,
@@ -239,11 +240,14 @@ class ContainerStore:
                     *, rootfs_from: Path | None = None) -> ContainerRecord:
         """The one way a container is created here: record, owned rootfs (moved from
         `rootfs_from` to record.rootfs), netns, this host's bundle, `runc run`; a failure
-        undoes all of it. A container without an address keeps the netns runc makes,
-        which CRIU dumps and restores (godwit.criu_gate): what the container configures
-        in it moves with it."""
+        undoes all of it. A container without an address that may reconfigure its netns
+        keeps the one runc makes, which CRIU dumps and restores (godwit.criu_gate): what
+        it configures there moves with it. Any other gets a loopback-only netns of
+        godwit's, external to CRIU, which costs the freeze nothing."""
         name = record.name
         await self.check_new(name)
+        if not net and not can_change_netns(config):
+            record.private_netns = True
         if net:
             self.check_address_free(net)
         record.net = net.to_json() if net else None

@@ -91,6 +91,19 @@ def last_number(path: Path) -> int:
     return int(lines[-1]) if lines else 0
 
 
+def test_container_that_cannot_change_its_netns_gets_one_of_godwits(bed: Testbed) -> None:
+    """Without CAP_NET_ADMIN there is nothing in the netns to carry: godwit's loopback-only
+    netns, external to CRIU (nothing of it in the freeze), on a and again on b."""
+    name = "plain-lo"
+    bundle = counter_bundle(bed.bundle_dir(name))
+    start(bed, name, bundle)
+    assert godwit_netns(bed, name) is not None, "godwit's netns in /run/netns"
+    code, report = migrate(bed, name, "b")
+    assert code == 0, report.get("error")
+    assert godwit_netns(bed, name) is not None
+    remove(bed, name)
+
+
 @pytest.mark.parametrize("strategy", ["stop-and-copy", "post-copy"])
 def test_container_without_address_carries_its_own_netns_config(
         bed: Testbed, strategy: str) -> None:
