@@ -29,6 +29,8 @@ from godwit.crl_push import crl_handler
 from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.identity import Identity, IdentityError, identity_of
 from godwit.image_config import Overrides
+from godwit.limits import ConnectionGate, GatedSite
+from godwit.limits import listen as listen_socket
 from godwit.metrics import metrics_handler
 from godwit.migration import MigrationOptions, choose_strategy
 from godwit.migration.failure_logs import FailureLogs
@@ -527,10 +529,14 @@ async def serve(agent: Agent, listen: str, server_ssl: ssl.SSLContext | None = N
     host, _, port = listen.rpartition(":")
     agent.port = int(port)
     await agent.start()
-    runner = web.AppRunner(agent.app(), access_log=None, read_bufsize=1 << 20)
+    gate = ConnectionGate()
+    app = agent.app()
+    app.middlewares.insert(0, gate.middleware)
+    runner = web.AppRunner(app, access_log=None, read_bufsize=1 << 20,
+                           keepalive_timeout=gate.limits.keepalive_timeout)
     await runner.setup()
-    site = web.TCPSite(runner, host or "0.0.0.0", int(port), ssl_context=server_ssl,
-                       reuse_address=True)
+    site = GatedSite(runner, listen_socket(host or "0.0.0.0", int(port), gate),
+                     ssl_context=server_ssl)
     await site.start()
     log.info("agent %s listening on %s", agent.name, listen)
     try:
