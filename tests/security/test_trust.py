@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import resource
+import socket
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -302,3 +306,45 @@ def test_state_holding_configs_and_environments_is_private(bed: Testbed) -> None
         assert configs and all(c.stat().st_mode & 0o777 == 0o600 for c in configs), configs
     finally:
         bed.godwit("rm", "sec-private")
+
+
+def _wait_until_accepted(pid: int, timeout: float = 30) -> int:
+    """Wait until the agent's count of descriptors stops growing; that count."""
+    count, deadline = -1, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(2)
+        now = len(os.listdir(f"/proc/{pid}/fd"))
+        if now == count:
+            break
+        count = now
+    return count
+
+
+def test_idle_unauthenticated_sockets_do_not_stop_a_migration(bed: Testbed) -> None:
+    """2 000 TCP connections to b that never start TLS, with b's descriptor limit lowered to
+    1 024 (no CAP_SYS_RESOURCE is needed to lower it): a migration a -> b still succeeds."""
+    pid = bed.agents["b"].pid
+    saved = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    bundle = counter_bundle(bed.bundle_dir("sec-flood"))
+    assert bed.godwit("run", "sec-flood", "--bundle", str(bundle), "--host", "a").returncode == 0
+    host, port = bed.address("b").rsplit(":", 1)
+    idle: list[socket.socket] = []
+    try:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (1024, saved[1]))
+        for _ in range(2000):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex((host, int(port)))
+            idle.append(sock)
+            if len(idle) % 100 == 0:
+                time.sleep(0.3)  # within the listen backlog, so each one reaches the agent
+        assert _wait_until_accepted(pid) < 1000, "the agent holds a descriptor per socket"
+        result = bed.godwit("migrate", "sec-flood", "--to", "b", "--json", timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        state = call(bed, "b", bed.operator_tls, "GET", "/v1/containers/sec-flood")[1]
+        assert state["status"] == "running", state
+    finally:
+        for sock in idle:
+            sock.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, saved)
+        bed.godwit("rm", "sec-flood")
