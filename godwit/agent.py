@@ -98,7 +98,8 @@ class Agent:
         self.store = ContainerStore(state_dir, self.runc, name, networking)
         self.admission = Admission(state_dir, self.store.networking.bridge)
         self.failure_logs = FailureLogs(state_dir / "failed-logs")
-        self.receiver = Receiver(self.store, state_dir, tls, self.failure_logs)
+        self.receiver = Receiver(self.store, state_dir, tls, self.failure_logs,
+                                 device_rule=self.admission.device_rule)
         self.reports = ReportArchive(state_dir / "reports")
         self.caps: CriuCapabilities | None = None
         self.migrating: dict[str, asyncio.Task] = {}

@@ -35,7 +35,9 @@ from godwit.network import ContainerNet
 from godwit.preflight import Finding
 from godwit.runc_features import RuncFeatures
 
-PROTOCOL_VERSION = "1.1"  # major.minor: a new major is not understood by an older agent
+# major.minor: a new major is not understood by an older agent. 2.0: a prepare request
+# announces `upload_bytes` (the destination bounds the uploads by it).
+PROTOCOL_VERSION = "2.0"
 MigrationId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f-]{1,64}$", max_length=64)]
 M = TypeVar("M")
 
@@ -277,6 +279,10 @@ class IncomingRequest(Request, kw_only=True):
     strategy: str
     net: ContainerNet | None = None
     private_netns: bool = False
+    # what the source expects to upload (rootfs and images, the pre-flight's disk estimate):
+    # the destination refuses it beyond its free disk, and cuts uploads past it (margin in
+    # godwit.migration.receiver)
+    upload_bytes: Annotated[int, msgspec.Meta(ge=0, le=2**62)]
 
     @property
     def owns_netns(self) -> bool:

@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from godwit import faults, fence, procfs
@@ -42,13 +43,16 @@ from godwit.protocol import (
 )
 from godwit.runc import RUNC_LOG, HeldRunc
 from godwit.tls import TLSFiles
-from godwit.transport import TransferError, receive_tree
+from godwit.transport import ByteBudget, TransferError, TreeRules, UploadTooLarge, receive_tree
 
 log = logging.getLogger("godwit.receiver")
+DeviceRule = Callable[[str, int, int], bool]
 ID_CHARS = set("0123456789abcdef-")
 PAGES = "pages"
 PLACED = "rootfs-placed"  # marker: the received rootfs moved to the container's directory
 UPLOADS = re.compile(r"rootfs|images|pre-[1-9]")
+UPLOAD_MARGIN = 256 << 20  # beyond twice what the source announced (rootfs syncs, pre-copy
+#                            rounds and images larger than the memory estimate)
 FENCED_GRACE_S = 10.0  # a source asks how its migration ended until shortly after the fence
 
 
@@ -56,8 +60,13 @@ class Receiver:
     """Incoming migrations of one agent."""
 
     def __init__(self, store: ContainerStore, state_dir: Path,
-                 tls: TLSFiles | None = None, failure_logs: FailureLogs | None = None) -> None:
+                 tls: TLSFiles | None = None, failure_logs: FailureLogs | None = None,
+                 device_rule: Callable[[], DeviceRule] | None = None) -> None:
+        """`device_rule()`: which device nodes a received tree may hold (the admission
+        policy's, read per upload); without it none."""
         self.store = store
+        self.device_rule = device_rule or (lambda: _no_devices)
+        self.budgets: dict[str, ByteBudget] = {}  # per migration: bytes its uploads may write
         self.tls = tls
         self.failure_logs = failure_logs
         self.watchers: set[asyncio.Task] = set()
@@ -101,6 +110,7 @@ class Receiver:
             )
         if request.net:
             self.store.check_address_free(request.net)
+        _check_free_disk(self.root, request.upload_bytes, self.store.host)
         staging.mkdir(parents=True)
         atomic_write(staging / "request.json", encode(request))  # config and env: 0600
         try:
@@ -178,6 +188,7 @@ class Receiver:
                 "restore.log": work / "restore.log", LAZY_LOG: work / LAZY_LOG,
                 "runc-restore.log": work / RUNC_LOG})
         shutil.rmtree(staging, ignore_errors=True)
+        self.budgets.pop(migration_id, None)
 
     async def _drop_when_fenced(self, migration_id: str, seconds: float) -> None:
         """A fenced migration's staging area goes once its source has stopped asking how
@@ -220,13 +231,26 @@ class Receiver:
         dest.mkdir(exist_ok=True)
         self.touch(migration_id)
         await faults.point("rootfs" if what == "rootfs" else "images")
+        rules = TreeRules(budget=self._budget(migration_id, request), keep_setid=False,
+                          device_allowed=self.device_rule())
         try:
-            stats = await receive_tree(stream, dest,
+            stats = await receive_tree(stream, dest, rules=rules,
                                        on_progress=lambda _: self.touch(migration_id))
+        except UploadTooLarge as exc:
+            await self.abort(migration_id)
+            raise GodwitError(f"{what} upload cut off: {exc}; migration {migration_id} "
+                              f"aborted on {self.store.host}") from exc
         except TransferError as exc:
             raise GodwitError(f"{what} transfer failed: {exc}") from exc
         return Uploaded(files=stats.files, bytes=stats.bytes, wire_bytes=stats.wire_bytes,
                         seconds=stats.seconds)
+
+    def _budget(self, migration_id: str, request: IncomingRequest) -> ByteBudget:
+        """What all uploads of a migration may write: twice the announced bytes plus
+        UPLOAD_MARGIN (after an agent restart, the whole of it again)."""
+        if migration_id not in self.budgets:
+            self.budgets[migration_id] = ByteBudget(2 * request.upload_bytes + UPLOAD_MARGIN)
+        return self.budgets[migration_id]
 
     async def arm(self, migration_id: str, descriptors: list[str]) -> Armed:
         """The source is about to freeze: place the rootfs, write the bundle and start
@@ -511,10 +535,23 @@ class Receiver:
                 self._drop_staging(staging.name, staging)
 
 
+def _no_devices(kind: str, major: int, minor: int) -> bool:
+    return False
+
+
+def _check_free_disk(root: Path, announced: int, host: str) -> None:
+    """Refuse a migration whose announced uploads do not fit on this host's disk."""
+    free = shutil.disk_usage(root).free
+    if announced > free:
+        raise GodwitError(f"not enough disk on {host}: the source announces {announced} "
+                          f"bytes, {free} free under {root}")
+
+
 def _saved_request(path: Path) -> IncomingRequest:
     """A request.json this agent saved; the fields of an older godwit that are no longer
-    sent (tcp_established) are dropped."""
-    raw = json.loads(path.read_text())
+    sent (tcp_established) are dropped, one saved before uploads were announced (protocol
+    1) gets the default budget only (upload_bytes 0)."""
+    raw = {"upload_bytes": 0, **json.loads(path.read_text())}
     known = set(IncomingRequest.__struct_fields__)
     return convert({k: v for k, v in raw.items() if k in known}, IncomingRequest,
                    f"saved {path.name}")

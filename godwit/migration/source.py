@@ -91,6 +91,7 @@ class SourceMigration:
         self.journal_path = ctx.work_dir / "journal.json"
         self.journal_state: dict = {}
         self.held_dump: HeldRunc | None = None
+        self.upload_bytes = 0  # the pre-flight's estimate of what goes to the destination
 
     @property
     def runc(self) -> Runc:
@@ -262,6 +263,7 @@ class SourceMigration:
         """Refuse before anything is frozen when the destination cannot take the container."""
         needed_mem, needed_disk = await asyncio.to_thread(
             migration_needs, self.ctx.store, self.name, self.shared)
+        self.upload_bytes = needed_disk
         findings = await run_checks(
             self.ctx.local_info, dest_info, self.ctx.dest, strategy=self.strategy,
             needed_mem=needed_mem, needed_disk=needed_disk,
@@ -292,6 +294,7 @@ class SourceMigration:
             strategy=self.strategy,
             net=ContainerNet.from_json(self.record.net) if self.record.net else None,
             private_netns=self.record.private_netns,
+            upload_bytes=self.upload_bytes,
         )
 
     async def send_rootfs(self, *, initial: bool) -> None:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from godwit import transport
 from godwit.bundle import load_config, oci_config
 from godwit.lab.bundles import counter_bundle
 from godwit.lab.testbed import Testbed
@@ -54,7 +55,7 @@ def incoming(config: dict | None = None, **extra: object) -> dict:
     """A prepare request as a source sends it, without network (nothing made but staging)."""
     return {"id": str(uuid.uuid4()), "name": f"sec-{uuid.uuid4().hex[:8]}", "source": "a",
             "config": config or oci_config(["/bin/sh"]), "commit_timeout": 30,
-            "idle_timeout": 60, "strategy": "stop-and-copy", **extra}
+            "idle_timeout": 60, "strategy": "stop-and-copy", "upload_bytes": 0, **extra}
 
 
 # -- admission on the destination --------------------------------------------------------
@@ -348,3 +349,45 @@ def test_idle_unauthenticated_sockets_do_not_stop_a_migration(bed: Testbed) -> N
             sock.close()
         resource.prlimit(pid, resource.RLIMIT_NOFILE, saved)
         bed.godwit("rm", "sec-flood")
+
+
+def _upload(bed: Testbed, host: str, files: TLSFiles, migration_id: str,
+            body: bytes) -> tuple[int, dict]:
+    async def go() -> tuple[int, dict]:
+        async with aiohttp.ClientSession() as session, session.put(
+                f"https://{bed.address(host)}/v1/incoming/{migration_id}/rootfs", data=body,
+                ssl=client_context(files), timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    return asyncio.run(go())
+
+
+def _record(**header: object) -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(4, "big") + raw
+
+
+def test_an_upload_larger_than_announced_is_cut_off(bed: Testbed) -> None:
+    """The agent that prepared the migration announces 1 MiB, then sends a file header of
+    1 GiB (what a few KB of zstd can carry): cut off, the staging dropped."""
+    agent_a, request = bed.ca.bundle_for("a"), incoming(upload_bytes=1 << 20)
+    assert call(bed, "b", agent_a, "POST", "/v1/incoming", request)[0] == 200
+    staging = bed.host("b").state_dir / "incoming" / request["id"]
+    assert staging.is_dir()
+    header = {"type": "file", "path": "zeros", "mode": 0o644, "uid": 0, "gid": 0,
+              "mtime_ns": 0, "size": 1 << 30}
+    stream = transport.MAGIC + bytes([transport.VERSION, 0]) + _record(**header) \
+        + bytes(64 << 10)
+    status, body = _upload(bed, "b", agent_a, request["id"], stream)
+    assert status == 400 and "upload cut off: upload larger than announced" in body["error"]
+    assert "\n" not in body["error"]
+    assert not staging.exists(), "the staging must go with the refused upload"
+    assert call(bed, "b", agent_a, "GET", f"/v1/incoming/{request['id']}")[1]["state"] \
+        == "unknown"
+
+
+def test_a_migration_larger_than_the_free_disk_is_refused_at_prepare(bed: Testbed) -> None:
+    request = incoming(upload_bytes=1 << 60)
+    status, body = call(bed, "b", bed.ca.bundle_for("a"), "POST", "/v1/incoming", request)
+    assert status == 400 and "not enough disk on b" in body["error"], body
+    assert not (bed.host("b").state_dir / "incoming" / request["id"]).exists()
