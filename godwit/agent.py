@@ -36,12 +36,17 @@ from godwit.migration import MigrationOptions, choose_strategy
 from godwit.migration.failure_logs import FailureLogs
 from godwit.migration.post_copy import PostCopy
 from godwit.migration.pre_copy import PreCopy
-from godwit.migration.receiver import Receiver
+from godwit.migration.receiver import Receiver, check_free_disk
 from godwit.migration.report import EventStream, MigrationReport, ReportArchive
-from godwit.migration.source import SourceContext, SourceMigration, migration_needs
+from godwit.migration.source import (
+    SourceContext,
+    SourceMigration,
+    incoming_request,
+    migration_needs,
+)
 from godwit.network import ContainerNet
 from godwit.openapi import document
-from godwit.preflight import check_cpuinfo_image, run_checks
+from godwit.preflight import Finding, check_cpuinfo_image, run_checks
 from godwit.protocol import (
     PROTOCOL_VERSION,
     ROUTES,
@@ -358,6 +363,16 @@ class Agent:
     async def check_cpuinfo(self, request: web.Request) -> web.Response:
         return _reply(await check_cpuinfo_image(await request.read()))
 
+    async def check_admission(self, request: web.Request) -> web.Response:
+        """Would this host admit an incoming migration: its policy and free disk."""
+        body = await _body(request, IncomingRequest)
+        try:
+            await self.admission.check_incoming(body)
+            check_free_disk(self.receiver.root, body.upload_bytes, self.name)
+        except GodwitError as exc:
+            return _reply(Finding("admission", "error", str(exc)))
+        return _reply(Finding("admission", "ok", f"admitted by {self.name}'s policy"))
+
     async def preflight(self, request: web.Request) -> web.Response:
         """`godwit check`: the pre-flight checks from this host to another, nothing frozen."""
         body = await _body(request, PreflightRequest)
@@ -367,11 +382,14 @@ class Agent:
             if name else (0, 0)
         async with self.peer(options.to) as dest:
             dest_info = await dest.info()
+            strategy = self.pick_strategy(options, name, dest_info)
+            incoming = incoming_request(self.store, name, options, migration_id=str(
+                uuid.uuid4()), source=self.name, strategy=strategy, upload_bytes=disk) \
+                if name else None
             findings = await run_checks(
-                await self.describe_host(), dest_info, dest,
-                strategy=self.pick_strategy(options, name, dest_info),
-                needed_mem=mem, needed_disk=disk,
-                max_skew_s=options.max_clock_skew)
+                await self.describe_host(), dest_info, dest, strategy=strategy,
+                needed_mem=mem, needed_disk=disk, max_skew_s=options.max_clock_skew,
+                incoming=incoming)
         return _reply(PreflightReply(source=self.name, destination=dest_info.name,
                                      findings=findings))
 

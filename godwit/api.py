@@ -207,6 +207,9 @@ class AgentClient:
     async def check_cpuinfo(self, image: bytes) -> Finding:
         return await self.request("POST", "/v1/preflight/cpuinfo", Finding, data=image)
 
+    async def check_admission(self, request: IncomingRequest) -> Finding:
+        return await self.request("POST", "/v1/preflight/admission", Finding, request)
+
     async def preflight(self, body: PreflightRequest) -> PreflightReply:
         return await self.request("POST", "/v1/preflight", PreflightReply, body)
 

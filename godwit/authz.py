@@ -39,6 +39,7 @@ RULES: dict[tuple[str, str], frozenset[str]] = {
     ("GET", "/v1/time"): READ_ALL,
     ("POST", "/v1/preflight"): OPERATE,
     ("POST", "/v1/preflight/cpuinfo"): AGENT | OPERATE,
+    ("POST", "/v1/preflight/admission"): AGENT | OPERATE,
     ("GET", "/v1/migrations"): READ,
     ("GET", "/v1/migrations/{id}"): READ,
     ("GET", "/v1/migrations/{id}/logs"): READ,

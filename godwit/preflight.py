@@ -21,7 +21,7 @@ from godwit.errors import GodwitError
 from godwit.runc_features import series
 
 if TYPE_CHECKING:
-    from godwit.protocol import HostInfo
+    from godwit.protocol import HostInfo, IncomingRequest
 
 Level = Literal["ok", "warn", "error"]
 Sample = tuple[float, float, float, float]  # t1 client send, t2 server recv, t3 server send, t4
@@ -246,9 +246,12 @@ def _mib(n: int) -> str:
 
 # all checks of one migration
 async def run_checks(source: HostInfo, destination: HostInfo, dest, *, strategy: str,
-                     needed_mem: int, needed_disk: int, max_skew_s: float) -> list[Finding]:
+                     needed_mem: int, needed_disk: int, max_skew_s: float,
+                     incoming: IncomingRequest | None = None) -> list[Finding]:
     """Every pre-flight check between this (source) host and ``dest`` (an AgentClient);
-    against a peer of another protocol only that one (its other answers may mislead)."""
+    against a peer of another protocol only that one (its other answers may mislead).
+    With the prepare request it would get (``incoming``), ``dest`` says whether its
+    admission policy and free disk take it."""
     protocol = check_protocol(source.protocol, destination.protocol)
     if protocol.level == "error":
         return [protocol]
@@ -257,6 +260,8 @@ async def run_checks(source: HostInfo, destination: HostInfo, dest, *, strategy:
     findings.append(check_skew(await measure_skew(dest.time_pair), max_skew_s))
     findings.extend(check_resources(dest_info, needed_mem, needed_disk))
     findings.append(await dest.check_cpuinfo(await cpuinfo_image()))
+    if incoming is not None:
+        findings.append(await dest.check_admission(incoming))
     return findings
 
 

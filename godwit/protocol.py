@@ -36,7 +36,8 @@ from godwit.preflight import Finding
 from godwit.runc_features import RuncFeatures
 
 # major.minor: a new major is not understood by an older agent. 2.0: a prepare request
-# announces `upload_bytes` (the destination bounds the uploads by it).
+# announces `upload_bytes` (the destination bounds the uploads by it); the pre-flight asks
+# the destination's admission (`POST /v1/preflight/admission`).
 PROTOCOL_VERSION = "2.0"
 MigrationId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f-]{1,64}$", max_length=64)]
 M = TypeVar("M")
@@ -415,6 +416,9 @@ ROUTES: tuple[Route, ...] = (
           PreflightReply, PreflightRequest),
     Route("POST", "/v1/preflight/cpuinfo", "check_cpuinfo",
           "can this CPU run a `criu cpuinfo dump` image's processes", Finding, OCTET),
+    Route("POST", "/v1/preflight/admission", "check_admission",
+          "would this host admit the migration (its policy, its free disk); nothing staged",
+          Finding, IncomingRequest),
     Route("GET", "/v1/migrations", "history", "reports of past migrations", list[Report]),
     Route("GET", "/v1/migrations/{id}", "report", "one report", Report),
     Route("GET", "/v1/migrations/{id}/logs", "migration_logs",

@@ -110,7 +110,7 @@ class Receiver:
             )
         if request.net:
             self.store.check_address_free(request.net)
-        _check_free_disk(self.root, request.upload_bytes, self.store.host)
+        check_free_disk(self.root, request.upload_bytes, self.store.host)
         staging.mkdir(parents=True)
         atomic_write(staging / "request.json", encode(request))  # config and env: 0600
         try:
@@ -539,7 +539,7 @@ def _no_devices(kind: str, major: int, minor: int) -> bool:
     return False
 
 
-def _check_free_disk(root: Path, announced: int, host: str) -> None:
+def check_free_disk(root: Path, announced: int, host: str) -> None:
     """Refuse a migration whose announced uploads do not fit on this host's disk."""
     free = shutil.disk_usage(root).free
     if announced > free:

@@ -47,6 +47,27 @@ PROGRESS_INTERVAL_S = 0.1
 VERIFY_TIMEOUT_S = 10.0
 
 
+def incoming_request(store: ContainerStore, name: str, options: MigrationOptions, *,
+                     migration_id: str, source: str, strategy: str,
+                     upload_bytes: int) -> IncomingRequest:
+    """What the source asks the destination to prepare for container ``name``."""
+    record = store.record(name)
+    max_freeze = options.max_freeze or default_max_freeze(store.memory_usage(name))
+    return IncomingRequest(
+        id=migration_id,
+        name=name,
+        source=source,
+        config=store.config(name),
+        shared_rootfs=record.rootfs if options.shared_storage else None,
+        commit_timeout=options.commit_timeout,
+        idle_timeout=options.progress_timeout + max_freeze,
+        strategy=strategy,
+        net=ContainerNet.from_json(record.net) if record.net else None,
+        private_netns=record.private_netns,
+        upload_bytes=upload_bytes,
+    )
+
+
 def migration_needs(store: ContainerStore, name: str, shared: bool) -> tuple[int, int]:
     """(memory, disk) bytes a destination needs to take this container."""
     memory = store.memory_usage(name)
@@ -267,7 +288,7 @@ class SourceMigration:
         findings = await run_checks(
             self.ctx.local_info, dest_info, self.ctx.dest, strategy=self.strategy,
             needed_mem=needed_mem, needed_disk=needed_disk,
-            max_skew_s=self.options.max_clock_skew,
+            max_skew_s=self.options.max_clock_skew, incoming=self.incoming_request(),
         )
         locks = procfs.file_locks(self.ctx.store.pids(self.name))
         findings.append(check_file_locks(locks, self.shared))
@@ -283,19 +304,9 @@ class SourceMigration:
             raise GodwitError(f"pre-flight refused: {refusal(findings)}")
 
     def incoming_request(self) -> IncomingRequest:
-        return IncomingRequest(
-            id=self.report.id,
-            name=self.name,
-            source=self.report.source,
-            config=self.ctx.store.config(self.name),
-            shared_rootfs=self.record.rootfs if self.shared else None,
-            commit_timeout=self.fence_timeout,
-            idle_timeout=self.options.progress_timeout + self.max_freeze(),
-            strategy=self.strategy,
-            net=ContainerNet.from_json(self.record.net) if self.record.net else None,
-            private_netns=self.record.private_netns,
-            upload_bytes=self.upload_bytes,
-        )
+        return incoming_request(self.ctx.store, self.name, self.options,
+                                migration_id=self.report.id, source=self.report.source,
+                                strategy=self.strategy, upload_bytes=self.upload_bytes)
 
     async def send_rootfs(self, *, initial: bool) -> None:
         """First pass while running; second pass, frozen, carries only what changed."""

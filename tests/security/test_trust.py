@@ -391,3 +391,33 @@ def test_a_migration_larger_than_the_free_disk_is_refused_at_prepare(bed: Testbe
     status, body = call(bed, "b", bed.ca.bundle_for("a"), "POST", "/v1/incoming", request)
     assert status == 400 and "not enough disk on b" in body["error"], body
     assert not (bed.host("b").state_dir / "incoming" / request["id"]).exists()
+
+
+def test_check_shows_the_destinations_admission_refusal(bed: Testbed) -> None:
+    """`godwit check --container`: b's policy refuses CAP_SYS_ADMIN, a's admits it; the
+    refusal shows in the pre-flight, nothing staged on b."""
+    policy_a = bed.host("a").state_dir / "policy.json"
+    saved = policy_a.read_text()
+    policy = json.loads(saved)
+    policy["capabilities"] = [*policy["capabilities"], "CAP_SYS_ADMIN"]
+    policy_a.write_text(json.dumps(policy))
+    bundle = counter_bundle(bed.bundle_dir("sec-check"))
+    config = load_config(bundle)
+    for names in config["process"]["capabilities"].values():
+        names.append("CAP_SYS_ADMIN")
+    (bundle / "config.json").write_text(json.dumps(config))
+    try:
+        run = bed.godwit("run", "sec-check", "--bundle", str(bundle), "--host", "a")
+        assert run.returncode == 0, run.stderr
+        result = bed.godwit("check", "b", "--from", "a", "--container", "sec-check", "--json")
+        assert result.returncode == 1, result.stdout + result.stderr
+        findings = {f["check"]: f for f in json.loads(result.stdout)["a"]["findings"]}
+        assert findings["admission"]["level"] == "error", findings
+        assert "CAP_SYS_ADMIN not allowed" in findings["admission"]["message"]
+        staged = (bed.host("b").state_dir / "incoming").glob("*/request.json")
+        assert not [p for p in staged if json.loads(p.read_text())["name"] == "sec-check"]
+        ok = bed.godwit("check", "a", "--from", "b", "--json")
+        assert "admission" not in {f["check"] for f in json.loads(ok.stdout)["b"]["findings"]}
+    finally:
+        bed.godwit("rm", "sec-check")
+        policy_a.write_text(saved)
