@@ -71,7 +71,7 @@ class Receiver:
         self.failure_logs = failure_logs
         self.watchers: set[asyncio.Task] = set()
         self.root = state_dir / "incoming"
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.holds: dict[str, PacketHold] = {}
         self.held: dict[str, HeldRunc[int]] = {}  # armed: runc restore waiting before CRIU
         self.locks: dict[str, asyncio.Lock] = {}
@@ -111,7 +111,7 @@ class Receiver:
         if request.net:
             self.store.check_address_free(request.net)
         check_free_disk(self.root, request.upload_bytes, self.store.host)
-        staging.mkdir(parents=True)
+        staging.mkdir(mode=0o700, parents=True)  # received trees: no other local user
         atomic_write(staging / "request.json", encode(request))  # config and env: 0600
         try:
             if request.net:
