@@ -54,6 +54,13 @@ async def idle_sockets(port: int, count: int) -> list[socket.socket]:
     return socks
 
 
+async def operator_connection(ca: CertificateAuthority, port: int
+                              ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port,
+                                         ssl=client_context(ca.bundle_for("op")),
+                                         server_hostname="127.0.0.1")
+
+
 async def get(ca: CertificateAuthority, port: int, data: str | None = None) -> str:
     async with aiohttp.ClientSession() as session, session.request(
             "POST" if data else "GET", f"https://127.0.0.1:{port}/", data=data,
@@ -102,9 +109,7 @@ def test_a_request_head_never_sent_is_cut(ca: CertificateAuthority) -> None:
     async def go() -> None:
         site, port = await serving(ca, Limits(header_timeout=1.0))
         try:
-            reader, writer = await asyncio.open_connection(
-                "127.0.0.1", port, ssl=client_context(ca.bundle_for("op")),
-                server_hostname="127.0.0.1")
+            reader, writer = await operator_connection(ca, port)
             writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # never finished
             await writer.drain()
             assert await asyncio.wait_for(reader.read(), 5) == b""
@@ -120,9 +125,7 @@ def test_a_stalled_body_is_cut(ca: CertificateAuthority) -> None:
     async def go() -> None:
         site, port = await serving(ca, Limits(body_timeout=1.0))
         try:
-            reader, writer = await asyncio.open_connection(
-                "127.0.0.1", port, ssl=client_context(ca.bundle_for("op")),
-                server_hostname="127.0.0.1")
+            reader, writer = await operator_connection(ca, port)
             writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab")
             await writer.drain()
             answer = await asyncio.wait_for(reader.read(), 5)

@@ -5,12 +5,14 @@ Hosts a and b of the testbed run real agents; certificates come from the testbed
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -260,22 +262,33 @@ def test_crl_push_installs_only_a_fresh_crl_of_our_ca(bed: Testbed, tmp_path: Pa
     assert bed.ca.crl.read_bytes() == fresh
 
 
-def test_a_refused_migration_fails_before_the_freeze(bed: Testbed) -> None:
-    """a admits CAP_SYS_ADMIN, b does not: the migration stops at prepare, and the
-    container never stops counting on a."""
+@contextlib.contextmanager
+def sysadmin_on_a(bed: Testbed, name: str) -> Iterator[None]:
+    """Container ``name`` runs on a with CAP_SYS_ADMIN, which a's policy admits for the
+    while and b's does not."""
     policy_a = bed.host("a").state_dir / "policy.json"
     saved = policy_a.read_text()
     policy = json.loads(saved)
     policy["capabilities"] = [*policy["capabilities"], "CAP_SYS_ADMIN"]
     policy_a.write_text(json.dumps(policy))
-    bundle = counter_bundle(bed.bundle_dir("sec-sysadmin"))
+    bundle = counter_bundle(bed.bundle_dir(name))
     config = load_config(bundle)
     for names in config["process"]["capabilities"].values():
         names.append("CAP_SYS_ADMIN")
     (bundle / "config.json").write_text(json.dumps(config))
     try:
-        run = bed.godwit("run", "sec-sysadmin", "--bundle", str(bundle), "--host", "a")
+        run = bed.godwit("run", name, "--bundle", str(bundle), "--host", "a")
         assert run.returncode == 0, run.stderr
+        yield
+    finally:
+        bed.godwit("rm", name)
+        policy_a.write_text(saved)
+
+
+def test_a_refused_migration_fails_before_the_freeze(bed: Testbed) -> None:
+    """a admits CAP_SYS_ADMIN, b does not: the migration stops at prepare, and the
+    container never stops counting on a."""
+    with sysadmin_on_a(bed, "sec-sysadmin"):
         result = bed.godwit("migrate", "sec-sysadmin", "--to", "b", "--json")
         assert result.returncode != 0
         report = json.loads(result.stdout)
@@ -284,9 +297,6 @@ def test_a_refused_migration_fails_before_the_freeze(bed: Testbed) -> None:
         state = call(bed, "a", bed.operator_tls, "GET", "/v1/containers/sec-sysadmin")[1]
         assert state["status"] == "running", state
         assert call(bed, "b", bed.operator_tls, "GET", "/v1/containers/sec-sysadmin")[0] == 404
-    finally:
-        bed.godwit("rm", "sec-sysadmin")
-        policy_a.write_text(saved)
 
 
 def test_state_holding_configs_and_environments_is_private(bed: Testbed) -> None:
@@ -396,19 +406,7 @@ def test_a_migration_larger_than_the_free_disk_is_refused_at_prepare(bed: Testbe
 def test_check_shows_the_destinations_admission_refusal(bed: Testbed) -> None:
     """`godwit check --container`: b's policy refuses CAP_SYS_ADMIN, a's admits it; the
     refusal shows in the pre-flight, nothing staged on b."""
-    policy_a = bed.host("a").state_dir / "policy.json"
-    saved = policy_a.read_text()
-    policy = json.loads(saved)
-    policy["capabilities"] = [*policy["capabilities"], "CAP_SYS_ADMIN"]
-    policy_a.write_text(json.dumps(policy))
-    bundle = counter_bundle(bed.bundle_dir("sec-check"))
-    config = load_config(bundle)
-    for names in config["process"]["capabilities"].values():
-        names.append("CAP_SYS_ADMIN")
-    (bundle / "config.json").write_text(json.dumps(config))
-    try:
-        run = bed.godwit("run", "sec-check", "--bundle", str(bundle), "--host", "a")
-        assert run.returncode == 0, run.stderr
+    with sysadmin_on_a(bed, "sec-check"):
         result = bed.godwit("check", "b", "--from", "a", "--container", "sec-check", "--json")
         assert result.returncode == 1, result.stdout + result.stderr
         findings = {f["check"]: f for f in json.loads(result.stdout)["a"]["findings"]}
@@ -418,6 +416,3 @@ def test_check_shows_the_destinations_admission_refusal(bed: Testbed) -> None:
         assert not [p for p in staged if json.loads(p.read_text())["name"] == "sec-check"]
         ok = bed.godwit("check", "a", "--from", "b", "--json")
         assert "admission" not in {f["check"] for f in json.loads(ok.stdout)["b"]["findings"]}
-    finally:
-        bed.godwit("rm", "sec-check")
-        policy_a.write_text(saved)
