@@ -27,6 +27,7 @@ from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.fsio import atomic_write
 from godwit.image_config import provenance_fields
 from godwit.migration.failure_logs import FailureLogs
+from godwit.migration.pre_copy import MAX_ROUNDS, PreCopy
 from godwit.network import ContainerNet
 from godwit.packet_hold import PacketHold
 from godwit.protocol import (
@@ -51,8 +52,8 @@ ID_CHARS = set("0123456789abcdef-")
 PAGES = "pages"
 PLACED = "rootfs-placed"  # marker: the received rootfs moved to the container's directory
 UPLOADS = re.compile(r"rootfs|images|pre-[1-9]")
-UPLOAD_MARGIN = 256 << 20  # beyond twice what the source announced (rootfs syncs, pre-copy
-#                            rounds and images larger than the memory estimate)
+UPLOAD_MARGIN = 256 << 20  # beyond a multiple of what the source announced (rootfs syncs,
+#                            images larger than the memory estimate)
 FENCED_GRACE_S = 10.0  # a source asks how its migration ended until shortly after the fence
 
 
@@ -246,10 +247,14 @@ class Receiver:
                         seconds=stats.seconds)
 
     def _budget(self, migration_id: str, request: IncomingRequest) -> ByteBudget:
-        """What all uploads of a migration may write: twice the announced bytes plus
-        UPLOAD_MARGIN (after an agent restart, the whole of it again)."""
+        """What all uploads of a migration may write: twice the announced bytes (the rootfs
+        goes twice at most: its copy and its sync), once more per pre-copy round (each
+        pre-dump holds at most the memory), plus UPLOAD_MARGIN; after an agent restart,
+        the whole of it again."""
         if migration_id not in self.budgets:
-            self.budgets[migration_id] = ByteBudget(2 * request.upload_bytes + UPLOAD_MARGIN)
+            times = 2 + (MAX_ROUNDS if request.strategy == PreCopy.strategy else 0)
+            self.budgets[migration_id] = ByteBudget(times * request.upload_bytes
+                                                    + UPLOAD_MARGIN)
         return self.budgets[migration_id]
 
     async def arm(self, migration_id: str, descriptors: list[str]) -> Armed:
