@@ -104,18 +104,26 @@ def test_container_that_cannot_change_its_netns_gets_one_of_godwits(bed: Testbed
     remove(bed, name)
 
 
+def net_admin_bundle(bed: Testbed, name: str, script: str | None = None) -> Path:
+    """A counter bundle with CAP_NET_ADMIN (it may change its netns, so CRIU carries it),
+    running `script` instead of the counter when given."""
+    bundle = counter_bundle(bed.bundle_dir(name))
+    config = load_config(bundle)
+    if script:
+        config["process"]["args"] = ["/bin/sh", "-c", script]
+    for caps in config["process"]["capabilities"].values():
+        caps.append("CAP_NET_ADMIN")
+    save_config(bundle, config)
+    return bundle
+
+
 @pytest.mark.parametrize("strategy", ["stop-and-copy", "post-copy"])
 def test_container_without_address_carries_its_own_netns_config(
         bed: Testbed, strategy: str) -> None:
     """runc makes its netns and CRIU dumps and restores it: the address and route the
     container added are there on b, and its loopback TCP connection goes on."""
     name = f"loner-{strategy}"
-    bundle = counter_bundle(bed.bundle_dir(name))
-    config = load_config(bundle)
-    config["process"]["args"] = ["/bin/sh", "-c", OWN_NETNS_SCRIPT]
-    for caps in config["process"]["capabilities"].values():
-        caps.append("CAP_NET_ADMIN")
-    save_config(bundle, config)
+    bundle = net_admin_bundle(bed, name, OWN_NETNS_SCRIPT)
     start(bed, name, bundle)
     assert godwit_netns(bed, name) is None, "runc's netns, not one in /run/netns"
     wait_for(lambda: last_number(bundle / "rootfs/tcp.log") >= 5, what="loopback stream")
@@ -134,7 +142,7 @@ def test_container_without_address_carries_its_own_netns_config(
 
 def test_netns_with_a_veth_to_the_host_is_refused_before_the_freeze(bed: Testbed) -> None:
     """Its peer would stay behind: pre-flight names it, nothing is frozen."""
-    start(bed, "linked", counter_bundle(bed.bundle_dir("linked")))
+    start(bed, "linked", net_admin_bundle(bed, "linked"))
     pid = next(r["pid"] for r in cli_json(bed, "ps")["containers"] if r["name"] == "linked")
     add = bed.net.run_in("a", ["ip", "link", "add", f"{bed.prefix}l", "type", "veth",
                                "peer", "name", "eth1", "netns", str(pid)])
