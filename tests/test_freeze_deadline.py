@@ -14,6 +14,7 @@ from godwit.errors import GodwitError
 from godwit.migration import MigrationOptions, default_max_freeze
 from godwit.migration.report import EventStream, MigrationReport
 from godwit.migration.source import FREEZE_MARGIN_S, SourceContext, SourceMigration
+from godwit.migration.states import DestinationState
 from godwit.runc import HeldRunc
 from godwit.transport import TreePlan
 
@@ -56,9 +57,9 @@ class FrozenOnly(SourceMigration):
     def journal(self, **progress: object) -> None:
         pass
 
-    async def abort_destination(self) -> str:
+    async def abort_destination(self) -> DestinationState:
         self.aborted = True
-        return "aborted"
+        return DestinationState.ABORTED
 
     async def resume_source(self) -> None:
         self.resumed = True

@@ -31,6 +31,7 @@ from godwit.fsio import atomic_write
 from godwit.migration import MigrationOptions, default_max_freeze
 from godwit.migration.failure_logs import FailureLogs
 from godwit.migration.report import EventStream
+from godwit.migration.states import DestinationState, Result
 from godwit.netns_carry import check_own_netns
 from godwit.network import ContainerNet, wants_own_netns
 from godwit.preflight import check_file_locks, refusal, run_checks, verdict
@@ -104,18 +105,18 @@ class SourceMigration:
         """Run the migration to an outcome; never raises."""
         try:
             await self.migrate()
-            self.report.result = "ok"
+            self.report.result = Result.OK
             self.report.outcome = f"running on {self.report.destination}"
         except InDoubt as exc:
-            self.report.result, self.report.error = "in-doubt", str(exc)
+            self.report.result, self.report.error = Result.IN_DOUBT, str(exc)
             self.report.outcome = (f"paused on {self.report.source}, destination unreachable: "
                                    f"check {self.report.destination}, then `godwit resume "
                                    f"{self.name}` or `godwit rm {self.name}`")
         except Exception as exc:  # every failure ends in a rollback, whatever raised it
             self.report.error = _one_line(exc)
             self.report.outcome = await self.rollback()
-            if self.report.result == "running":
-                self.report.result = "failed"
+            if self.report.result == Result.RUNNING:
+                self.report.result = Result.FAILED
         finally:
             self.report.finished_at = time.time()
             self.settle_work_dir()
@@ -124,11 +125,11 @@ class SourceMigration:
     def settle_work_dir(self) -> None:
         """Keep the logs of a migration that did not succeed; once settled, the journal,
         images and logs in the work dir go."""
-        if self.report.result != "ok" and self.ctx.failure_logs:
+        if self.report.result != Result.OK and self.ctx.failure_logs:
             work = self.dump_options().work_path
             self.ctx.failure_logs.keep(self.report.id, {
                 "dump.log": work / "dump.log", "runc-checkpoint.log": work / RUNC_LOG})
-        if self.report.result in ("ok", "failed"):
+        if self.report.result in (Result.OK, Result.FAILED):
             shutil.rmtree(self.ctx.work_dir, ignore_errors=True)
 
     def journal(self, **progress: object) -> None:
@@ -152,17 +153,17 @@ class SourceMigration:
         if journal.get("commit_sent"):
             state = await self.destination_state()
             if state is None:
-                self.report.result = "in-doubt"
+                self.report.result = Result.IN_DOUBT
                 self.report.outcome = f"paused on {self.report.source}, destination unreachable"
                 return
-            if state == "committed":
+            if state is DestinationState.COMMITTED:
                 await self.cleanup_source()
-                self.report.result = "ok"
+                self.report.result = Result.OK
                 self.report.outcome = f"running on {self.report.destination}"
                 return
         self.report.outcome = await self.rollback()
-        if self.report.result == "running":
-            self.report.result = "failed"
+        if self.report.result == Result.RUNNING:
+            self.report.result = Result.FAILED
         self.report.finished_at = time.time()
         self.settle_work_dir()
 
@@ -425,11 +426,11 @@ class SourceMigration:
         """The commit answer was lost: ask until the fence deadline passes."""
         while time.monotonic() < self.fence_deadline():
             state = await self.destination_state()
-            if state == "committed":
+            if state is DestinationState.COMMITTED:
                 return
-            if state in ("fenced", "aborted", "unknown"):
+            if state in _NOT_COMMITTED:
                 raise GodwitError(f"destination copy was {state} before the commit")
-            if state == "pending":  # the commit was lost on the way: send it again
+            if state is DestinationState.PENDING:  # the commit was lost: send it again
                 with contextlib.suppress(GodwitError):
                     await self.ctx.dest.commit_incoming(self.report.id)
             await asyncio.sleep(0.5)
@@ -479,21 +480,21 @@ class SourceMigration:
         """Seconds from the restore until the destination fences an uncommitted copy."""
         return self.options.commit_timeout
 
-    async def destination_state(self, within: float | None = None) -> str | None:
+    async def destination_state(self, within: float | None = None) -> DestinationState | None:
         """The destination's decision; None when it does not answer (`within` seconds)."""
         try:
             async with asyncio.timeout(within):
                 return (await self.ctx.dest.incoming_state(self.report.id)).state
-        except (GodwitError, TimeoutError):
+        except (GodwitError, TimeoutError):  # an answer this agent cannot read: none
             return None
 
     async def rollback(self) -> str:
         """Undo a failed migration; return where the container runs now."""
         await self.call_off_dump()
-        dest_state = await self.abort_destination() if self.prepared else "aborted"
-        if dest_state == "committed":
+        dest_state = await self.abort_destination() if self.prepared else None
+        if dest_state is DestinationState.COMMITTED:
             await self.cleanup_source()
-            self.report.result, self.report.error = "ok", None
+            self.report.result, self.report.error = Result.OK, None
             return f"running on {self.report.destination}"
         if not self.frozen:
             return f"running on {self.report.source} (never frozen)"
@@ -506,7 +507,7 @@ class SourceMigration:
                 await asyncio.to_thread(self.ctx.store.networking.connect, self.name)
             await self.resume_source()
         except Exception as exc:  # report it; the journal stays for a restart to retry
-            self.report.result = "in-doubt"
+            self.report.result = Result.IN_DOUBT
             return f"paused on {self.report.source}, could not resume: {_one_line(exc)}"
         self.report.resumed_at = time.time()
         self.report.downtime_s = self.report.resumed_at - (self.report.frozen_at or 0)
@@ -522,21 +523,26 @@ class SourceMigration:
     async def release_source(self) -> None:
         """Strategy hook: stop whatever still holds the source before it resumes."""
 
-    async def abort_destination(self) -> str:
+    async def abort_destination(self) -> DestinationState | None:
         """Abort the destination copy; after a restore request, nothing but a confirmed
-        abort, a known commit or the passing of the fence deadline will do."""
+        abort, a known commit or the passing of the fence deadline will do. None: the
+        destination does not answer, and no copy runs there (no restore was asked)."""
         while True:
             try:
                 return (await self.ctx.dest.abort_incoming(self.report.id)).state
             except GodwitError:
                 if self.restore_sent_at is None:  # no restore, no commit: nothing runs there
-                    return "unreachable"
+                    return None
                 left = self.fence_deadline() - time.monotonic()
-                if left > 0 and await self.destination_state(within=left) == "committed":
-                    return "committed"
+                committed = DestinationState.COMMITTED
+                if left > 0 and await self.destination_state(within=left) is committed:
+                    return committed
             if time.monotonic() >= self.fence_deadline():
-                return "fenced"
+                return DestinationState.FENCED
             await asyncio.sleep(0.5)
+
+
+_NOT_COMMITTED = (DestinationState.FENCED, DestinationState.ABORTED, DestinationState.UNKNOWN)
 
 
 def _one_line(exc: BaseException) -> str:
