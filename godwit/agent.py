@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import shutil
 import socket
@@ -32,6 +31,7 @@ from godwit.image_config import Overrides
 from godwit.metrics import metrics_handler
 from godwit.migration import MigrationOptions, choose_strategy
 from godwit.migration.failure_logs import FailureLogs
+from godwit.migration.journal import Journal, Journals
 from godwit.migration.post_copy import PostCopy
 from godwit.migration.pre_copy import PreCopy
 from godwit.migration.receiver import Receiver
@@ -98,6 +98,7 @@ class Agent:
         self.failure_logs = FailureLogs(state_dir / "failed-logs")
         self.receiver = Receiver(self.store, state_dir, tls, self.failure_logs)
         self.reports = ReportArchive(state_dir / "reports")
+        self.journals = Journals(state_dir)
         self.caps: CriuCapabilities | None = None
         self.migrating: dict[str, asyncio.Task] = {}
 
@@ -197,20 +198,14 @@ class Agent:
         await self.settle_journals(name)
         return _reply(Removed(removed=name))
 
-    def journals(self, name: str) -> list[Path]:
-        """Journals of this container's unsettled (in-doubt) outgoing migrations."""
-        return [path for path in self.state_dir.glob("outgoing/*/journal.json")
-                if json.loads(path.read_text()).get("name") == name]
-
     async def settle_journals(self, name: str) -> None:
         """The operator decided (resume or rm): forget the in-doubt migrations, here and
         (when it answers) on their destination."""
-        for path in self.journals(name):
-            journal = json.loads(path.read_text())
-            shutil.rmtree(path.parent, ignore_errors=True)
+        for journal in self.journals.of(name):
+            self.journals.drop(journal.id)
             with contextlib.suppress(GodwitError):
-                async with self.peer(journal["options"]["to"], 10) as dest:
-                    await dest.forget_incoming(journal["id"])
+                async with self.peer(journal.options["to"], 10) as dest:
+                    await dest.forget_incoming(journal.id)
 
     async def exec_container(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -238,7 +233,7 @@ class Agent:
             raise Conflict(f"container {name} is {state.status if state else 'gone'}, "
                            "not paused")
         if record.net:
-            if self.journals(name):  # in doubt: the destination's copy ran, then was fenced
+            if self.journals.of(name):  # in doubt: the destination's copy ran, then was fenced
                 await asyncio.to_thread(self.store.networking.reset_connections, name,
                                         ContainerNet.from_json(record.net))
             await asyncio.to_thread(self.store.networking.connect, name)
@@ -253,7 +248,7 @@ class Agent:
         self.store.record(name)
         if name in self.migrating:
             raise Conflict(f"container {name} is already being migrated")
-        if self.journals(name):
+        if self.journals.of(name):
             raise Conflict(f"an earlier migration of {name} ended in doubt: check its "
                            f"destination, then `godwit resume {name}` or `godwit rm {name}`")
         events = EventStream(self.new_report(name, options))
@@ -307,31 +302,30 @@ class Agent:
         return AgentClient(address, ssl_context, timeout=timeout)
 
     async def source_context(self, dest: AgentClient, migration_id: str) -> SourceContext:
-        return SourceContext(self.store, dest, self.state_dir / "outgoing" / migration_id,
-                             await self.describe_host(), self.tls, self.port,
-                             self.failure_logs)
+        return SourceContext(self.store, dest, self.journals,
+                             self.journals.work_dir(migration_id), await self.describe_host(),
+                             self.tls, self.port, self.failure_logs)
 
     async def recover_outgoing(self) -> None:
         """Settle the migrations a previous agent process left half way: the paused source
         copy is resumed, or deleted when the destination had committed."""
-        journals = [json.loads(p.read_text())
-                    for p in sorted(self.state_dir.glob("outgoing/*/journal.json"))]
+        journals = self.journals.all()
         for journal in journals:
-            self.migrating[journal["name"]] = asyncio.current_task()
+            self.migrating[journal.name] = asyncio.current_task()  # type: ignore[assignment]
         for journal in journals:
             try:
-                options = MigrationOptions.from_json(journal["options"])
+                options = MigrationOptions.from_json(journal.options)
                 report = MigrationReport(
-                    id=journal["id"], container=journal["name"], source=self.name,
-                    destination=options.to, strategy=journal["strategy"],
-                    options=journal["options"])
+                    id=journal.id, container=journal.name, source=self.name,
+                    destination=options.to, strategy=journal.strategy,
+                    options=journal.options)
                 await self.recover_one(journal, options, report)
             except Exception:  # one broken journal must not block the others
-                log.exception("could not settle migration %s", journal.get("id"))
+                log.exception("could not settle migration %s", journal.id)
             finally:
-                self.migrating.pop(journal["name"], None)
+                self.migrating.pop(journal.name, None)
 
-    async def recover_one(self, journal: dict, options: MigrationOptions,
+    async def recover_one(self, journal: Journal, options: MigrationOptions,
                           report: MigrationReport) -> None:
         async with self.peer(options.to, 30) as dest:
             ctx = await self.source_context(dest, report.id)
@@ -340,7 +334,7 @@ class Agent:
                                                         EventStream(report))
             except GodwitError as exc:  # the container is gone: nothing to settle
                 log.warning("migration %s: %s", report.id, exc)
-                (ctx.work_dir / "journal.json").unlink(missing_ok=True)
+                self.journals.discard(report.id)
                 return
             await migration.recover(journal)
         self.reports.save(report)

@@ -1,14 +1,81 @@
-"""Migration states without a container: the destination's states, saved in its staging
-area."""
+"""Migration states without a container: the source's stage order, its journal on disk
+(this format and the earlier one), and the destination's states."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
+import pytest
+
 from godwit import fence
+from godwit.migration import MigrationOptions
+from godwit.migration.journal import FILE, Journal, Journals
 from godwit.migration.receiver import STATE, Receiver
-from godwit.migration.states import DestinationState, Result
+from godwit.migration.states import DestinationState, Result, Stage
+
+OPTIONS = MigrationOptions(to="10.0.0.2:7451", strategy="post-copy").to_json()
+
+
+def test_stages_are_ordered_as_a_migration_goes() -> None:
+    order = [Stage.NEW, Stage.PREPARED, Stage.FROZEN, Stage.ISOLATED, Stage.RESTORE_SENT,
+             Stage.RESTORED, Stage.COMMIT_SENT]
+    assert sorted(Stage) == order
+    assert all(a < b for a, b in itertools.pairwise(order))
+    assert [Stage.from_label(s.label) for s in Stage] == list(Stage)
+    with pytest.raises(ValueError, match="unknown migration stage"):
+        Stage.from_label("teleported")
+
+
+def test_a_journal_round_trips_through_its_file(tmp_path: Path) -> None:
+    journals = Journals(tmp_path)
+    journal = Journal("a1", "web", "post-copy", OPTIONS, Stage.RESTORE_SENT,
+                      {"page_server_pid": 42, "page_server_start": 7})
+    journals.save(journal)
+    path = tmp_path / "outgoing" / "a1" / FILE
+    assert json.loads(path.read_text())["stage"] == "restore_sent"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert journals.all() == [journal]
+    assert journals.of("web") == [journal] and journals.of("db") == []
+    journal.stage = Stage.COMMIT_SENT
+    journals.save(journal)
+    assert journals.all()[0].stage is Stage.COMMIT_SENT
+    journals.discard("a1")
+    assert journals.all() == [] and journals.work_dir("a1").is_dir()
+    journals.drop("a1")
+    assert not journals.work_dir("a1").exists()
+
+
+@pytest.mark.parametrize(("flags", "stage"), [
+    ({"prepared": True}, Stage.PREPARED),
+    ({"prepared": True, "frozen": True}, Stage.FROZEN),
+    ({"prepared": True, "frozen": True, "isolated": True}, Stage.ISOLATED),
+    ({"prepared": True, "frozen": True, "restore_sent": True}, Stage.RESTORE_SENT),
+    ({"prepared": True, "frozen": True, "isolated": True, "restore_sent": True,
+      "restored": True}, Stage.RESTORED),
+    ({"prepared": True, "frozen": True, "restore_sent": True, "restored": True,
+      "commit_sent": True}, Stage.COMMIT_SENT),
+])
+def test_a_journal_of_the_earlier_format_is_read(tmp_path: Path, flags: dict,
+                                                 stage: Stage) -> None:
+    """An agent upgraded with a migration in flight settles it from the old journal."""
+    old = {"id": "b2", "name": "web", "strategy": "post-copy", "options": OPTIONS, **flags,
+           "page_server_pid": 42, "page_server_start": 7}
+    (tmp_path / "outgoing" / "b2").mkdir(parents=True)
+    (tmp_path / "outgoing" / "b2" / FILE).write_text(json.dumps(old))
+    [journal] = Journals(tmp_path).all()
+    assert journal.stage is stage
+    assert journal.extra == {"page_server_pid": 42, "page_server_start": 7}
+    assert journal.options == OPTIONS
+
+
+def test_an_unreadable_journal_does_not_hide_the_others(tmp_path: Path) -> None:
+    journals = Journals(tmp_path)
+    journals.save(Journal("c3", "web", "stop-and-copy", OPTIONS, Stage.FROZEN))
+    (tmp_path / "outgoing" / "c2").mkdir()
+    (tmp_path / "outgoing" / "c2" / FILE).write_text("{not json")
+    assert [j.id for j in journals.all()] == ["c3"]
 
 
 def test_destination_states() -> None:

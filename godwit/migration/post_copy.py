@@ -64,7 +64,7 @@ class PostCopy(SourceMigration):
         with self.events.phase("dump"):
             self.page_server = await self.run_dump()
         pid = self.page_server.pid
-        self.journal(page_server_pid=pid, page_server_start=procfs.start_time(pid))
+        self.save_journal(page_server_pid=pid, page_server_start=procfs.start_time(pid))
 
     @cached_property
     def fence_timeout(self) -> float:
@@ -105,11 +105,11 @@ class PostCopy(SourceMigration):
     async def release_source(self) -> None:
         """Rollback: freeze the ptrace-stopped tasks, then stop the page server, so the
         source stays paused until it is resumed on purpose."""
-        pid = self.journal_state.get("page_server_pid")
+        pid = self.journal.extra.get("page_server_pid")
         if self.page_server:
             running = self.page_server.returncode is None
         else:  # after an agent restart: the same process, not a new one with a reused pid
-            running = bool(pid) and procfs.start_time(pid) == self.journal_state.get(
+            running = bool(pid) and procfs.start_time(pid) == self.journal.extra.get(
                 "page_server_start")
         if pid and running:
             with contextlib.suppress(GodwitError):

@@ -27,11 +27,11 @@ from godwit.api import DEFAULT_PORT, AgentClient, AgentUnreachable
 from godwit.containers import ContainerStore
 from godwit.criu import log_error
 from godwit.errors import GodwitError
-from godwit.fsio import atomic_write
 from godwit.migration import MigrationOptions, default_max_freeze
 from godwit.migration.failure_logs import FailureLogs
+from godwit.migration.journal import Journal, Journals
 from godwit.migration.report import EventStream
-from godwit.migration.states import DestinationState, Result
+from godwit.migration.states import DestinationState, Result, Stage
 from godwit.netns_carry import check_own_netns
 from godwit.network import ContainerNet, wants_own_netns
 from godwit.preflight import check_file_locks, refusal, run_checks, verdict
@@ -67,6 +67,7 @@ class SourceContext:
 
     store: ContainerStore
     dest: AgentClient
+    journals: Journals
     work_dir: Path
     local_info: HostInfo
     tls: TLSFiles | None = None
@@ -85,13 +86,28 @@ class SourceMigration:
         self.report = events.report
         self.record = ctx.store.record(name)
         self.images = ctx.work_dir / "images"
-        self.prepared = self.frozen = self.isolated = False
+        self.stage = Stage.NEW  # what is known to have happened (the journal: may have)
         self.restore_sent_at: float | None = None
-        self.restored = False  # the destination answered the restore: its copy ran
         self.manifest: dict | None = None
-        self.journal_path = ctx.work_dir / "journal.json"
-        self.journal_state: dict = {}
+        self.journal = Journal(self.report.id, name, self.strategy, options.to_json())
         self.held_dump: HeldRunc | None = None
+
+    @property
+    def prepared(self) -> bool:
+        return self.stage >= Stage.PREPARED
+
+    @property
+    def frozen(self) -> bool:
+        return self.stage >= Stage.FROZEN
+
+    @property
+    def isolated(self) -> bool:
+        return self.stage >= Stage.ISOLATED and bool(self.record.net)
+
+    @property
+    def restored(self) -> bool:
+        """The destination answered the restore: its copy ran."""
+        return self.stage >= Stage.RESTORED
 
     @property
     def runc(self) -> Runc:
@@ -130,27 +146,31 @@ class SourceMigration:
             self.ctx.failure_logs.keep(self.report.id, {
                 "dump.log": work / "dump.log", "runc-checkpoint.log": work / RUNC_LOG})
         if self.report.result in (Result.OK, Result.FAILED):
-            shutil.rmtree(self.ctx.work_dir, ignore_errors=True)
+            self.ctx.journals.drop(self.report.id)
 
-    def journal(self, **progress: object) -> None:
-        """Persist how far the migration got, so that a restarted source agent can finish
-        the safety net (see recover)."""
-        self.journal_state.update(progress)
-        record = {"id": self.report.id, "name": self.name, "strategy": self.strategy,
-                  "options": self.options.to_json(), **self.journal_state}
-        self.journal_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.journal_path, json.dumps(record))
+    def save_journal(self, stage: Stage | None = None, **extra: object) -> None:
+        """Journal that the migration enters `stage` (before its step acts), or a
+        strategy's own facts: a restarted source agent finishes the safety net from there
+        (see recover)."""
+        if stage is not None:
+            self.journal.stage = stage
+        self.journal.extra.update(extra)
+        self.ctx.journals.save(self.journal)
 
-    async def recover(self, journal: dict) -> None:
+    def reach(self, stage: Stage) -> None:
+        """The migration reached `stage` (a step done, or a request about to be sent):
+        known here, and journaled."""
+        self.stage = stage
+        self.save_journal(stage)
+
+    async def recover(self, journal: Journal) -> None:
         """After a source agent restart: settle a migration the old agent left half way."""
-        self.prepared = True
-        self.frozen, self.isolated = journal.get("frozen", False), journal.get("isolated", False)
-        self.journal_state = dict(journal)
-        if journal.get("restore_sent"):
+        self.journal = journal
+        self.stage = journal.stage  # what may have happened is taken as done
+        if self.stage >= Stage.RESTORE_SENT:
             self.restore_sent_at = time.monotonic()  # wait for a fence as if just sent
-        self.restored = journal.get("restored", False)
         self.report.error = "the source agent restarted during the migration"
-        if journal.get("commit_sent"):
+        if self.stage >= Stage.COMMIT_SENT:
             state = await self.destination_state()
             if state is None:
                 self.report.result = Result.IN_DOUBT
@@ -256,8 +276,7 @@ class SourceMigration:
                 raise GodwitError(f"{self.name} is already on {self.report.source}")
             await self.preflight(info)
             await self.ctx.dest.prepare_incoming(self.incoming_request())
-            self.prepared = True
-            self.journal(prepared=True)
+            self.reach(Stage.PREPARED)
 
     async def preflight(self, dest_info: HostInfo) -> None:
         """Refuse before anything is frozen when the destination cannot take the container."""
@@ -331,9 +350,9 @@ class SourceMigration:
     async def freeze(self) -> None:
         with self.events.phase("freeze"):
             self.report.frozen_at = time.time()  # processes stop during the pause call
-            self.journal(frozen=True)
+            self.save_journal(Stage.FROZEN)
             await asyncio.to_thread(self.ctx.store.freeze, self.name)
-            self.frozen = True
+            self.stage = Stage.FROZEN
             await faults.point("freeze")
         if self.record.net:
             await self.move_address()
@@ -342,9 +361,9 @@ class SourceMigration:
         """Isolate the frozen source copy; the destination answers for its MAC and IP from
         now on, holding arriving packets until the restore."""
         with self.events.phase("switch"):
-            self.journal(isolated=True)
+            self.save_journal(Stage.ISOLATED)
             await asyncio.to_thread(self.ctx.store.networking.isolate, self.name)
-            self.isolated = True
+            self.stage = Stage.ISOLATED
             await self.ctx.dest.activate_incoming(self.report.id)
 
     def dump_options(self) -> CheckpointOptions:
@@ -386,11 +405,10 @@ class SourceMigration:
         with self.events.phase("restore"):
             await faults.point("restore")
             self.restore_sent_at = time.monotonic()
-            self.journal(restore_sent=True)
+            self.reach(Stage.RESTORE_SENT)
             restored = await self.ctx.dest.restore_incoming(self.report.id,
                                                             self.restore_request())
-            self.restored = True
-            self.journal(restored=True)
+            self.reach(Stage.RESTORED)
             self.report.resumed_at = time.time()
             self.report.held_packets = restored.held_packets
             self.report.downtime_s = self.report.resumed_at - (self.report.frozen_at or 0)
@@ -416,7 +434,7 @@ class SourceMigration:
     async def commit(self) -> None:
         with self.events.phase("commit"):
             await faults.point("commit")
-            self.journal(commit_sent=True)
+            self.reach(Stage.COMMIT_SENT)
             try:
                 await self.ctx.dest.commit_incoming(self.report.id)
             except AgentUnreachable:
