@@ -29,14 +29,13 @@ from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.identity import Identity, IdentityError, identity_of
 from godwit.image_config import Overrides
 from godwit.metrics import metrics_handler
-from godwit.migration import MigrationOptions, choose_strategy
+from godwit.migration import MigrationOptions
 from godwit.migration.failure_logs import FailureLogs
 from godwit.migration.journal import Journal, Journals
-from godwit.migration.post_copy import PostCopy
-from godwit.migration.pre_copy import PreCopy
 from godwit.migration.receiver import Receiver
 from godwit.migration.report import EventStream, MigrationReport, ReportArchive
-from godwit.migration.source import SourceContext, SourceMigration, migration_needs
+from godwit.migration.source import SourceContext, migration_needs
+from godwit.migration.strategies import choose_strategy, strategy_class
 from godwit.network import ContainerNet
 from godwit.openapi import document
 from godwit.preflight import check_cpuinfo_image, run_checks
@@ -73,7 +72,6 @@ from godwit.runc_features import RuncFeatures, probe_runc
 from godwit.tls import RevocationList, TLSFiles, client_context, expiry, peer_certificate
 
 log = logging.getLogger("godwit.agent")
-STRATEGIES = {"stop-and-copy": SourceMigration, "post-copy": PostCopy, "pre-copy": PreCopy}
 RESTORE_TIMEOUT_S = 600
 M = TypeVar("M")
 
@@ -293,7 +291,7 @@ class Agent:
             ctx = await self.source_context(dest, events.report.id)
             strategy = self.pick_strategy(options, name, await dest.info())
             events.report.strategy = strategy
-            await STRATEGIES[strategy](ctx, name, options, events).execute()
+            await strategy_class(strategy)(ctx, name, options, events).execute()
 
     def peer(self, address: str, timeout: float = 30) -> AgentClient:
         """A client for another agent, presenting this agent's certificate (its TLS context
@@ -327,11 +325,11 @@ class Agent:
 
     async def recover_one(self, journal: Journal, options: MigrationOptions,
                           report: MigrationReport) -> None:
+        strategy = strategy_class(report.strategy)
         async with self.peer(options.to, 30) as dest:
             ctx = await self.source_context(dest, report.id)
             try:
-                migration = STRATEGIES[report.strategy](ctx, report.container, options,
-                                                        EventStream(report))
+                migration = strategy(ctx, report.container, options, EventStream(report))
             except GodwitError as exc:  # the container is gone: nothing to settle
                 log.warning("migration %s: %s", report.id, exc)
                 self.journals.discard(report.id)
@@ -360,7 +358,7 @@ class Agent:
             dest_info = await dest.info()
             findings = await run_checks(
                 await self.describe_host(), dest_info, dest,
-                strategy=self.pick_strategy(options, name, dest_info),
+                strategy=strategy_class(self.pick_strategy(options, name, dest_info)),
                 needed_mem=mem, needed_disk=disk,
                 max_skew_s=options.max_clock_skew)
         return _reply(PreflightReply(source=self.name, destination=dest_info.name,

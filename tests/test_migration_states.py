@@ -1,5 +1,5 @@
 """Migration states without a container: the source's stage order, its journal on disk
-(this format and the earlier one), and the destination's states."""
+(this format and the earlier one), the destination's states, and the strategy registry."""
 
 from __future__ import annotations
 
@@ -10,10 +10,22 @@ from pathlib import Path
 import pytest
 
 from godwit import fence
+from godwit.errors import GodwitError
 from godwit.migration import MigrationOptions
 from godwit.migration.journal import FILE, Journal, Journals
+from godwit.migration.post_copy import PostCopy
+from godwit.migration.pre_copy import PreCopy
 from godwit.migration.receiver import STATE, Receiver
+from godwit.migration.source import SourceMigration
 from godwit.migration.states import DestinationState, Result, Stage
+from godwit.migration.strategies import (
+    REGISTRY,
+    STRATEGIES,
+    choose_strategy,
+    restores_lazily,
+    strategy_class,
+)
+from godwit.preflight import compare_criu
 
 OPTIONS = MigrationOptions(to="10.0.0.2:7451", strategy="post-copy").to_json()
 
@@ -100,3 +112,37 @@ def test_the_destination_state_is_saved_not_inferred(tmp_path: Path) -> None:
     assert Receiver._state(staging) is DestinationState.COMMITTED
     assert fence.decide(staging / STATE, DestinationState.ABORTED) is \
         DestinationState.COMMITTED
+
+
+def test_the_registry_names_every_strategy_once() -> None:
+    assert STRATEGIES == ("auto", "stop-and-copy", "post-copy", "pre-copy")
+    assert list(REGISTRY.items()) == [("stop-and-copy", SourceMigration),
+                                      ("post-copy", PostCopy), ("pre-copy", PreCopy)]
+    assert [name for name in REGISTRY if restores_lazily(name)] == ["post-copy"]
+    assert not restores_lazily(None) and not restores_lazily("from-a-newer-source")
+    with pytest.raises(GodwitError, match=r"unknown strategy 'warp' \(one of auto, "):
+        strategy_class("warp")
+    with pytest.raises(GodwitError, match="unknown strategy"):
+        choose_strategy("warp", {}, {}, 0)
+
+
+def info(**criu: bool) -> dict:
+    return {"criu": {"version": "4.2.1", "lazy_pages": True, "soft_dirty": True, **criu},
+            "runc": "1.1.5", "runc_features": {"checkpoint": True, "lazy_dump": True,
+                                               "lazy_restore": True, "pre_dump": True}}
+
+
+@pytest.mark.parametrize("strategy", list(REGISTRY.values()))
+def test_pre_flight_checks_what_each_strategy_declares(strategy: type[SourceMigration]) -> None:
+    """Every declared need, taken away on its side, is a refusal naming the strategy; a
+    host lacking only what the strategy does not need passes."""
+    assert all(f.level == "ok" for f in compare_criu(info(), info(), strategy))
+    for need in strategy.needs:
+        lacking = info()
+        lacking["runc_features" if need.runc else "criu"][need.feature] = False
+        sides = (lacking, info()) if need.side == "source" else (info(), lacking)
+        errors = [f.message for f in compare_criu(*sides, strategy) if f.level == "error"]
+        assert len(errors) == 1 and strategy.strategy in errors[0], (need, errors)
+    needed = {n.feature for n in strategy.needs}
+    spare = info(**{f: False for f in ("lazy_pages", "soft_dirty") if f not in needed})
+    assert all(f.level == "ok" for f in compare_criu(spare, spare, strategy))

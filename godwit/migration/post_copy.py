@@ -25,7 +25,9 @@ from functools import cached_property
 
 from godwit import procfs
 from godwit.errors import GodwitError
+from godwit.migration import AUTO_LAZY_MIN_BYTES
 from godwit.migration.source import SourceMigration
+from godwit.preflight import Need
 from godwit.protocol import RestoreRequest
 from godwit.qos import migration_ports
 from godwit.runc import HeldRunc
@@ -37,9 +39,22 @@ SLOWEST_PAGES_BPS = 20e6  # pages must all arrive before the fence: allow for th
 
 class PostCopy(SourceMigration):
     strategy = "post-copy"
+    needs = (Need("destination", "lazy_pages", "lazy pages (userfaultfd)"),
+             Need("source", "lazy_dump",
+                  "`runc checkpoint --lazy-pages --page-server --status-fd`", runc=True),
+             Need("destination", "lazy_restore", "`runc restore --lazy-pages`", runc=True))
+    lazy_restore = True
+    auto_rank = 1
+    auto_min_memory = AUTO_LAZY_MIN_BYTES
     page_server: asyncio.subprocess.Process | None = None
     page_server_address = ""
     page_server_port: int | None = None
+
+    @classmethod
+    def auto_fits(cls, source: dict, dest: dict) -> bool:
+        """Only between hosts that can both restore lazily (either may be the next
+        destination)."""
+        return bool(source.get("lazy_pages")) and super().auto_fits(source, dest)
 
     async def execute(self) -> None:
         try:

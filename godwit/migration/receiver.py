@@ -28,6 +28,7 @@ from godwit.fsio import atomic_write
 from godwit.image_config import provenance_fields
 from godwit.migration.failure_logs import FailureLogs
 from godwit.migration.states import DestinationState
+from godwit.migration.strategies import restores_lazily
 from godwit.network import ContainerNet
 from godwit.packet_hold import PacketHold
 from godwit.protocol import (
@@ -259,7 +260,7 @@ class Receiver:
             images.mkdir(exist_ok=True)
             (images / "descriptors.json").write_text(json.dumps(descriptors))
             self.held[migration_id] = await self._runc_restore(
-                request, bundle, staging, lazy=request.strategy == "post-copy", hold=True)
+                request, bundle, staging, lazy=restores_lazily(request.strategy), hold=True)
             self._set_state(staging, DestinationState.ARMED)
         self._watch(self._expire_hold(migration_id, request.commit_timeout))
         return Armed(armed=request.name)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from godwit import faults, procfs
 from godwit.api import DEFAULT_PORT, AgentClient, AgentUnreachable
@@ -34,7 +34,7 @@ from godwit.migration.report import EventStream
 from godwit.migration.states import DestinationState, Result, Stage
 from godwit.netns_carry import check_own_netns
 from godwit.network import ContainerNet, wants_own_netns
-from godwit.preflight import check_file_locks, refusal, run_checks, verdict
+from godwit.preflight import Need, check_file_locks, refusal, run_checks, verdict
 from godwit.protocol import HostInfo, IncomingRequest, RestoreRequest
 from godwit.runc import RUNC_LOG, CheckpointOptions, HeldRunc, Runc
 from godwit.tls import TLSFiles
@@ -76,9 +76,43 @@ class SourceContext:
 
 
 class SourceMigration:
-    """Stop-and-copy, and the base of the other strategies."""
+    """Stop-and-copy, and the base of the other strategies.
 
-    strategy = "stop-and-copy"
+    A strategy is a subclass listed in `strategies.REGISTRY`. It declares:
+      strategy        its name (`--strategy`, reports, journals)
+      needs           the host features it needs (`preflight.Need`: a CRIU capability or a
+                      runc feature, on the source or the destination); pre-flight refuses
+                      a migration that lacks one, and an explicit request is refused at
+                      once when the source itself lacks a CRIU one
+      lazy_restore    the destination restores before the memory arrives (its runc restore
+                      runs with --lazy-pages)
+      auto_rank, auto_min_memory, auto_fits()
+                      whether and when `--strategy auto` picks it (lowest rank first)
+    and overrides the hooks it needs (each does the stop-and-copy thing here):
+      before_freeze()     work while the container still runs (pre-copy's rounds)
+      hold_dump()         start the dump's runc, held before CRIU (post-copy: lazily,
+                          with a page server)
+      call_off_dump()     rollback: a held dump never starts
+      dump_options()      the checkpoint's options (pre-copy: the parent pre-dump)
+      dump()              let the held dump run; save what a restarted agent needs in
+                          `self.journal.extra`
+      fence_timeout       seconds from the restore until the destination fences
+      restore_request()   what the destination's restore needs beyond the staged files
+      verify()            the restored copy is complete and running
+      release_source()    rollback: stop what still holds the source before it resumes
+      cleanup_source()    the destination runs it for good: delete the source copy
+    A new strategy is then one module (the subclass) plus its entry in `REGISTRY`, and
+    its tests.
+
+    The migration's `stage` (`Stage`) is journaled before each step that changes what
+    runs where, so `recover` can settle it after an agent restart.
+    """
+
+    strategy: ClassVar[str] = "stop-and-copy"
+    needs: ClassVar[tuple[Need, ...]] = ()
+    lazy_restore: ClassVar[bool] = False
+    auto_rank: ClassVar[int | None] = None  # None: only when asked for, or as the default
+    auto_min_memory: ClassVar[int] = 0
 
     def __init__(self, ctx: SourceContext, name: str, options: MigrationOptions,
                  events: EventStream) -> None:
@@ -91,6 +125,12 @@ class SourceMigration:
         self.manifest: dict | None = None
         self.journal = Journal(self.report.id, name, self.strategy, options.to_json())
         self.held_dump: HeldRunc | None = None
+
+    @classmethod
+    def auto_fits(cls, source: dict, dest: dict) -> bool:
+        """Can auto pick it between hosts of these CRIU capabilities?"""
+        return all((source if need.side == "source" else dest).get(need.feature)
+                   for need in cls.needs if not need.runc)
 
     @property
     def prepared(self) -> bool:
@@ -283,7 +323,7 @@ class SourceMigration:
         needed_mem, needed_disk = await asyncio.to_thread(
             migration_needs, self.ctx.store, self.name, self.shared)
         findings = await run_checks(
-            self.ctx.local_info, dest_info, self.ctx.dest, strategy=self.strategy,
+            self.ctx.local_info, dest_info, self.ctx.dest, strategy=type(self),
             needed_mem=needed_mem, needed_disk=needed_disk,
             max_skew_s=self.options.max_clock_skew,
         )
