@@ -40,6 +40,7 @@ from godwit.runc import RUNC_LOG, CheckpointOptions, HeldRunc, Runc
 from godwit.tls import TLSFiles
 from godwit.transport import TreePlan, diff_manifests, plan_tree, scan_tree, send_tree
 
+RESTARTED = "the source agent restarted during the migration"
 FENCE_MARGIN_S = 3.0
 # After the freeze deadline the container runs again within this margin: CRIU/runc are
 # killed, the destination's abort is given at most api.ABORT_TIMEOUT_S, the source thaws.
@@ -159,8 +160,32 @@ class SourceMigration:
 
     async def execute(self) -> None:
         """Run the migration to an outcome; never raises."""
+        await self.run_to_outcome(self.migrate())
+
+    async def recover(self, journal: Journal) -> None:
+        """After a source agent restart: settle a migration the old agent left half way."""
+        self.journal = journal
+        self.stage = journal.stage  # what may have happened is taken as done
+        if self.stage >= Stage.RESTORE_SENT:
+            self.restore_sent_at = time.monotonic()  # wait for a fence as if just sent
+        await self.run_to_outcome(self.settle_after_restart())
+
+    async def settle_after_restart(self) -> None:
+        """Keep a commit the destination took; otherwise roll back."""
+        if self.stage >= Stage.COMMIT_SENT:
+            state = await self.destination_state()
+            if state is None:
+                raise InDoubt(RESTARTED)
+            if state is DestinationState.COMMITTED:
+                await self.cleanup_source()
+                return
+        raise GodwitError(RESTARTED)
+
+    async def run_to_outcome(self, steps: Awaitable[None]) -> None:
+        """Run `steps` and report how the migration ended: any failure ends in a rollback,
+        an unknown commit in doubt. Never raises."""
         try:
-            await self.migrate()
+            await steps
             self.report.result = Result.OK
             self.report.outcome = f"running on {self.report.destination}"
         except InDoubt as exc:
@@ -202,30 +227,6 @@ class SourceMigration:
         known here, and journaled."""
         self.stage = stage
         self.save_journal(stage)
-
-    async def recover(self, journal: Journal) -> None:
-        """After a source agent restart: settle a migration the old agent left half way."""
-        self.journal = journal
-        self.stage = journal.stage  # what may have happened is taken as done
-        if self.stage >= Stage.RESTORE_SENT:
-            self.restore_sent_at = time.monotonic()  # wait for a fence as if just sent
-        self.report.error = "the source agent restarted during the migration"
-        if self.stage >= Stage.COMMIT_SENT:
-            state = await self.destination_state()
-            if state is None:
-                self.report.result = Result.IN_DOUBT
-                self.report.outcome = f"paused on {self.report.source}, destination unreachable"
-                return
-            if state is DestinationState.COMMITTED:
-                await self.cleanup_source()
-                self.report.result = Result.OK
-                self.report.outcome = f"running on {self.report.destination}"
-                return
-        self.report.outcome = await self.rollback()
-        if self.report.result == Result.RUNNING:
-            self.report.result = Result.FAILED
-        self.report.finished_at = time.time()
-        self.settle_work_dir()
 
     async def migrate(self) -> None:
         await self.within_progress_timeout(self.steps_before_freeze())
