@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import shutil
 import socket
 import ssl
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -19,7 +16,7 @@ from aiohttp import web
 
 from godwit import __version__, adopt, authz, faults, images
 from godwit.admission import Admission
-from godwit.api import DEFAULT_PORT, AgentClient
+from godwit.api import DEFAULT_PORT
 from godwit.audit import AuditLog, audit_middleware
 from godwit.authz import MigrationOwners
 from godwit.cluster.node import ClusterNode
@@ -32,21 +29,14 @@ from godwit.image_config import Overrides
 from godwit.limits import ConnectionGate, GatedSite
 from godwit.limits import listen as listen_socket
 from godwit.metrics import metrics_handler
-from godwit.migration import MigrationOptions, choose_strategy
+from godwit.migration import MigrationOptions
 from godwit.migration.failure_logs import FailureLogs
-from godwit.migration.post_copy import PostCopy
-from godwit.migration.pre_copy import PreCopy
 from godwit.migration.receiver import Receiver, check_free_disk
-from godwit.migration.report import EventStream, MigrationReport, ReportArchive
-from godwit.migration.source import (
-    SourceContext,
-    SourceMigration,
-    incoming_request,
-    migration_needs,
-)
+from godwit.migration.report import EventStream
+from godwit.migration.service import Migrations
 from godwit.network import ContainerNet
 from godwit.openapi import document
-from godwit.preflight import Finding, check_cpuinfo_image, run_checks
+from godwit.preflight import Finding, check_cpuinfo_image
 from godwit.protocol import (
     PROTOCOL_VERSION,
     ROUTES,
@@ -77,11 +67,9 @@ from godwit.protocol import (
 from godwit.qos import QosPolicy, apply_policy, clear_policy, describe_policy
 from godwit.runc import DEFAULT_RUNC, Runc
 from godwit.runc_features import RuncFeatures, probe_runc
-from godwit.tls import RevocationList, TLSFiles, client_context, expiry, peer_certificate
+from godwit.tls import RevocationList, TLSFiles, expiry, peer_certificate
 
 log = logging.getLogger("godwit.agent")
-STRATEGIES = {"stop-and-copy": SourceMigration, "post-copy": PostCopy, "pre-copy": PreCopy}
-RESTORE_TIMEOUT_S = 600
 M = TypeVar("M")
 
 
@@ -105,9 +93,9 @@ class Agent:
         self.failure_logs = FailureLogs(state_dir / "failed-logs")
         self.receiver = Receiver(self.store, state_dir, tls, self.failure_logs,
                                  device_rule=self.admission.device_rule)
-        self.reports = ReportArchive(state_dir / "reports")
+        self.migrations = Migrations(name, self.store, state_dir, self.describe_host, tls,
+                                     self.failure_logs)
         self.caps: CriuCapabilities | None = None
-        self.migrating: dict[str, asyncio.Task] = {}
 
     async def start(self) -> None:
         if fault := faults.configured():
@@ -115,13 +103,14 @@ class Agent:
         for change in await asyncio.to_thread(tune_host):
             log.info("host tuned for CRIU: %s", change)
         self.caps = await probe()
+        self.migrations.criu, self.migrations.port = self.caps.to_json(), self.port
         self.runc_features = await probe_runc(self.runc.binary)
         log.info("runc %s (%s)", self.runc_features.version, self.runc.binary)
         self.receiver.sweep()
         images.sweep(self.state_dir)
         self.runc.sweep_logs()
         self.failure_logs.prune()
-        self.recovery = asyncio.create_task(self.recover_outgoing())
+        self.recovery = asyncio.create_task(self.migrations.recover())
         if self.qos:
             await asyncio.to_thread(apply_policy, self.qos.uplink, self.qos.policy)
             log.info("migration traffic on %s shaped: %s", self.qos.uplink, self.qos.policy)
@@ -192,33 +181,18 @@ class Agent:
 
     async def release_container(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        if name in self.migrating:
+        if self.migrations.busy(name):
             raise Conflict(f"container {name} is being migrated")
         where = adopt.Foreign.of(await _body(request, AdoptRequest), name)
         return _reply(await adopt.release(self.store, name, where))
 
     async def remove_container(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        if name in self.migrating:
+        if self.migrations.busy(name):
             raise Conflict(f"container {name} is being migrated")
         await self.store.remove(name)
-        await self.settle_journals(name)
+        await self.migrations.settle(name)
         return _reply(Removed(removed=name))
-
-    def journals(self, name: str) -> list[Path]:
-        """Journals of this container's unsettled (in-doubt) outgoing migrations."""
-        return [path for path in self.state_dir.glob("outgoing/*/journal.json")
-                if json.loads(path.read_text()).get("name") == name]
-
-    async def settle_journals(self, name: str) -> None:
-        """The operator decided (resume or rm): forget the in-doubt migrations, here and
-        (when it answers) on their destination."""
-        for path in self.journals(name):
-            journal = json.loads(path.read_text())
-            shutil.rmtree(path.parent, ignore_errors=True)
-            with contextlib.suppress(GodwitError):
-                async with self.peer(journal["options"]["to"], 10) as dest:
-                    await dest.forget_incoming(journal["id"])
 
     async def exec_container(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -239,121 +213,26 @@ class Agent:
         a networked container gets its link back first."""
         name = request.match_info["name"]
         record = self.store.record(name)
-        if name in self.migrating:
+        if self.migrations.busy(name):
             raise Conflict(f"container {name} is being migrated")
         state = await self.store.state(name)
         if not state or state.status != "paused":
             raise Conflict(f"container {name} is {state.status if state else 'gone'}, "
                            "not paused")
         if record.net:
-            if self.journals(name):  # in doubt: the destination's copy ran, then was fenced
+            if self.migrations.in_doubt(name):  # the destination's copy ran, then was fenced
                 await asyncio.to_thread(self.store.networking.reset_connections, name,
                                         ContainerNet.from_json(record.net))
             await asyncio.to_thread(self.store.networking.connect, name)
         await self.runc.resume(name)
-        await self.settle_journals(name)
+        await self.migrations.settle(name)
         return _reply(await self.describe(name))
 
     # migrations, source side
     async def migrate(self, request: web.Request) -> web.StreamResponse:
-        name = request.match_info["name"]
         options = await _body(request, MigrationOptions)
-        self.store.record(name)
-        if name in self.migrating:
-            raise Conflict(f"container {name} is already being migrated")
-        if self.journals(name):
-            raise Conflict(f"an earlier migration of {name} ended in doubt: check its "
-                           f"destination, then `godwit resume {name}` or `godwit rm {name}`")
-        events = EventStream(self.new_report(name, options))
-        task = asyncio.create_task(self.run_migration(name, options, events))
-        self.migrating[name] = task
-        task.add_done_callback(lambda _: self.migrating.pop(name, None))
+        events = self.migrations.start(request.match_info["name"], options)
         return await _stream_events(request, events)
-
-    def new_report(self, name: str, options: MigrationOptions) -> MigrationReport:
-        record = self.store.record(name)
-        return MigrationReport(
-            id=str(uuid.uuid4()), container=name, source=self.name,
-            destination=options.to, strategy=self.pick_strategy(options, name, None),
-            options=options.to_json(), image=record.image, image_digest=record.image_digest,
-        )
-
-    def pick_strategy(self, options: MigrationOptions, name: str | None,
-                      dest_info: HostInfo | None) -> str:
-        caps = self.caps.to_json() if self.caps else {}
-        memory = self.store.private_memory(name) if name else 0
-        dest_caps = dest_info.criu.to_json() if dest_info and dest_info.criu else None
-        return choose_strategy(options.strategy, caps, dest_caps, memory)
-
-    async def run_migration(self, name: str, options: MigrationOptions,
-                            events: EventStream) -> None:
-        """Run one migration to its end; its report is always saved and the client told."""
-        try:
-            await self.start_migration(name, options, events)
-        except Exception as exc:  # before anything was frozen: the container is untouched
-            log.exception("migration %s of %s could not start", events.report.id, name)
-            events.report.result, events.report.error = "failed", str(exc)
-            events.report.outcome = f"running on {self.name} (never frozen)"
-        finally:
-            if not events.closed:
-                events.close()
-            self.reports.save(events.report)
-            log.info("migration %s of %s: %s", events.report.id, name, events.report.result)
-
-    async def start_migration(self, name: str, options: MigrationOptions,
-                              events: EventStream) -> None:
-        async with self.peer(options.to, RESTORE_TIMEOUT_S) as dest:
-            ctx = await self.source_context(dest, events.report.id)
-            strategy = self.pick_strategy(options, name, await dest.info())
-            events.report.strategy = strategy
-            await STRATEGIES[strategy](ctx, name, options, events).execute()
-
-    def peer(self, address: str, timeout: float = 30) -> AgentClient:
-        """A client for another agent, presenting this agent's certificate (its TLS context
-        is rebuilt when the files change, so a new CRL applies to the next migration)."""
-        ssl_context = client_context(self.tls) if self.tls else None
-        return AgentClient(address, ssl_context, timeout=timeout)
-
-    async def source_context(self, dest: AgentClient, migration_id: str) -> SourceContext:
-        return SourceContext(self.store, dest, self.state_dir / "outgoing" / migration_id,
-                             await self.describe_host(), self.tls, self.port,
-                             self.failure_logs)
-
-    async def recover_outgoing(self) -> None:
-        """Settle the migrations a previous agent process left half way: the paused source
-        copy is resumed, or deleted when the destination had committed."""
-        journals = [json.loads(p.read_text())
-                    for p in sorted(self.state_dir.glob("outgoing/*/journal.json"))]
-        for journal in journals:
-            self.migrating[journal["name"]] = asyncio.current_task()
-        for journal in journals:
-            try:
-                options = MigrationOptions.from_json(journal["options"])
-                report = MigrationReport(
-                    id=journal["id"], container=journal["name"], source=self.name,
-                    destination=options.to, strategy=journal["strategy"],
-                    options=journal["options"])
-                await self.recover_one(journal, options, report)
-            except Exception:  # one broken journal must not block the others
-                log.exception("could not settle migration %s", journal.get("id"))
-            finally:
-                self.migrating.pop(journal["name"], None)
-
-    async def recover_one(self, journal: dict, options: MigrationOptions,
-                          report: MigrationReport) -> None:
-        async with self.peer(options.to, 30) as dest:
-            ctx = await self.source_context(dest, report.id)
-            try:
-                migration = STRATEGIES[report.strategy](ctx, report.container, options,
-                                                        EventStream(report))
-            except GodwitError as exc:  # the container is gone: nothing to settle
-                log.warning("migration %s: %s", report.id, exc)
-                (ctx.work_dir / "journal.json").unlink(missing_ok=True)
-                return
-            await migration.recover(journal)
-        self.reports.save(report)
-        log.warning("recovered migration %s of %s: %s, %s", report.id, report.container,
-                    report.result, report.outcome)
 
     # pre-flight
     async def clock(self, request: web.Request) -> web.Response:
@@ -377,27 +256,15 @@ class Agent:
         """`godwit check`: the pre-flight checks from this host to another, nothing frozen."""
         body = await _body(request, PreflightRequest)
         options = MigrationOptions(to=body.to, strategy=body.strategy)
-        name = body.container
-        mem, disk = await asyncio.to_thread(migration_needs, self.store, name, False) \
-            if name else (0, 0)
-        async with self.peer(options.to) as dest:
-            dest_info = await dest.info()
-            strategy = self.pick_strategy(options, name, dest_info)
-            incoming = incoming_request(self.store, name, options, migration_id=str(
-                uuid.uuid4()), source=self.name, strategy=strategy, upload_bytes=disk) \
-                if name else None
-            findings = await run_checks(
-                await self.describe_host(), dest_info, dest, strategy=strategy,
-                needed_mem=mem, needed_disk=disk, max_skew_s=options.max_clock_skew,
-                incoming=incoming)
+        dest_info, findings = await self.migrations.check(body.container, options)
         return _reply(PreflightReply(source=self.name, destination=dest_info.name,
                                      findings=findings))
 
     async def history(self, request: web.Request) -> web.Response:
-        return _reply(convert(self.reports.all(), list[Report], "saved reports"))
+        return _reply(convert(self.migrations.reports.all(), list[Report], "saved reports"))
 
     async def report(self, request: web.Request) -> web.Response:
-        report = self.reports.load(request.match_info["id"].replace("/", ""))
+        report = self.migrations.reports.load(request.match_info["id"].replace("/", ""))
         if report is None:
             raise NotFound(f"no migration {request.match_info['id']} on {self.name}")
         return _reply(convert(report, Report, "saved report"))

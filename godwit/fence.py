@@ -3,9 +3,10 @@
 Before a destination restores a container it writes a decision file reading `pending`
 and starts this watchdog in its own session. Whoever changes the decision first wins,
 under an exclusive flock: the agent's commit writes `committed`, an abort writes
-`aborted`, the watchdog at the deadline writes `fenced` and deletes the container.
-So a destination copy runs for good only if the source heard "committed", even when the
-destination agent dies between restore and commit.
+`aborted`, the watchdog at the deadline writes `fenced` and deletes the container (the
+`DestinationState`s a fence decides; before the restore the receiver keeps its own states
+in the same file). So a destination copy runs for good only if the source heard it was
+committed, even when the destination agent dies between restore and commit.
 """
 
 from __future__ import annotations
@@ -19,28 +20,29 @@ import time
 from pathlib import Path
 from typing import IO
 
-PENDING, COMMITTED, ABORTED, FENCED = "pending", "committed", "aborted", "fenced"
+from godwit.migration.states import DestinationState
 
 
-def read_decision(path: Path) -> str:
+def read_decision(path: Path) -> DestinationState:
+    """The decision; a missing or unreadable one is no commit: aborted."""
     try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        return ABORTED
+        return DestinationState(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return DestinationState.ABORTED
 
 
-def decide(path: Path, new: str) -> str:
+def decide(path: Path, new: DestinationState) -> DestinationState:
     """Move `pending` to `new` atomically; return the decision that holds afterwards."""
     with open(path, "r+") as f:
         return _decide(f, new)
 
 
-def _decide(f: IO[str], new: str) -> str:
+def _decide(f: IO[str], new: DestinationState) -> DestinationState:
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
         current = _read(f)
-        if current != PENDING:
-            return current
+        if current != DestinationState.PENDING:
+            return current or DestinationState.ABORTED
         f.seek(0)
         f.truncate()
         f.write(new)
@@ -51,9 +53,13 @@ def _decide(f: IO[str], new: str) -> str:
         fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _read(f: IO[str]) -> str:
+def _read(f: IO[str]) -> DestinationState | None:
+    """The decision; None for a file caught half rewritten (read without the lock)."""
     f.seek(0)
-    return f.read().strip()
+    try:
+        return DestinationState(f.read().strip())
+    except ValueError:
+        return None
 
 
 def start_watchdog(decision: Path, seconds: float, runc: tuple[str, Path], name: str,
@@ -61,7 +67,8 @@ def start_watchdog(decision: Path, seconds: float, runc: tuple[str, Path], name:
     """Arm the watchdog; it outlives the agent. `runc` is (binary, root) of the agent's
     runc. With `netns_id`, the container's netns is deleted (isolating it) before the
     container is killed."""
-    decision.write_text(PENDING)
+    decision.write_text(DestinationState.PENDING)  # in the freeze: no fsync (only a crash
+    # of the host loses it, and that ends the restored copy too)
     argv = [sys.executable, "-m", "godwit.fence", str(decision), str(seconds), runc[0],
             str(runc[1]), name, str(container_dir), netns_id or ""]
     subprocess.Popen(
@@ -93,9 +100,11 @@ def _must_kill(decision: Path, deadline: float) -> bool:
     except FileNotFoundError:  # dropped before the watchdog started: aborted
         return True
     with f:
-        while time.monotonic() < deadline and _read(f) == PENDING:
+        while time.monotonic() < deadline and _read(f) == DestinationState.PENDING:
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-        return _read(f) == ABORTED or _decide(f, FENCED) == FENCED
+        if _read(f) == DestinationState.ABORTED:
+            return True
+        return _decide(f, DestinationState.FENCED) == DestinationState.FENCED
 
 
 if __name__ == "__main__":

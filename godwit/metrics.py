@@ -80,7 +80,7 @@ class AgentCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("godwit_migrations_running",
                                 "Migrations this agent runs as the source now",
-                                value=len(self.agent.migrating))
+                                value=len(self.agent.migrations.running))
         if self.agent.qos is None:
             return
         sent = CounterMetricFamily("godwit_qos_class_sent_bytes",

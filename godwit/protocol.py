@@ -31,6 +31,7 @@ from godwit.criu import CriuCapabilities
 from godwit.errors import GodwitError
 from godwit.image_config import Overrides
 from godwit.migration import MigrationOptions
+from godwit.migration.states import DestinationState, Result
 from godwit.network import ContainerNet
 from godwit.preflight import Finding
 from godwit.runc_features import RuncFeatures
@@ -213,7 +214,7 @@ class Report(Reply, kw_only=True):
     strategy: str
     started_at: float
     finished_at: float | None = None
-    result: str
+    result: Result
     error: str | None = None
     outcome: str = ""
     frozen_at: float | None = None
@@ -326,10 +327,11 @@ class Restored(Reply, kw_only=True):
 
 
 class IncomingState(Reply, kw_only=True):
-    """The destination's decision on a migration: prepared, pending, committed, fenced,
-    aborted or unknown; post-copy adds how its memory pages arrive."""
+    """Where a migration stands on the destination; post-copy adds how its memory pages
+    arrive. A state this agent does not know makes the reply unreadable: the source
+    takes it as no answer."""
 
-    state: str
+    state: DestinationState
     pages: str | None = None
 
 

@@ -29,7 +29,9 @@ from functools import cached_property
 from godwit import procfs
 from godwit.criu import CRIU
 from godwit.errors import GodwitError
+from godwit.migration import AUTO_LAZY_MIN_BYTES
 from godwit.migration.source import SourceMigration
+from godwit.preflight import Need
 from godwit.protocol import RestoreRequest
 from godwit.qos import migration_ports
 from godwit.runc import HeldRunc
@@ -42,9 +44,22 @@ SLOWEST_PAGES_BPS = 20e6  # pages must all arrive before the fence: allow for th
 
 class PostCopy(SourceMigration):
     strategy = "post-copy"
+    needs = (Need("destination", "lazy_pages", "lazy pages (userfaultfd)"),
+             Need("source", "lazy_dump",
+                  "`runc checkpoint --lazy-pages --page-server --status-fd`", runc=True),
+             Need("destination", "lazy_restore", "`runc restore --lazy-pages`", runc=True))
+    lazy_restore = True
+    auto_rank = 1
+    auto_min_memory = AUTO_LAZY_MIN_BYTES
     page_server: asyncio.subprocess.Process | None = None
     page_server_address = ""
     page_server_port: int | None = None
+
+    @classmethod
+    def auto_fits(cls, source: dict, dest: dict) -> bool:
+        """Only between hosts that can both restore lazily (either may be the next
+        destination)."""
+        return bool(source.get("lazy_pages")) and super().auto_fits(source, dest)
 
     async def execute(self) -> None:
         try:
@@ -72,7 +87,7 @@ class PostCopy(SourceMigration):
         with self.events.phase("dump"):
             self.page_server = await self.run_dump()
         pid = self.page_server.pid
-        self.journal(page_server_pid=pid, page_server_start=procfs.start_time(pid))
+        self.save_journal(page_server_pid=pid, page_server_start=procfs.start_time(pid))
 
     @cached_property
     def fence_timeout(self) -> float:
@@ -113,11 +128,11 @@ class PostCopy(SourceMigration):
     async def release_source(self) -> None:
         """Rollback: freeze the ptrace-stopped tasks, then stop the page server, so the
         source stays paused until it is resumed on purpose."""
-        pid = self.journal_state.get("page_server_pid")
+        pid = self.journal.extra.get("page_server_pid")
         if self.page_server:
             running = self.page_server.returncode is None
         else:  # after an agent restart: the same process, not a new one with a reused pid
-            running = bool(pid) and procfs.start_time(pid) == self.journal_state.get(
+            running = bool(pid) and procfs.start_time(pid) == self.journal.extra.get(
                 "page_server_start")
         if pid and running:
             with contextlib.suppress(GodwitError):

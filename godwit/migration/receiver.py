@@ -1,7 +1,8 @@
 """Destination side of a migration: staging, receiving files, restore, commit or abort.
 
 Everything about an incoming migration lives on disk under `<state>/incoming/<id>/`
-(request.json, rootfs/, images/, work/, decision), so an agent restart loses nothing.
+(request.json, rootfs/, images/, work/, and its `DestinationState` in `decision`), so an
+agent restart loses nothing.
 Just before the source freezes, the migration is armed: the rootfs moves to its place,
 the bundle is written and `runc restore` starts, held before CRIU (see
 `godwit.criu_gate`), so that the freeze only waits for CRIU's own restore.
@@ -27,7 +28,8 @@ from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.fsio import atomic_write
 from godwit.image_config import provenance_fields
 from godwit.migration.failure_logs import FailureLogs
-from godwit.migration.pre_copy import MAX_ROUNDS, PreCopy
+from godwit.migration.states import DestinationState
+from godwit.migration.strategies import restores_lazily, upload_rounds
 from godwit.network import ContainerNet
 from godwit.packet_hold import PacketHold
 from godwit.protocol import (
@@ -51,6 +53,9 @@ DeviceRule = Callable[[str, int, int], bool]
 ID_CHARS = set("0123456789abcdef-")
 PAGES = "pages"
 PLACED = "rootfs-placed"  # marker: the received rootfs moved to the container's directory
+# The migration's DestinationState: written here until the restore, then the fence's
+# decision (the name is the fence's; earlier agents wrote it only at the restore).
+STATE = "decision"
 UPLOADS = re.compile(r"rootfs|images|pre-[1-9]")
 UPLOAD_MARGIN = 256 << 20  # beyond a multiple of what the source announced (rootfs syncs,
 #                            images larger than the memory estimate)
@@ -114,6 +119,7 @@ class Receiver:
         check_free_disk(self.root, request.upload_bytes, self.store.host)
         staging.mkdir(mode=0o700, parents=True)  # received trees: no other local user
         atomic_write(staging / "request.json", encode(request))  # config and env: 0600
+        self._set_state(staging, DestinationState.PREPARED)
         try:
             if request.net:
                 await asyncio.to_thread(self._prepare_network, request.id, name, request.net)
@@ -138,7 +144,7 @@ class Receiver:
         self.active.pop(migration_id, None)
         async with self._lock(migration_id):
             staging = self._dir(migration_id)
-            if not staging.exists() or (staging / "decision").exists():
+            if not self._state(staging).before_restore:
                 return
             request = self.request(migration_id)
             log.warning("migration %s: no word from the source for %g s, dropping %s",
@@ -170,7 +176,7 @@ class Receiver:
         await asyncio.sleep(seconds)
         async with self._lock(migration_id):
             staging = self._dir(migration_id)
-            if not staging.exists() or (staging / "decision").exists():
+            if not self._state(staging).before_restore:
                 return
             request = self.request(migration_id)
             log.warning("migration %s: no restore after activation, dropping %s's address",
@@ -181,8 +187,7 @@ class Receiver:
     def _drop_staging(self, migration_id: str, staging: Path) -> None:
         """A migration ends here: its staging area goes; the logs of one that was not
         committed are kept first."""
-        decision = staging / "decision"
-        committed = decision.exists() and fence.read_decision(decision) == fence.COMMITTED
+        committed = self._state(staging) is DestinationState.COMMITTED
         if self.failure_logs and not committed:
             work = staging / "work"
             self.failure_logs.keep(migration_id, {
@@ -197,7 +202,7 @@ class Receiver:
         await asyncio.sleep(seconds)
         async with self._lock(migration_id):
             staging = self._dir(migration_id)
-            if fence.read_decision(staging / "decision") == fence.FENCED and staging.exists():
+            if self._state(staging) is DestinationState.FENCED:
                 await asyncio.to_thread(self._drop_staging, migration_id, staging)
 
     async def forget(self, migration_id: str) -> Forgotten:
@@ -205,7 +210,7 @@ class Receiver:
         commit): the small record kept for its questions goes too."""
         async with self._lock(migration_id):
             staging = self._dir(migration_id)
-            if staging.exists() and not self._finished(staging):
+            if staging.exists() and not self._state(staging).finished:
                 raise Conflict(f"migration {migration_id} has not ended on {self.store.host}")
             await asyncio.to_thread(self._drop_staging, migration_id, staging)
         self.locks.pop(migration_id, None)
@@ -213,13 +218,23 @@ class Receiver:
 
     def _reserved(self, name: str) -> bool:
         for path in self.root.glob("*/request.json"):
-            if _saved_request(path).name == name and not self._finished(path.parent):
+            if _saved_request(path).name == name and not self._state(path.parent).finished:
                 return True
         return False
 
-    def _finished(self, staging: Path) -> bool:
-        decision = staging / "decision"
-        return decision.exists() and fence.read_decision(decision) != fence.PENDING
+    @staticmethod
+    def _state(staging: Path) -> DestinationState:
+        """Where the migration staged in `staging` stands."""
+        if not staging.exists():
+            return DestinationState.UNKNOWN
+        if not (staging / STATE).exists():  # staged by an earlier agent, not restored
+            return DestinationState.PREPARED
+        return fence.read_decision(staging / STATE)
+
+    @staticmethod
+    def _set_state(staging: Path, state: DestinationState) -> None:
+        """Before the restore only: from then on the fence decides (under its lock)."""
+        atomic_write(staging / STATE, state.value, 0o644)
 
     async def receive(self, migration_id: str, what: str, stream) -> Uploaded:
         """Receive the rootfs or the CRIU images as a godwit tree stream."""
@@ -252,7 +267,7 @@ class Receiver:
         pre-dump holds at most the memory), plus UPLOAD_MARGIN; after an agent restart,
         the whole of it again."""
         if migration_id not in self.budgets:
-            times = 2 + (MAX_ROUNDS if request.strategy == PreCopy.strategy else 0)
+            times = 2 + upload_rounds(request.strategy)
             self.budgets[migration_id] = ByteBudget(times * request.upload_bytes
                                                     + UPLOAD_MARGIN)
         return self.budgets[migration_id]
@@ -266,14 +281,15 @@ class Receiver:
         async with self._lock(migration_id):
             request = self.request(migration_id)
             staging = self._dir(migration_id)
-            if migration_id in self.held or (staging / "decision").exists():
+            if migration_id in self.held or self._state(staging).restored:
                 raise Conflict(f"migration {migration_id} is already armed or restored")
             bundle = self._install(request, staging)
             images = staging / "images"
             images.mkdir(exist_ok=True)
             (images / "descriptors.json").write_text(json.dumps(descriptors))
             self.held[migration_id] = await self._runc_restore(
-                request, bundle, staging, lazy=request.strategy == "post-copy", hold=True)
+                request, bundle, staging, lazy=restores_lazily(request.strategy), hold=True)
+            self._set_state(staging, DestinationState.ARMED)
         self._watch(self._expire_hold(migration_id, request.commit_timeout))
         return Armed(armed=request.name)
 
@@ -327,7 +343,7 @@ class Receiver:
     async def _restore(self, migration_id: str, page_server: str | None) -> Restored:
         request = self.request(migration_id)
         staging = self._dir(migration_id)
-        if (staging / "decision").exists():
+        if self._state(staging).restored:
             raise Conflict(f"migration {migration_id} was already restored")
         name = request.name
         held = self.held.pop(migration_id, None)
@@ -339,7 +355,7 @@ class Receiver:
                                  private_netns=request.private_netns,
                                  **provenance_fields(request.config))
         self.store.save(record)
-        fence.start_watchdog(staging / "decision", request.commit_timeout,
+        fence.start_watchdog(staging / STATE, request.commit_timeout,
                              (self.store.runc.binary, self.store.runc.root), name,
                              self.store.dir(name),
                              self.store.networking.netns_id if record.owns_netns else None)
@@ -431,7 +447,7 @@ class Receiver:
     async def _discard(self, migration_id: str, staging: Path, name: str,
                        networked: bool) -> None:
         """Undo a restore that will not be committed: isolate first, then kill."""
-        if fence.decide(staging / "decision", fence.ABORTED) == fence.COMMITTED:
+        if fence.decide(staging / STATE, DestinationState.ABORTED) is DestinationState.COMMITTED:
             raise Conflict(f"container {name} was already committed here")
         await self._drop_network(migration_id, name, networked)
         await self.store.runc.delete(name)
@@ -472,16 +488,16 @@ class Receiver:
             if pages is not None and not pages.startswith("complete"):
                 raise Conflict(f"migration {migration_id} cannot commit: memory pages {pages}")
             state = await self.store.state(request.name)
-            if fence.read_decision(staging / "decision") == fence.PENDING and (
-                    not state or state.status != "running"):
+            current = self._state(staging)
+            if current is DestinationState.PENDING and (not state or state.status != "running"):
                 raise Conflict(f"migration {migration_id} cannot commit: the container "
                                f"is {state.status if state else 'gone'} here")
-            decision = fence.decide(staging / "decision", fence.COMMITTED) \
-                if (staging / "decision").exists() else "not restored"
-            if decision != fence.COMMITTED:
+            decision = fence.decide(staging / STATE, DestinationState.COMMITTED) \
+                if current.restored else "not restored"
+            if decision is not DestinationState.COMMITTED:
                 raise Conflict(f"migration {migration_id} cannot commit: {decision}")
         await asyncio.to_thread(self._drop_leftovers, staging)
-        return IncomingState(state=fence.COMMITTED)
+        return IncomingState(state=DestinationState.COMMITTED)
 
     @staticmethod
     def _drop_leftovers(staging: Path) -> None:
@@ -496,25 +512,20 @@ class Receiver:
         async with self._lock(migration_id):
             staging = self._dir(migration_id)
             if not staging.exists():
-                return IncomingState(state="unknown")
+                return IncomingState(state=DestinationState.UNKNOWN)
             request = self.request(migration_id)
             name, networked = request.name, request.owns_netns
-            if (staging / "decision").exists():
+            if self._state(staging).restored:
                 await self._discard(migration_id, staging, name, networked)
             else:
                 await self._drop_unrestored(migration_id, request, staging)
             await asyncio.to_thread(self._drop_staging, migration_id, staging)
         self.locks.pop(migration_id, None)
-        return IncomingState(state=fence.ABORTED)
+        return IncomingState(state=DestinationState.ABORTED)
 
     def state(self, migration_id: str) -> IncomingState:
         staging = self._dir(migration_id)
-        if not staging.exists():
-            return IncomingState(state="unknown")
-        decision = staging / "decision"
-        return IncomingState(
-            state=fence.read_decision(decision) if decision.exists() else "prepared",
-            pages=self._pages(staging))
+        return IncomingState(state=self._state(staging), pages=self._pages(staging))
 
     @staticmethod
     def _pages(staging: Path) -> str | None:
@@ -526,16 +537,15 @@ class Receiver:
         """At agent start: drop staging areas that never reached a restore or were fenced
         or aborted, and old committed ones (a source may still ask about those)."""
         for staging in self.root.iterdir():
-            decision = staging / "decision"
+            state = self._state(staging)
             old = time.time() - staging.stat().st_mtime > keep_finished_s
-            ended = decision.exists() and fence.read_decision(decision) in (fence.FENCED,
-                                                                            fence.ABORTED)
-            if not decision.exists() or ended or (self._finished(staging) and old):
+            ended = state in (DestinationState.FENCED, DestinationState.ABORTED)
+            if state.before_restore or ended or (state.finished and old):
                 saved = staging / "request.json"
                 request = _saved_request(saved) if saved.exists() else None
-                if request and request.owns_netns and not decision.exists():
+                if request and request.owns_netns and state.before_restore:
                     self.store.networking.delete(request.name)
-                if request and (staging / PLACED).exists() and not decision.exists():
+                if request and (staging / PLACED).exists() and state.before_restore:
                     self.store.forget(request.name)
                 self._drop_staging(staging.name, staging)
 
