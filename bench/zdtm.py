@@ -42,7 +42,7 @@ from zdtm_suite import ZdtmError, ZdtmTest, build, select
 
 from godwit.lab.netns import pick_free_subnet
 from godwit.lab.testbed import Testbed
-from godwit.migration import STRATEGIES
+from godwit.migration.strategies import STRATEGIES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "bench" / "results" / "zdtm.json"

@@ -35,7 +35,7 @@ import ipaddress
 import json
 import math
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -385,6 +385,12 @@ class Admission:
     async def check_incoming(self, request: object) -> None:
         plain = _plain(request)
         await asyncio.to_thread(lambda: check_incoming(plain, *self._now()))
+
+    def device_rule(self) -> Callable[[str, int, int], bool]:
+        """Which device nodes a received tree may hold (``chr``/``blk``, major, minor):
+        those the policy's ``devices`` list, as read now."""
+        devices = load_policy(self.state_dir).devices
+        return lambda kind, major, minor: _device_allowed((kind[0], major, minor), devices)
 
     def _now(self) -> tuple[Policy, HostFacts]:
         return load_policy(self.state_dir), host_facts(self.bridge)

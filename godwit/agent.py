@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import shutil
 import socket
 import ssl
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +15,11 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from godwit import __version__, authz, faults, images
+from godwit import __version__, adopt, authz, faults, images
 from godwit.admission import Admission
-from godwit.api import DEFAULT_PORT, AgentClient
+from godwit.api import DEFAULT_PORT
 from godwit.audit import AuditLog, audit_middleware
 from godwit.authz import MigrationOwners
-from godwit.cluster.migration_hooks import SourceGuard
 from godwit.cluster.node import ClusterNode
 from godwit.cluster.plan_runner import LocalAgent
 from godwit.containers import ContainerStore, HostNetworking
@@ -32,20 +28,21 @@ from godwit.crl_push import crl_handler
 from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.identity import Identity, IdentityError, identity_of
 from godwit.image_config import Overrides
+from godwit.limits import ConnectionGate, GatedSite
+from godwit.limits import listen as listen_socket
 from godwit.metrics import metrics_handler
-from godwit.migration import MigrationOptions, choose_strategy
+from godwit.migration import MigrationOptions
 from godwit.migration.failure_logs import FailureLogs
-from godwit.migration.post_copy import PostCopy
-from godwit.migration.pre_copy import PreCopy
-from godwit.migration.receiver import Receiver
-from godwit.migration.report import EventStream, MigrationReport, ReportArchive
-from godwit.migration.source import SourceContext, SourceMigration, migration_needs
+from godwit.migration.receiver import Receiver, check_free_disk
+from godwit.migration.report import EventStream
+from godwit.migration.service import Migrations
 from godwit.network import ContainerNet
 from godwit.openapi import document
-from godwit.preflight import check_cpuinfo_image, run_checks
+from godwit.preflight import Finding, check_cpuinfo_image
 from godwit.protocol import (
     PROTOCOL_VERSION,
     ROUTES,
+    AdoptRequest,
     ArmRequest,
     ClockSample,
     ContainerInfo,
@@ -73,11 +70,9 @@ from godwit.protocol import (
 from godwit.qos import QosPolicy, apply_policy, clear_policy, describe_policy
 from godwit.runc import DEFAULT_RUNC, Runc
 from godwit.runc_features import RuncFeatures, probe_runc
-from godwit.tls import RevocationList, TLSFiles, client_context, expiry, peer_certificate
+from godwit.tls import RevocationList, TLSFiles, expiry, peer_certificate
 
 log = logging.getLogger("godwit.agent")
-STRATEGIES = {"stop-and-copy": SourceMigration, "post-copy": PostCopy, "pre-copy": PreCopy}
-RESTORE_TIMEOUT_S = 600
 M = TypeVar("M")
 
 
@@ -99,12 +94,13 @@ class Agent:
         self.store = ContainerStore(state_dir, self.runc, name, networking)
         self.admission = Admission(state_dir, self.store.networking.bridge)
         self.failure_logs = FailureLogs(state_dir / "failed-logs")
-        self.receiver = Receiver(self.store, state_dir, tls, self.failure_logs)
-        self.reports = ReportArchive(state_dir / "reports")
+        self.receiver = Receiver(self.store, state_dir, tls, self.failure_logs,
+                                 device_rule=self.admission.device_rule)
+        self.migrations = Migrations(name, self.store, state_dir, self.describe_host, tls,
+                                     self.failure_logs)
+        self.etcd = cluster.migrations if cluster else None  # cluster mode
+        self.receiver.cluster = self.migrations.cluster = self.etcd
         self.caps: CriuCapabilities | None = None
-        self.migrating: dict[str, asyncio.Task] = {}
-        self.etcd = cluster.migrations if cluster else None
-        self.receiver.cluster = self.etcd
 
     async def start(self) -> None:
         if fault := faults.configured():
@@ -112,13 +108,14 @@ class Agent:
         for change in await asyncio.to_thread(tune_host):
             log.info("host tuned for CRIU: %s", change)
         self.caps = await probe()
+        self.migrations.criu, self.migrations.port = self.caps.to_json(), self.port
         self.runc_features = await probe_runc(self.runc.binary)
         log.info("runc %s (%s)", self.runc_features.version, self.runc.binary)
         self.receiver.sweep()
         images.sweep(self.state_dir)
         self.runc.sweep_logs()
         self.failure_logs.prune()
-        self.recovery = asyncio.create_task(self.recover_outgoing())
+        self.recovery = asyncio.create_task(self.migrations.recover())
         if self.qos:
             await asyncio.to_thread(apply_policy, self.qos.uplink, self.qos.policy)
             log.info("migration traffic on %s shaped: %s", self.qos.uplink, self.qos.policy)
@@ -181,30 +178,28 @@ class Agent:
             await self.store.create(body.name, Path(body.bundle or ""), body.net)
         return _reply(await self.describe(body.name), status=201)
 
+    async def adopt_container(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        where = adopt.Foreign.of(await _body(request, AdoptRequest), name)
+        await adopt.adopt(self.store, name, where)
+        return _reply(await self.describe(name), status=201)
+
+    async def release_container(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if self.migrations.busy(name):
+            raise Conflict(f"container {name} is being migrated")
+        where = adopt.Foreign.of(await _body(request, AdoptRequest), name)
+        return _reply(await adopt.release(self.store, name, where))
+
     async def remove_container(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        if name in self.migrating:
+        if self.migrations.busy(name):
             raise Conflict(f"container {name} is being migrated")
         await self.store.remove(name)
-        await self.settle_journals(name)
+        await self.migrations.settle(name)
         if self.etcd:
             await self.etcd.removed(name)
         return _reply(Removed(removed=name))
-
-    def journals(self, name: str) -> list[Path]:
-        """Journals of this container's unsettled (in-doubt) outgoing migrations."""
-        return [path for path in self.state_dir.glob("outgoing/*/journal.json")
-                if json.loads(path.read_text()).get("name") == name]
-
-    async def settle_journals(self, name: str) -> None:
-        """The operator decided (resume or rm): forget the in-doubt migrations, here and
-        (when it answers) on their destination."""
-        for path in self.journals(name):
-            journal = json.loads(path.read_text())
-            shutil.rmtree(path.parent, ignore_errors=True)
-            with contextlib.suppress(GodwitError):
-                async with self.peer(journal["options"]["to"], 10) as dest:
-                    await dest.forget_incoming(journal["id"])
 
     async def exec_container(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -225,51 +220,31 @@ class Agent:
         a networked container gets its link back first."""
         name = request.match_info["name"]
         record = self.store.record(name)
-        if name in self.migrating:
+        if self.migrations.busy(name):
             raise Conflict(f"container {name} is being migrated")
         state = await self.store.state(name)
         if not state or state.status != "paused":
             raise Conflict(f"container {name} is {state.status if state else 'gone'}, "
                            "not paused")
         if record.net:
-            if self.journals(name):  # in doubt: the destination's copy ran, then was fenced
+            if self.migrations.in_doubt(name):  # the destination's copy ran, then was fenced
                 await asyncio.to_thread(self.store.networking.reset_connections, name,
                                         ContainerNet.from_json(record.net))
             await asyncio.to_thread(self.store.networking.connect, name)
         await self.runc.resume(name)
-        await self.settle_journals(name)
+        await self.migrations.settle(name)
         return _reply(await self.describe(name))
 
     # migrations, source side
     async def migrate(self, request: web.Request) -> web.StreamResponse:
         options = await _body(request, MigrationOptions)
-        return await _stream_events(request, await self.begin_migration(
-            request.match_info["name"], options))
-
-    async def begin_migration(self, name: str, options: MigrationOptions) -> EventStream:
-        """Start a migration (an operator's through the API, or an evacuation plan's); its
-        events come on the stream's queue. Refused (Conflict, NotFound) before anything is
-        touched."""
-        self.store.record(name)
-        if name in self.migrating:
-            raise Conflict(f"container {name} is already being migrated")
-        if self.journals(name):
-            raise Conflict(f"an earlier migration of {name} ended in doubt: check its "
-                           f"destination, then `godwit resume {name}` or `godwit rm {name}`")
-        report = self.new_report(name, options)
-        guard = self.etcd.source(name, report.id, options.to) if self.etcd else None
-        if guard:  # the lock, before anything is touched (refused: nothing happened)
-            await guard.begin()
-        events = EventStream(report)
-        task = asyncio.create_task(self.run_migration(name, options, events, guard))
-        self.migrating[name] = task
-        task.add_done_callback(lambda _: self.migrating.pop(name, None))
-        return events
+        events = await self.migrations.start(request.match_info["name"], options)
+        return await _stream_events(request, events)
 
     async def plan_migration(self, name: str, options: MigrationOptions
                              ) -> AsyncIterator[dict]:
         """A migration for an evacuation plan (cluster mode): its events as plain JSON."""
-        events = await self.begin_migration(name, options)
+        events = await self.migrations.start(name, options)
         while (event := await events.queue.get()) is not None:
             yield to_json(event)
 
@@ -279,96 +254,6 @@ class Agent:
         except NotFound:
             return None
 
-    def new_report(self, name: str, options: MigrationOptions) -> MigrationReport:
-        record = self.store.record(name)
-        return MigrationReport(
-            id=str(uuid.uuid4()), container=name, source=self.name,
-            destination=options.to, strategy=self.pick_strategy(options, name, None),
-            options=options.to_json(), image=record.image, image_digest=record.image_digest,
-        )
-
-    def pick_strategy(self, options: MigrationOptions, name: str | None,
-                      dest_info: HostInfo | None) -> str:
-        caps = self.caps.to_json() if self.caps else {}
-        memory = self.store.private_memory(name) if name else 0
-        dest_caps = dest_info.criu.to_json() if dest_info and dest_info.criu else None
-        return choose_strategy(options.strategy, caps, dest_caps, memory)
-
-    async def run_migration(self, name: str, options: MigrationOptions,
-                            events: EventStream, guard: SourceGuard | None = None) -> None:
-        """Run one migration to its end; its report is always saved and the client told."""
-        try:
-            await self.start_migration(name, options, events, guard)
-        except Exception as exc:  # before anything was frozen: the container is untouched
-            log.exception("migration %s of %s could not start", events.report.id, name)
-            events.report.result, events.report.error = "failed", str(exc)
-            events.report.outcome = f"running on {self.name} (never frozen)"
-        finally:
-            if not events.closed:
-                events.close()
-            self.reports.save(events.report)
-            log.info("migration %s of %s: %s", events.report.id, name, events.report.result)
-            if guard:
-                await guard.end(events.report.to_json())
-
-    async def start_migration(self, name: str, options: MigrationOptions,
-                              events: EventStream, guard: SourceGuard | None = None) -> None:
-        async with self.peer(options.to, RESTORE_TIMEOUT_S) as dest:
-            ctx = await self.source_context(dest, events.report.id)
-            ctx.cluster = guard
-            strategy = self.pick_strategy(options, name, await dest.info())
-            events.report.strategy = strategy
-            await STRATEGIES[strategy](ctx, name, options, events).execute()
-
-    def peer(self, address: str, timeout: float = 30) -> AgentClient:
-        """A client for another agent, presenting this agent's certificate (its TLS context
-        is rebuilt when the files change, so a new CRL applies to the next migration)."""
-        ssl_context = client_context(self.tls) if self.tls else None
-        return AgentClient(address, ssl_context, timeout=timeout)
-
-    async def source_context(self, dest: AgentClient, migration_id: str) -> SourceContext:
-        return SourceContext(self.store, dest, self.state_dir / "outgoing" / migration_id,
-                             await self.describe_host(), self.tls, self.port,
-                             self.failure_logs)
-
-    async def recover_outgoing(self) -> None:
-        """Settle the migrations a previous agent process left half way: the paused source
-        copy is resumed, or deleted when the destination had committed."""
-        journals = [json.loads(p.read_text())
-                    for p in sorted(self.state_dir.glob("outgoing/*/journal.json"))]
-        for journal in journals:
-            self.migrating[journal["name"]] = asyncio.current_task()
-        for journal in journals:
-            try:
-                options = MigrationOptions.from_json(journal["options"])
-                report = MigrationReport(
-                    id=journal["id"], container=journal["name"], source=self.name,
-                    destination=options.to, strategy=journal["strategy"],
-                    options=journal["options"])
-                await self.recover_one(journal, options, report)
-            except Exception:  # one broken journal must not block the others
-                log.exception("could not settle migration %s", journal.get("id"))
-            finally:
-                self.migrating.pop(journal["name"], None)
-
-    async def recover_one(self, journal: dict, options: MigrationOptions,
-                          report: MigrationReport) -> None:
-        async with self.peer(options.to, 30) as dest:
-            ctx = await self.source_context(dest, report.id)
-            if self.etcd:  # no lock (its holder died): only the decision is read
-                ctx.cluster = self.etcd.source(report.container, report.id, options.to)
-            try:
-                migration = STRATEGIES[report.strategy](ctx, report.container, options,
-                                                        EventStream(report))
-            except GodwitError as exc:  # the container is gone: nothing to settle
-                log.warning("migration %s: %s", report.id, exc)
-                (ctx.work_dir / "journal.json").unlink(missing_ok=True)
-                return
-            await migration.recover(journal)
-        self.reports.save(report)
-        log.warning("recovered migration %s of %s: %s, %s", report.id, report.container,
-                    report.result, report.outcome)
-
     # pre-flight
     async def clock(self, request: web.Request) -> web.Response:
         received = time.time()
@@ -377,28 +262,29 @@ class Agent:
     async def check_cpuinfo(self, request: web.Request) -> web.Response:
         return _reply(await check_cpuinfo_image(await request.read()))
 
+    async def check_admission(self, request: web.Request) -> web.Response:
+        """Would this host admit an incoming migration: its policy and free disk."""
+        body = await _body(request, IncomingRequest)
+        try:
+            await self.admission.check_incoming(body)
+            check_free_disk(self.receiver.root, body.upload_bytes, self.name)
+        except GodwitError as exc:
+            return _reply(Finding("admission", "error", str(exc)))
+        return _reply(Finding("admission", "ok", f"admitted by {self.name}'s policy"))
+
     async def preflight(self, request: web.Request) -> web.Response:
         """`godwit check`: the pre-flight checks from this host to another, nothing frozen."""
         body = await _body(request, PreflightRequest)
         options = MigrationOptions(to=body.to, strategy=body.strategy)
-        name = body.container
-        mem, disk = await asyncio.to_thread(migration_needs, self.store, name, False) \
-            if name else (0, 0)
-        async with self.peer(options.to) as dest:
-            dest_info = await dest.info()
-            findings = await run_checks(
-                await self.describe_host(), dest_info, dest,
-                strategy=self.pick_strategy(options, name, dest_info),
-                needed_mem=mem, needed_disk=disk,
-                max_skew_s=options.max_clock_skew)
+        dest_info, findings = await self.migrations.check(body.container, options)
         return _reply(PreflightReply(source=self.name, destination=dest_info.name,
                                      findings=findings))
 
     async def history(self, request: web.Request) -> web.Response:
-        return _reply(convert(self.reports.all(), list[Report], "saved reports"))
+        return _reply(convert(self.migrations.reports.all(), list[Report], "saved reports"))
 
     async def report(self, request: web.Request) -> web.Response:
-        report = self.reports.load(request.match_info["id"].replace("/", ""))
+        report = self.migrations.reports.load(request.match_info["id"].replace("/", ""))
         if report is None:
             raise NotFound(f"no migration {request.match_info['id']} on {self.name}")
         return _reply(convert(report, Report, "saved report"))
@@ -549,10 +435,14 @@ async def serve(agent: Agent, listen: str, server_ssl: ssl.SSLContext | None = N
     host, _, port = listen.rpartition(":")
     agent.port = int(port)
     await agent.start()
-    runner = web.AppRunner(agent.app(), access_log=None, read_bufsize=1 << 20)
+    gate = ConnectionGate()
+    app = agent.app()
+    app.middlewares.insert(0, gate.middleware)
+    runner = web.AppRunner(app, access_log=None, read_bufsize=1 << 20,
+                           keepalive_timeout=gate.limits.keepalive_timeout)
     await runner.setup()
-    site = web.TCPSite(runner, host or "0.0.0.0", int(port), ssl_context=server_ssl,
-                       reuse_address=True)
+    site = GatedSite(runner, listen_socket(host or "0.0.0.0", int(port), gate),
+                     ssl_context=server_ssl)
     await site.start()
     log.info("agent %s listening on %s", agent.name, listen)
     try:

@@ -21,6 +21,7 @@ from godwit.network import ContainerNet
 from godwit.preflight import Finding
 from godwit.protocol import (
     Activated,
+    AdoptRequest,
     Armed,
     ArmRequest,
     ClockSample,
@@ -37,6 +38,7 @@ from godwit.protocol import (
     PreflightReply,
     PreflightRequest,
     Prepared,
+    Released,
     Removed,
     Report,
     Restored,
@@ -183,6 +185,16 @@ class AgentClient:
     async def resume(self, name: str) -> ContainerInfo:
         return await self.request("POST", f"/v1/containers/{name}/resume", ContainerInfo)
 
+    async def adopt(self, name: str, runc_root: str | None, runc_id: str | None,
+                    ) -> ContainerInfo:
+        return await self.request("POST", f"/v1/containers/{name}/adopt", ContainerInfo,
+                                  AdoptRequest(runc_root=runc_root, id=runc_id))
+
+    async def release(self, name: str, runc_root: str | None, runc_id: str | None,
+                      ) -> Released:
+        return await self.request("POST", f"/v1/containers/{name}/release", Released,
+                                  AdoptRequest(runc_root=runc_root, id=runc_id))
+
     def migrate(self, name: str, options: MigrationOptions) -> AsyncIterator[Event]:
         return self.stream_events(f"/v1/containers/{name}/migrate", options)
 
@@ -194,6 +206,9 @@ class AgentClient:
 
     async def check_cpuinfo(self, image: bytes) -> Finding:
         return await self.request("POST", "/v1/preflight/cpuinfo", Finding, data=image)
+
+    async def check_admission(self, request: IncomingRequest) -> Finding:
+        return await self.request("POST", "/v1/preflight/admission", Finding, request)
 
     async def preflight(self, body: PreflightRequest) -> PreflightReply:
         return await self.request("POST", "/v1/preflight", PreflightReply, body)

@@ -20,6 +20,7 @@ from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.fsio import atomic_write
 from godwit.network import (
     ContainerNet,
+    can_change_netns,
     config_with_netns,
     create_container_netns,
     create_private_netns,
@@ -29,7 +30,6 @@ from godwit.network import (
     reset_connections,
     send_gratuitous_arp,
     set_link,
-    wants_own_netns,
 )
 from godwit.runc import ContainerState, Runc
 
@@ -53,10 +53,15 @@ class ContainerRecord:
     created_at: float
     origin: str | None = None
     net: dict | None = None  # ContainerNet.to_json() of a container on the host bridge
-    private_netns: bool = False  # godwit made its netns (loopback only), see create()
+    # godwit made its netns (loopback only, external to CRIU): containers without an
+    # address before their netns was carried by CRIU (see start()), and adopted ones
+    private_netns: bool = False
     image: str | None = None  # provenance of a container run from an image (godwit.images)
     image_digest: str | None = None
     exposed_ports: list[str] | None = None
+    # a runc container godwit adopted here (godwit.adopt): its runc root and id before,
+    # and the cgroup runc gave it (godwit's own path is the destination's)
+    adopted: dict | None = None
 
     @property
     def owns_netns(self) -> bool:
@@ -144,8 +149,11 @@ class ContainerStore:
     def cgroups_path(self, name: str) -> str:
         """Per-host cgroup path, so that hosts sharing a kernel never collide: under the
         host's netns id (per-kernel unique; the host name unless the agent was given
-        `--netns-id`, as testbeds do, whose hosts are all called a, b, ...)."""
-        return f"/godwit/{self.networking.netns_id}/{name}"
+        `--netns-id`, as testbeds do, whose hosts are all called a, b, ...). An adopted
+        container keeps the cgroup runc gave it."""
+        record = self.dir(name) / "record.json"
+        adopted = json.loads(record.read_text()).get("adopted") if record.exists() else None
+        return adopted["cgroup"] if adopted else f"/godwit/{self.networking.netns_id}/{name}"
 
     def record(self, name: str) -> ContainerRecord:
         path = self.dir(name) / "record.json"
@@ -232,13 +240,17 @@ class ContainerStore:
                     *, rootfs_from: Path | None = None) -> ContainerRecord:
         """The one way a container is created here: record, owned rootfs (moved from
         `rootfs_from` to record.rootfs), netns, this host's bundle, `runc run`; a failure
-        undoes all of it."""
+        undoes all of it. A container without an address that may reconfigure its netns
+        keeps the one runc makes, which CRIU dumps and restores (godwit.criu_gate): what
+        it configures there moves with it. Any other gets a loopback-only netns of
+        godwit's, external to CRIU, which costs the freeze nothing."""
         name = record.name
         await self.check_new(name)
+        if not net and not can_change_netns(config):
+            record.private_netns = True
         if net:
             self.check_address_free(net)
         record.net = net.to_json() if net else None
-        record.private_netns = not net and wants_own_netns(config)
         self.save(record)
         try:
             if rootfs_from:

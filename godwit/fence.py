@@ -3,9 +3,10 @@
 Before a destination restores a container it writes a decision file reading `pending`
 and starts this watchdog in its own session. Whoever changes the decision first wins,
 under an exclusive flock: the agent's commit writes `committed`, an abort writes
-`aborted`, the watchdog at the deadline writes `fenced` and deletes the container.
-So a destination copy runs for good only if the source heard "committed", even when the
-destination agent dies between restore and commit.
+`aborted`, the watchdog at the deadline writes `fenced` and deletes the container (the
+`DestinationState`s a fence decides; before the restore the receiver keeps its own states
+in the same file). So a destination copy runs for good only if the source heard it was
+committed, even when the destination agent dies between restore and commit.
 """
 
 from __future__ import annotations
@@ -20,28 +21,29 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-PENDING, COMMITTED, ABORTED, FENCED = "pending", "committed", "aborted", "fenced"
+from godwit.migration.states import DestinationState
 
 
-def read_decision(path: Path) -> str:
+def read_decision(path: Path) -> DestinationState:
+    """The decision; a missing or unreadable one is no commit: aborted."""
     try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        return ABORTED
+        return DestinationState(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return DestinationState.ABORTED
 
 
-def decide(path: Path, new: str) -> str:
+def decide(path: Path, new: DestinationState) -> DestinationState:
     """Move `pending` to `new` atomically; return the decision that holds afterwards."""
     with open(path, "r+") as f:
         return _decide(f, new)
 
 
-def _decide(f: IO[str], new: str) -> str:
+def _decide(f: IO[str], new: DestinationState) -> DestinationState:
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
         current = _read(f)
-        if current != PENDING:
-            return current
+        if current != DestinationState.PENDING:
+            return current or DestinationState.ABORTED
         f.seek(0)
         f.truncate()
         f.write(new)
@@ -52,9 +54,13 @@ def _decide(f: IO[str], new: str) -> str:
         fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _read(f: IO[str]) -> str:
+def _read(f: IO[str]) -> DestinationState | None:
+    """The decision; None for a file caught half rewritten (read without the lock)."""
     f.seek(0)
-    return f.read().strip()
+    try:
+        return DestinationState(f.read().strip())
+    except ValueError:
+        return None
 
 
 def start_watchdog(decision: Path, seconds: float, runc: tuple[str, Path], name: str,
@@ -64,7 +70,8 @@ def start_watchdog(decision: Path, seconds: float, runc: tuple[str, Path], name:
     runc. With `netns_id`, the container's netns is deleted (isolating it) before the
     container is killed. With `cluster` (cluster mode: ClusterMigrations.fence_args), an
     undecided copy at the deadline lives or dies by the decision in etcd."""
-    decision.write_text(PENDING)
+    decision.write_text(DestinationState.PENDING)  # in the freeze: no fsync (only a crash
+    # of the host loses it, and that ends the restored copy too)
     argv = [sys.executable, "-m", "godwit.fence", str(decision), str(seconds), runc[0],
             str(runc[1]), name, str(container_dir), netns_id or "", *(cluster or [])]
     subprocess.Popen(
@@ -80,13 +87,14 @@ def watchdog(decision: Path, seconds: float, runc: str, runc_root: Path, name: s
     settle = None
     if cluster:
 
-        def settle() -> str:
+        def settle() -> DestinationState:
             # imported only now: the decision file must be opened first (gRPC takes a
             # while to import, and a committed migration's staging area goes at once)
             from godwit.cluster.migration_hooks import settle_fence
 
             held = settle_fence(cluster, [runc, "--root", str(runc_root)], name)
-            return COMMITTED if held == COMMITTED else FENCED
+            committed = held == DestinationState.COMMITTED
+            return DestinationState.COMMITTED if committed else DestinationState.FENCED
 
     if not _must_kill(decision, time.monotonic() + seconds, settle):
         return
@@ -100,7 +108,7 @@ def watchdog(decision: Path, seconds: float, runc: str, runc_root: Path, name: s
 
 
 def _must_kill(decision: Path, deadline: float,
-               settle: Callable[[], str] | None = None) -> bool:
+               settle: Callable[[], DestinationState] | None = None) -> bool:
     """Wait for a decision or the deadline: True when aborted or fenced now. The file is
     held open, so it is still read after its staging area went (a settled commit).
     `settle`: what an undecided copy becomes at the deadline (cluster mode: etcd's
@@ -110,11 +118,13 @@ def _must_kill(decision: Path, deadline: float,
     except FileNotFoundError:  # dropped before the watchdog started: aborted
         return True
     with f:
-        while time.monotonic() < deadline and _read(f) == PENDING:
+        while time.monotonic() < deadline and _read(f) == DestinationState.PENDING:
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
-        if _read(f) == PENDING and settle is not None:
-            return _decide(f, settle()) != COMMITTED
-        return _read(f) == ABORTED or _decide(f, FENCED) == FENCED
+        if _read(f) == DestinationState.PENDING and settle is not None:
+            return _decide(f, settle()) != DestinationState.COMMITTED
+        if _read(f) == DestinationState.ABORTED:
+            return True
+        return _decide(f, DestinationState.FENCED) == DestinationState.FENCED
 
 
 if __name__ == "__main__":

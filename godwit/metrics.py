@@ -81,7 +81,7 @@ class AgentCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("godwit_migrations_running",
                                 "Migrations this agent runs as the source now",
-                                value=len(self.agent.migrating))
+                                value=len(self.agent.migrations.running))
         if self.agent.cluster is not None:
             yield CounterMetricFamily("godwit_etcd_requests",
                                       "Requests this agent sent to etcd (retries included)",

@@ -189,6 +189,17 @@ def wants_own_netns(config: dict[str, Any]) -> bool:
     return any(ns.get("type") == "network" and not ns.get("path") for ns in namespaces)
 
 
+def can_change_netns(config: dict[str, Any]) -> bool:
+    """The container may reconfigure its own network namespace: CAP_NET_ADMIN in its
+    bounding set, or a user namespace (where it holds every capability over its netns).
+    Only then is there anything in the netns for CRIU to carry."""
+    linux = config.get("linux", {})
+    if any(ns.get("type") == "user" for ns in linux.get("namespaces", [])):
+        return True
+    bounding = config.get("process", {}).get("capabilities", {}).get("bounding", [])
+    return "CAP_NET_ADMIN" in bounding
+
+
 def _loopback_up() -> None:
     with IPRoute() as ipr:
         ipr.link("set", index=link_index(ipr, "lo"), state="up")

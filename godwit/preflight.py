@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
 import msgspec
 
@@ -21,9 +21,10 @@ from godwit.errors import GodwitError
 from godwit.runc_features import series
 
 if TYPE_CHECKING:
-    from godwit.protocol import HostInfo
+    from godwit.protocol import HostInfo, IncomingRequest
 
 Level = Literal["ok", "warn", "error"]
+Side = Literal["source", "destination"]
 Sample = tuple[float, float, float, float]  # t1 client send, t2 server recv, t3 server send, t4
 SKEW_WARN_S = 0.010
 SKEW_LIMIT_S = 0.500
@@ -39,6 +40,24 @@ class Finding:
 
     def to_json(self) -> dict:
         return {"check": self.check, "level": self.level, "message": self.message}
+
+
+@dataclass(frozen=True)
+class Need:
+    """A host feature a migration strategy needs on one side: a CRIU capability (the
+    `criu` facts of /v1/info) or, with `runc`, a runc feature (`runc_features`)."""
+
+    side: Side
+    feature: str
+    what: str  # in words, for the refusal
+    runc: bool = False
+
+
+class Strategy(Protocol):
+    """What pre-flight asks of a strategy (the classes of `godwit.migration.strategies`)."""
+
+    strategy: ClassVar[str]
+    needs: ClassVar[tuple[Need, ...]]
 
 
 @dataclass(frozen=True)
@@ -101,20 +120,18 @@ def check_protocol(local: str, remote: str) -> Finding:
 
 
 # CRIU and runc
-def compare_criu(local_info: dict, remote_info: dict,
-                 strategy: str = "stop-and-copy") -> list[Finding]:
+def compare_criu(local_info: dict, remote_info: dict, strategy: Strategy) -> list[Finding]:
     """Can images dumped by the local (source) CRIU be restored by the remote (destination)?"""
     local, remote = local_info.get("criu") or {}, remote_info.get("criu") or {}
     findings = [_criu_versions(local.get("version"), remote.get("version"))]
     if remote and not remote.get("check_ok", True):
         findings.append(Finding("criu", "warn", "`criu check` fails on the destination: "
                                 f"{remote.get('check_message', '')}"))
-    if strategy == "post-copy" and not remote.get("lazy_pages"):
-        findings.append(Finding("lazy-pages", "error",
-                                "post-copy needs lazy pages (userfaultfd) on the destination"))
-    if strategy == "pre-copy" and not local.get("soft_dirty"):
-        findings.append(Finding("soft-dirty", "error",
-                                "pre-copy needs soft-dirty memory tracking on the source"))
+    for need in strategy.needs:
+        facts = local if need.side == "source" else remote
+        if not need.runc and not facts.get(need.feature):
+            findings.append(Finding(need.feature.replace("_", "-"), "error",
+                                    f"{strategy.strategy} needs {need.what} on the {need.side}"))
     findings.append(_runc_versions(local_info.get("runc"), remote_info.get("runc")))
     return findings + compare_runc(local_info.get("runc_features"),
                                    remote_info.get("runc_features"), strategy)
@@ -140,7 +157,8 @@ def _runc_versions(local: str | None, remote: str | None) -> Finding:
     return Finding("runc", "warn", f"runc versions differ: {local} -> {remote}")
 
 
-def compare_runc(local: dict | None, remote: dict | None, strategy: str) -> list[Finding]:
+def compare_runc(local: dict | None, remote: dict | None,
+                 strategy: Strategy) -> list[Finding]:
     """Can the source's runc dump and the destination's restore as `strategy` needs?
     (``runc_features`` of each host; an agent that does not report them is not judged.)"""
     findings = []
@@ -148,15 +166,11 @@ def compare_runc(local: dict | None, remote: dict | None, strategy: str) -> list
         findings.append(_runc_lacks("source", local, "checkpoint support"))
     if remote and not remote.get("checkpoint"):
         findings.append(_runc_lacks("destination", remote, "checkpoint support"))
-    if strategy == "post-copy" and local and not local.get("lazy_dump"):
-        findings.append(_runc_lacks("source", local, "`runc checkpoint --lazy-pages "
-                                    "--page-server --status-fd` (post-copy)"))
-    if strategy == "post-copy" and remote and not remote.get("lazy_restore"):
-        findings.append(_runc_lacks("destination", remote,
-                                    "`runc restore --lazy-pages` (post-copy)"))
-    if strategy == "pre-copy" and local and not local.get("pre_dump"):
-        findings.append(_runc_lacks("source", local,
-                                    "`runc checkpoint --pre-dump --parent-path` (pre-copy)"))
+    for need in strategy.needs:
+        features = local if need.side == "source" else remote
+        if need.runc and features and not features.get(need.feature):
+            findings.append(_runc_lacks(need.side, features,
+                                        f"{need.what} ({strategy.strategy})"))
     return findings
 
 
@@ -245,10 +259,13 @@ def _mib(n: int) -> str:
 
 
 # all checks of one migration
-async def run_checks(source: HostInfo, destination: HostInfo, dest, *, strategy: str,
-                     needed_mem: int, needed_disk: int, max_skew_s: float) -> list[Finding]:
+async def run_checks(source: HostInfo, destination: HostInfo, dest, *, strategy: Strategy,
+                     needed_mem: int, needed_disk: int, max_skew_s: float,
+                     incoming: IncomingRequest | None = None) -> list[Finding]:
     """Every pre-flight check between this (source) host and ``dest`` (an AgentClient);
-    against a peer of another protocol only that one (its other answers may mislead)."""
+    against a peer of another protocol only that one (its other answers may mislead).
+    With the prepare request it would get (``incoming``), ``dest`` says whether its
+    admission policy and free disk take it."""
     protocol = check_protocol(source.protocol, destination.protocol)
     if protocol.level == "error":
         return [protocol]
@@ -257,6 +274,8 @@ async def run_checks(source: HostInfo, destination: HostInfo, dest, *, strategy:
     findings.append(check_skew(await measure_skew(dest.time_pair), max_skew_s))
     findings.extend(check_resources(dest_info, needed_mem, needed_disk))
     findings.append(await dest.check_cpuinfo(await cpuinfo_image()))
+    if incoming is not None:
+        findings.append(await dest.check_admission(incoming))
     return findings
 
 

@@ -31,11 +31,15 @@ from godwit.criu import CriuCapabilities
 from godwit.errors import GodwitError
 from godwit.image_config import Overrides
 from godwit.migration import MigrationOptions
+from godwit.migration.states import DestinationState, Result
 from godwit.network import ContainerNet
 from godwit.preflight import Finding
 from godwit.runc_features import RuncFeatures
 
-PROTOCOL_VERSION = "1.1"  # major.minor: a new major is not understood by an older agent
+# major.minor: a new major is not understood by an older agent. 2.0: a prepare request
+# announces `upload_bytes` (the destination bounds the uploads by it); the pre-flight asks
+# the destination's admission (`POST /v1/preflight/admission`).
+PROTOCOL_VERSION = "2.0"
 MigrationId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f-]{1,64}$", max_length=64)]
 M = TypeVar("M")
 
@@ -127,6 +131,7 @@ class ContainerInfo(Reply, kw_only=True):
     image: str | None = None
     image_digest: str | None = None
     exposed_ports: list[str] | None = None
+    adopted: dict[str, str] | None = None  # godwit.adopt: runc root, id, cgroup before
     host: str
     memory: int
     status: str
@@ -154,6 +159,22 @@ class Signalled(Reply, kw_only=True):
 
 class Removed(Reply, kw_only=True):
     removed: str
+
+
+class AdoptRequest(Request, kw_only=True):
+    """`adopt` and `release`: where the container is (or goes) outside godwit (defaults:
+    /run/runc, its godwit name)."""
+
+    runc_root: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
+    id: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+
+
+class Released(Reply, kw_only=True):
+    name: str
+    host: str
+    runc_root: str
+    id: str
+    bundle: str
 
 
 # migrations, source side
@@ -193,7 +214,7 @@ class Report(Reply, kw_only=True):
     strategy: str
     started_at: float
     finished_at: float | None = None
-    result: str
+    result: Result
     error: str | None = None
     outcome: str = ""
     frozen_at: float | None = None
@@ -260,6 +281,10 @@ class IncomingRequest(Request, kw_only=True):
     strategy: str
     net: ContainerNet | None = None
     private_netns: bool = False
+    # what the source expects to upload (rootfs and images, the pre-flight's disk estimate):
+    # the destination refuses it beyond its free disk, and cuts uploads past it (margin in
+    # godwit.migration.receiver)
+    upload_bytes: Annotated[int, msgspec.Meta(ge=0, le=2**62)]
 
     @property
     def owns_netns(self) -> bool:
@@ -302,10 +327,11 @@ class Restored(Reply, kw_only=True):
 
 
 class IncomingState(Reply, kw_only=True):
-    """The destination's decision on a migration: prepared, pending, committed, fenced,
-    aborted or unknown; post-copy adds how its memory pages arrive."""
+    """Where a migration stands on the destination; post-copy adds how its memory pages
+    arrive. A state this agent does not know makes the reply unreadable: the source
+    takes it as no answer."""
 
-    state: str
+    state: DestinationState
     pages: str | None = None
 
 
@@ -378,6 +404,12 @@ ROUTES: tuple[Route, ...] = (
           "signal the container's init", Signalled, SignalRequest),
     Route("POST", "/v1/containers/{name}/resume", "resume_container",
           "resume a paused copy (after an in-doubt migration)", ContainerInfo),
+    Route("POST", "/v1/containers/{name}/adopt", "adopt_container",
+          "take a running runc container godwit did not start under this agent",
+          ContainerInfo, AdoptRequest, status=201, optional_body=True),
+    Route("POST", "/v1/containers/{name}/release", "release_container",
+          "give a container back to plain runc (it keeps running)", Released, AdoptRequest,
+          optional_body=True),
     Route("POST", "/v1/containers/{name}/migrate", "migrate",
           "migrate to another host; NDJSON events, the last a result", Event,
           MigrationOptions, stream=True),
@@ -386,6 +418,9 @@ ROUTES: tuple[Route, ...] = (
           PreflightReply, PreflightRequest),
     Route("POST", "/v1/preflight/cpuinfo", "check_cpuinfo",
           "can this CPU run a `criu cpuinfo dump` image's processes", Finding, OCTET),
+    Route("POST", "/v1/preflight/admission", "check_admission",
+          "would this host admit the migration (its policy, its free disk); nothing staged",
+          Finding, IncomingRequest),
     Route("GET", "/v1/migrations", "history", "reports of past migrations", list[Report]),
     Route("GET", "/v1/migrations/{id}", "report", "one report", Report),
     Route("GET", "/v1/migrations/{id}/logs", "migration_logs",

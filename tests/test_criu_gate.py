@@ -32,6 +32,37 @@ def test_real_criu_gets_the_path_without_the_shim() -> None:
     assert criu_gate.path_without("/w/criu-gate", "/w/criu-gate:/usr/bin:/bin") == "/usr/bin:/bin"
 
 
+def _field(number: int, value: int | bytes) -> bytes:
+    if isinstance(value, int):
+        return criu_gate._encode(0, criu_gate._encode_varint(number << 3), value)
+    return criu_gate._encode(2, criu_gate._encode_varint(number << 3 | 2), value)
+
+
+def _request(*opts: bytes) -> bytes:
+    return _field(1, 1) + _field(2, b"".join(opts))  # criu_req{type: DUMP, opts: {...}}
+
+
+def test_netns_of_the_container_is_no_longer_left_out(monkeypatch) -> None:
+    """runc's empty_ns loses CLONE_NEWNET (other bits stay) and the fds CRIU resolves
+    through its peer become the gate's own."""
+    monkeypatch.setattr(criu_gate, "_own_copy_of_runc_fd", lambda fd: fd + 100)
+    uts = 0x04000000
+    request = _request(_field(1, 7), _field(17, 8), _field(37, b"mnt[/x]:/x"),
+                       _field(38, criu_gate.CLONE_NEWNET | uts), _field(49, 300))
+    rewritten = criu_gate.carrying_netns(request)
+    assert rewritten == _request(_field(1, 107), _field(17, 108), _field(37, b"mnt[/x]:/x"),
+                                 _field(38, uts), _field(49, 400))
+    only_net = _request(_field(1, 7), _field(38, criu_gate.CLONE_NEWNET))
+    assert criu_gate.carrying_netns(only_net) == _request(_field(1, 107))
+
+
+def test_external_netns_and_requests_without_empty_ns_are_left_alone() -> None:
+    external = _request(_field(1, 7), _field(37, b"net[4026532000]:extRootNetNS"),
+                        _field(38, criu_gate.CLONE_NEWNET))
+    assert criu_gate.carrying_netns(external) is None
+    assert criu_gate.carrying_netns(_request(_field(1, 7), _field(5, 1))) is None
+
+
 @pytest.fixture
 def running(tmp_path: Path, runc_binary: str) -> Iterator[tuple[Runc, Path]]:
     """A memhog container under a private runc root, for each runc; (runc, its rootfs)."""

@@ -18,9 +18,10 @@ pytestmark = pytest.mark.integration
 FUSE = {"path": "/dev/fuse", "type": "c", "major": 10, "minor": 229, "fileMode": 0o666,
         "uid": 0, "gid": 0}
 COUNT = "i=0; while :; do i=$((i+1)); echo $i > /count.tmp; mv /count.tmp /count; sleep 0.1; done"
-# The container gives itself an address inside its own netns and listens on it: godwit
-# does not carry netns-internal configuration (README, known limits), so on the
-# destination CRIU cannot bind the listening socket again.
+# A container with a godwit address (--ip) gives itself another address inside its netns
+# and listens on it: godwit makes such a netns afresh on the destination (external to
+# CRIU: only a netns runc made is carried), so there CRIU cannot bind the listening
+# socket again.
 OWN_ADDRESS = "10.99.0.7"
 
 
@@ -47,8 +48,8 @@ def own_address_bundle(bundle_dir: Path) -> Path:
     return bundle
 
 
-def start_counting(bed: Testbed, name: str, bundle: Path) -> Path:
-    result = bed.godwit("run", name, "--bundle", str(bundle), "--host", "a")
+def start_counting(bed: Testbed, name: str, bundle: Path, *args: str) -> Path:
+    result = bed.godwit("run", name, "--bundle", str(bundle), "--host", "a", *args)
     assert result.returncode == 0, result.stderr
     rootfs = bundle / "rootfs"
     wait_for(lambda: (read_count(rootfs) or 0) >= 3, what=f"{name} counting")
@@ -95,7 +96,9 @@ def test_dump_refused_by_criu_names_the_cause_and_keeps_the_log(bed: Testbed) ->
 
 def test_restore_refused_by_criu_names_the_cause_and_keeps_both_hosts_logs(
         bed: Testbed) -> None:
-    rootfs = start_counting(bed, "ownip", own_address_bundle(bed.bundle_dir("ownip")))
+    address = f"{list(bed.net.subnet.hosts())[200]}/{bed.net.subnet.prefixlen}"
+    rootfs = start_counting(bed, "ownip", own_address_bundle(bed.bundle_dir("ownip")),
+                            "--ip", address)
     report = migrate_fails(bed, "ownip")
     assert report["error"].startswith("restore failed on b: inet: Can't bind inet socket"), \
         report["error"]

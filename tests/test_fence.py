@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 
 from godwit import fence
+from godwit.migration.states import DestinationState
 
 
-def decide_later(path: Path, decision: str, then_delete: bool = False) -> threading.Thread:
+def decide_later(path: Path, decision: DestinationState,
+                 then_delete: bool = False) -> threading.Thread:
     def act() -> None:
         time.sleep(0.1)
         fence.decide(path, decision)
@@ -24,15 +26,15 @@ def decide_later(path: Path, decision: str, then_delete: bool = False) -> thread
 
 def test_an_uncommitted_copy_is_fenced_at_the_deadline(tmp_path: Path) -> None:
     decision = tmp_path / "decision"
-    decision.write_text(fence.PENDING)
+    decision.write_text(DestinationState.PENDING)
     assert fence._must_kill(decision, time.monotonic() + 0.3)
-    assert fence.read_decision(decision) == fence.FENCED
+    assert fence.read_decision(decision) == DestinationState.FENCED
 
 
 def test_a_committed_copy_survives_its_staging_area_going(tmp_path: Path) -> None:
     decision = tmp_path / "decision"
-    decision.write_text(fence.PENDING)
-    committer = decide_later(decision, fence.COMMITTED, then_delete=True)
+    decision.write_text(DestinationState.PENDING)
+    committer = decide_later(decision, DestinationState.COMMITTED, then_delete=True)
     assert not fence._must_kill(decision, time.monotonic() + 1)
     committer.join()
     assert not decision.exists()
@@ -40,8 +42,8 @@ def test_a_committed_copy_survives_its_staging_area_going(tmp_path: Path) -> Non
 
 def test_an_aborted_copy_is_killed_too(tmp_path: Path) -> None:
     decision = tmp_path / "decision"
-    decision.write_text(fence.PENDING)
-    aborter = decide_later(decision, fence.ABORTED)
+    decision.write_text(DestinationState.PENDING)
+    aborter = decide_later(decision, DestinationState.ABORTED)
     assert fence._must_kill(decision, time.monotonic() + 5)
     aborter.join()
 

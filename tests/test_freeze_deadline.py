@@ -12,8 +12,10 @@ import pytest
 
 from godwit.errors import GodwitError
 from godwit.migration import MigrationOptions, default_max_freeze
+from godwit.migration.journal import Journals
 from godwit.migration.report import EventStream, MigrationReport
 from godwit.migration.source import FREEZE_MARGIN_S, SourceContext, SourceMigration
+from godwit.migration.states import DestinationState, Stage
 from godwit.runc import HeldRunc
 from godwit.transport import TreePlan
 
@@ -45,20 +47,17 @@ class FrozenOnly(SourceMigration):
     aborted = resumed = False
 
     async def migrate(self) -> None:
-        self.prepared = True
+        self.reach(Stage.PREPARED)
         await self.migrate_frozen()
 
     async def freeze(self) -> None:
         with self.events.phase("freeze"):
             self.report.frozen_at = time.time()
-            self.frozen = True
+            self.reach(Stage.FROZEN)
 
-    def journal(self, **progress: object) -> None:
-        pass
-
-    async def abort_destination(self) -> str:
+    async def abort_destination(self) -> DestinationState:
         self.aborted = True
-        return "aborted"
+        return DestinationState.ABORTED
 
     async def resume_source(self) -> None:
         self.resumed = True
@@ -68,7 +67,9 @@ class FrozenOnly(SourceMigration):
 
 
 def migration(tmp_path: Path, held: HeldRunc | None = None) -> FrozenOnly:
-    ctx = SourceContext(FakeStore(), None, tmp_path / "work", {})  # type: ignore[arg-type]
+    journals = Journals(tmp_path)
+    ctx = SourceContext(FakeStore(), None, journals, journals.work_dir("1234"),  # type: ignore[arg-type]
+                        {})
     options = MigrationOptions(to="b", shared_storage=True, max_freeze=DEADLINE_S)
     report = MigrationReport("1234", "c", "a", "b", "stop-and-copy")
     moving = FrozenOnly(ctx, "c", options, EventStream(report))

@@ -76,18 +76,83 @@ def godwit_netns(bed: Testbed, name: str) -> str | None:
     return found[0]
 
 
-def test_container_without_address_has_a_godwit_netns_on_each_host(bed: Testbed) -> None:
-    """CRIU dumps no external netns: the freeze is spared its ip/iptables-save runs."""
-    start(bed, "loner", counter_bundle(bed.bundle_dir("loner")))
-    on_a = godwit_netns(bed, "loner")
-    assert on_a and on_a.endswith("loner"), on_a
-    code, report = migrate(bed, "loner", "b", "--strategy", "stop-and-copy")
-    assert code == 0, report
-    on_b = godwit_netns(bed, "loner")
-    assert on_b and on_b != on_a and on_b.endswith("loner"), on_b
-    assert not (Path("/run/netns") / on_a).exists(), "the source's netns goes with its copy"
-    remove(bed, "loner")
-    assert not (Path("/run/netns") / on_b).exists()
+# A container without an address configures its own netns (an address and a route on lo)
+# and keeps a TCP connection over loopback streaming numbers into /tcp.log.
+OWN_NETNS_SCRIPT = (
+    "ip addr add 10.99.0.7/32 dev lo && ip route add 10.98.0.0/24 dev lo || exit 1; "
+    "sleep 100000 | nc -l -p 5000 > /tcp.log & sleep 0.5; "
+    "(i=0; while :; do i=$((i+1)); echo $i; sleep 0.1; done) | nc 127.0.0.1 5000 & "
+    "trap 'exit 0' TERM; while :; do sleep 1; done"
+)
+
+
+def last_number(path: Path) -> int:
+    lines = path.read_text().split() if path.exists() else []
+    return int(lines[-1]) if lines else 0
+
+
+def test_container_that_cannot_change_its_netns_gets_one_of_godwits(bed: Testbed) -> None:
+    """Without CAP_NET_ADMIN there is nothing in the netns to carry: godwit's loopback-only
+    netns, external to CRIU (nothing of it in the freeze), on a and again on b."""
+    name = "plain-lo"
+    bundle = counter_bundle(bed.bundle_dir(name))
+    start(bed, name, bundle)
+    assert godwit_netns(bed, name) is not None, "godwit's netns in /run/netns"
+    code, report = migrate(bed, name, "b")
+    assert code == 0, report.get("error")
+    assert godwit_netns(bed, name) is not None
+    remove(bed, name)
+
+
+def net_admin_bundle(bed: Testbed, name: str, script: str | None = None) -> Path:
+    """A counter bundle with CAP_NET_ADMIN (it may change its netns, so CRIU carries it),
+    running `script` instead of the counter when given."""
+    bundle = counter_bundle(bed.bundle_dir(name))
+    config = load_config(bundle)
+    if script:
+        config["process"]["args"] = ["/bin/sh", "-c", script]
+    for caps in config["process"]["capabilities"].values():
+        caps.append("CAP_NET_ADMIN")
+    save_config(bundle, config)
+    return bundle
+
+
+@pytest.mark.parametrize("strategy", ["stop-and-copy", "post-copy"])
+def test_container_without_address_carries_its_own_netns_config(
+        bed: Testbed, strategy: str) -> None:
+    """runc makes its netns and CRIU dumps and restores it: the address and route the
+    container added are there on b, and its loopback TCP connection goes on."""
+    name = f"loner-{strategy}"
+    bundle = net_admin_bundle(bed, name, OWN_NETNS_SCRIPT)
+    start(bed, name, bundle)
+    assert godwit_netns(bed, name) is None, "runc's netns, not one in /run/netns"
+    wait_for(lambda: last_number(bundle / "rootfs/tcp.log") >= 5, what="loopback stream")
+    code, report = migrate(bed, name, "b", "--strategy", strategy)
+    assert code == 0, report.get("error")
+    assert godwit_netns(bed, name) is None
+    addresses = bed.godwit("exec", name, "--", "ip", "-4", "-o", "addr", "show", "lo")
+    assert "10.99.0.7/32" in addresses.stdout, addresses
+    routes = bed.godwit("exec", name, "--", "ip", "route", "show")
+    assert "10.98.0.0/24 dev lo" in routes.stdout, routes
+    on_b = rootfs_of(bed, name) / "tcp.log"
+    moved = last_number(on_b)
+    wait_for(lambda: last_number(on_b) > moved + 5, what="loopback stream going on on b")
+    remove(bed, name)
+
+
+def test_netns_with_a_veth_to_the_host_is_refused_before_the_freeze(bed: Testbed) -> None:
+    """Its peer would stay behind: pre-flight names it, nothing is frozen."""
+    start(bed, "linked", net_admin_bundle(bed, "linked"))
+    pid = next(r["pid"] for r in cli_json(bed, "ps")["containers"] if r["name"] == "linked")
+    add = bed.net.run_in("a", ["ip", "link", "add", f"{bed.prefix}l", "type", "veth",
+                               "peer", "name", "eth1", "netns", str(pid)])
+    assert add.wait(timeout=30) == 0
+    code, report = migrate(bed, "linked", "b")
+    assert code != 0 and report["result"] == "failed", report
+    assert "interface eth1 (veth) linked to another namespace" in report["error"], report
+    assert "freeze" not in [p["name"] for p in report["phases"]], report["phases"]
+    assert copies(bed, "linked") == [("a", "running")]
+    remove(bed, "linked")
 
 
 def test_256_mib_memory_is_preserved(bed: Testbed) -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from godwit import preflight
 from godwit.errors import GodwitError
+from godwit.migration.strategies import strategy_class
 from godwit.preflight import Finding, SkewResult, check_skew, offset_from_samples, verdict
 
 needs_criu = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("criu"),
@@ -77,12 +78,17 @@ def info(criu: str = "4.2.1", runc: str = "1.1.5", lazy: bool = True, dirty: boo
     return {"criu": caps, "runc": runc, **extra}
 
 
+def compare(source: dict, dest: dict, strategy: str = "stop-and-copy") -> list[Finding]:
+    """Pre-flight's CRIU and runc checks for the strategy of this name (the registry's)."""
+    return preflight.compare_criu(source, dest, strategy_class(strategy))
+
+
 def levels(findings: list[Finding]) -> dict[str, str]:
     return {f.check: f.level for f in findings}
 
 
 def test_matching_hosts_pass() -> None:
-    findings = preflight.compare_criu(info(), info(), strategy="post-copy")
+    findings = compare(info(), info(), strategy="post-copy")
     assert levels(findings) == {"criu": "ok", "runc": "ok"}
     assert verdict(findings)
 
@@ -98,16 +104,16 @@ def test_matching_hosts_pass() -> None:
 ])
 def test_compatibility_rules(source: dict, dest: dict, strategy: str, check: str,
                              level: str) -> None:
-    findings = preflight.compare_criu(source, dest, strategy=strategy)
+    findings = compare(source, dest, strategy=strategy)
     assert levels(findings)[check] == level
     assert verdict(findings) == (level != "error")
 
 
 def test_lazy_pages_only_matter_for_post_copy() -> None:
-    assert verdict(preflight.compare_criu(info(), info(lazy=False)))
+    assert verdict(compare(info(), info(lazy=False)))
     dest = info()
     dest["criu"]["check_ok"] = False
-    assert levels(preflight.compare_criu(info(), dest))["criu"] == "warn"
+    assert levels(compare(info(), dest))["criu"] == "warn"
 
 
 @pytest.mark.parametrize(("mem", "disk", "expected"), [
@@ -201,7 +207,7 @@ def runc_features(version: str = "1.3.6+ds1", **lacking: bool) -> dict:
 ])
 def test_runc_must_do_what_the_strategy_needs(source: dict | None, dest: dict | None,
                                               strategy: str, refused: str | None) -> None:
-    findings = preflight.compare_criu(info(runc_features=source), info(runc_features=dest),
+    findings = compare(info(runc_features=source), info(runc_features=dest),
                                       strategy=strategy)
     assert verdict(findings) == (refused is None)
     if refused:
@@ -216,6 +222,6 @@ def test_runc_must_do_what_the_strategy_needs(source: dict | None, dest: dict | 
     ("1.3.6+ds1", "missing", "warn"),
 ])
 def test_another_runc_release_is_a_warning(source: str, dest: str, level: str) -> None:
-    findings = preflight.compare_criu(info(runc=source), info(runc=dest))
+    findings = compare(info(runc=source), info(runc=dest))
     assert levels(findings)["runc"] == level
     assert verdict(findings)

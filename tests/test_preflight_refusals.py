@@ -38,6 +38,7 @@ class FakeAgent:
         app = web.Application()
         app.add_routes([web.get("/v1/info", self.info), web.get("/v1/time", self.clock),
                         web.post("/v1/preflight/cpuinfo", self.cpuinfo),
+                        web.post("/v1/preflight/admission", self.admission),
                         web.post("/v1/incoming", self.refuse)])
         return app
 
@@ -55,6 +56,9 @@ class FakeAgent:
 
     async def cpuinfo(self, _: web.Request) -> web.Response:
         return web.json_response({"check": "cpu", "level": "ok", "message": "fake"})
+
+    async def admission(self, _: web.Request) -> web.Response:
+        return web.json_response({"check": "admission", "level": "ok", "message": "fake"})
 
     async def refuse(self, request: web.Request) -> web.Response:
         self.incoming.append(request.path)

@@ -57,6 +57,8 @@ def sample(info: msgspec.inspect.Type, name: str = "") -> Any:
             return {"key": sample(info.value_type)}
         case msgspec.inspect.LiteralType():
             return info.values[-1]
+        case msgspec.inspect.EnumType():  # states (godwit.migration.states)
+            return list(info.cls)[-1].value
         case msgspec.inspect.StrType():
             return f"{name or 'text'}-value"
         case msgspec.inspect.BoolType():

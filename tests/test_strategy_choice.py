@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from godwit.errors import GodwitError
-from godwit.migration import AUTO_LAZY_MIN_BYTES, choose_strategy
+from godwit.migration import AUTO_LAZY_MIN_BYTES
 from godwit.migration.post_copy import free_port, release_port
+from godwit.migration.strategies import choose_strategy
 
 LAZY = {"lazy_pages": True, "soft_dirty": False}
 PLAIN = {"lazy_pages": False, "soft_dirty": False}

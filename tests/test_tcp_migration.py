@@ -120,7 +120,7 @@ def test_an_activated_address_is_dropped_when_no_restore_follows(bed: Testbed) -
     request = IncomingRequest(id=migration_id, name="ghost", source="a",
                               config=oci_config(["/bin/sh"]),  # admissible (godwit.admission)
                               net=ContainerNet(address), commit_timeout=1,
-                              strategy="stop-and-copy")
+                              strategy="stop-and-copy", upload_bytes=0)
     netns_file = network.netns_path(bed.host("b").netns, "ghost")
 
     async def prepare_and_activate() -> None:

@@ -21,11 +21,11 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 
 
 def _register() -> None:
-    from godwit.cli import agent, containers, demo, evacuate, hosts
+    from godwit.cli import adopt, agent, containers, demo, evacuate, hosts
     from godwit.cli.ca import ca
 
-    for command in (*containers.COMMANDS, *hosts.COMMANDS, agent.agent, demo.demo, ca,
-                    evacuate.evacuate_cmd):
+    for command in (*containers.COMMANDS, *adopt.COMMANDS, *hosts.COMMANDS, agent.agent,
+                    demo.demo, ca, evacuate.evacuate_cmd):
         cli.add_command(command)
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+        click.echo("interrupted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()}", err=True)

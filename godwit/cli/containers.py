@@ -27,7 +27,8 @@ from godwit.cli.render import containers_table, findings_table, follow_migration
 from godwit.errors import GodwitError
 from godwit.image_config import Overrides
 from godwit.images import absolute_reference
-from godwit.migration import STRATEGIES, MigrationOptions
+from godwit.migration import MigrationOptions
+from godwit.migration.strategies import STRATEGIES
 from godwit.network import ContainerNet
 from godwit.protocol import ContainerInfo, MigrationLogs, PreflightRequest, convert, to_json
 

@@ -15,7 +15,8 @@ from godwit.cli.evacuate_plan import MOVABLE, outcome_of, start_plan, watch_plan
 from godwit.cli.render import seconds, size
 from godwit.errors import GodwitError
 from godwit.evacuation import Outcome, Planner, evacuate, free_memory
-from godwit.migration import STRATEGIES, MigrationOptions
+from godwit.migration import MigrationOptions
+from godwit.migration.strategies import STRATEGIES
 from godwit.protocol import to_json
 
 pass_ctx = click.make_pass_decorator(Context)

@@ -1,4 +1,5 @@
-"""Migration strategies and their options."""
+"""Migrations: their options here; strategies, states, journals and the service in the
+modules of this package."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import msgspec
 
 from godwit.errors import GodwitError
 
-STRATEGIES = ("auto", "stop-and-copy", "post-copy", "pre-copy")
 MIN_FREEZE_S = 0.5
 FREEZE_FLOOR_S = 30.0  # the default freeze deadline: this much, plus the memory's
 SLOW_LINK_BPS = 100e6  # transfer over a link this slow (MB/s; this VM does ~400 MB/s)
@@ -30,9 +30,10 @@ class MigrationOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     def __post_init__(self) -> None:
         if not self.to:
             raise GodwitError("a destination host is required")
-        if self.strategy not in STRATEGIES:
-            choices = ", ".join(STRATEGIES)
-            raise GodwitError(f"unknown strategy {self.strategy!r} (one of {choices})")
+        # the registry imports the strategies, which import this module: looked up late
+        from godwit.migration.strategies import check_strategy
+
+        check_strategy(self.strategy)
         if self.bandwidth_mbps is not None and self.bandwidth_mbps <= 0:
             raise GodwitError("--bandwidth must be a positive number of MB/s")
         if self.max_clock_skew <= 0:
@@ -70,24 +71,6 @@ def default_max_freeze(memory: int) -> float:
 
 # Where post-copy's freeze becomes shorter than stop-and-copy's (bench/results/crossover.md:
 # between 8 and 16 MiB on an idle machine; 216 against 130 ms at 16 MiB, 471/139 at 64).
-# Below it, stop-and-copy keeps its stronger guarantee (a complete source copy until
-# commit) for a freeze as short.
+# Below it, `--strategy auto` keeps stop-and-copy's stronger guarantee (a complete source
+# copy until commit) for a freeze as short (see strategies.choose_strategy).
 AUTO_LAZY_MIN_BYTES = 16 << 20
-
-
-def choose_strategy(requested: str, source: dict, dest: dict | None, memory: int) -> str:
-    """The strategy to run: the operator's choice, or for `auto` the best the two hosts
-    support for a container with `memory` bytes of private anonymous memory (what post-copy
-    takes out of the freeze). `source`/`dest` are CRIU capabilities."""
-    if requested == "pre-copy" and not source.get("soft_dirty"):
-        raise GodwitError("pre-copy is not supported on this host: "
-                          "the kernel has no soft-dirty memory tracking")
-    if requested != "auto":
-        return requested
-    if memory < AUTO_LAZY_MIN_BYTES:
-        return "stop-and-copy"
-    if source.get("soft_dirty"):
-        return "pre-copy"
-    if source.get("lazy_pages") and (dest or {}).get("lazy_pages"):
-        return "post-copy"
-    return "stop-and-copy"

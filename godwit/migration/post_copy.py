@@ -17,29 +17,49 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import os
 import signal
 import socket
+import subprocess
 import time
 from functools import cached_property
 
 from godwit import procfs
+from godwit.criu import CRIU
 from godwit.errors import GodwitError
+from godwit.migration import AUTO_LAZY_MIN_BYTES
 from godwit.migration.source import SourceMigration
+from godwit.preflight import Need
 from godwit.protocol import RestoreRequest
 from godwit.qos import migration_ports
 from godwit.runc import HeldRunc
 from godwit.tls import TLSFiles
 
+log = logging.getLogger("godwit.post_copy")
 PAGES_POLL_S = 0.05
 SLOWEST_PAGES_BPS = 20e6  # pages must all arrive before the fence: allow for this slow a link
 
 
 class PostCopy(SourceMigration):
     strategy = "post-copy"
+    needs = (Need("destination", "lazy_pages", "lazy pages (userfaultfd)"),
+             Need("source", "lazy_dump",
+                  "`runc checkpoint --lazy-pages --page-server --status-fd`", runc=True),
+             Need("destination", "lazy_restore", "`runc restore --lazy-pages`", runc=True))
+    lazy_restore = True
+    auto_rank = 1
+    auto_min_memory = AUTO_LAZY_MIN_BYTES
     page_server: asyncio.subprocess.Process | None = None
     page_server_address = ""
     page_server_port: int | None = None
+
+    @classmethod
+    def auto_fits(cls, source: dict, dest: dict) -> bool:
+        """Only between hosts that can both restore lazily (either may be the next
+        destination)."""
+        return bool(source.get("lazy_pages")) and super().auto_fits(source, dest)
 
     async def execute(self) -> None:
         try:
@@ -48,10 +68,13 @@ class PostCopy(SourceMigration):
             release_port(self.page_server_port)
 
     async def hold_dump(self) -> HeldRunc:
-        address = local_address_towards(self.ctx.dest.address.rpartition(":")[0])
+        destination = self.ctx.dest.address.rpartition(":")[0]
+        address = local_address_towards(destination)
         self.page_server_port = free_port(address, migration_ports(self.ctx.agent_port))
         self.page_server_address = f"{address}:{self.page_server_port}"
-        self.ctx.store.write_criu_config(self.name, page_server_options(address, self.ctx.tls))
+        peer = destination if criu_knows_peer_name() else None
+        self.ctx.store.write_criu_config(
+            self.name, page_server_options(address, self.ctx.tls, peer))
         return await self.runc.hold_lazy_checkpoint(self.name, self.dump_options(),
                                                     self.page_server_address)
 
@@ -64,7 +87,7 @@ class PostCopy(SourceMigration):
         with self.events.phase("dump"):
             self.page_server = await self.run_dump()
         pid = self.page_server.pid
-        self.journal(page_server_pid=pid, page_server_start=procfs.start_time(pid))
+        self.save_journal(page_server_pid=pid, page_server_start=procfs.start_time(pid))
 
     @cached_property
     def fence_timeout(self) -> float:
@@ -105,11 +128,11 @@ class PostCopy(SourceMigration):
     async def release_source(self) -> None:
         """Rollback: freeze the ptrace-stopped tasks, then stop the page server, so the
         source stays paused until it is resumed on purpose."""
-        pid = self.journal_state.get("page_server_pid")
+        pid = self.journal.extra.get("page_server_pid")
         if self.page_server:
             running = self.page_server.returncode is None
         else:  # after an agent restart: the same process, not a new one with a reused pid
-            running = bool(pid) and procfs.start_time(pid) == self.journal_state.get(
+            running = bool(pid) and procfs.start_time(pid) == self.journal.extra.get(
                 "page_server_start")
         if pid and running:
             with contextlib.suppress(GodwitError):
@@ -125,18 +148,32 @@ class PostCopy(SourceMigration):
         await super().cleanup_source()
 
 
-def page_server_options(address: str, tls: TLSFiles | None) -> list[str]:
-    """CRIU options of the lazy dump's page server: its bind address and TLS identity.
-    As a server CRIU would match the client's certificate against its own address, so
-    the name check is off here; the client still needs a certificate of the godwit CA (and
-    not revoked), and it checks the source's name itself."""
+def page_server_options(address: str, tls: TLSFiles | None, peer: str | None) -> list[str]:
+    """CRIU options of the lazy dump's page server: its bind address and TLS identity;
+    only a client whose certificate names ``peer`` (the destination's address, as this
+    agent dialled it) is served (CRIU's `tls-peer-name`, scripts/criu-patches/0012). A
+    CRIU without that patch (``peer`` None) serves any certificate of the CA. The client
+    checks the source's name itself."""
     lines = [f"address {address}"]
     if tls:
         lines += ["tls", f"tls-cacert {tls.ca}", f"tls-cert {tls.cert}", f"tls-key {tls.key}",
-                  "tls-no-cn-verify"]
+                  f"tls-peer-name {peer}" if peer else "tls-no-cn-verify"]
         if tls.crl:
             lines.append(f"tls-cacrl {tls.crl}")
     return lines
+
+
+@functools.cache
+def criu_knows_peer_name() -> bool:
+    """Does this CRIU take `tls-peer-name` (scripts/criu-patches/0012)? Asked once; without
+    it the page server serves any certificate of the CA, and the agent says so."""
+    usage = subprocess.run([CRIU, "--help"], capture_output=True, text=True,
+                           check=False).stdout
+    if "--tls-peer-name" in usage:
+        return True
+    log.warning("%s lacks --tls-peer-name (godwit's CRIU patch 0012, run scripts/setup): "
+                "post-copy page servers serve any certificate of the CA", CRIU)
+    return False
 
 
 def local_address_towards(host: str) -> str:

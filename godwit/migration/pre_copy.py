@@ -13,7 +13,9 @@ from dataclasses import replace
 
 from godwit.criu import log_error
 from godwit.errors import GodwitError
+from godwit.migration import AUTO_LAZY_MIN_BYTES
 from godwit.migration.source import SourceMigration
+from godwit.preflight import Need
 from godwit.runc import CheckpointOptions
 from godwit.transport import plan_tree
 
@@ -24,6 +26,12 @@ MIN_SHRINK = 0.8  # a round must cut the dirty set by 20 % to be worth another
 
 class PreCopy(SourceMigration):
     strategy = "pre-copy"
+    needs = (Need("source", "soft_dirty", "soft-dirty memory tracking"),
+             Need("source", "pre_dump", "`runc checkpoint --pre-dump --parent-path`",
+                  runc=True))
+    auto_rank = 0  # before post-copy: the source keeps a complete copy until the commit
+    auto_min_memory = AUTO_LAZY_MIN_BYTES
+    upload_rounds = MAX_ROUNDS
     rounds = 0
 
     async def before_freeze(self) -> None:

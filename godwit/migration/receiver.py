@@ -1,7 +1,8 @@
 """Destination side of a migration: staging, receiving files, restore, commit or abort.
 
 Everything about an incoming migration lives on disk under `<state>/incoming/<id>/`
-(request.json, rootfs/, images/, work/, decision), so an agent restart loses nothing.
+(request.json, rootfs/, images/, work/, and its `DestinationState` in `decision`), so an
+agent restart loses nothing.
 Just before the source freezes, the migration is armed: the rootfs moves to its place,
 the bundle is written and `runc restore` starts, held before CRIU (see
 `godwit.criu_gate`), so that the freeze only waits for CRIU's own restore.
@@ -17,6 +18,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +29,8 @@ from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.fsio import atomic_write
 from godwit.image_config import provenance_fields
 from godwit.migration.failure_logs import FailureLogs
+from godwit.migration.states import DestinationState
+from godwit.migration.strategies import restores_lazily, upload_rounds
 from godwit.network import ContainerNet
 from godwit.packet_hold import PacketHold
 from godwit.protocol import (
@@ -43,16 +47,22 @@ from godwit.protocol import (
 )
 from godwit.runc import RUNC_LOG, HeldRunc
 from godwit.tls import TLSFiles
-from godwit.transport import TransferError, receive_tree
+from godwit.transport import ByteBudget, TransferError, TreeRules, UploadTooLarge, receive_tree
 
 if TYPE_CHECKING:
     from godwit.cluster.migration_hooks import ClusterMigrations
 
 log = logging.getLogger("godwit.receiver")
+DeviceRule = Callable[[str, int, int], bool]
 ID_CHARS = set("0123456789abcdef-")
 PAGES = "pages"
 PLACED = "rootfs-placed"  # marker: the received rootfs moved to the container's directory
+# The migration's DestinationState: written here until the restore, then the fence's
+# decision (the name is the fence's; earlier agents wrote it only at the restore).
+STATE = "decision"
 UPLOADS = re.compile(r"rootfs|images|pre-[1-9]")
+UPLOAD_MARGIN = 256 << 20  # beyond a multiple of what the source announced (rootfs syncs,
+#                            images larger than the memory estimate)
 FENCED_GRACE_S = 10.0  # a source asks how its migration ended until shortly after the fence
 
 
@@ -60,13 +70,18 @@ class Receiver:
     """Incoming migrations of one agent."""
 
     def __init__(self, store: ContainerStore, state_dir: Path,
-                 tls: TLSFiles | None = None, failure_logs: FailureLogs | None = None) -> None:
+                 tls: TLSFiles | None = None, failure_logs: FailureLogs | None = None,
+                 device_rule: Callable[[], DeviceRule] | None = None) -> None:
+        """`device_rule()`: which device nodes a received tree may hold (the admission
+        policy's, read per upload); without it none."""
         self.store = store
+        self.device_rule = device_rule or (lambda: _no_devices)
+        self.budgets: dict[str, ByteBudget] = {}  # per migration: bytes its uploads may write
         self.tls = tls
         self.failure_logs = failure_logs
         self.watchers: set[asyncio.Task] = set()
         self.root = state_dir / "incoming"
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.holds: dict[str, PacketHold] = {}
         self.held: dict[str, HeldRunc[int]] = {}  # armed: runc restore waiting before CRIU
         self.locks: dict[str, asyncio.Lock] = {}
@@ -106,8 +121,10 @@ class Receiver:
             )
         if request.net:
             self.store.check_address_free(request.net)
-        staging.mkdir(parents=True)
+        check_free_disk(self.root, request.upload_bytes, self.store.host)
+        staging.mkdir(mode=0o700, parents=True)  # received trees: no other local user
         atomic_write(staging / "request.json", encode(request))  # config and env: 0600
+        self._set_state(staging, DestinationState.PREPARED)
         try:
             if request.net:
                 await asyncio.to_thread(self._prepare_network, request.id, name, request.net)
@@ -132,7 +149,7 @@ class Receiver:
         self.active.pop(migration_id, None)
         async with self._lock(migration_id):
             staging = self._dir(migration_id)
-            if not staging.exists() or (staging / "decision").exists():
+            if not self._state(staging).before_restore:
                 return
             request = self.request(migration_id)
             log.warning("migration %s: no word from the source for %g s, dropping %s",
@@ -164,7 +181,7 @@ class Receiver:
         await asyncio.sleep(seconds)
         async with self._lock(migration_id):
             staging = self._dir(migration_id)
-            if not staging.exists() or (staging / "decision").exists():
+            if not self._state(staging).before_restore:
                 return
             request = self.request(migration_id)
             log.warning("migration %s: no restore after activation, dropping %s's address",
@@ -175,14 +192,14 @@ class Receiver:
     def _drop_staging(self, migration_id: str, staging: Path) -> None:
         """A migration ends here: its staging area goes; the logs of one that was not
         committed are kept first."""
-        decision = staging / "decision"
-        committed = decision.exists() and fence.read_decision(decision) == fence.COMMITTED
+        committed = self._state(staging) is DestinationState.COMMITTED
         if self.failure_logs and not committed:
             work = staging / "work"
             self.failure_logs.keep(migration_id, {
                 "restore.log": work / "restore.log", LAZY_LOG: work / LAZY_LOG,
                 "runc-restore.log": work / RUNC_LOG})
         shutil.rmtree(staging, ignore_errors=True)
+        self.budgets.pop(migration_id, None)
 
     async def _drop_when_fenced(self, migration_id: str, seconds: float) -> None:
         """A fenced migration's staging area goes once its source has stopped asking how
@@ -190,7 +207,7 @@ class Receiver:
         await asyncio.sleep(seconds)
         async with self._lock(migration_id):
             staging = self._dir(migration_id)
-            if fence.read_decision(staging / "decision") == fence.FENCED and staging.exists():
+            if self._state(staging) is DestinationState.FENCED:
                 await asyncio.to_thread(self._drop_staging, migration_id, staging)
 
     async def forget(self, migration_id: str) -> Forgotten:
@@ -198,7 +215,7 @@ class Receiver:
         commit): the small record kept for its questions goes too."""
         async with self._lock(migration_id):
             staging = self._dir(migration_id)
-            if staging.exists() and not self._finished(staging):
+            if staging.exists() and not self._state(staging).finished:
                 raise Conflict(f"migration {migration_id} has not ended on {self.store.host}")
             await asyncio.to_thread(self._drop_staging, migration_id, staging)
         self.locks.pop(migration_id, None)
@@ -206,13 +223,23 @@ class Receiver:
 
     def _reserved(self, name: str) -> bool:
         for path in self.root.glob("*/request.json"):
-            if _saved_request(path).name == name and not self._finished(path.parent):
+            if _saved_request(path).name == name and not self._state(path.parent).finished:
                 return True
         return False
 
-    def _finished(self, staging: Path) -> bool:
-        decision = staging / "decision"
-        return decision.exists() and fence.read_decision(decision) != fence.PENDING
+    @staticmethod
+    def _state(staging: Path) -> DestinationState:
+        """Where the migration staged in `staging` stands."""
+        if not staging.exists():
+            return DestinationState.UNKNOWN
+        if not (staging / STATE).exists():  # staged by an earlier agent, not restored
+            return DestinationState.PREPARED
+        return fence.read_decision(staging / STATE)
+
+    @staticmethod
+    def _set_state(staging: Path, state: DestinationState) -> None:
+        """Before the restore only: from then on the fence decides (under its lock)."""
+        atomic_write(staging / STATE, state.value, 0o644)
 
     async def receive(self, migration_id: str, what: str, stream) -> Uploaded:
         """Receive the rootfs or the CRIU images as a godwit tree stream."""
@@ -225,13 +252,30 @@ class Receiver:
         dest.mkdir(exist_ok=True)
         self.touch(migration_id)
         await faults.point("rootfs" if what == "rootfs" else "images")
+        rules = TreeRules(budget=self._budget(migration_id, request), keep_setid=False,
+                          device_allowed=self.device_rule())
         try:
-            stats = await receive_tree(stream, dest,
+            stats = await receive_tree(stream, dest, rules=rules,
                                        on_progress=lambda _: self.touch(migration_id))
+        except UploadTooLarge as exc:
+            await self.abort(migration_id)
+            raise GodwitError(f"{what} upload cut off: {exc}; migration {migration_id} "
+                              f"aborted on {self.store.host}") from exc
         except TransferError as exc:
             raise GodwitError(f"{what} transfer failed: {exc}") from exc
         return Uploaded(files=stats.files, bytes=stats.bytes, wire_bytes=stats.wire_bytes,
                         seconds=stats.seconds)
+
+    def _budget(self, migration_id: str, request: IncomingRequest) -> ByteBudget:
+        """What all uploads of a migration may write: twice the announced bytes (the rootfs
+        goes twice at most: its copy and its sync), once more per pre-copy round (each
+        pre-dump holds at most the memory), plus UPLOAD_MARGIN; after an agent restart,
+        the whole of it again."""
+        if migration_id not in self.budgets:
+            times = 2 + upload_rounds(request.strategy)
+            self.budgets[migration_id] = ByteBudget(times * request.upload_bytes
+                                                    + UPLOAD_MARGIN)
+        return self.budgets[migration_id]
 
     async def arm(self, migration_id: str, descriptors: list[str]) -> Armed:
         """The source is about to freeze: place the rootfs, write the bundle and start
@@ -242,14 +286,15 @@ class Receiver:
         async with self._lock(migration_id):
             request = self.request(migration_id)
             staging = self._dir(migration_id)
-            if migration_id in self.held or (staging / "decision").exists():
+            if migration_id in self.held or self._state(staging).restored:
                 raise Conflict(f"migration {migration_id} is already armed or restored")
             bundle = self._install(request, staging)
             images = staging / "images"
             images.mkdir(exist_ok=True)
             (images / "descriptors.json").write_text(json.dumps(descriptors))
             self.held[migration_id] = await self._runc_restore(
-                request, bundle, staging, lazy=request.strategy == "post-copy", hold=True)
+                request, bundle, staging, lazy=restores_lazily(request.strategy), hold=True)
+            self._set_state(staging, DestinationState.ARMED)
         self._watch(self._expire_hold(migration_id, request.commit_timeout))
         return Armed(armed=request.name)
 
@@ -303,7 +348,7 @@ class Receiver:
     async def _restore(self, migration_id: str, page_server: str | None) -> Restored:
         request = self.request(migration_id)
         staging = self._dir(migration_id)
-        if (staging / "decision").exists():
+        if self._state(staging).restored:
             raise Conflict(f"migration {migration_id} was already restored")
         name = request.name
         held = self.held.pop(migration_id, None)
@@ -315,7 +360,7 @@ class Receiver:
                                  private_netns=request.private_netns,
                                  **provenance_fields(request.config))
         self.store.save(record)
-        fence.start_watchdog(staging / "decision", request.commit_timeout,
+        fence.start_watchdog(staging / STATE, request.commit_timeout,
                              (self.store.runc.binary, self.store.runc.root), name,
                              self.store.dir(name),
                              self.store.networking.netns_id if record.owns_netns else None,
@@ -409,7 +454,7 @@ class Receiver:
     async def _discard(self, migration_id: str, staging: Path, name: str,
                        networked: bool) -> None:
         """Undo a restore that will not be committed: isolate first, then kill."""
-        if fence.decide(staging / "decision", fence.ABORTED) == fence.COMMITTED:
+        if fence.decide(staging / STATE, DestinationState.ABORTED) is DestinationState.COMMITTED:
             raise Conflict(f"container {name} was already committed here")
         await self._drop_network(migration_id, name, networked)
         await self.store.runc.delete(name)
@@ -450,19 +495,19 @@ class Receiver:
             if pages is not None and not pages.startswith("complete"):
                 raise Conflict(f"migration {migration_id} cannot commit: memory pages {pages}")
             state = await self.store.state(request.name)
-            if fence.read_decision(staging / "decision") == fence.PENDING and (
-                    not state or state.status != "running"):
+            current = self._state(staging)
+            if current is DestinationState.PENDING and (not state or state.status != "running"):
                 raise Conflict(f"migration {migration_id} cannot commit: the container "
                                f"is {state.status if state else 'gone'} here")
-            if self.cluster and (staging / "decision").exists():
+            if self.cluster and current.restored:
                 await self.cluster.commit(migration_id, request.name, request.source)
-            decision = fence.decide(staging / "decision", fence.COMMITTED) \
-                if (staging / "decision").exists() else "not restored"
-            if decision != fence.COMMITTED:
+            decision = fence.decide(staging / STATE, DestinationState.COMMITTED) \
+                if current.restored else "not restored"
+            if decision is not DestinationState.COMMITTED:
                 raise Conflict(f"migration {migration_id} cannot commit: {decision}")
             await faults.point("committed")
         await asyncio.to_thread(self._drop_leftovers, staging)
-        return IncomingState(state=fence.COMMITTED)
+        return IncomingState(state=DestinationState.COMMITTED)
 
     @staticmethod
     def _drop_leftovers(staging: Path) -> None:
@@ -477,25 +522,20 @@ class Receiver:
         async with self._lock(migration_id):
             staging = self._dir(migration_id)
             if not staging.exists():
-                return IncomingState(state="unknown")
+                return IncomingState(state=DestinationState.UNKNOWN)
             request = self.request(migration_id)
             name, networked = request.name, request.owns_netns
-            if (staging / "decision").exists():
+            if self._state(staging).restored:
                 await self._discard(migration_id, staging, name, networked)
             else:
                 await self._drop_unrestored(migration_id, request, staging)
             await asyncio.to_thread(self._drop_staging, migration_id, staging)
         self.locks.pop(migration_id, None)
-        return IncomingState(state=fence.ABORTED)
+        return IncomingState(state=DestinationState.ABORTED)
 
     def state(self, migration_id: str) -> IncomingState:
         staging = self._dir(migration_id)
-        if not staging.exists():
-            return IncomingState(state="unknown")
-        decision = staging / "decision"
-        return IncomingState(
-            state=fence.read_decision(decision) if decision.exists() else "prepared",
-            pages=self._pages(staging))
+        return IncomingState(state=self._state(staging), pages=self._pages(staging))
 
     @staticmethod
     def _pages(staging: Path) -> str | None:
@@ -507,24 +547,36 @@ class Receiver:
         """At agent start: drop staging areas that never reached a restore or were fenced
         or aborted, and old committed ones (a source may still ask about those)."""
         for staging in self.root.iterdir():
-            decision = staging / "decision"
+            state = self._state(staging)
             old = time.time() - staging.stat().st_mtime > keep_finished_s
-            ended = decision.exists() and fence.read_decision(decision) in (fence.FENCED,
-                                                                            fence.ABORTED)
-            if not decision.exists() or ended or (self._finished(staging) and old):
+            ended = state in (DestinationState.FENCED, DestinationState.ABORTED)
+            if state.before_restore or ended or (state.finished and old):
                 saved = staging / "request.json"
                 request = _saved_request(saved) if saved.exists() else None
-                if request and request.owns_netns and not decision.exists():
+                if request and request.owns_netns and state.before_restore:
                     self.store.networking.delete(request.name)
-                if request and (staging / PLACED).exists() and not decision.exists():
+                if request and (staging / PLACED).exists() and state.before_restore:
                     self.store.forget(request.name)
                 self._drop_staging(staging.name, staging)
 
 
+def _no_devices(kind: str, major: int, minor: int) -> bool:
+    return False
+
+
+def check_free_disk(root: Path, announced: int, host: str) -> None:
+    """Refuse a migration whose announced uploads do not fit on this host's disk."""
+    free = shutil.disk_usage(root).free
+    if announced > free:
+        raise GodwitError(f"not enough disk on {host}: the source announces {announced} "
+                          f"bytes, {free} free under {root}")
+
+
 def _saved_request(path: Path) -> IncomingRequest:
     """A request.json this agent saved; the fields of an older godwit that are no longer
-    sent (tcp_established) are dropped."""
-    raw = json.loads(path.read_text())
+    sent (tcp_established) are dropped, one saved before uploads were announced (protocol
+    1) gets the default budget only (upload_bytes 0)."""
+    raw = {"upload_bytes": 0, **json.loads(path.read_text())}
     known = set(IncomingRequest.__struct_fields__)
     return convert({k: v for k, v in raw.items() if k in known}, IncomingRequest,
                    f"saved {path.name}")

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from godwit.metrics import observe_migration
+from godwit.migration.states import Result
 from godwit.protocol import (
     Event,
     LogEvent,
@@ -44,7 +45,7 @@ class MigrationReport:
     strategy: str
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
-    result: str = "running"  # ok | failed | in-doubt
+    result: Result = Result.RUNNING
     error: str | None = None
     outcome: str = ""  # where the container runs afterwards, in words
     frozen_at: float | None = None
@@ -80,7 +81,8 @@ class MigrationReport:
     def from_json(cls, data: dict) -> MigrationReport:
         data = {k: v for k, v in data.items() if k != "total_s"}
         phases = [Phase(p["name"], p["started"], p["ended"]) for p in data.pop("phases", [])]
-        return cls(**data, phases=phases)
+        return cls(**{**data, "result": Result(data.get("result", Result.RUNNING))},
+                   phases=phases)
 
 
 class EventStream:

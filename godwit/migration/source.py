@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from godwit import faults, procfs
 from godwit.api import DEFAULT_PORT, AgentClient, AgentUnreachable
@@ -29,23 +29,47 @@ from godwit.cluster.store import ClusterUnavailable
 from godwit.containers import ContainerStore
 from godwit.criu import log_error
 from godwit.errors import GodwitError
-from godwit.fsio import atomic_write
 from godwit.migration import MigrationOptions, default_max_freeze
 from godwit.migration.failure_logs import FailureLogs
+from godwit.migration.journal import Journal, Journals
 from godwit.migration.report import EventStream
-from godwit.network import ContainerNet
-from godwit.preflight import check_file_locks, refusal, run_checks, verdict
+from godwit.migration.states import DestinationState, Result, Stage
+from godwit.netns_carry import check_own_netns
+from godwit.network import ContainerNet, wants_own_netns
+from godwit.preflight import Need, check_file_locks, refusal, run_checks, verdict
 from godwit.protocol import HostInfo, IncomingRequest, RestoreRequest
 from godwit.runc import RUNC_LOG, CheckpointOptions, HeldRunc, Runc
 from godwit.tls import TLSFiles
 from godwit.transport import TreePlan, diff_manifests, plan_tree, scan_tree, send_tree
 
+RESTARTED = "the source agent restarted during the migration"
 FENCE_MARGIN_S = 3.0
 # After the freeze deadline the container runs again within this margin: CRIU/runc are
 # killed, the destination's abort is given at most api.ABORT_TIMEOUT_S, the source thaws.
 FREEZE_MARGIN_S = 5.0
 PROGRESS_INTERVAL_S = 0.1
 VERIFY_TIMEOUT_S = 10.0
+
+
+def incoming_request(store: ContainerStore, name: str, options: MigrationOptions, *,
+                     migration_id: str, source: str, strategy: str,
+                     upload_bytes: int) -> IncomingRequest:
+    """What the source asks the destination to prepare for container ``name``."""
+    record = store.record(name)
+    max_freeze = options.max_freeze or default_max_freeze(store.memory_usage(name))
+    return IncomingRequest(
+        id=migration_id,
+        name=name,
+        source=source,
+        config=store.config(name),
+        shared_rootfs=record.rootfs if options.shared_storage else None,
+        commit_timeout=options.commit_timeout,
+        idle_timeout=options.progress_timeout + max_freeze,
+        strategy=strategy,
+        net=ContainerNet.from_json(record.net) if record.net else None,
+        private_netns=record.private_netns,
+        upload_bytes=upload_bytes,
+    )
 
 
 def migration_needs(store: ContainerStore, name: str, shared: bool) -> tuple[int, int]:
@@ -67,6 +91,7 @@ class SourceContext:
 
     store: ContainerStore
     dest: AgentClient
+    journals: Journals
     work_dir: Path
     local_info: HostInfo
     tls: TLSFiles | None = None
@@ -76,9 +101,46 @@ class SourceContext:
 
 
 class SourceMigration:
-    """Stop-and-copy, and the base of the other strategies."""
+    """Stop-and-copy, and the base of the other strategies.
 
-    strategy = "stop-and-copy"
+    A strategy is a subclass listed in `strategies.REGISTRY`. It declares:
+      strategy        its name (`--strategy`, reports, journals)
+      needs           the host features it needs (`preflight.Need`: a CRIU capability or a
+                      runc feature, on the source or the destination); pre-flight refuses
+                      a migration that lacks one, and an explicit request is refused at
+                      once when the source itself lacks a CRIU one
+      lazy_restore    the destination restores before the memory arrives (its runc restore
+                      runs with --lazy-pages)
+      upload_rounds   uploads of the memory before the final dump (the destination's byte
+                      budget grows by one announced size per round)
+      auto_rank, auto_min_memory, auto_fits()
+                      whether and when `--strategy auto` picks it (lowest rank first)
+    and overrides the hooks it needs (each does the stop-and-copy thing here):
+      before_freeze()     work while the container still runs (pre-copy's rounds)
+      hold_dump()         start the dump's runc, held before CRIU (post-copy: lazily,
+                          with a page server)
+      call_off_dump()     rollback: a held dump never starts
+      dump_options()      the checkpoint's options (pre-copy: the parent pre-dump)
+      dump()              let the held dump run; save what a restarted agent needs in
+                          `self.journal.extra`
+      fence_timeout       seconds from the restore until the destination fences
+      restore_request()   what the destination's restore needs beyond the staged files
+      verify()            the restored copy is complete and running
+      release_source()    rollback: stop what still holds the source before it resumes
+      cleanup_source()    the destination runs it for good: delete the source copy
+    A new strategy is then one module (the subclass) plus its entry in `REGISTRY`, and
+    its tests.
+
+    The migration's `stage` (`Stage`) is journaled before each step that changes what
+    runs where, so `recover` can settle it after an agent restart.
+    """
+
+    strategy: ClassVar[str] = "stop-and-copy"
+    needs: ClassVar[tuple[Need, ...]] = ()
+    lazy_restore: ClassVar[bool] = False
+    upload_rounds: ClassVar[int] = 0
+    auto_rank: ClassVar[int | None] = None  # None: only when asked for, or as the default
+    auto_min_memory: ClassVar[int] = 0
 
     def __init__(self, ctx: SourceContext, name: str, options: MigrationOptions,
                  events: EventStream) -> None:
@@ -86,13 +148,35 @@ class SourceMigration:
         self.report = events.report
         self.record = ctx.store.record(name)
         self.images = ctx.work_dir / "images"
-        self.prepared = self.frozen = self.isolated = False
+        self.stage = Stage.NEW  # what is known to have happened (the journal: may have)
         self.restore_sent_at: float | None = None
-        self.restored = False  # the destination answered the restore: its copy ran
         self.manifest: dict | None = None
-        self.journal_path = ctx.work_dir / "journal.json"
-        self.journal_state: dict = {}
+        self.journal = Journal(self.report.id, name, self.strategy, options.to_json())
         self.held_dump: HeldRunc | None = None
+        self.upload_bytes = 0  # the pre-flight's estimate of what goes to the destination
+
+    @classmethod
+    def auto_fits(cls, source: dict, dest: dict) -> bool:
+        """Can auto pick it between hosts of these CRIU capabilities?"""
+        return all((source if need.side == "source" else dest).get(need.feature)
+                   for need in cls.needs if not need.runc)
+
+    @property
+    def prepared(self) -> bool:
+        return self.stage >= Stage.PREPARED
+
+    @property
+    def frozen(self) -> bool:
+        return self.stage >= Stage.FROZEN
+
+    @property
+    def isolated(self) -> bool:
+        return self.stage >= Stage.ISOLATED and bool(self.record.net)
+
+    @property
+    def restored(self) -> bool:
+        """The destination answered the restore: its copy ran."""
+        return self.stage >= Stage.RESTORED
 
     @property
     def runc(self) -> Runc:
@@ -104,20 +188,47 @@ class SourceMigration:
 
     async def execute(self) -> None:
         """Run the migration to an outcome; never raises."""
+        await self.run_to_outcome(self.migrate())
+
+    async def recover(self, journal: Journal) -> None:
+        """After a source agent restart: settle a migration the old agent left half way."""
+        self.journal = journal
+        self.stage = journal.stage  # what may have happened is taken as done
+        if self.stage >= Stage.RESTORE_SENT:
+            self.restore_sent_at = time.monotonic()  # wait for a fence as if just sent
+        await self.run_to_outcome(self.settle_after_restart())
+
+    async def settle_after_restart(self) -> None:
+        """Keep a commit the destination took; otherwise roll back."""
+        if self.stage >= Stage.COMMIT_SENT:
+            state = await self.destination_state()
+            if state is None and self.ctx.cluster:  # etcd's decision, written if none
+                decided = await self.ctx.cluster.decision()
+                state = DestinationState(decided) if decided else None
+            if state is None:
+                raise InDoubt(RESTARTED)
+            if state is DestinationState.COMMITTED:
+                await self.cleanup_source()
+                return
+        raise GodwitError(RESTARTED)
+
+    async def run_to_outcome(self, steps: Awaitable[None]) -> None:
+        """Run `steps` and report how the migration ended: any failure ends in a rollback,
+        an unknown commit in doubt. Never raises."""
         try:
-            await self.migrate()
-            self.report.result = "ok"
+            await steps
+            self.report.result = Result.OK
             self.report.outcome = f"running on {self.report.destination}"
         except InDoubt as exc:
-            self.report.result, self.report.error = "in-doubt", str(exc)
+            self.report.result, self.report.error = Result.IN_DOUBT, str(exc)
             self.report.outcome = (f"paused on {self.report.source}, destination unreachable: "
                                    f"check {self.report.destination}, then `godwit resume "
                                    f"{self.name}` or `godwit rm {self.name}`")
         except Exception as exc:  # every failure ends in a rollback, whatever raised it
             self.report.error = _one_line(exc)
             self.report.outcome = await self.rollback()
-            if self.report.result == "running":
-                self.report.result = "failed"
+            if self.report.result == Result.RUNNING:
+                self.report.result = Result.FAILED
         finally:
             self.report.finished_at = time.time()
             self.settle_work_dir()
@@ -126,49 +237,27 @@ class SourceMigration:
     def settle_work_dir(self) -> None:
         """Keep the logs of a migration that did not succeed; once settled, the journal,
         images and logs in the work dir go."""
-        if self.report.result != "ok" and self.ctx.failure_logs:
+        if self.report.result != Result.OK and self.ctx.failure_logs:
             work = self.dump_options().work_path
             self.ctx.failure_logs.keep(self.report.id, {
                 "dump.log": work / "dump.log", "runc-checkpoint.log": work / RUNC_LOG})
-        if self.report.result in ("ok", "failed"):
-            shutil.rmtree(self.ctx.work_dir, ignore_errors=True)
+        if self.report.result in (Result.OK, Result.FAILED):
+            self.ctx.journals.drop(self.report.id)
 
-    def journal(self, **progress: object) -> None:
-        """Persist how far the migration got, so that a restarted source agent can finish
-        the safety net (see recover)."""
-        self.journal_state.update(progress)
-        record = {"id": self.report.id, "name": self.name, "strategy": self.strategy,
-                  "options": self.options.to_json(), **self.journal_state}
-        self.journal_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.journal_path, json.dumps(record))
+    def save_journal(self, stage: Stage | None = None, **extra: object) -> None:
+        """Journal that the migration enters `stage` (before its step acts), or a
+        strategy's own facts: a restarted source agent finishes the safety net from there
+        (see recover)."""
+        if stage is not None:
+            self.journal.stage = stage
+        self.journal.extra.update(extra)
+        self.ctx.journals.save(self.journal)
 
-    async def recover(self, journal: dict) -> None:
-        """After a source agent restart: settle a migration the old agent left half way."""
-        self.prepared = True
-        self.frozen, self.isolated = journal.get("frozen", False), journal.get("isolated", False)
-        self.journal_state = dict(journal)
-        if journal.get("restore_sent"):
-            self.restore_sent_at = time.monotonic()  # wait for a fence as if just sent
-        self.restored = journal.get("restored", False)
-        self.report.error = "the source agent restarted during the migration"
-        if journal.get("commit_sent"):
-            state = await self.destination_state()
-            if state is None and self.ctx.cluster:
-                state = await self.ctx.cluster.decision()
-            if state is None:
-                self.report.result = "in-doubt"
-                self.report.outcome = f"paused on {self.report.source}, destination unreachable"
-                return
-            if state == "committed":
-                await self.cleanup_source()
-                self.report.result = "ok"
-                self.report.outcome = f"running on {self.report.destination}"
-                return
-        self.report.outcome = await self.rollback()
-        if self.report.result == "running":
-            self.report.result = "failed"
-        self.report.finished_at = time.time()
-        self.settle_work_dir()
+    def reach(self, stage: Stage) -> None:
+        """The migration reached `stage` (a step done, or a request about to be sent):
+        known here, and journaled."""
+        self.stage = stage
+        self.save_journal(stage)
 
     async def migrate(self) -> None:
         await self.within_progress_timeout(self.steps_before_freeze())
@@ -259,20 +348,24 @@ class SourceMigration:
                 raise GodwitError(f"{self.name} is already on {self.report.source}")
             await self.preflight(info)
             await self.ctx.dest.prepare_incoming(self.incoming_request())
-            self.prepared = True
-            self.journal(prepared=True)
+            self.reach(Stage.PREPARED)
 
     async def preflight(self, dest_info: HostInfo) -> None:
         """Refuse before anything is frozen when the destination cannot take the container."""
         needed_mem, needed_disk = await asyncio.to_thread(
             migration_needs, self.ctx.store, self.name, self.shared)
+        self.upload_bytes = needed_disk
         findings = await run_checks(
-            self.ctx.local_info, dest_info, self.ctx.dest, strategy=self.strategy,
+            self.ctx.local_info, dest_info, self.ctx.dest, strategy=type(self),
             needed_mem=needed_mem, needed_disk=needed_disk,
-            max_skew_s=self.options.max_clock_skew,
+            max_skew_s=self.options.max_clock_skew, incoming=self.incoming_request(),
         )
         locks = procfs.file_locks(self.ctx.store.pids(self.name))
         findings.append(check_file_locks(locks, self.shared))
+        if not self.record.owns_netns and wants_own_netns(self.ctx.store.config(self.name)):
+            state = await self.ctx.store.state(self.name)  # its init: no short-lived task
+            findings.append(await asyncio.to_thread(check_own_netns,
+                                                    state.pid if state else None))
         self.report.preflight = [f.to_json() for f in findings]
         for finding in findings:
             if finding.level != "ok":
@@ -281,18 +374,9 @@ class SourceMigration:
             raise GodwitError(f"pre-flight refused: {refusal(findings)}")
 
     def incoming_request(self) -> IncomingRequest:
-        return IncomingRequest(
-            id=self.report.id,
-            name=self.name,
-            source=self.report.source,
-            config=self.ctx.store.config(self.name),
-            shared_rootfs=self.record.rootfs if self.shared else None,
-            commit_timeout=self.fence_timeout,
-            idle_timeout=self.options.progress_timeout + self.max_freeze(),
-            strategy=self.strategy,
-            net=ContainerNet.from_json(self.record.net) if self.record.net else None,
-            private_netns=self.record.private_netns,
-        )
+        return incoming_request(self.ctx.store, self.name, self.options,
+                                migration_id=self.report.id, source=self.report.source,
+                                strategy=self.strategy, upload_bytes=self.upload_bytes)
 
     async def send_rootfs(self, *, initial: bool) -> None:
         """First pass while running; second pass, frozen, carries only what changed."""
@@ -332,9 +416,9 @@ class SourceMigration:
             if self.ctx.cluster:
                 await self.ctx.cluster.before_freeze()
             self.report.frozen_at = time.time()  # processes stop during the pause call
-            self.journal(frozen=True)
+            self.save_journal(Stage.FROZEN)
             await asyncio.to_thread(self.ctx.store.freeze, self.name)
-            self.frozen = True
+            self.stage = Stage.FROZEN
             await faults.point("freeze")
         if self.record.net:
             await self.move_address()
@@ -343,9 +427,9 @@ class SourceMigration:
         """Isolate the frozen source copy; the destination answers for its MAC and IP from
         now on, holding arriving packets until the restore."""
         with self.events.phase("switch"):
-            self.journal(isolated=True)
+            self.save_journal(Stage.ISOLATED)
             await asyncio.to_thread(self.ctx.store.networking.isolate, self.name)
-            self.isolated = True
+            self.stage = Stage.ISOLATED
             await self.ctx.dest.activate_incoming(self.report.id)
 
     def dump_options(self) -> CheckpointOptions:
@@ -387,11 +471,10 @@ class SourceMigration:
         with self.events.phase("restore"):
             await faults.point("restore")
             self.restore_sent_at = time.monotonic()
-            self.journal(restore_sent=True)
+            self.reach(Stage.RESTORE_SENT)
             restored = await self.ctx.dest.restore_incoming(self.report.id,
                                                             self.restore_request())
-            self.restored = True
-            self.journal(restored=True)
+            self.reach(Stage.RESTORED)
             self.report.resumed_at = time.time()
             self.report.held_packets = restored.held_packets
             self.report.downtime_s = self.report.resumed_at - (self.report.frozen_at or 0)
@@ -417,7 +500,7 @@ class SourceMigration:
     async def commit(self) -> None:
         with self.events.phase("commit"):
             await faults.point("commit")
-            self.journal(commit_sent=True)
+            self.reach(Stage.COMMIT_SENT)
             try:
                 await self.ctx.dest.commit_incoming(self.report.id)
             except GodwitError as exc:
@@ -439,11 +522,11 @@ class SourceMigration:
             raise GodwitError(f"the destination did not commit (etcd: {decision})")
         while time.monotonic() < self.fence_deadline():
             state = await self.destination_state()
-            if state == "committed":
+            if state is DestinationState.COMMITTED:
                 return
-            if state in ("fenced", "aborted", "unknown"):
+            if state in _NOT_COMMITTED:
                 raise GodwitError(f"destination copy was {state} before the commit")
-            if state == "pending":  # the commit was lost on the way: send it again
+            if state is DestinationState.PENDING:  # the commit was lost: send it again
                 with contextlib.suppress(GodwitError):
                     await self.ctx.dest.commit_incoming(self.report.id)
             await asyncio.sleep(0.5)
@@ -493,21 +576,21 @@ class SourceMigration:
         """Seconds from the restore until the destination fences an uncommitted copy."""
         return self.options.commit_timeout
 
-    async def destination_state(self, within: float | None = None) -> str | None:
+    async def destination_state(self, within: float | None = None) -> DestinationState | None:
         """The destination's decision; None when it does not answer (`within` seconds)."""
         try:
             async with asyncio.timeout(within):
                 return (await self.ctx.dest.incoming_state(self.report.id)).state
-        except (GodwitError, TimeoutError):
+        except (GodwitError, TimeoutError):  # an answer this agent cannot read: none
             return None
 
     async def rollback(self) -> str:
         """Undo a failed migration; return where the container runs now."""
         await self.call_off_dump()
-        dest_state = await self.abort_destination() if self.prepared else "aborted"
-        if dest_state == "committed":
+        dest_state = await self.abort_destination() if self.prepared else None
+        if dest_state is DestinationState.COMMITTED:
             await self.cleanup_source()
-            self.report.result, self.report.error = "ok", None
+            self.report.result, self.report.error = Result.OK, None
             return f"running on {self.report.destination}"
         if not self.frozen:
             return f"running on {self.report.source} (never frozen)"
@@ -520,7 +603,7 @@ class SourceMigration:
                 await asyncio.to_thread(self.ctx.store.networking.connect, self.name)
             await self.resume_source()
         except Exception as exc:  # report it; the journal stays for a restart to retry
-            self.report.result = "in-doubt"
+            self.report.result = Result.IN_DOUBT
             return f"paused on {self.report.source}, could not resume: {_one_line(exc)}"
         self.report.resumed_at = time.time()
         self.report.downtime_s = self.report.resumed_at - (self.report.frozen_at or 0)
@@ -536,21 +619,26 @@ class SourceMigration:
     async def release_source(self) -> None:
         """Strategy hook: stop whatever still holds the source before it resumes."""
 
-    async def abort_destination(self) -> str:
+    async def abort_destination(self) -> DestinationState | None:
         """Abort the destination copy; after a restore request, nothing but a confirmed
-        abort, a known commit or the passing of the fence deadline will do."""
+        abort, a known commit or the passing of the fence deadline will do. None: the
+        destination does not answer, and no copy runs there (no restore was asked)."""
         while True:
             try:
                 return (await self.ctx.dest.abort_incoming(self.report.id)).state
             except GodwitError:
                 if self.restore_sent_at is None:  # no restore, no commit: nothing runs there
-                    return "unreachable"
+                    return None
                 left = self.fence_deadline() - time.monotonic()
-                if left > 0 and await self.destination_state(within=left) == "committed":
-                    return "committed"
+                committed = DestinationState.COMMITTED
+                if left > 0 and await self.destination_state(within=left) is committed:
+                    return committed
             if time.monotonic() >= self.fence_deadline():
-                return "fenced"
+                return DestinationState.FENCED
             await asyncio.sleep(0.5)
+
+
+_NOT_COMMITTED = (DestinationState.FENCED, DestinationState.ABORTED, DestinationState.UNKNOWN)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ Modules:
 - `send`: the plan as a stream (`send_tree`), read and hashed by a producer thread;
 - `receive`: parsing a stream (`receive_tree`, `TreeReceiver`);
 - `apply`: applying its records to the destination, one handler per record kind;
+- `rules`: what a received tree may hold (byte budget, set-id bits, device nodes);
 - `safefs`: file system operations relative to directory fds, for hostile trees.
 """
 
@@ -23,6 +24,7 @@ from godwit.transport.manifest import (
     scan_tree,
 )
 from godwit.transport.receive import TreeReceiver, receive_tree
+from godwit.transport.rules import ByteBudget, TreeRules, UploadTooLarge
 from godwit.transport.send import TreeStream, send_tree
 from godwit.transport.wire import MAGIC, VERSION, TransferError, TransferStats
 
@@ -30,13 +32,16 @@ __all__ = [
     "MAGIC",
     "RACY_NS",
     "VERSION",
+    "ByteBudget",
     "FileMeta",
     "Manifest",
     "TransferError",
     "TransferStats",
     "TreePlan",
     "TreeReceiver",
+    "TreeRules",
     "TreeStream",
+    "UploadTooLarge",
     "diff_manifests",
     "plan_tree",
     "receive_tree",

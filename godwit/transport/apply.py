@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from godwit.transport.rules import KEEP_ALL, TreeRules
 from godwit.transport.safefs import (
     GONE,
     DirFds,
@@ -97,8 +98,10 @@ class TreeWriter:
     """The destination side of a stream: `apply` each record, `write` a file's data,
     `commit_file` it with its digest, then `finish`. Blocking file I/O."""
 
-    def __init__(self, dest: Path | str, stats: TransferStats):
+    def __init__(self, dest: Path | str, stats: TransferStats,
+                 rules: TreeRules = KEEP_ALL):
         os.makedirs(dest, exist_ok=True)
+        self.rules = rules
         self.root_fd = open_root(dest)
         self.stats = stats
         self.incoming: IncomingFile | None = None
@@ -127,6 +130,8 @@ class TreeWriter:
         self.where = str(h.get("path"))[:200]
         rel = check_path(h.get("path"), allow_root=kind == "dir")
         self.stats.entries += 1
+        if kind not in ("file", "delete"):  # a file is charged its data too, in _begin_file
+            self.rules.charge(0, rel)
         self._touched.pop(rel, None)  # its own times come from this record, if any
         handler = self._handlers.get(kind)  # type: ignore[arg-type]
         if handler is None:
@@ -190,7 +195,7 @@ class TreeWriter:
         h = cur.header
         if self._chown:
             os.fchown(cur.fd, *header_owner(h))
-        set_mode_mtime(cur.fd, h["mode"], h["mtime_ns"])
+        set_mode_mtime(cur.fd, self.rules.mode(h["mode"]), h["mtime_ns"])
         os.close(cur.fd)
         self.incoming = None
         if cur.extents is not None:
@@ -210,10 +215,11 @@ class TreeWriter:
         extents = h.get("extents")
         if extents is not None:
             extents = header_extents(extents, size)
+        data_len = size if extents is None else sum(ln for _, ln in extents)
+        self.rules.charge(data_len, rel)
         fd_dir, name = self._parent(rel)
         tmp = self._tmp()
         fd = create_temp_file(fd_dir, tmp)
-        data_len = size if extents is None else sum(ln for _, ln in extents)
         head = rel.rpartition("/")[0]
         self.incoming = IncomingFile(rel, head, name, tmp, fd, h, size, data_len, extents)
         if extents is not None:
@@ -255,9 +261,10 @@ class TreeWriter:
 
     def _mknod(self, rel: str, h: dict) -> None:
         kind = h["type"]
-        mode = header_mode(h)
+        mode = self.rules.mode(header_mode(h))
         mtime = header_mtime(h)
         rdev = header_int(h, "rdev", 0, _RDEV_MAX) if kind != "fifo" else 0
+        self.rules.check_device(kind, rdev, rel)
         owner = header_owner(h)
         fd, name = self._parent(rel)
         file_type = _NODE_TYPES[kind]

@@ -17,6 +17,7 @@ from pathlib import Path
 import zstandard
 
 from godwit.transport.apply import TreeWriter
+from godwit.transport.rules import KEEP_ALL, TreeRules
 from godwit.transport.wire import (
     DIGEST_LEN,
     LENGTH_LEN,
@@ -47,10 +48,10 @@ class TreeReceiver:
     `finish()`. Blocking file I/O: run it in a worker thread (as `receive_tree` does).
     On error it raises `TransferError` and cleans up (see `abort`)."""
 
-    def __init__(self, dest: Path | str):
+    def __init__(self, dest: Path | str, rules: TreeRules = KEEP_ALL):
         self.dest = Path(dest)
         self.stats = TransferStats()
-        self._tree = TreeWriter(dest, self.stats)
+        self._tree = TreeWriter(dest, self.stats, rules)
         self._state = _MAGIC
         self._need = STREAM_HEADER_LEN
         self._buf = bytearray()
@@ -189,16 +190,18 @@ async def receive_tree(
     dest: Path | str,
     *,
     on_progress: Callable[[int], None] | None = None,
+    rules: TreeRules = KEEP_ALL,
 ) -> TransferStats:
     """Receive a tree stream (an aiohttp ``StreamReader`` such as ``request.content``, or
     any async iterable of bytes) into `dest`, created if needed. Parsing, hashing and file
     I/O run in one worker thread while the event loop reads the next piece.
-    `on_progress(bytes_done)` is called on the event loop. Raises `TransferError`."""
+    `on_progress(bytes_done)` is called on the event loop; `rules` bound what the tree may
+    hold (`godwit.transport.rules`). Raises `TransferError`."""
     loop = asyncio.get_running_loop()
     executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="godwit-recv")
     try:
         try:
-            core = await loop.run_in_executor(executor, TreeReceiver, dest)
+            core = await loop.run_in_executor(executor, TreeReceiver, dest, rules)
         except OSError as e:
             raise TransferError(f"{dest}: {e.strerror or e}") from e
         feeder = _Feeder(loop, executor, core, on_progress)

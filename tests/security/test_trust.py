@@ -5,8 +5,14 @@ Hosts a and b of the testbed run real agents; certificates come from the testbed
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import resource
+import socket
+import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from godwit import transport
 from godwit.bundle import load_config, oci_config
 from godwit.lab.bundles import counter_bundle
 from godwit.lab.testbed import Testbed
@@ -50,7 +57,7 @@ def incoming(config: dict | None = None, **extra: object) -> dict:
     """A prepare request as a source sends it, without network (nothing made but staging)."""
     return {"id": str(uuid.uuid4()), "name": f"sec-{uuid.uuid4().hex[:8]}", "source": "a",
             "config": config or oci_config(["/bin/sh"]), "commit_timeout": 30,
-            "idle_timeout": 60, "strategy": "stop-and-copy", **extra}
+            "idle_timeout": 60, "strategy": "stop-and-copy", "upload_bytes": 0, **extra}
 
 
 # -- admission on the destination --------------------------------------------------------
@@ -255,22 +262,33 @@ def test_crl_push_installs_only_a_fresh_crl_of_our_ca(bed: Testbed, tmp_path: Pa
     assert bed.ca.crl.read_bytes() == fresh
 
 
-def test_a_refused_migration_fails_before_the_freeze(bed: Testbed) -> None:
-    """a admits CAP_SYS_ADMIN, b does not: the migration stops at prepare, and the
-    container never stops counting on a."""
+@contextlib.contextmanager
+def sysadmin_on_a(bed: Testbed, name: str) -> Iterator[None]:
+    """Container ``name`` runs on a with CAP_SYS_ADMIN, which a's policy admits for the
+    while and b's does not."""
     policy_a = bed.host("a").state_dir / "policy.json"
     saved = policy_a.read_text()
     policy = json.loads(saved)
     policy["capabilities"] = [*policy["capabilities"], "CAP_SYS_ADMIN"]
     policy_a.write_text(json.dumps(policy))
-    bundle = counter_bundle(bed.bundle_dir("sec-sysadmin"))
+    bundle = counter_bundle(bed.bundle_dir(name))
     config = load_config(bundle)
     for names in config["process"]["capabilities"].values():
         names.append("CAP_SYS_ADMIN")
     (bundle / "config.json").write_text(json.dumps(config))
     try:
-        run = bed.godwit("run", "sec-sysadmin", "--bundle", str(bundle), "--host", "a")
+        run = bed.godwit("run", name, "--bundle", str(bundle), "--host", "a")
         assert run.returncode == 0, run.stderr
+        yield
+    finally:
+        bed.godwit("rm", name)
+        policy_a.write_text(saved)
+
+
+def test_a_refused_migration_fails_before_the_freeze(bed: Testbed) -> None:
+    """a admits CAP_SYS_ADMIN, b does not: the migration stops at prepare, and the
+    container never stops counting on a."""
+    with sysadmin_on_a(bed, "sec-sysadmin"):
         result = bed.godwit("migrate", "sec-sysadmin", "--to", "b", "--json")
         assert result.returncode != 0
         report = json.loads(result.stdout)
@@ -279,9 +297,6 @@ def test_a_refused_migration_fails_before_the_freeze(bed: Testbed) -> None:
         state = call(bed, "a", bed.operator_tls, "GET", "/v1/containers/sec-sysadmin")[1]
         assert state["status"] == "running", state
         assert call(bed, "b", bed.operator_tls, "GET", "/v1/containers/sec-sysadmin")[0] == 404
-    finally:
-        bed.godwit("rm", "sec-sysadmin")
-        policy_a.write_text(saved)
 
 
 def test_state_holding_configs_and_environments_is_private(bed: Testbed) -> None:
@@ -302,3 +317,102 @@ def test_state_holding_configs_and_environments_is_private(bed: Testbed) -> None
         assert configs and all(c.stat().st_mode & 0o777 == 0o600 for c in configs), configs
     finally:
         bed.godwit("rm", "sec-private")
+
+
+def _wait_until_accepted(pid: int, timeout: float = 30) -> int:
+    """Wait until the agent's count of descriptors stops growing; that count."""
+    count, deadline = -1, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(2)
+        now = len(os.listdir(f"/proc/{pid}/fd"))
+        if now == count:
+            break
+        count = now
+    return count
+
+
+def test_idle_unauthenticated_sockets_do_not_stop_a_migration(bed: Testbed) -> None:
+    """2 000 TCP connections to b that never start TLS, with b's descriptor limit lowered to
+    1 024 (no CAP_SYS_RESOURCE is needed to lower it): a migration a -> b still succeeds."""
+    pid = bed.agents["b"].pid
+    saved = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    bundle = counter_bundle(bed.bundle_dir("sec-flood"))
+    assert bed.godwit("run", "sec-flood", "--bundle", str(bundle), "--host", "a").returncode == 0
+    host, port = bed.address("b").rsplit(":", 1)
+    idle: list[socket.socket] = []
+    try:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (1024, saved[1]))
+        for _ in range(2000):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex((host, int(port)))
+            idle.append(sock)
+            if len(idle) % 100 == 0:
+                time.sleep(0.3)  # within the listen backlog, so each one reaches the agent
+        assert _wait_until_accepted(pid) < 1000, "the agent holds a descriptor per socket"
+        result = bed.godwit("migrate", "sec-flood", "--to", "b", "--json", timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        state = call(bed, "b", bed.operator_tls, "GET", "/v1/containers/sec-flood")[1]
+        assert state["status"] == "running", state
+    finally:
+        for sock in idle:
+            sock.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, saved)
+        bed.godwit("rm", "sec-flood")
+
+
+def _upload(bed: Testbed, host: str, files: TLSFiles, migration_id: str,
+            body: bytes) -> tuple[int, dict]:
+    async def go() -> tuple[int, dict]:
+        async with aiohttp.ClientSession() as session, session.put(
+                f"https://{bed.address(host)}/v1/incoming/{migration_id}/rootfs", data=body,
+                ssl=client_context(files), timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    return asyncio.run(go())
+
+
+def _record(**header: object) -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(4, "big") + raw
+
+
+def test_an_upload_larger_than_announced_is_cut_off(bed: Testbed) -> None:
+    """The agent that prepared the migration announces 1 MiB, then sends a file header of
+    1 GiB (what a few KB of zstd can carry): cut off, the staging dropped."""
+    agent_a, request = bed.ca.bundle_for("a"), incoming(upload_bytes=1 << 20)
+    assert call(bed, "b", agent_a, "POST", "/v1/incoming", request)[0] == 200
+    staging = bed.host("b").state_dir / "incoming" / request["id"]
+    assert staging.is_dir()
+    header = {"type": "file", "path": "zeros", "mode": 0o644, "uid": 0, "gid": 0,
+              "mtime_ns": 0, "size": 1 << 30}
+    stream = transport.MAGIC + bytes([transport.VERSION, 0]) + _record(**header) \
+        + bytes(64 << 10)
+    status, body = _upload(bed, "b", agent_a, request["id"], stream)
+    assert status == 400 and "upload cut off: upload larger than announced" in body["error"]
+    assert "\n" not in body["error"]
+    assert not staging.exists(), "the staging must go with the refused upload"
+    assert call(bed, "b", agent_a, "GET", f"/v1/incoming/{request['id']}")[1]["state"] \
+        == "unknown"
+
+
+def test_a_migration_larger_than_the_free_disk_is_refused_at_prepare(bed: Testbed) -> None:
+    request = incoming(upload_bytes=1 << 60)
+    status, body = call(bed, "b", bed.ca.bundle_for("a"), "POST", "/v1/incoming", request)
+    assert status == 400 and "not enough disk on b" in body["error"], body
+    assert not (bed.host("b").state_dir / "incoming" / request["id"]).exists()
+
+
+def test_check_shows_the_destinations_admission_refusal(bed: Testbed) -> None:
+    """`godwit check --container`: b's policy refuses CAP_SYS_ADMIN, a's admits it; the
+    refusal shows in the pre-flight, nothing staged on b."""
+    with sysadmin_on_a(bed, "sec-check"):
+        result = bed.godwit("check", "b", "--from", "a", "--container", "sec-check", "--json")
+        assert result.returncode == 1, result.stdout + result.stderr
+        findings = {f["check"]: f for f in json.loads(result.stdout)["a"]["findings"]}
+        assert findings["admission"]["level"] == "error", findings
+        assert "CAP_SYS_ADMIN not allowed" in findings["admission"]["message"]
+        staged = (bed.host("b").state_dir / "incoming").glob("*/request.json")
+        assert not [p for p in staged if json.loads(p.read_text())["name"] == "sec-check"]
+        ok = bed.godwit("check", "a", "--from", "b", "--json")
+        assert "admission" not in {f["check"] for f in json.loads(ok.stdout)["b"]["findings"]}
