@@ -23,6 +23,7 @@ from godwit.cluster.migration_hooks import (
 )
 from godwit.cluster.store import Store
 from godwit.lab.etcd import EtcdCluster
+from godwit.migration.states import DestinationState
 
 pytestmark = pytest.mark.integration
 
@@ -34,8 +35,8 @@ def _args(etcd: EtcdCluster, prefix: str, migration: str, urls: str | None = Non
 
 
 def _settle(args: list[str], runc: list[str]):
-    return lambda: COMMITTED if settle_fence(args, runc, "web", retry_s=0.2) == COMMITTED \
-        else fence.FENCED
+    return lambda: DestinationState.COMMITTED \
+        if settle_fence(args, runc, "web", retry_s=0.2) == COMMITTED else DestinationState.FENCED
 
 
 def _decided(etcd: EtcdCluster, prefix: str, migration: str, value: str | None) -> str:
@@ -59,12 +60,13 @@ def test_undecided_copy_follows_etcd(etcd: EtcdCluster, prefix: str, tmp_path: P
     if before:
         _decided(etcd, prefix, migration, before)
     decision = tmp_path / "decision"
-    decision.write_text(fence.PENDING)
+    decision.write_text(DestinationState.PENDING)
     runc = [str(_recording_runc(tmp_path))]
     settle = _settle(_args(etcd, prefix, migration), runc)
     assert fence._must_kill(decision, time.monotonic() + 0.3, settle) is killed
     assert _decided(etcd, prefix, migration, None) == after
-    assert fence.read_decision(decision) == (fence.FENCED if killed else fence.COMMITTED)
+    expected = DestinationState.FENCED if killed else DestinationState.COMMITTED
+    assert fence.read_decision(decision) == expected
     assert not (tmp_path / "runc.calls").exists(), "etcd answered: nothing paused"
 
 
@@ -77,7 +79,7 @@ def test_copy_paused_while_etcd_is_away(etcd: EtcdCluster, prefix: str,
     runc = [str(_recording_runc(tmp_path))]
     args = _args(etcd, prefix, "m-away")
     decision = tmp_path / "decision"
-    decision.write_text(fence.PENDING)
+    decision.write_text(DestinationState.PENDING)
     etcd.kill_member(member)
     outcome: list[bool] = []
     watchdog = threading.Thread(target=lambda: outcome.append(
@@ -95,7 +97,7 @@ def test_copy_paused_while_etcd_is_away(etcd: EtcdCluster, prefix: str,
     watchdog.join(timeout=30)
     assert outcome == [False]
     assert _calls(tmp_path) == ["pause web", "resume web"]
-    assert fence.read_decision(decision) == fence.COMMITTED
+    assert fence.read_decision(decision) == DestinationState.COMMITTED
 
 
 def _recording_runc(tmp_path: Path) -> Path:
