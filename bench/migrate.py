@@ -59,7 +59,9 @@ from godwit.lab.workloads import memhog_bundle, read_state
 from godwit.runc import DEFAULT_RUNC
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "migrate.json"
-PREFIX = "gwbench"
+# Netns, cgroup and container names; a second benchmark running beside (another worktree)
+# needs its own: GODWIT_BENCH_PREFIX (at most 9 characters: interface names).
+PREFIX = os.environ.get("GODWIT_BENCH_PREFIX", "gwbench")[:9]
 MiB = 1 << 20
 READY_TIMEOUT_S = 120  # memhog filling and checksumming its buffer
 VERIFY_TIMEOUT_S = 120

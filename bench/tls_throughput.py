@@ -116,12 +116,19 @@ async def _put(
     }
 
 
-def _make_ca(directory: Path) -> tuple[TLSFiles, TLSFiles]:
+def make_loopback_ca(directory: Path) -> tuple[TLSFiles, TLSFiles]:
+    """A throw-away godwit CA: a server identity for 127.0.0.1, and a client's."""
     ca = CertificateAuthority(directory / "ca")
     ca.init()
     ca.issue_agent("server", ["127.0.0.1"])
     ca.issue_client("client")
     return ca.bundle_for("server"), ca.bundle_for("client")
+
+
+def tls_over_plain(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, float], float]:
+    """Median MiB/s of each mode, and TLS's as a fraction of plain's."""
+    medians = {mode: statistics.median(r["mib_per_s"] for r in v) for mode, v in runs.items()}
+    return medians, medians[TLS] / medians[PLAIN]
 
 
 def _summary(run: dict[str, Any], mib: int) -> dict[str, Any]:
@@ -174,7 +181,7 @@ def main() -> None:
     total, chunk = args.mib * MiB, args.chunk_kib * 1024
 
     with tempfile.TemporaryDirectory() as tmp:
-        server_files, client_files = _make_ca(Path(tmp))
+        server_files, client_files = make_loopback_ca(Path(tmp))
         parent, child = mp.get_context("spawn").Pipe()
         proc = mp.get_context("spawn").Process(
             target=_server_process,
@@ -196,8 +203,7 @@ def main() -> None:
             parent.send("stop")
             proc.join(10)
 
-    medians = {mode: statistics.median(r["mib_per_s"] for r in v) for mode, v in runs.items()}
-    ratio = medians[TLS] / medians[PLAIN]
+    medians, ratio = tls_over_plain(runs)
     Console().print(_table(runs, args.mib, ratio))
     report = {
         "mib": args.mib,

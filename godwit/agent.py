@@ -307,7 +307,10 @@ class Agent:
 
     async def arm_incoming(self, request: web.Request) -> web.Response:
         body = await _body(request, ArmRequest)
-        return _reply(await self.receiver.arm(request.match_info["id"], body.descriptors))
+        local = request.transport.get_extra_info("sockname") if request.transport else None
+        return _reply(await self.receiver.arm(request.match_info["id"], body.descriptors,
+                                              local if body.stream_pages else None,
+                                              request.remote))
 
     async def activate_incoming(self, request: web.Request) -> web.Response:
         return _reply(await self.receiver.activate(request.match_info["id"]))

@@ -231,9 +231,10 @@ class AgentClient:
         return await self.request("PUT", f"/v1/incoming/{migration_id}/{what}", Uploaded,
                                   data=body)
 
-    async def arm_incoming(self, migration_id: str, descriptors: list[str]) -> Armed:
+    async def arm_incoming(self, migration_id: str, descriptors: list[str],
+                           stream_pages: bool = False) -> Armed:
         return await self.request("POST", f"/v1/incoming/{migration_id}/arm", Armed,
-                                  ArmRequest(descriptors=descriptors))
+                                  ArmRequest(descriptors=descriptors, stream_pages=stream_pages))
 
     async def activate_incoming(self, migration_id: str) -> Activated:
         return await self.request("POST", f"/v1/incoming/{migration_id}/activate", Activated,

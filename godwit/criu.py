@@ -5,6 +5,7 @@ its fixed costs small, and the lazy-pages daemon of post-copy."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import re
@@ -158,6 +159,85 @@ _TRANSFERRED = re.compile(r"(\d+)--?\d+: UFFD transferred pages: \((\d+)/(\d+)\)
 _EXITED = re.compile(r"(\d+)--?\d+: EXIT$", re.MULTILINE)
 
 
+def tls_argv(tls: TLSFiles | None, *, check_peer_name: bool = True) -> list[str]:
+    """CRIU's command-line options for a TLS connection with godwit's identity; a server
+    checks no peer name (CRIU would match the client against its own address)."""
+    if not tls:
+        return []
+    argv = ["--tls", "--tls-cacert", str(tls.ca), "--tls-cert", str(tls.cert),
+            "--tls-key", str(tls.key)]
+    if tls.crl:
+        argv += ["--tls-cacrl", str(tls.crl)]
+    return argv if check_peer_name else [*argv, "--tls-no-cn-verify"]
+
+
+def tls_config_lines(tls: TLSFiles | None, *, check_peer_name: bool = True) -> list[str]:
+    """The same options as lines of a CRIU config file (runc passes none of them)."""
+    lines: list[str] = []
+    for arg in tls_argv(tls, check_peer_name=check_peer_name):
+        if arg.startswith("--"):
+            lines.append(arg.removeprefix("--"))
+        else:
+            lines[-1] += f" {arg}"
+    return lines
+
+
+async def read_status_byte(fd: int) -> bytes:
+    """One byte from a status pipe, waited for in the event loop (a cancelled wait leaves no
+    thread blocked on the fd); b"" when the write end closed."""
+    loop = asyncio.get_running_loop()
+    readable = loop.create_future()
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+    try:
+        await readable
+    finally:
+        loop.remove_reader(fd)
+    return os.read(fd, 1)
+
+
+PAGE_SERVER_LOG = "page-server.log"
+PAGE_SERVER_START_TIMEOUT_S = 5
+
+
+async def start_page_server(images: Path, work: Path, address: str, port: int,
+                            tls: TLSFiles | None, peer: str | None) -> asyncio.subprocess.Process:
+    """Destination side of a streamed stop-and-copy dump: CRIU's page server, which takes
+    one dump's connection and writes its memory pages (pagemap and pages images) into
+    `images`, then exits (0 once the dump flushed and closed it). Returns once it listens.
+    With `peer`, only a client whose certificate names it is served (`--tls-peer-name`,
+    scripts/criu-patches/0012), else any certificate of the CA."""
+    tls_options = [*tls_argv(tls), "--tls-peer-name", peer] if tls and peer else \
+        tls_argv(tls, check_peer_name=False)
+    read_end, write_end = os.pipe()  # CRIU writes \0 to its status fd once it listens
+    argv = [CRIU, "page-server", "--images-dir", str(images), "--work-dir", str(work),
+            "--address", address, "--port", str(port), "--status-fd", str(write_end),
+            "-v2", "-o", PAGE_SERVER_LOG, *tls_options]
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL, pass_fds=(write_end,), start_new_session=True)
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    try:
+        async with asyncio.timeout(PAGE_SERVER_START_TIMEOUT_S):
+            ready = await read_status_byte(read_end)
+    except TimeoutError:
+        ready = b""
+    finally:
+        os.close(read_end)
+    if ready != b"\0":
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        cause = log_error(work, PAGE_SERVER_LOG) or f"exit code {proc.returncode}"
+        raise GodwitError(f"criu page-server did not start: {cause}")
+    return proc
+
+
 async def start_lazy_pages(images: Path, work: Path, page_server: str,
                            tls: TLSFiles | None) -> asyncio.subprocess.Process:
     """Destination side of post-copy: the daemon that fetches pages from the source's page
@@ -166,11 +246,7 @@ async def start_lazy_pages(images: Path, work: Path, page_server: str,
     address, _, port = page_server.rpartition(":")
     argv = [CRIU, "lazy-pages", "--page-server", "--address", address, "--port", port,
             "-D", str(images), "-W", str(work), "-v4", "-o", LAZY_LOG]
-    if tls:
-        argv += ["--tls", "--tls-cacert", str(tls.ca), "--tls-cert", str(tls.cert),
-                 "--tls-key", str(tls.key)]
-        if tls.crl:
-            argv += ["--tls-cacrl", str(tls.crl)]
+    argv += tls_argv(tls)
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL, start_new_session=True)

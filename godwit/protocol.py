@@ -39,7 +39,7 @@ from godwit.runc_features import RuncFeatures
 # major.minor: a new major is not understood by an older agent. 2.0: a prepare request
 # announces `upload_bytes` (the destination bounds the uploads by it); the pre-flight asks
 # the destination's admission (`POST /v1/preflight/admission`).
-PROTOCOL_VERSION = "2.0"
+PROTOCOL_VERSION = "2.1"
 MigrationId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f-]{1,64}$", max_length=64)]
 M = TypeVar("M")
 
@@ -304,12 +304,14 @@ class Uploaded(Reply, kw_only=True):
     seconds: float
 
 
-class ArmRequest(Request, kw_only=True):
+class ArmRequest(Request, kw_only=True, omit_defaults=True):
     descriptors: Annotated[list[str], msgspec.Meta(max_length=16)]
+    stream_pages: bool = False  # 2.1: run a CRIU page server for the dump's memory pages
 
 
 class Armed(Reply, kw_only=True):
     armed: str
+    page_server: str | None = None  # 2.1: address:port of that page server
 
 
 class Activated(Reply, kw_only=True):
@@ -324,6 +326,7 @@ class Restored(Reply, kw_only=True):
     restored_at: float
     held_packets: int
     pid: int
+    page_bytes: int = 0  # 2.1: memory pages a streamed dump sent to the page server
 
 
 class IncomingState(Reply, kw_only=True):

@@ -116,7 +116,8 @@ def _rates(rate_mbit: float, ceil_mbit: float) -> dict:
 
 def migration_ports(agent_port: int) -> range:
     """The aligned block of 32 ports around the agent port: the agent's own, and the CRIU
-    page servers of post-copy migrations, so one u32 mask classifies all of them."""
+    page servers of migrations (a post-copy source's, a stop-and-copy destination's), so
+    one u32 mask classifies all of them."""
     start = agent_port & PORT_BLOCK_MASK
     return range(start, start + 32)
 

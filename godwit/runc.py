@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from godwit import criu_gate, procfs
-from godwit.criu import CRIU
+from godwit.criu import CRIU, read_status_byte
 from godwit.errors import GodwitError, NotFound
 from godwit.fsio import atomic_write
 
@@ -405,7 +405,7 @@ class Runc:
 
         async def serving() -> asyncio.subprocess.Process:
             try:
-                ready = await _read_byte(read_end)
+                ready = await read_status_byte(read_end)
             finally:
                 os.close(read_end)
             if ready != b"\0":
@@ -484,20 +484,6 @@ class Runc:
     async def version(self) -> str:
         out = await _run([self.binary, "--version"])
         return out.splitlines()[0].removeprefix("runc version ").strip() if out else "unknown"
-
-
-async def _read_byte(fd: int) -> bytes:
-    """One byte from a pipe, waited for in the event loop (a cancelled wait leaves no
-    thread blocked on the fd); b"" when the write end closed."""
-    loop = asyncio.get_running_loop()
-    readable = loop.create_future()
-    os.set_blocking(fd, False)
-    loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
-    try:
-        await readable
-    finally:
-        loop.remove_reader(fd)
-    return os.read(fd, 1)
 
 
 def _restored_pid(work_path: Path) -> int:

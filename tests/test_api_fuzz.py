@@ -39,8 +39,12 @@ pytestmark = pytest.mark.integration
 NAME = "fuzzed"
 BUDGET_S = 120.0
 EXAMPLES = 25  # per route and mode
-ACTING = {"run_container", "prepare_incoming", "preflight", "exec_container",
-          "signal_container", "migrate", "resume_container", "remove_container"}
+
+
+def acting(route: Route) -> bool:
+    """Every route but a read may start, change or remove something: a valid request to
+    it is never sent (a new route is covered without being listed)."""
+    return route.method not in ("GET", "HEAD")
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +118,7 @@ class Fuzzer:
             operation = result.ok()
             route = route_of(operation)
             positive = mode is schemathesis.GenerationMode.POSITIVE
-            if positive and route.handler in ACTING:
+            if positive and acting(route):
                 continue
             if not positive and route.body is None and "{" not in route.path:
                 continue  # nothing of the request can be made invalid
@@ -131,7 +135,7 @@ class Fuzzer:
         def one(case) -> None:
             if isinstance(route.body, type) and "name" in (case.path_parameters or {}):
                 case.path_parameters["name"] = NAME  # its body must protect the container
-            if route.handler in ACTING and valid_body(route, case):
+            if acting(route) and valid_body(route, case):
                 return  # accepted, it would start something
             if time.monotonic() > self.deadline:
                 return

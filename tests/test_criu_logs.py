@@ -8,6 +8,7 @@ import pytest
 
 from godwit import criu
 from godwit.criu import log_error, root_cause
+from godwit.tls import TLSFiles
 
 LOGS = Path(__file__).with_name("data") / "criu-logs"
 RLIMIT_LINE = ("(00.048338) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for "
@@ -60,3 +61,14 @@ def test_log_error_reads_the_work_dir(tmp_path: Path) -> None:
     assert log_error(tmp_path, "dump.log") is None
     (tmp_path / "dump.log").write_text(read("dump-nonroot-rlimit.log"))
     assert log_error(tmp_path, "dump.log") == "Can't get rlimit 0: Operation not permitted"
+
+
+def test_tls_options_as_arguments_and_as_config_lines(tmp_path: Path) -> None:
+    files = TLSFiles(tmp_path / "ca.crt", tmp_path / "a.crt", tmp_path / "a.key",
+                     tmp_path / "crl.pem")
+    assert criu.tls_argv(None) == criu.tls_config_lines(None) == []
+    assert criu.tls_config_lines(files) == [
+        "tls", f"tls-cacert {files.ca}", f"tls-cert {files.cert}", f"tls-key {files.key}",
+        f"tls-cacrl {files.crl}"]
+    server = criu.tls_argv(files, check_peer_name=False)
+    assert server[-1] == "--tls-no-cn-verify" and "--tls-no-cn-verify" not in criu.tls_argv(files)

@@ -163,6 +163,9 @@ def test_256_mib_memory_is_preserved(bed: Testbed) -> None:
     code, report = migrate(bed, "mem256", "b", "--strategy", "stop-and-copy")
     assert code == 0, report
     assert report["image_bytes"] >= 256 << 20
+    # the pages went straight to the destination's CRIU page server during the dump
+    streamed = int(report["pages"].split()[0])
+    assert 256 << 20 <= streamed <= report["image_bytes"], report["pages"]
     dest = rootfs_of(bed, "mem256")
     assert bed.godwit("kill", "mem256", "--signal", "USR1").returncode == 0
     verified = wait_for(lambda: read_state(dest).get("status") == "verified" and read_state(dest),

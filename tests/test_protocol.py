@@ -177,3 +177,11 @@ def test_every_route_has_its_handler_on_the_agent() -> None:
     for route in ROUTES:
         assert callable(getattr(Agent, route.handler, None)), route
     assert len({(r.method, r.path) for r in ROUTES}) == len(ROUTES)
+
+
+def test_an_arm_request_without_streamed_pages_is_what_a_1_0_agent_accepts() -> None:
+    """stream_pages is left out unless set, so an older agent (unknown fields refused)
+    still takes the arm of a strategy that does not stream."""
+    assert msgspec.json.decode(encode(ArmRequest(descriptors=["a"]))) == {"descriptors": ["a"]}
+    streamed = msgspec.json.decode(encode(ArmRequest(descriptors=[], stream_pages=True)))
+    assert streamed == {"descriptors": [], "stream_pages": True}

@@ -44,6 +44,7 @@ SLOWEST_PAGES_BPS = 20e6  # pages must all arrive before the fence: allow for th
 
 class PostCopy(SourceMigration):
     strategy = "post-copy"
+    stream_pages = False  # its pages go the other way, pulled by the destination
     needs = (Need("destination", "lazy_pages", "lazy pages (userfaultfd)"),
              Need("source", "lazy_dump",
                   "`runc checkpoint --lazy-pages --page-server --status-fd`", runc=True),

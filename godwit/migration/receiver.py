@@ -14,8 +14,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -24,11 +26,19 @@ from typing import TYPE_CHECKING
 
 from godwit import faults, fence, procfs
 from godwit.containers import ContainerRecord, ContainerStore, check_name
-from godwit.criu import LAZY_LOG, lazy_pages_verdict, log_error, start_lazy_pages
+from godwit.criu import (
+    LAZY_LOG,
+    PAGE_SERVER_LOG,
+    lazy_pages_verdict,
+    log_error,
+    start_lazy_pages,
+    start_page_server,
+)
 from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.fsio import atomic_write
 from godwit.image_config import provenance_fields
 from godwit.migration.failure_logs import FailureLogs
+from godwit.migration.post_copy import criu_knows_peer_name, free_port, release_port
 from godwit.migration.states import DestinationState
 from godwit.migration.strategies import restores_lazily, upload_rounds
 from godwit.network import ContainerNet
@@ -45,6 +55,7 @@ from godwit.protocol import (
     convert,
     encode,
 )
+from godwit.qos import migration_ports
 from godwit.runc import RUNC_LOG, HeldRunc
 from godwit.tls import TLSFiles
 from godwit.transport import ByteBudget, TransferError, TreeRules, UploadTooLarge, receive_tree
@@ -56,6 +67,8 @@ log = logging.getLogger("godwit.receiver")
 DeviceRule = Callable[[str, int, int], bool]
 ID_CHARS = set("0123456789abcdef-")
 PAGES = "pages"
+PAGE_SERVER = "page-server.json"  # pid and start time of a streamed dump's page server
+PAGES_LANDED_TIMEOUT_S = 10.0  # the dump succeeded: its page server ends right after
 PLACED = "rootfs-placed"  # marker: the received rootfs moved to the container's directory
 # The migration's DestinationState: written here until the restore, then the fence's
 # decision (the name is the fence's; earlier agents wrote it only at the restore).
@@ -88,6 +101,8 @@ class Receiver:
         self.restoring: dict[str, asyncio.Task] = {}  # an abort cancels a restore under way
         self.active: dict[str, float] = {}  # last request or received byte, per migration
         self.cluster: ClusterMigrations | None = None  # cluster mode: etcd decides commits
+        # stop-and-copy: CRIU page servers taking the dump's memory pages, and their ports
+        self.page_servers: dict[str, tuple[asyncio.subprocess.Process, int]] = {}
 
     def _lock(self, migration_id: str) -> asyncio.Lock:
         """Restore, commit, abort and the post-copy watcher of one migration never overlap
@@ -197,6 +212,7 @@ class Receiver:
             work = staging / "work"
             self.failure_logs.keep(migration_id, {
                 "restore.log": work / "restore.log", LAZY_LOG: work / LAZY_LOG,
+                PAGE_SERVER_LOG: work / PAGE_SERVER_LOG,
                 "runc-restore.log": work / RUNC_LOG})
         shutil.rmtree(staging, ignore_errors=True)
         self.budgets.pop(migration_id, None)
@@ -277,10 +293,15 @@ class Receiver:
                                                     + UPLOAD_MARGIN)
         return self.budgets[migration_id]
 
-    async def arm(self, migration_id: str, descriptors: list[str]) -> Armed:
+    async def arm(self, migration_id: str, descriptors: list[str],
+                  page_server_on: tuple[str, int] | None = None,
+                  source_address: str | None = None) -> Armed:
         """The source is about to freeze: place the rootfs, write the bundle and start
         `runc restore`, held before CRIU. `descriptors` is runc's descriptors.json of the
-        dump (the container's stdio), which runc reads before CRIU starts."""
+        dump (the container's stdio), which runc reads before CRIU starts. With
+        `page_server_on` (the agent's own address and port, as the source reached it), a
+        CRIU page server listens there, on a port of the migration block, for the dump's
+        memory pages from `source_address`."""
         self.touch(migration_id)
         await faults.point("arm")
         async with self._lock(migration_id):
@@ -294,9 +315,63 @@ class Receiver:
             (images / "descriptors.json").write_text(json.dumps(descriptors))
             self.held[migration_id] = await self._runc_restore(
                 request, bundle, staging, lazy=restores_lazily(request.strategy), hold=True)
+            page_server = await self._start_page_server(
+                migration_id, staging, page_server_on, source_address) \
+                if page_server_on else None
             self._set_state(staging, DestinationState.ARMED)
         self._watch(self._expire_hold(migration_id, request.commit_timeout))
-        return Armed(armed=request.name)
+        return Armed(armed=request.name, page_server=page_server)
+
+    async def _start_page_server(self, migration_id: str, staging: Path,
+                                 agent: tuple[str, int], source: str | None) -> str:
+        """Start the page server a streamed dump sends its pages to; returns address:port."""
+        address = agent[0]
+        port = free_port(address, migration_ports(agent[1]))
+        (staging / "work").mkdir(exist_ok=True)
+        peer = source if criu_knows_peer_name() else None
+        try:
+            proc = await start_page_server(staging / "images", staging / "work", address,
+                                           port, self.tls, peer)
+        except GodwitError:
+            release_port(port)
+            raise
+        self.page_servers[migration_id] = (proc, port)
+        (staging / PAGE_SERVER).write_text(json.dumps(
+            {"pid": proc.pid, "start": procfs.start_time(proc.pid)}))
+        return f"{address}:{port}"
+
+    async def _pages_landed(self, migration_id: str, staging: Path) -> int:
+        """A streamed dump's pages are all in the images dir: its page server ended well
+        (it ends once the dump flushed its last pages and closed; the dump only succeeds
+        once the server acknowledged that flush, and TLS guarded each byte on the way).
+        Returns the bytes of pages it wrote."""
+        entry = self.page_servers.pop(migration_id, None)
+        if not entry:
+            return 0
+        proc, port = entry
+        try:
+            async with asyncio.timeout(PAGES_LANDED_TIMEOUT_S):
+                code = await proc.wait()
+        except TimeoutError:
+            code = None
+        finally:
+            self._stop_page_server(proc, port)
+        if code != 0:
+            cause = log_error(staging / "work", PAGE_SERVER_LOG) or \
+                ("it did not end" if code is None else f"exit code {code}")
+            raise GodwitError(f"memory pages did not all arrive: page server: {cause}")
+        return sum(path.stat().st_size for path in (staging / "images").glob("pages-*.img"))
+
+    def _stop_page_server(self, proc: asyncio.subprocess.Process, port: int) -> None:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        release_port(port)
+
+    def _drop_page_server(self, migration_id: str) -> None:
+        """Rollback: a page server still waiting for a dump goes."""
+        if entry := self.page_servers.pop(migration_id, None):
+            self._stop_page_server(*entry)
 
     async def _expire_hold(self, migration_id: str, seconds: float) -> None:
         """A held restore the source never lets through (it gave up, or its images take
@@ -312,6 +387,8 @@ class Receiver:
         held, self.held = list(self.held.values()), {}
         for one in held:
             await one.call_off()
+        for migration_id in list(self.page_servers):
+            self._drop_page_server(migration_id)
 
     def _install(self, request: IncomingRequest, staging: Path) -> Path:
         """Put the rootfs in place (once) and write this host's bundle; returns it."""
@@ -350,6 +427,7 @@ class Receiver:
         staging = self._dir(migration_id)
         if self._state(staging).restored:
             raise Conflict(f"migration {migration_id} was already restored")
+        page_bytes = await self._pages_landed(migration_id, staging)
         name = request.name
         held = self.held.pop(migration_id, None)
         bundle = self.store.bundle_dir(name) if held else self._install(request, staging)
@@ -388,7 +466,8 @@ class Receiver:
         if lazy:
             self._watch_pages(migration_id, lazy, name, record.owns_netns)
         held_packets = await self._release_packets(migration_id)
-        return Restored(restored_at=time.time(), held_packets=held_packets, pid=pid)
+        return Restored(restored_at=time.time(), held_packets=held_packets, pid=pid,
+                        page_bytes=page_bytes)
 
     async def _release_packets(self, migration_id: str) -> int:
         hold = self.holds.pop(migration_id, None)
@@ -466,6 +545,7 @@ class Receiver:
         restore and what runc left, a placed rootfs, the netns."""
         if held := self.held.pop(migration_id, None):
             await held.call_off()
+        self._drop_page_server(migration_id)
         await self.store.runc.delete(request.name)
         await self._drop_network(migration_id, request.name, request.owns_netns)
         if (staging / PLACED).exists():
@@ -557,7 +637,18 @@ class Receiver:
                     self.store.networking.delete(request.name)
                 if request and (staging / PLACED).exists() and state.before_restore:
                     self.store.forget(request.name)
+                _kill_orphan_page_server(staging / PAGE_SERVER)
                 self._drop_staging(staging.name, staging)
+
+
+def _kill_orphan_page_server(saved: Path) -> None:
+    """A page server a previous agent started for a migration that no dump will finish."""
+    if not saved.exists():
+        return
+    started = json.loads(saved.read_text())
+    if procfs.start_time(started["pid"]) == started["start"]:  # not a reused pid
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(started["pid"], signal.SIGKILL)
 
 
 def _no_devices(kind: str, major: int, minor: int) -> bool:

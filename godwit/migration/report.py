@@ -56,7 +56,7 @@ class MigrationReport:
     rootfs_bytes: int = 0
     wire_bytes: int = 0
     held_packets: int = 0
-    pages: str | None = None  # post-copy: what the destination's page transfer did
+    pages: str | None = None  # what the page transfer did (post-copy, streamed dump)
     image: str | None = None  # the container's image reference and manifest digest
     image_digest: str | None = None
     options: dict = field(default_factory=dict)

@@ -27,7 +27,7 @@ from godwit.api import DEFAULT_PORT, AgentClient, AgentUnreachable
 from godwit.cluster.migration_hooks import COMMITTED, SourceGuard
 from godwit.cluster.store import ClusterUnavailable
 from godwit.containers import ContainerStore
-from godwit.criu import log_error
+from godwit.criu import log_error, tls_config_lines
 from godwit.errors import GodwitError
 from godwit.migration import MigrationOptions, default_max_freeze
 from godwit.migration.failure_logs import FailureLogs
@@ -115,6 +115,8 @@ class SourceMigration:
                       budget grows by one announced size per round)
       auto_rank, auto_min_memory, auto_fits()
                       whether and when `--strategy auto` picks it (lowest rank first)
+      stream_pages    the dump sends its pages to a page server on the destination (so
+                      they never land here); off where pages stay or are pulled
     and overrides the hooks it needs (each does the stop-and-copy thing here):
       before_freeze()     work while the container still runs (pre-copy's rounds)
       hold_dump()         start the dump's runc, held before CRIU (post-copy: lazily,
@@ -141,6 +143,9 @@ class SourceMigration:
     upload_rounds: ClassVar[int] = 0
     auto_rank: ClassVar[int | None] = None  # None: only when asked for, or as the default
     auto_min_memory: ClassVar[int] = 0
+    # The dump streams its memory pages straight to a CRIU page server on the destination
+    # (a destination of protocol 2.1 or later): they are never written here nor read back.
+    stream_pages: ClassVar[bool] = True
 
     def __init__(self, ctx: SourceContext, name: str, options: MigrationOptions,
                  events: EventStream) -> None:
@@ -153,6 +158,8 @@ class SourceMigration:
         self.manifest: dict | None = None
         self.journal = Journal(self.report.id, name, self.strategy, options.to_json())
         self.held_dump: HeldRunc | None = None
+        self.dest_protocol = "0.0"
+        self.pages_to: str | None = None  # the destination's page server, when streamed
         self.upload_bytes = 0  # the pre-flight's estimate of what goes to the destination
 
     @classmethod
@@ -193,6 +200,7 @@ class SourceMigration:
     async def recover(self, journal: Journal) -> None:
         """After a source agent restart: settle a migration the old agent left half way."""
         self.journal = journal
+        self.pages_to = journal.extra.get("pages_to")
         self.stage = journal.stage  # what may have happened is taken as done
         if self.stage >= Stage.RESTORE_SENT:
             self.restore_sent_at = time.monotonic()  # wait for a fence as if just sent
@@ -343,6 +351,7 @@ class SourceMigration:
         with self.events.phase("prepare"):
             await faults.point("prepare")
             info = await self.ctx.dest.info()
+            self.dest_protocol = info.protocol
             self.report.destination = info.name or self.report.destination
             if info.name == self.report.source:
                 raise GodwitError(f"{self.name} is already on {self.report.source}")
@@ -400,7 +409,27 @@ class SourceMigration:
             self.images.mkdir(parents=True, exist_ok=True)
             self.held_dump = await self.hold_dump()
             descriptors = json.loads((self.images / "descriptors.json").read_text())
-            await self.ctx.dest.arm_incoming(self.report.id, descriptors)
+            armed = await self.ctx.dest.arm_incoming(self.report.id, descriptors,
+                                                     stream_pages=self.streams_pages())
+            if armed.page_server:
+                self.send_pages_to(armed.page_server)
+
+    def streams_pages(self) -> bool:
+        """Stream unless the operator asked for godwit's compression or bandwidth limit
+        (CRIU's page server has neither; QoS still shapes it) or the destination is older."""
+        major, _, minor = self.dest_protocol.partition(".")
+        return (self.stream_pages and not self.options.compress and not self.options.rate_limit
+                and (int(major), int(minor or 0)) >= (2, 1))
+
+    def send_pages_to(self, page_server: str) -> None:
+        """Point the held dump at the destination's page server: CRIU reads the container's
+        config file only when it starts. Over mutual TLS, the server's name checked."""
+        address, _, port = page_server.rpartition(":")
+        self.pages_to = page_server
+        self.save_journal(pages_to=page_server)  # a restarted agent still resets the config
+        self.ctx.store.write_criu_config(self.name, [
+            "page-server", f"address {address}", f"port {port}",
+            *tls_config_lines(self.ctx.tls)])
 
     async def hold_dump(self) -> HeldRunc:
         return await self.runc.hold_checkpoint(self.name, self.dump_options())
@@ -410,6 +439,13 @@ class SourceMigration:
         held, self.held_dump = self.held_dump, None
         if held:
             await held.call_off()
+        self.stop_sending_pages()
+
+    def stop_sending_pages(self) -> None:
+        """A later dump of this container (a retry, a checkpoint) writes its pages here."""
+        if self.pages_to:
+            self.ctx.store.write_criu_config(self.name)
+            self.pages_to = None
 
     async def freeze(self) -> None:
         with self.events.phase("freeze"):
@@ -440,6 +476,7 @@ class SourceMigration:
     async def dump(self) -> None:
         with self.events.phase("dump"):
             await self.run_dump()
+        self.stop_sending_pages()
 
     async def run_dump(self) -> Any:
         """Let the held dump proceed; returns its outcome (the lazy dump's process for
@@ -477,6 +514,9 @@ class SourceMigration:
             self.reach(Stage.RESTORED)
             self.report.resumed_at = time.time()
             self.report.held_packets = restored.held_packets
+            if restored.page_bytes:
+                self.report.image_bytes += restored.page_bytes
+                self.report.pages = f"{restored.page_bytes} bytes streamed during the dump"
             self.report.downtime_s = self.report.resumed_at - (self.report.frozen_at or 0)
 
     def restore_request(self) -> RestoreRequest:
