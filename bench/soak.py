@@ -53,7 +53,7 @@ NAME = f"soak{os.getpid() % 100000}"  # cgroup paths are /godwit/<host>/<name>: 
 SETTLE_S = 5.0  # background clean-ups (fence watchdogs, idle expiries) after the last move
 MIGRATE_TIMEOUT_S = 120
 BYTES_NOISE = 64
-BY_DESIGN = ("reports", "agent.log")  # grow with every migration: history and logs
+BY_DESIGN = ("reports", "agent.log", "audit.log")  # grow with every migration (bounded)
 
 
 def snapshot(bed: Testbed) -> dict[str, int]:

@@ -3,7 +3,9 @@ but GET and HEAD), refusals included, in ``<state>/audit.log`` (0600).
 
 Each line: time, who (certificate name and role), method, path, HTTP status (or the
 exception that ended the request, answered by the error middleware). Bodies are never
-logged (they hold containers' environments).
+logged (they hold containers' environments). Past ``MAX_BYTES`` the log becomes
+``audit.log.1`` (replacing the previous one) and a new one starts: bounded, one
+generation kept for an operator's log shipper to catch up.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from godwit.identity import Identity
 
 log = logging.getLogger("godwit.audit")
 READ_ONLY = frozenset({"GET", "HEAD"})
+MAX_BYTES = 16 << 20
 
 
 class AuditLog:
@@ -40,8 +43,11 @@ class AuditLog:
                              0o600)
                 try:
                     os.write(fd, (line + "\n").encode())
+                    full = os.fstat(fd).st_size > MAX_BYTES
                 finally:
                     os.close(fd)
+                if full:
+                    os.replace(self.path, self.path.with_name(self.path.name + ".1"))
         except OSError as exc:
             log.error("cannot write the audit log %s: %s", self.path, exc)
 

@@ -28,10 +28,12 @@ from godwit.cluster import ownership, records
 from godwit.cluster.ownership import MigrationLock, OwnershipConflict
 from godwit.cluster.store import ClusterUnavailable, Store
 from godwit.errors import Conflict, GodwitError
+from godwit.migration.states import DestinationState
 from godwit.tls import TLSFiles
 
 DECISIONS = "decisions/"
-COMMITTED, ABORTED, FENCED = "committed", "aborted", "fenced"
+COMMITTED, ABORTED, FENCED = (DestinationState.COMMITTED, DestinationState.ABORTED,
+                             DestinationState.FENCED)
 log = logging.getLogger("godwit.cluster")
 
 

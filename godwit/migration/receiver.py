@@ -585,7 +585,7 @@ class Receiver:
                 if current.restored else "not restored"
             if decision is not DestinationState.COMMITTED:
                 raise Conflict(f"migration {migration_id} cannot commit: {decision}")
-            await faults.point("committed")
+            await faults.point("commit-done")
         await asyncio.to_thread(self._drop_leftovers, staging)
         return IncomingState(state=DestinationState.COMMITTED)
 

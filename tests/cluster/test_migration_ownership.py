@@ -116,7 +116,7 @@ def test_commit_then_destination_unreachable_resolved_by_owner_key(clustered) ->
     mode that is in-doubt; here a reads the decision and the migration is ok."""
     bed, etcd = clustered
     start(bed, "own4")
-    restart_in_cluster(bed, etcd, "b", GODWIT_FAULT="committed:crash")
+    restart_in_cluster(bed, etcd, "b", GODWIT_FAULT="commit-done:crash")
     try:
         result = migrate(bed, "own4")
         assert "b" not in bed.agents or bed.agents["b"].poll() is not None, "b did not crash"
