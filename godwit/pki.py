@@ -45,8 +45,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from godwit.fsio import atomic_write
 from godwit.tls import TLSFiles
 
-Role = Literal["agent", "operator", "viewer"]
-ROLES: tuple[Role, ...] = ("agent", "operator", "viewer")
+Role = Literal["agent", "operator", "viewer", "service"]
+ROLES: tuple[Role, ...] = ("agent", "operator", "viewer", "service")
+# roles whose certificates name hosts (SANs; server and client auth): an agent names its
+# one host; a service (an etcd member) may share its names with other members
+SERVERS: tuple[Role, ...] = ("agent", "service")
 _LEGACY_KINDS = {"agent": "agent", "client": "operator"}  # index.json before roles
 
 CRL_DAYS = 90
@@ -173,21 +176,25 @@ def _csr_sans(csr: x509.CertificateSigningRequest) -> list[str]:
 def _check_role(name: str, role: str, sans: list[str]) -> None:
     if role not in ROLES:
         raise PKIError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
-    if role == "agent" and not sans:
-        raise PKIError(f"agent {name!r} needs at least one SAN (DNS name or IP address)")
-    if role != "agent" and sans:
+    if role in SERVERS and not sans:
+        raise PKIError(f"{role} {name!r} needs at least one SAN (DNS name or IP address)")
+    if role not in SERVERS and sans:
         raise PKIError(f"a {role} certificate names no host: drop the SANs of {name!r}")
 
 
-def _check_unique(index: list[IssuedCert], name: str, sans: list[str], renewal: bool) -> None:
-    """One live certificate per name (unless renewing), and a SAN names one host only;
-    a suspended certificate still holds its name and SANs (it may be released)."""
+def _check_unique(index: list[IssuedCert], name: str, sans: list[str], renewal: bool,
+                  role: Role) -> None:
+    """One live certificate per name (unless renewing), and a SAN names one agent only
+    (services, such as etcd members sharing `etcd.godwit`, may share theirs); a suspended
+    certificate still holds its name and SANs (it may be released)."""
     now = datetime.now(UTC)
     live = [e for e in index if e.not_after > now and (not e.revoked or e.on_hold)]
     if not renewal and any(e.name == name for e in live):
         raise PKIError(f"{name!r} already has a certificate; use `renew` or `revoke`")
     wanted = {_san_key(s) for s in sans}
     for e in live:
+        if role != "agent" or e.role != "agent":
+            continue
         if e.name != name and (clash := wanted & {_san_key(s) for s in e.sans}):
             raise PKIError(f"SAN {sorted(clash)[0]} already names {e.name!r}; revoke it first")
 
@@ -370,7 +377,7 @@ class CertificateAuthority:
         ca_key, ca_cert = self._load_ca()
         with self._locked():
             index = self._read_index()
-            _check_unique(index, name, sans, renewal)
+            _check_unique(index, name, sans, renewal, role)
             key = ec.generate_private_key(ec.SECP256R1()) if public_key is None else None
             serial = _new_serial({e.serial for e in index})
             not_after = min(not_after, ca_cert.not_valid_after_utc)
@@ -415,7 +422,7 @@ class CertificateAuthority:
     ) -> x509.Certificate:
         """The certificate described by ``entry``, for ``public_key``, signed by the CA."""
         eku = [ExtendedKeyUsageOID.CLIENT_AUTH]
-        if entry.role == "agent":
+        if entry.role in SERVERS:
             eku.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
         ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         usage = x509.KeyUsage(True, False, False, False, False, False, False, False, False)

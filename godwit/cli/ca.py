@@ -19,6 +19,7 @@ from godwit.fsio import atomic_write
 from godwit.pki import (
     CRL_DAYS,
     ROLES,
+    SERVERS,
     CertificateAuthority,
     IssuedCert,
     PKIError,
@@ -147,7 +148,7 @@ def issue(ctx: click.Context, name: str, role: Role, sans: tuple[str, ...], days
     """Issue a key and certificate for NAME (an agent's SANs default to NAME itself).
     Prefer `csr` on the host and `sign` here: the key then never leaves the host."""
     authority = _ca(ctx)
-    default = [name] if role == "agent" else []
+    default = [name] if role in SERVERS else []
     _print_issued(as_json, authority, authority.issue(name, role, list(sans) or default, days))
 
 

@@ -187,8 +187,8 @@ class EtcdCluster:
         shutil.rmtree(self.work, ignore_errors=True)
 
     def _member_certificate(self) -> TLSFiles:
-        """One certificate for every member of every lab cluster of this CA on this address
-        (the CA lets a SAN, the address or etcd.godwit, name one certificate only)."""
+        """One service certificate for every member of every lab cluster of this CA on this
+        address (members share the address here, and the name etcd.godwit everywhere)."""
         name = f"lab-etcd-{self.address.replace('.', '-')}"
         try:
             return self.ca.bundle_for(name)
@@ -196,10 +196,11 @@ class EtcdCluster:
             return self._issue(name, [self.address])
 
     def _issue(self, name: str, addresses: list[str] | None) -> TLSFiles:
-        """A certificate of the CA: a member's (server and client auth, for its addresses
-        and the name clients check) or, without addresses, a client's."""
+        """A certificate of the CA: a member's (role service: server and client auth, for its
+        addresses and the name clients check; no agent accepts it) or, without addresses,
+        a client's."""
         if addresses:
-            self.ca.issue_agent(name, [*addresses, SERVER_NAME])
+            self.ca.issue(name, "service", [*addresses, SERVER_NAME])
         else:
             self.ca.issue_client(name)
         return self.ca.bundle_for(name)

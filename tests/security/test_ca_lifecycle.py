@@ -60,6 +60,19 @@ def test_a_san_names_one_host_only(ca: CertificateAuthority) -> None:
     ca.issue_agent("h2", ["10.0.0.1"])  # free again once revoked
 
 
+def test_services_share_names_and_no_agent_accepts_them(ca: CertificateAuthority) -> None:
+    """etcd members share `etcd.godwit` (and an address when co-located); their
+    certificates are servers, but no route of an agent takes the role."""
+    ca.issue("etcd1", "service", ["10.0.0.1", "etcd.godwit"])
+    ca.issue("etcd2", "service", ["10.0.0.2", "etcd.godwit"])
+    ca.issue_agent("h1", ["10.0.0.1"])  # an agent on a member's host
+    assert identity_of(cert_of(ca, "etcd2")) == Identity("etcd2", "service")
+    with pytest.raises(PKIError, match="needs at least one SAN"):
+        ca.issue("etcd3", "service", [])
+    for method, route in RULES:
+        assert refusal(Identity("etcd1", "service"), method, route) is not None
+
+
 def test_renew_then_revoke_name_revokes_old_and_new(ca: CertificateAuthority) -> None:
     first = ca.issue_agent("h1", ["10.0.0.1"])
     second = ca.renew("h1")
