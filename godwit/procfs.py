@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -74,3 +75,25 @@ def fs_type(path: Path) -> str:
         if inside and len(mount_point) >= len(best):
             best, kind = mount_point, mount_type
     return kind
+
+
+def has_shared_memory(pids: Iterable[int]) -> bool:
+    """Does any of these processes map shared memory that is not a file on disk (System V
+    shm, shared anonymous memory, memfd)? CRIU dumps it apart from the tasks' pages."""
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            continue  # gone: nothing of it to dump
+        if any(_shared_memory(line) for line in maps.splitlines()):
+            return True
+    return False
+
+
+def _shared_memory(maps_line: str) -> bool:
+    fields = maps_line.split(maxsplit=5)
+    if len(fields) < 5 or fields[1][3:4] != "s":
+        return False
+    path = fields[5] if len(fields) == 6 else ""
+    return (not path or path.startswith(("/SYSV", "/dev/zero", "/memfd:", "[anon_shmem"))
+            or path.endswith("(deleted)"))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import subprocess
 import time
 from pathlib import Path
+
+import pytest
 
 from godwit import procfs
 
@@ -39,3 +42,26 @@ def test_fs_type_is_the_deepest_mount_above_a_path() -> None:
     assert procfs.fs_type(Path("/proc")) == "proc"
     assert procfs.fs_type(Path("/dev/shm/anything")) == "tmpfs"
     assert any(mount[:2] == ("/proc", "proc") for mount in procfs.mounts())
+
+
+@pytest.mark.parametrize(("line", "shared"), [
+    ("7f00-7f10 rw-s 00000000 00:01 42 /SYSV00000000 (deleted)", True),
+    ("7f00-7f10 rw-s 00000000 00:01 7 /dev/zero (deleted)", True),
+    ("7f00-7f10 rw-s 00000000 00:01 9 /memfd:pool (deleted)", True),
+    ("7f00-7f10 rw-s 00000000 fd:01 1234 /var/lib/postgresql/data/file", False),
+    ("7f00-7f10 rw-p 00000000 00:00 0 ", False),
+    ("7f00-7f10 r--s 00000000 fd:01 99 /usr/lib/locale/locale-archive", False)])
+def test_shared_memory_mappings_are_told_from_shared_files(line: str, shared: bool) -> None:
+    assert procfs._shared_memory(line) is shared
+
+
+def test_this_process_maps_shared_memory_once_it_does() -> None:
+    with mmap.mmap(-1, 1 << 20, flags=mmap.MAP_SHARED):
+        assert procfs.has_shared_memory([os.getpid()])
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        time.sleep(0.1)
+        assert not procfs.has_shared_memory([child.pid])  # a plain process maps none
+    finally:
+        child.kill()
+        child.wait()

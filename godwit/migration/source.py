@@ -416,10 +416,14 @@ class SourceMigration:
 
     def streams_pages(self) -> bool:
         """Stream unless the operator asked for godwit's compression or bandwidth limit
-        (CRIU's page server has neither; QoS still shapes it) or the destination is older."""
+        (CRIU's page server has neither; QoS still shapes it), the destination is older, or
+        the container maps shared memory: CRIU 4.2's dump of shared memory to a page server
+        over TLS fails ("Decryption has failed": System V shm of zdtm's `shm`, PostgreSQL's
+        shared buffers), so such a container's pages go through the agents' stream."""
         major, _, minor = self.dest_protocol.partition(".")
         return (self.stream_pages and not self.options.compress and not self.options.rate_limit
-                and (int(major), int(minor or 0)) >= (2, 1))
+                and (int(major), int(minor or 0)) >= (2, 1)
+                and not procfs.has_shared_memory(self.ctx.store.pids(self.name)))
 
     def send_pages_to(self, page_server: str) -> None:
         """Point the held dump at the destination's page server: CRIU reads the container's
