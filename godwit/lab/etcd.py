@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from godwit.cluster.store import SERVER_NAME
+from godwit.lab.resource import Resource
 from godwit.pki import CertificateAuthority, PKIError
 from godwit.tls import TLSFiles, client_context
 
@@ -72,7 +73,7 @@ class EtcdMember:
         ]
 
 
-class EtcdCluster:
+class EtcdCluster(Resource):
     """`with EtcdCluster(ca, size=3) as etcd:` runs the members; everything goes at exit."""
 
     def __init__(self, ca: CertificateAuthority, *, size: int = 1, address: str = "127.0.0.1",
@@ -86,17 +87,6 @@ class EtcdCluster:
         self.work = Path(tempfile.mkdtemp(prefix=f"godwit-etcd-{prefix}-", dir="/var/tmp"))
         self.members: list[EtcdMember] = []
         self.client_tls: TLSFiles | None = None
-
-    def __enter__(self) -> EtcdCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @property
     def endpoints(self) -> list[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from godwit.api import DEFAULT_PORT
 from godwit.lab.netns import HostNetwork, TestHost, cleanup_stale
+from godwit.lab.resource import Resource
 from godwit.pki import CertificateAuthority
 from godwit.tls import client_context
 
@@ -27,7 +28,7 @@ LAB_CAPABILITIES = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID",
 LAB_DEVICES = [{"type": "c", "major": 10, "minor": 229}]  # /dev/fuse
 
 
-class Testbed:
+class Testbed(Resource):
     """`with Testbed(["a", "b"]) as bed:` gives hosts with agents; everything goes at exit."""
 
     __test__ = False  # not a pytest test class
@@ -46,21 +47,15 @@ class Testbed:
         self.agents: dict[str, subprocess.Popen] = {}
         self.policy_extra: dict = {}
 
-    def __enter__(self) -> Testbed:
+    def start(self) -> None:
+        """The hosts, the CLI's config, an agent on each (leftovers of a killed run of the
+        same prefix go first)."""
         cleanup_stale(self.prefix, base_dir=self.net.base_dir)
-        try:
-            for name in self.names:
-                self.net.add_host(name, container_bridge=True)
-            self._write_cli_config()
-            for name in self.names:
-                self.start_agent(name)
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        for name in self.names:
+            self.net.add_host(name, container_bridge=True)
+        self._write_cli_config()
+        for name in self.names:
+            self.start_agent(name)
 
     def close(self) -> None:
         for name in list(self.agents):
