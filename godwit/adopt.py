@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from godwit import procfs
 from godwit.bundle import load_config
 from godwit.containers import ContainerRecord, ContainerStore, check_name
 from godwit.errors import Conflict, GodwitError, NotFound
@@ -99,7 +100,8 @@ def check_stdio(targets: list[str]) -> None:
 
 
 def check_netns(pid: int) -> None:
-    if reason := outside_link_refusal(pid):
+    """Refuse a netns CRIU cannot carry (`pid`: the container's init)."""
+    if reason := outside_link_refusal([pid, *procfs.descendants(pid)]):
         raise GodwitError(reason)
 
 

@@ -158,7 +158,7 @@ def test_unadoptable_containers_are_refused_and_keep_running(
         "hostnet": (host_netns, subprocess.DEVNULL, "shares the host's network namespace"),
         "hostfile": (lambda b: b, log.open("w"), f"its stdout is {log}"),
         "hostveth": (lambda b: b, subprocess.DEVNULL,
-                     "has interface eth1 (veth) linked to another namespace"),
+                     "has interface eth1 (veth) linked to a namespace outside"),
     }
     for name, (adapt, stdout, reason) in cases.items():
         plain.append(("a", name))

@@ -43,10 +43,16 @@ def test_netns_with_devices_inside_is_carried() -> None:
 
 def test_device_linked_outside_is_refused() -> None:
     veth = {"ifname": "eth0", "link_netnsid": 0, "linkinfo": {"info_kind": "veth"}}
-    assert "interface eth0 (veth) linked to another namespace" in outside_links([LO, veth])
+    assert "interface eth0 (veth) linked to a namespace outside" in outside_links([LO, veth])
     macvlan = {"ifname": "mv0", "link_netnsid": 1, "link_type": "ether",
                "linkinfo": {"info_kind": "macvlan"}}
     assert "mv0 (macvlan)" in outside_links([LO, macvlan])
+
+
+def test_veth_to_a_netns_nested_in_the_container_is_carried() -> None:
+    veth = {"ifname": "zdtm0", "link_netnsid": 2, "linkinfo": {"info_kind": "veth"}}
+    assert outside_links([LO, veth], inside=frozenset({2})) is None
+    assert "zdtm0 (veth)" in outside_links([LO, veth], inside=frozenset({0, 1}))
 
 
 def test_host_or_joined_netns_is_refused() -> None:

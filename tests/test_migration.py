@@ -149,7 +149,7 @@ def test_netns_with_a_veth_to_the_host_is_refused_before_the_freeze(bed: Testbed
     assert add.wait(timeout=30) == 0
     code, report = migrate(bed, "linked", "b")
     assert code != 0 and report["result"] == "failed", report
-    assert "interface eth1 (veth) linked to another namespace" in report["error"], report
+    assert "interface eth1 (veth) linked to a namespace outside" in report["error"], report
     assert "freeze" not in [p["name"] for p in report["phases"]], report["phases"]
     assert copies(bed, "linked") == [("a", "running")]
     remove(bed, "linked")

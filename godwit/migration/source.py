@@ -369,12 +369,10 @@ class SourceMigration:
             needed_mem=needed_mem, needed_disk=needed_disk,
             max_skew_s=self.options.max_clock_skew, incoming=self.incoming_request(),
         )
-        locks = procfs.file_locks(self.ctx.store.pids(self.name))
-        findings.append(check_file_locks(locks, self.shared))
+        pids = self.ctx.store.pids(self.name)
+        findings.append(check_file_locks(procfs.file_locks(pids), self.shared))
         if not self.record.owns_netns and wants_own_netns(self.ctx.store.config(self.name)):
-            state = await self.ctx.store.state(self.name)  # its init: no short-lived task
-            findings.append(await asyncio.to_thread(check_own_netns,
-                                                    state.pid if state else None))
+            findings.append(await asyncio.to_thread(check_own_netns, pids))
         self.report.preflight = [f.to_json() for f in findings]
         for finding in findings:
             if finding.level != "ok":

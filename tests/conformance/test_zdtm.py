@@ -31,6 +31,7 @@ SUBSET = [
     "file_shared",     # a shared file mapping
     "stopped01",       # a task in stopped state (SIGSTOP) inside the frozen cgroup
     "tempfs_ro",       # a read-only tmpfs holding a file (CRIU patches 0004 + 0009)
+    "netns_sub_veth",  # a veth to a netns nested in the container (carried with it)
 ]
 STRATEGIES = ["stop-and-copy", "post-copy"]
 
