@@ -38,8 +38,11 @@ from godwit.runc_features import RuncFeatures
 
 # major.minor: a new major is not understood by an older agent. 2.0: a prepare request
 # announces `upload_bytes` (the destination bounds the uploads by it); the pre-flight asks
-# the destination's admission (`POST /v1/preflight/admission`).
-PROTOCOL_VERSION = "2.1"
+# the destination's admission (`POST /v1/preflight/admission`). 2.1: stop-and-copy streams
+# pages to a CRIU page server on the destination. 2.2: a tree stream carries ``sock``
+# records (bound unix socket names); a 2.1 destination refuses them and the migration
+# rolls back.
+PROTOCOL_VERSION = "2.2"
 MigrationId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f-]{1,64}$", max_length=64)]
 M = TypeVar("M")
 

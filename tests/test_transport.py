@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import socket
 import stat
 import time
 from pathlib import Path
@@ -89,6 +90,8 @@ def make_tree(root: Path) -> None:
     os.symlink("/etc/passwd", root / "abs-link")
     os.symlink("does/not/exist", root / "dangling")
     os.mkfifo(root / "fifo", 0o640)
+    with socket.socket(socket.AF_UNIX) as bound:  # the name stays once the socket is closed
+        bound.bind(str(root / "a" / "sock"))
     with open(root / "sparse", "wb") as f:
         f.truncate(64 * MiB)
         f.seek(10 * MiB)

@@ -51,7 +51,9 @@ from godwit.transport.wire import (
 
 _ASYNC_WRITE_MIN = 128 << 10  # data pieces this big are written by a writer thread
 _WRITES_INFLIGHT = 8
-_NODE_TYPES = {"fifo": stat.S_IFIFO, "chr": stat.S_IFCHR, "blk": stat.S_IFBLK}
+_NODE_TYPES = {"fifo": stat.S_IFIFO, "sock": stat.S_IFSOCK,
+               "chr": stat.S_IFCHR, "blk": stat.S_IFBLK}
+_DEVICE_TYPES = ("chr", "blk")
 _RDEV_MAX = 2**64 - 1
 
 
@@ -118,6 +120,7 @@ class TreeWriter:
             "dir": self._mkdir,
             "symlink": self._symlink,
             "fifo": self._mknod,
+            "sock": self._mknod,
             "chr": self._mknod,
             "blk": self._mknod,
             "hardlink": self._hardlink,
@@ -263,8 +266,11 @@ class TreeWriter:
         kind = h["type"]
         mode = self.rules.mode(header_mode(h))
         mtime = header_mtime(h)
-        rdev = header_int(h, "rdev", 0, _RDEV_MAX) if kind != "fifo" else 0
-        self.rules.check_device(kind, rdev, rel)
+        if kind in _DEVICE_TYPES:
+            rdev = header_int(h, "rdev", 0, _RDEV_MAX)
+            self.rules.check_device(kind, rdev, rel)
+        else:
+            rdev = 0
         owner = header_owner(h)
         fd, name = self._parent(rel)
         file_type = _NODE_TYPES[kind]

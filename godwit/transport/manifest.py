@@ -27,6 +27,7 @@ _KINDS = {
     stat.S_IFIFO: "fifo",
     stat.S_IFCHR: "chr",
     stat.S_IFBLK: "blk",
+    stat.S_IFSOCK: "sock",  # the name a unix socket was bound to: CRIU expects to find it
 }
 
 
@@ -34,7 +35,7 @@ _KINDS = {
 class FileMeta:
     """lstat() of one tree entry. `nlink` is informational (ctime covers link changes)."""
 
-    type: str  # file | dir | symlink | fifo | chr | blk
+    type: str  # file | dir | symlink | fifo | chr | blk | sock
     size: int
     mtime_ns: int
     ctime_ns: int
@@ -73,7 +74,7 @@ class TreePlan:
 def file_meta(st: os.stat_result, target: str | None) -> FileMeta | None:
     """The manifest entry of an lstat() result; None for what cannot be transferred."""
     kind = _KINDS.get(stat.S_IFMT(st.st_mode))
-    if kind is None:  # sockets, whiteouts
+    if kind is None:  # whiteouts
         return None
     return FileMeta(
         type=kind,
@@ -94,7 +95,7 @@ def file_meta(st: os.stat_result, target: str | None) -> FileMeta | None:
 
 
 def scan_tree(root: Path | str) -> Manifest:
-    """lstat every entry under `root` (never following symlinks); sockets are skipped."""
+    """lstat every entry under `root` (never following symlinks)."""
     manifest = Manifest(scanned_ns=time.time_ns())
     root_fd = open_root(root)
     try:

@@ -20,6 +20,7 @@ type         fields
              (sparse file: only those byte ranges are sent, the rest are holes)
 ``symlink``  path, uid, gid, mtime_ns, target
 ``fifo``     path, mode, uid, gid, mtime_ns
+``sock``     path, mode, uid, gid, mtime_ns (the name a unix socket is bound to; protocol 2.2)
 ``chr/blk``  path, mode, uid, gid, mtime_ns, rdev
 ``hardlink`` path, target (a path of this tree: a regular file already sent or present)
 ``delete``   path (removed recursively if present; sent before everything else)
