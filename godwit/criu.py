@@ -154,6 +154,7 @@ def _favor_cgroup_moves() -> list[str]:
 
 LAZY_LOG = "lazy-pages.log"
 LAZY_START_TIMEOUT_S = 5
+LAZY_SOCKET = "lazy-pages.socket"  # in its work dir, where `runc restore --lazy-pages` looks
 # Per restored task "PID-FD: ..." (the fd is negated once the task has exited).
 _TRANSFERRED = re.compile(r"(\d+)--?\d+: UFFD transferred pages: \((\d+)/(\d+)\)")
 _EXITED = re.compile(r"(\d+)--?\d+: EXIT$", re.MULTILINE)
@@ -250,14 +251,16 @@ async def start_lazy_pages(images: Path, work: Path, page_server: str,
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
-    socket_path = work / "lazy-pages.socket"
     deadline = time.monotonic() + LAZY_START_TIMEOUT_S
     while time.monotonic() < deadline:  # it takes ~10 ms, all of it frozen: poll closely
-        if socket_path.exists() or proc.returncode is not None:
+        # Its socket file appears at bind(), before listen(): a restore connecting in
+        # between is refused, so wait for the listening socket itself.
+        if proc.returncode is not None or procfs.unix_listening(proc.pid, LAZY_SOCKET):
             break
         await asyncio.sleep(0.002)
-    if not socket_path.exists():
-        proc.kill()
+    if proc.returncode is not None or not procfs.unix_listening(proc.pid, LAZY_SOCKET):
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
         raise GodwitError(f"criu lazy-pages did not start: {lazy_pages_verdict(work)[1]}")
     return proc
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -97,3 +99,26 @@ def _shared_memory(maps_line: str) -> bool:
     path = fields[5] if len(fields) == 6 else ""
     return (not path or path.startswith(("/SYSV", "/dev/zero", "/memfd:", "[anon_shmem"))
             or path.endswith("(deleted)"))
+
+
+_SO_ACCEPTCON = 0x10000  # /proc/net/unix flags: a listening socket
+
+
+def unix_listening(pid: int, name: str) -> bool:
+    """Process `pid` has a unix socket bound to `name` (as it passed it to bind) listening."""
+    inodes: set[str] = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+    try:
+        table = Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    for line in table:  # Num RefCount Protocol Flags Type St Inode Path
+        fields = line.split()
+        if len(fields) == 8 and fields[7] == name and fields[6] in inodes:
+            return int(fields[3], 16) & _SO_ACCEPTCON != 0
+    return False

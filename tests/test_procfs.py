@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -65,3 +66,15 @@ def test_this_process_maps_shared_memory_once_it_does() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_unix_socket_listens_only_after_listen(tmp_path: Path, monkeypatch) -> None:
+    """CRIU's lazy-pages daemon binds its socket (the file appears) before it listens."""
+    monkeypatch.chdir(tmp_path)
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind("lazy.socket")  # relative, as CRIU binds it
+        assert (tmp_path / "lazy.socket").exists()
+        assert not procfs.unix_listening(os.getpid(), "lazy.socket")
+        server.listen(1)
+        assert procfs.unix_listening(os.getpid(), "lazy.socket")
+        assert not procfs.unix_listening(os.getpid(), "other.socket")

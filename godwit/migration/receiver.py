@@ -451,9 +451,12 @@ class Receiver:
             pid = await self._held_or_new_restore(held, request, bundle, staging,
                                                   lazy=lazy is not None)
         except GodwitError as exc:
+            detail = log_error(staging / "work", "restore.log") or str(exc)
             if lazy and lazy.returncode is None:
                 lazy.kill()
-            detail = log_error(staging / "work", "restore.log") or str(exc)
+            elif lazy:  # it ended first: its own error is the cause of the restore's
+                cause = log_error(staging / "work", LAZY_LOG) or f"exit {lazy.returncode}"
+                detail += f" (criu lazy-pages: {cause})"
             await self._discard(migration_id, staging, name, record.owns_netns)
             raise GodwitError(f"restore failed on {self.store.host}: {detail}") from exc
         except asyncio.CancelledError:  # aborted under way (the source's freeze deadline)
