@@ -50,6 +50,7 @@ from typing import Any
 
 import podman_peer
 from common import ROOT, console, machine_info, markdown, remove_cgroup, run_main
+from migrate_plot import curve_png
 from rich.table import Table
 
 from godwit.bundle import load_config, rewrite_for_host, save_config
@@ -384,6 +385,20 @@ def phase_rows(summary: dict[str, Any], methods: list[Method]) -> tuple[list[str
     return header, rows
 
 
+def ratio_rows(summary: dict[str, Any],
+               methods: list[Method]) -> tuple[list[str], list[list[str]]]:
+    """Each godwit method's median downtime over the manual recipe's, per size (issue 17's
+    target: stop-and-copy at most 0.8 times)."""
+    godwit = [m for m in methods if m.kind == "godwit"]
+    header = ["size", *(f"{m.label} / manual downtime" for m in godwit)]
+    rows = []
+    for mib, by_method in summary.items():
+        manual = by_method.get("manual", {}).get("downtime_ms")
+        rows.append([f"{mib} MiB", *(f"{by_method[m.key]['downtime_ms'] / manual:.2f}"
+                                     if manual else "-" for m in godwit)])
+    return header, rows
+
+
 def rich_table(title: str, header: list[str], rows: list[list[str]]) -> Table:
     table = Table(title=title, header_style="bold", title_justify="left")
     for i, column in enumerate(header):
@@ -396,13 +411,17 @@ def rich_table(title: str, header: list[str], rows: list[list[str]]) -> Table:
 def report(result: dict[str, Any], methods: list[Method], out: Path) -> None:
     """Print both tables; write JSON and Markdown."""
     main = table_rows(result["summary"], methods)
+    ratios = ratio_rows(result["summary"], methods)
     phases = phase_rows(result["summary"], methods)
     console.print(rich_table("migration of a memhog container a → b (medians)", *main))
+    console.print(rich_table("downtime against the manual recipe", *ratios))
     console.print(rich_table("where the time goes", *phases))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(*main) + "\n\n" + markdown(*phases) + "\n")
-    console.print(f"wrote {out} and {out.with_suffix('.md')}")
+    out.with_suffix(".md").write_text(
+        "\n\n".join(markdown(*table) for table in (main, ratios, phases)) + "\n")
+    curve_png(result, out.with_suffix(".png"))
+    console.print(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
 
 
 # ------------------------------------------------------------------------ main
