@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 from godwit.api import DEFAULT_PORT
+from godwit.fsio import atomic_write
 from godwit.lab.netns import HostNetwork, TestHost, cleanup_stale
 from godwit.lab.resource import Resource
 from godwit.pki import CertificateAuthority
@@ -114,7 +115,8 @@ class Testbed(Resource):
                   "capabilities": LAB_CAPABILITIES, "devices": LAB_DEVICES,
                   "reserved_addresses": [h.address for h in self.net.hosts.values()]}
         policy |= self.policy_extra
-        (host.state_dir / "policy.json").write_text(json.dumps(policy))
+        # atomically: agents and `godwit run` read it while tests beside widen it
+        atomic_write(host.state_dir / "policy.json", json.dumps(policy), mode=0o644)
 
     def widen_policy(self, **keys: object) -> None:
         """Replace keys of every host's admission policy (e.g. ``capabilities`` for a
