@@ -255,14 +255,23 @@ async def start_lazy_pages(images: Path, work: Path, page_server: str,
     while time.monotonic() < deadline:  # it takes ~10 ms, all of it frozen: poll closely
         # Its socket file appears at bind(), before listen(): a restore connecting in
         # between is refused, so wait for the listening socket itself.
-        if proc.returncode is not None or procfs.unix_listening(proc.pid, LAZY_SOCKET):
+        if proc.returncode is not None or _lazy_socket_listens(proc.pid):
             break
         await asyncio.sleep(0.002)
-    if proc.returncode is not None or not procfs.unix_listening(proc.pid, LAZY_SOCKET):
+    if proc.returncode is not None or not _lazy_socket_listens(proc.pid):
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         raise GodwitError(f"criu lazy-pages did not start: {lazy_pages_verdict(work)[1]}")
     return proc
+
+
+def _lazy_socket_listens(pid: int) -> bool:
+    """The daemon (`pid`, or a process under it when GODWIT_CRIU is a wrapper) listens."""
+    if procfs.unix_listening(pid, LAZY_SOCKET):
+        return True
+    if procfs.command_name(pid) in (None, "criu"):
+        return False  # no wrapper: don't scan /proc every poll while the container is frozen
+    return any(procfs.unix_listening(child, LAZY_SOCKET) for child in procfs.descendants(pid))
 
 
 def lazy_pages_verdict(work: Path) -> tuple[bool, str]:

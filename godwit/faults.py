@@ -25,7 +25,6 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from godwit import procfs
 from godwit.errors import GodwitError
@@ -95,16 +94,9 @@ def _wait_for_criu(runc_pid: int) -> None:
     CRIU_START_S."""
     deadline = time.monotonic() + CRIU_START_S
     while time.monotonic() < deadline:
-        if any(_comm(pid) == "criu" for pid in procfs.descendants(runc_pid)):
+        if any(procfs.command_name(pid) == "criu" for pid in procfs.descendants(runc_pid)):
             return
         time.sleep(0.002)
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
 
 
 def corrupter(stage: str) -> Callable[[bytes], bytes] | None:

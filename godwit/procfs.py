@@ -23,6 +23,14 @@ def alive(pid: int) -> bool:
     return fields is not None and fields[0] != "Z"
 
 
+def command_name(pid: int) -> str | None:
+    """/proc/PID/comm, or None if no such process."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
 def parent(pid: int) -> int | None:
     """The parent's pid, or None if no such process."""
     fields = stat_fields(pid)
