@@ -1,0 +1,198 @@
+"""CRIU's dump to a page server, as godwit's streamed stop-and-copy uses it, with the CRIU
+godwit runs (GODWIT_CRIU or the installed one): the pages arrive intact, the TLS page
+server's memory stays flat (scripts/criu-patches/0014), and the frozen dump does not wait
+200 ms for its corked socket at the end (0013)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from godwit.criu import CRIU, tls_argv
+from godwit.lab.workloads import build_memhog
+from godwit.pki import CertificateAuthority
+from godwit.tls import TLSFiles
+
+pytestmark = pytest.mark.integration
+ADDRESS = "127.0.0.1"
+MiB = 1 << 20
+CORK_TIMER_S = 0.2  # Linux sends a corked socket's partial segment after 200 ms
+
+
+@dataclass
+class Memhog:
+    proc: subprocess.Popen
+    state: Path
+
+    def read(self) -> str:
+        return self.state.read_text() if self.state.exists() else ""
+
+
+@dataclass(frozen=True)
+class Transfer:
+    images: Path
+    received: Path
+    server_max_rss: int  # bytes
+
+
+@pytest.fixture(scope="module")
+def identities(tmp_path_factory: pytest.TempPathFactory) -> tuple[TLSFiles, TLSFiles]:
+    ca = CertificateAuthority(tmp_path_factory.mktemp("ca") / "ca")
+    ca.init()
+    ca.issue_agent("server", [ADDRESS])
+    ca.issue_client("client")
+    return ca.bundle_for("server"), ca.bundle_for("client")
+
+
+def start_memhog(tmp_path: Path, mib: int) -> Memhog:
+    state = tmp_path / "memhog.state"
+    proc = subprocess.Popen([str(build_memhog()), str(mib), "5", str(state), "0"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    hog = Memhog(proc, state)
+    deadline = time.monotonic() + 60
+    while not hog.read().startswith("ready"):
+        assert proc.poll() is None and time.monotonic() < deadline, "memhog did not start"
+        time.sleep(0.05)
+    return hog
+
+
+@pytest.fixture
+def memhog(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Memhog]:
+    hog = start_memhog(tmp_path, request.param)
+    yield hog
+    if hog.proc.poll() is None:
+        hog.proc.kill()
+        hog.proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((ADDRESS, 0))
+        return sock.getsockname()[1]
+
+
+def wait_rusage(proc: subprocess.Popen, timeout: float) -> tuple[int, Any]:
+    deadline = time.monotonic() + timeout
+    while not (reaped := os.wait4(proc.pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:
+            proc.kill()
+        time.sleep(0.01)
+    proc.returncode = os.waitstatus_to_exitcode(reaped[1])
+    return proc.returncode, reaped[2]
+
+
+def start_page_server(directory: Path, port: int, tls: TLSFiles | None) -> subprocess.Popen:
+    read_end, write_end = os.pipe()
+    argv = [CRIU, "page-server", "-D", str(directory), "--address", ADDRESS, "--port",
+            str(port), "--status-fd", str(write_end), "-v4", "-o", "page-server.log",
+            *tls_argv(tls, check_peer_name=False)]
+    server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=(write_end,))
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as status:
+        ready = status.read(1)
+    if ready != b"\0":
+        wait_rusage(server, 5)
+        pytest.fail(f"criu page-server did not start, see {directory / 'page-server.log'}")
+    return server
+
+
+def dump_to_page_server(tmp_path: Path, hog: Memhog, tls: tuple[TLSFiles, TLSFiles] | None,
+                        *, leave_running: bool = True) -> Transfer:
+    """`criu dump` of memhog to a `criu page-server` on loopback, as a streamed
+    stop-and-copy does; the page server's peak RSS from its rusage."""
+    images, received = tmp_path / "images", tmp_path / "received"
+    images.mkdir()
+    received.mkdir()
+    port = free_port()
+    server = start_page_server(received, port, tls[0] if tls else None)
+    argv = [CRIU, "dump", "-t", str(hog.proc.pid), "-D", str(images), "-v4", "-o", "dump.log",
+            "--page-server", "--address", ADDRESS, "--port", str(port),
+            *tls_argv(tls[1] if tls else None)]
+    if leave_running:
+        argv.append("--leave-running")
+    dumped = subprocess.run(argv, stdin=subprocess.DEVNULL, timeout=120)
+    server_rc, usage = wait_rusage(server, 30)
+    assert dumped.returncode == 0, f"criu dump failed, see {images / 'dump.log'}"
+    assert server_rc == 0, f"page server failed, see {received / 'page-server.log'}"
+    return Transfer(images, received, usage.ru_maxrss * 1024)
+
+
+def restore_and_verify(tmp_path: Path, hog: Memhog, transfer: Transfer) -> str:
+    """Restore memhog from the dump's images and the pages the server received, have it
+    recompute its checksum over all its memory, and return its state line."""
+    merged = tmp_path / "merged"
+    shutil.copytree(transfer.images, merged)
+    for image in (*transfer.received.glob("pagemap-*.img"),
+                  *transfer.received.glob("pages-*.img")):
+        shutil.copy2(image, merged / image.name)
+    hog.proc.wait(10)  # the dump killed it: its pid is free for the restore
+    pidfile = tmp_path / "restored.pid"
+    subprocess.run([CRIU, "restore", "-D", str(merged), "-d", "--pidfile", str(pidfile),
+                    "-v4", "-o", "restore.log"], check=True, timeout=120)
+    pid = int(pidfile.read_text())
+    try:
+        os.kill(pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 60
+        while not hog.read().startswith("verified") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return hog.read()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("memhog", [64], indirect=True)
+@pytest.mark.parametrize("with_tls", [False, True], ids=["plain", "tls"])
+def test_pages_from_a_page_server_restore_intact(tmp_path: Path, memhog: Memhog,
+                                                 identities: tuple[TLSFiles, TLSFiles],
+                                                 with_tls: bool) -> None:
+    transfer = dump_to_page_server(tmp_path, memhog, identities if with_tls else None,
+                                   leave_running=False)
+    state = restore_and_verify(tmp_path, memhog, transfer)
+    assert " ok=1 " in state, f"restored memhog's memory differs: {state}"
+
+
+@pytest.mark.parametrize("memhog", [256], indirect=True)
+def test_tls_page_server_memory_stays_flat(tmp_path: Path, memhog: Memhog,
+                                           identities: tuple[TLSFiles, TLSFiles]) -> None:
+    """The page server decrypted each TLS record into fresh memory and freed only the
+    last one of each chunk: its RSS grew by most of what it received."""
+    transfer = dump_to_page_server(tmp_path, memhog, identities)
+    received = sum(p.stat().st_size for p in transfer.received.glob("pages-*.img"))
+    assert received >= 256 * MiB
+    assert transfer.server_max_rss < received / 2, (
+        f"page server peaked at {transfer.server_max_rss / MiB:.0f} MiB RSS for "
+        f"{received / MiB:.0f} MiB of pages: it keeps received records")
+
+
+def disconnect_seconds(dump_log: Path) -> float:
+    """How long the dump waited for the page server's answer to its last command (from
+    its log line until the next one)."""
+    stamps = [(float(m[1]), m[2]) for line in dump_log.read_text().splitlines()
+              if (m := re.match(r"\((\d+\.\d+)\) (.*)", line))]
+    index = next(i for i, (_, text) in enumerate(stamps)
+                 if "Disconnect from the page server" in text)
+    return stamps[index + 1][0] - stamps[index][0]
+
+
+@pytest.mark.parametrize("memhog", [16], indirect=True)
+@pytest.mark.parametrize("with_tls", [False, True], ids=["plain", "tls"])
+def test_dump_does_not_wait_for_its_corked_socket(tmp_path: Path, memhog: Memhog,
+                                                  identities: tuple[TLSFiles, TLSFiles],
+                                                  with_tls: bool) -> None:
+    """The dump's socket stays corked; its last pages and the close command waited for
+    the cork's timer (200 ms of freeze) before the page server saw them."""
+    transfer = dump_to_page_server(tmp_path, memhog, identities if with_tls else None)
+    waited = disconnect_seconds(transfer.images / "dump.log")
+    assert waited < CORK_TIMER_S / 2, f"the dump waited {waited * 1000:.0f} ms at its end"
