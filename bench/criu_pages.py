@@ -36,6 +36,7 @@ from rich.table import Table
 from tls_throughput import make_loopback_ca
 
 from godwit.criu import tls_argv
+from godwit.criu_gate import _varint  # protobuf's varint, as the gate reads runc's request
 from godwit.lab.workloads import build_memhog
 from godwit.tls import TLSFiles
 
@@ -57,16 +58,6 @@ class BenchError(Exception):
 class Identities:
     server: TLSFiles
     client: TLSFiles
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        pos, shift = pos + 1, shift + 7
-        if not byte & 0x80:
-            return value, pos
 
 
 def dump_stats(images: Path) -> dict[str, int]:
