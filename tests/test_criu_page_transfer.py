@@ -1,16 +1,19 @@
 """CRIU's dump to a page server, as godwit's streamed stop-and-copy uses it, with the CRIU
 godwit runs (GODWIT_CRIU or the installed one): the pages arrive intact, the TLS page
-server's memory stays flat (scripts/criu-patches/0014), and the frozen dump does not wait
-200 ms for its corked socket at the end (0013)."""
+server's memory stays flat (scripts/criu-patches/0014), the frozen dump does not wait
+200 ms for its corked socket at the end (0013), and System V shared memory of an IPC
+namespace crosses TLS (0015)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -108,16 +111,16 @@ def start_page_server(directory: Path, port: int, tls: TLSFiles | None) -> subpr
     return server
 
 
-def dump_to_page_server(tmp_path: Path, hog: Memhog, tls: tuple[TLSFiles, TLSFiles] | None,
+def dump_to_page_server(tmp_path: Path, pid: int, tls: tuple[TLSFiles, TLSFiles] | None,
                         *, leave_running: bool = True) -> Transfer:
-    """`criu dump` of memhog to a `criu page-server` on loopback, as a streamed
+    """`criu dump` of process `pid` to a `criu page-server` on loopback, as a streamed
     stop-and-copy does; the page server's peak RSS from its rusage."""
     images, received = tmp_path / "images", tmp_path / "received"
     images.mkdir()
     received.mkdir()
     port = free_port()
     server = start_page_server(received, port, tls[0] if tls else None)
-    argv = [CRIU, "dump", "-t", str(hog.proc.pid), "-D", str(images), "-v4", "-o", "dump.log",
+    argv = [CRIU, "dump", "-t", str(pid), "-D", str(images), "-v4", "-o", "dump.log",
             "--page-server", "--address", ADDRESS, "--port", str(port),
             *tls_argv(tls[1] if tls else None)]
     if leave_running:
@@ -157,7 +160,7 @@ def restore_and_verify(tmp_path: Path, hog: Memhog, transfer: Transfer) -> str:
 def test_pages_from_a_page_server_restore_intact(tmp_path: Path, memhog: Memhog,
                                                  identities: tuple[TLSFiles, TLSFiles],
                                                  with_tls: bool) -> None:
-    transfer = dump_to_page_server(tmp_path, memhog, identities if with_tls else None,
+    transfer = dump_to_page_server(tmp_path, memhog.proc.pid, identities if with_tls else None,
                                    leave_running=False)
     state = restore_and_verify(tmp_path, memhog, transfer)
     assert " ok=1 " in state, f"restored memhog's memory differs: {state}"
@@ -168,7 +171,7 @@ def test_tls_page_server_memory_stays_flat(tmp_path: Path, memhog: Memhog,
                                            identities: tuple[TLSFiles, TLSFiles]) -> None:
     """The page server decrypted each TLS record into fresh memory and freed only the
     last one of each chunk: its RSS grew by most of what it received."""
-    transfer = dump_to_page_server(tmp_path, memhog, identities)
+    transfer = dump_to_page_server(tmp_path, memhog.proc.pid, identities)
     received = sum(p.stat().st_size for p in transfer.received.glob("pages-*.img"))
     assert received >= 256 * MiB
     assert transfer.server_max_rss < received / 2, (
@@ -193,6 +196,48 @@ def test_dump_does_not_wait_for_its_corked_socket(tmp_path: Path, memhog: Memhog
                                                   with_tls: bool) -> None:
     """The dump's socket stays corked; its last pages and the close command waited for
     the cork's timer (200 ms of freeze) before the page server saw them."""
-    transfer = dump_to_page_server(tmp_path, memhog, identities if with_tls else None)
+    transfer = dump_to_page_server(tmp_path, memhog.proc.pid, identities if with_tls else None)
     waited = disconnect_seconds(transfer.images / "dump.log")
     assert waited < CORK_TIMER_S / 2, f"the dump waited {waited * 1000:.0f} ms at its end"
+
+
+SYSV_SHM_HOLDER = """
+import ctypes, hashlib, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+data = os.urandom(int(sys.argv[2]))
+shmid = libc.shmget(0, len(data), 0o1600)  # IPC_PRIVATE, IPC_CREAT | 0600
+addr = libc.shmat(shmid, None, 0)
+assert shmid >= 0 and addr not in (None, 2**64 - 1), ctypes.get_errno()
+ctypes.memmove(addr, data, len(data))
+open(sys.argv[1], "w").write(hashlib.sha256(data).hexdigest())
+while True:
+    time.sleep(1)
+"""
+
+
+def test_sysv_shm_of_an_ipc_namespace_crosses_tls(tmp_path: Path,
+                                                  identities: tuple[TLSFiles, TLSFiles]) -> None:
+    """CRIU dumps an IPC namespace, System V shared memory and all, in a forked helper
+    that sends the pages on the dump's TLS session: the dump's next record then failed
+    to decrypt at the page server (scripts/criu-patches/0015)."""
+    digest, size = tmp_path / "shm.sha256", 8 * MiB
+    holder = subprocess.Popen(  # setsid: CRIU dumps a session leader
+        ["unshare", "--ipc", "--fork", "setsid", sys.executable, "-c", SYSV_SHM_HOLDER,
+         str(digest), str(size)], stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not (digest.exists() and digest.read_text()):
+            assert holder.poll() is None and time.monotonic() < deadline, "no shm holder"
+            time.sleep(0.05)
+        in_namespace = int(Path(f"/proc/{holder.pid}/task/{holder.pid}/children").read_text())
+        try:
+            transfer = dump_to_page_server(tmp_path, in_namespace, identities)
+        finally:
+            os.kill(in_namespace, signal.SIGKILL)
+    finally:
+        holder.kill()
+        holder.wait()
+    segments = [hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in transfer.received.glob("pages-*.img") if p.stat().st_size == size]
+    assert digest.read_text() in segments, "the segment's pages differ or are missing"
