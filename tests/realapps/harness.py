@@ -108,8 +108,15 @@ def start_client(bed: Testbed, host: TestHost, argv: list[str], tag: str) -> Cli
     out, err = bed.work / f"{tag}.out", bed.work / f"{tag}.err"
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         proc = bed.net.run_in(host, argv, stdin=subprocess.DEVNULL, stdout=stdout,
-                              stderr=stderr)
+                              stderr=stderr, preexec_fn=_default_stop_signals)
     return Client(argv, proc, out, err)
+
+
+def _default_stop_signals() -> None:
+    """`Client.stop` interrupts the client: a test run started in the background of a
+    non-interactive shell (`scripts/test &`) ignores SIGINT, and children inherit that."""
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def run_client(bed: Testbed, host: TestHost, argv: list[str], stdin: bytes = b"",
