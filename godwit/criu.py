@@ -252,13 +252,15 @@ async def start_lazy_pages(images: Path, work: Path, page_server: str,
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + LAZY_START_TIMEOUT_S
+    listening = False
     while time.monotonic() < deadline:  # it takes ~10 ms, all of it frozen: poll closely
         # Its socket file appears at bind(), before listen(): a restore connecting in
         # between is refused, so wait for the listening socket itself.
-        if proc.returncode is not None or _lazy_socket_listens(proc.pid):
+        listening = proc.returncode is None and _lazy_socket_listens(proc.pid)
+        if listening or proc.returncode is not None:
             break
         await asyncio.sleep(0.002)
-    if proc.returncode is not None or not _lazy_socket_listens(proc.pid):
+    if not listening:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         raise GodwitError(f"criu lazy-pages did not start: {lazy_pages_verdict(work)[1]}")
