@@ -38,6 +38,7 @@ from godwit.transport.safefs import (
     set_mode_mtime,
 )
 from godwit.transport.wire import (
+    DEVICE_TYPES,
     TransferError,
     TransferStats,
     check_path,
@@ -53,7 +54,6 @@ _ASYNC_WRITE_MIN = 128 << 10  # data pieces this big are written by a writer thr
 _WRITES_INFLIGHT = 8
 _NODE_TYPES = {"fifo": stat.S_IFIFO, "sock": stat.S_IFSOCK,
                "chr": stat.S_IFCHR, "blk": stat.S_IFBLK}
-_DEVICE_TYPES = ("chr", "blk")
 _RDEV_MAX = 2**64 - 1
 
 
@@ -266,7 +266,7 @@ class TreeWriter:
         kind = h["type"]
         mode = self.rules.mode(header_mode(h))
         mtime = header_mtime(h)
-        if kind in _DEVICE_TYPES:
+        if kind in DEVICE_TYPES:
             rdev = header_int(h, "rdev", 0, _RDEV_MAX)
             self.rules.check_device(kind, rdev, rel)
         else:

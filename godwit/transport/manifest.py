@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from godwit.transport.safefs import DIR_READ, GONE, DirFds, lstat_with_target, open_root, tree_dirs
-from godwit.transport.wire import check_path
+from godwit.transport.wire import DEVICE_TYPES, check_path
 
 # A manifest entry changed less than this before its scan may change again within the
 # same timestamp tick without a visible difference: it is always treated as changed.
@@ -85,7 +85,7 @@ def file_meta(st: os.stat_result, target: str | None) -> FileMeta | None:
         uid=st.st_uid,
         gid=st.st_gid,
         target=target,
-        rdev=st.st_rdev if kind in ("chr", "blk") else 0,
+        rdev=st.st_rdev if kind in DEVICE_TYPES else 0,
         inode=(st.st_dev, st.st_ino),
         nlink=st.st_nlink,
     )

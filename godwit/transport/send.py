@@ -20,6 +20,7 @@ import zstandard
 from godwit.transport.manifest import FileMeta, TreePlan
 from godwit.transport.safefs import DirFds, data_extents, open_regular, tree_dirs
 from godwit.transport.wire import (
+    DEVICE_TYPES,
     MAX_EXTENTS,
     TransferError,
     TransferStats,
@@ -185,7 +186,7 @@ def _entry_header(path: str, meta: FileMeta) -> dict:
         h["target"] = meta.target
     else:
         h["mode"] = meta.mode
-    if meta.type in ("chr", "blk"):
+    if meta.type in DEVICE_TYPES:
         h["rdev"] = meta.rdev
     return h
 

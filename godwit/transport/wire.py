@@ -37,6 +37,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+DEVICE_TYPES = ("chr", "blk")  # the node records that carry an rdev
+
 MAGIC = b"GWTREE"
 VERSION = 1
 FLAG_ZSTD = 0x01
