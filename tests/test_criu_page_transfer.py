@@ -14,11 +14,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -86,14 +86,35 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_rusage(proc: subprocess.Popen, timeout: float) -> tuple[int, Any]:
-    deadline = time.monotonic() + timeout
-    while not (reaped := os.wait4(proc.pid, os.WNOHANG))[0]:
-        if time.monotonic() > deadline:
-            proc.kill()
-        time.sleep(0.01)
-    proc.returncode = os.waitstatus_to_exitcode(reaped[1])
-    return proc.returncode, reaped[2]
+class PeakMemory(threading.Thread):
+    """Samples a process's own VmHWM until it exits. Its rusage cannot tell: a child
+    forked from pytest inherits the pytest process's peak RSS across the exec."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.status, self.peak = Path(f"/proc/{pid}/status"), 0
+
+    def run(self) -> None:
+        while (hwm := self.vm_hwm()) is not None:
+            self.peak = max(self.peak, hwm)
+            time.sleep(0.005)
+
+    def vm_hwm(self) -> int | None:
+        """VmHWM in bytes; None once the process is gone or a zombie."""
+        try:
+            text = self.status.read_text()
+        except OSError:
+            return None
+        found = re.search(r"^VmHWM:\s+(\d+) kB", text, re.MULTILINE)
+        return int(found[1]) * 1024 if found else None
+
+
+def wait_or_kill(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 def start_page_server(directory: Path, port: int, tls: TLSFiles | None) -> subprocess.Popen:
@@ -106,7 +127,7 @@ def start_page_server(directory: Path, port: int, tls: TLSFiles | None) -> subpr
     with os.fdopen(read_end, "rb") as status:
         ready = status.read(1)
     if ready != b"\0":
-        wait_rusage(server, 5)
+        wait_or_kill(server, 5)
         pytest.fail(f"criu page-server did not start, see {directory / 'page-server.log'}")
     return server
 
@@ -114,22 +135,25 @@ def start_page_server(directory: Path, port: int, tls: TLSFiles | None) -> subpr
 def dump_to_page_server(tmp_path: Path, pid: int, tls: tuple[TLSFiles, TLSFiles] | None,
                         *, leave_running: bool = True) -> Transfer:
     """`criu dump` of process `pid` to a `criu page-server` on loopback, as a streamed
-    stop-and-copy does; the page server's peak RSS from its rusage."""
+    stop-and-copy does, with the page server's own peak RSS."""
     images, received = tmp_path / "images", tmp_path / "received"
     images.mkdir()
     received.mkdir()
     port = free_port()
     server = start_page_server(received, port, tls[0] if tls else None)
+    peak = PeakMemory(server.pid)
+    peak.start()
     argv = [CRIU, "dump", "-t", str(pid), "-D", str(images), "-v4", "-o", "dump.log",
             "--page-server", "--address", ADDRESS, "--port", str(port),
             *tls_argv(tls[1] if tls else None)]
     if leave_running:
         argv.append("--leave-running")
     dumped = subprocess.run(argv, stdin=subprocess.DEVNULL, timeout=120)
-    server_rc, usage = wait_rusage(server, 30)
+    server_rc = wait_or_kill(server, 30)
+    peak.join()
     assert dumped.returncode == 0, f"criu dump failed, see {images / 'dump.log'}"
     assert server_rc == 0, f"page server failed, see {received / 'page-server.log'}"
-    return Transfer(images, received, usage.ru_maxrss * 1024)
+    return Transfer(images, received, peak.peak)
 
 
 def restore_and_verify(tmp_path: Path, hog: Memhog, transfer: Transfer) -> str:
