@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,13 @@ def test_pre_flight_checks_what_each_strategy_declares(strategy: type[SourceMigr
     needed = {n.feature for n in strategy.needs}
     spare = info(**{f: False for f in ("lazy_pages", "soft_dirty") if f not in needed})
     assert all(f.level == "ok" for f in compare_criu(spare, spare, strategy))
+
+
+@pytest.mark.parametrize(("restored_ago", "left"), [(None, 0.2), (0.05, 0.15), (3.0, 0.0)])
+def test_verify_settles_from_the_restore(restored_ago: float | None, left: float) -> None:
+    """The restored copy must run SETTLE_S past its restore; post-copy's page transfer
+    already spent that time, and after an agent restart the moment starts again."""
+    migration = SourceMigration.__new__(SourceMigration)
+    now = time.monotonic()
+    migration.restored_at = None if restored_ago is None else now - restored_ago
+    assert migration.settle_left() == pytest.approx(left, abs=0.02)

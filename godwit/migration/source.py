@@ -49,6 +49,7 @@ FENCE_MARGIN_S = 3.0
 FREEZE_MARGIN_S = 5.0
 PROGRESS_INTERVAL_S = 0.1
 VERIFY_TIMEOUT_S = 10.0
+SETTLE_S = 0.2  # the restored copy must still run this long after its restore
 
 
 def incoming_request(store: ContainerStore, name: str, options: MigrationOptions, *,
@@ -155,6 +156,7 @@ class SourceMigration:
         self.images = ctx.work_dir / "images"
         self.stage = Stage.NEW  # what is known to have happened (the journal: may have)
         self.restore_sent_at: float | None = None
+        self.restored_at: float | None = None  # monotonic, when the restore answered
         self.manifest: dict | None = None
         self.journal = Journal(self.report.id, name, self.strategy, options.to_json())
         self.held_dump: HeldRunc | None = None
@@ -514,6 +516,7 @@ class SourceMigration:
             restored = await self.ctx.dest.restore_incoming(self.report.id,
                                                             self.restore_request())
             self.reach(Stage.RESTORED)
+            self.restored_at = time.monotonic()
             self.report.resumed_at = time.time()
             self.report.held_packets = restored.held_packets
             if restored.page_bytes:
@@ -526,10 +529,11 @@ class SourceMigration:
         return RestoreRequest()
 
     async def verify(self) -> None:
-        """The restored copy must still be running a moment later."""
+        """The restored copy must still be running a moment (`SETTLE_S`) after its
+        restore; time spent since (post-copy's pages) counts towards it."""
         with self.events.phase("verify"):
             await faults.point("verify")
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(self.settle_left())
             try:
                 async with asyncio.timeout(VERIFY_TIMEOUT_S):
                     state = await self.ctx.dest.container(self.name)
@@ -538,6 +542,11 @@ class SourceMigration:
                                   "after the restore") from exc
             if state.status != "running":
                 raise GodwitError(f"restored container is {state.status} on destination")
+
+    def settle_left(self) -> float:
+        if self.restored_at is None:  # after an agent restart: a full moment from now
+            return SETTLE_S
+        return max(0.0, self.restored_at + SETTLE_S - time.monotonic())
 
     async def commit(self) -> None:
         with self.events.phase("commit"):
