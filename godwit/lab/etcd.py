@@ -3,7 +3,7 @@
 `EtcdCluster(ca, size=1)` is a single node, `size=3` a 3-member cluster (for failure tests).
 Every member is Debian's `etcd` binary (scripts/setup installs etcd-server), runs in the
 root network namespace with its own data dir under /var/tmp and its own client and peer
-ports, picked free on its address. Bind it on a testbed's bridge address
+ports, picked free on its address below the ephemeral range. Bind it on a testbed's bridge address
 (`HostNetwork.gateway`) and the agents in the netns hosts reach it through their default
 route. The members' certificates name that address and `etcd.godwit`, the name clients
 check (godwit.cluster.store). All members share the address: etcd refuses a peer whose
@@ -15,6 +15,7 @@ CA's CRL applies to clients.
 
 from __future__ import annotations
 
+import random
 import shutil
 import signal
 import socket
@@ -32,6 +33,7 @@ from godwit.tls import TLSFiles, client_context
 
 ETCD_BINARY = "etcd"
 START_TIMEOUT_S = 20
+PORTS_FROM = 20000  # members take ports from here up to the ephemeral range
 
 
 @dataclass
@@ -197,14 +199,24 @@ class EtcdCluster(Resource):
 
 
 def _free_ports(address: str, count: int) -> list[int]:
-    """`count` distinct ports free on `address` now (the kernel's ephemeral picks)."""
-    sockets = []
+    """`count` distinct ports free on `address` now, below the kernel's ephemeral range: a
+    port from that range can go to a connection's local end (another member dialling its
+    peers) before the member binds it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = random.sample(range(PORTS_FROM, low), 64)
+    sockets: list[socket.socket] = []
     try:
-        for _ in range(count):
+        for port in candidates:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((address, 0))
+            try:
+                s.bind((address, port))
+            except OSError:
+                s.close()
+                continue
             sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
+            if len(sockets) == count:
+                return [s.getsockname()[1] for s in sockets]
+        raise RuntimeError(f"no {count} free ports on {address} below {low}")
     finally:
         for s in sockets:
             s.close()
