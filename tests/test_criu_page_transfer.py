@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from memhog_process import Memhog, memhog_fixture, verified_state
 
 from godwit.criu import CRIU, tls_argv
-from godwit.lab.workloads import build_memhog
 from godwit.pki import CertificateAuthority
 from godwit.tls import TLSFiles
 
@@ -31,15 +31,6 @@ pytestmark = pytest.mark.integration
 ADDRESS = "127.0.0.1"
 MiB = 1 << 20
 CORK_TIMER_S = 0.2  # Linux sends a corked socket's partial segment after 200 ms
-
-
-@dataclass
-class Memhog:
-    proc: subprocess.Popen
-    state: Path
-
-    def read(self) -> str:
-        return self.state.read_text() if self.state.exists() else ""
 
 
 @dataclass(frozen=True)
@@ -58,26 +49,9 @@ def identities(tmp_path_factory: pytest.TempPathFactory) -> tuple[TLSFiles, TLSF
     return ca.bundle_for("server"), ca.bundle_for("client")
 
 
-def start_memhog(tmp_path: Path, mib: int) -> Memhog:
-    state = tmp_path / "memhog.state"
-    proc = subprocess.Popen([str(build_memhog()), str(mib), "5", str(state), "0"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    hog = Memhog(proc, state)
-    deadline = time.monotonic() + 60
-    while not hog.read().startswith("ready"):
-        assert proc.poll() is None and time.monotonic() < deadline, "memhog did not start"
-        time.sleep(0.05)
-    return hog
-
-
 @pytest.fixture
 def memhog(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Memhog]:
-    hog = start_memhog(tmp_path, request.param)
-    yield hog
-    if hog.proc.poll() is None:
-        hog.proc.kill()
-        hog.proc.wait()
+    yield from memhog_fixture(request, tmp_path)
 
 
 def free_port() -> int:
@@ -168,15 +142,7 @@ def restore_and_verify(tmp_path: Path, hog: Memhog, transfer: Transfer) -> str:
     pidfile = tmp_path / "restored.pid"
     subprocess.run([CRIU, "restore", "-D", str(merged), "-d", "--pidfile", str(pidfile),
                     "-v4", "-o", "restore.log"], check=True, timeout=120)
-    pid = int(pidfile.read_text())
-    try:
-        os.kill(pid, signal.SIGUSR1)
-        deadline = time.monotonic() + 60
-        while not hog.read().startswith("verified") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return hog.read()
-    finally:
-        os.kill(pid, signal.SIGKILL)
+    return verified_state(hog, int(pidfile.read_text()))
 
 
 @pytest.mark.parametrize("memhog", [64], indirect=True)
