@@ -239,15 +239,17 @@ async def start_page_server(images: Path, work: Path, address: str, port: int,
     return proc
 
 
-async def start_lazy_pages(images: Path, work: Path, page_server: str,
+async def start_lazy_pages(images: Path, work: Path, page_server: str | None,
                            tls: TLSFiles | None) -> asyncio.subprocess.Process:
-    """Destination side of post-copy: the daemon that fetches pages from the source's page
-    server into the restored process (userfaultfd). `runc restore --lazy-pages` must use
-    the same work dir, where the daemon's socket appears once it is ready."""
-    address, _, port = page_server.rpartition(":")
-    argv = [CRIU, "lazy-pages", "--page-server", "--address", address, "--port", port,
-            "-D", str(images), "-W", str(work), "-v4", "-o", LAZY_LOG]
-    argv += tls_argv(tls)
+    """The daemon that fills a lazily restored process's memory (userfaultfd): from the
+    source's page server (post-copy), or with `page_server` None from the pages already
+    in `images` (stop-and-copy's restore, whose memory copy then runs after the freeze).
+    `runc restore --lazy-pages` must use the same work dir, where the daemon's socket
+    appears once it is ready."""
+    argv = [CRIU, "lazy-pages", "-D", str(images), "-W", str(work), "-v4", "-o", LAZY_LOG]
+    if page_server:
+        address, _, port = page_server.rpartition(":")
+        argv += ["--page-server", "--address", address, "--port", port, *tls_argv(tls)]
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL, start_new_session=True)

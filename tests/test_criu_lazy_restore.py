@@ -1,0 +1,59 @@
+"""A lazy restore from local images, as godwit's stop-and-copy restores once every page is
+on the destination: `criu restore --lazy-pages` returns before the memory is copied and
+`criu lazy-pages` (no page server) fills it from the pages image, in the background too.
+With the CRIU godwit runs (GODWIT_CRIU or the installed one)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from memhog_process import Memhog, memhog_fixture, verified_state
+
+from godwit.criu import CRIU, lazy_pages_verdict, start_lazy_pages
+
+pytestmark = pytest.mark.integration
+FILL_TIMEOUT_S = 60
+
+
+@pytest.fixture
+def memhog(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Memhog]:
+    yield from memhog_fixture(request, tmp_path)
+
+
+async def lazy_restore(images: Path, work: Path, pidfile: Path) -> int:
+    """Restore lazily from `images`; the lazy-pages daemon's exit code once it is done."""
+    daemon = await start_lazy_pages(images, work, None, None)
+    try:
+        restore = await asyncio.create_subprocess_exec(
+            CRIU, "restore", "-D", str(images), "-W", str(work), "-d", "--lazy-pages",
+            "--pidfile", str(pidfile), "-v4", "-o", "restore.log",
+            stdin=subprocess.DEVNULL)
+        assert await restore.wait() == 0, f"criu restore failed, see {work / 'restore.log'}"
+        return await asyncio.wait_for(daemon.wait(), FILL_TIMEOUT_S)
+    except TimeoutError:
+        pytest.fail(f"criu lazy-pages did not fill the memory within {FILL_TIMEOUT_S} s "
+                    "(scripts/criu-patches/0005: it waited for a page server's answer)")
+    finally:
+        if daemon.returncode is None:
+            daemon.kill()
+            await daemon.wait()
+
+
+@pytest.mark.parametrize("memhog", [64], indirect=True)
+def test_lazy_restore_from_local_images_fills_all_memory(tmp_path: Path,
+                                                          memhog: Memhog) -> None:
+    images, work, pidfile = tmp_path / "images", tmp_path / "work", tmp_path / "restored.pid"
+    images.mkdir()
+    work.mkdir()
+    subprocess.run([CRIU, "dump", "-t", str(memhog.proc.pid), "-D", str(images), "-v4",
+                    "-o", "dump.log"], stdin=subprocess.DEVNULL, check=True, timeout=120)
+    memhog.proc.wait(10)  # dumped and killed: its pid is free for the restore
+    assert asyncio.run(lazy_restore(images, work, pidfile)) == 0
+    complete, detail = lazy_pages_verdict(work)
+    assert complete, detail
+    state = verified_state(memhog, int(pidfile.read_text()))
+    assert " ok=1 " in state, f"restored memhog's memory differs: {state}"
