@@ -6,6 +6,8 @@ With the CRIU godwit runs (GODWIT_CRIU or the installed one)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,10 +35,12 @@ async def lazy_restore(images: Path, work: Path, pidfile: Path) -> int:
             "--pidfile", str(pidfile), "-v4", "-o", "restore.log",
             stdin=subprocess.DEVNULL)
         assert await restore.wait() == 0, f"criu restore failed, see {work / 'restore.log'}"
-        return await asyncio.wait_for(daemon.wait(), FILL_TIMEOUT_S)
-    except TimeoutError:
-        pytest.fail(f"criu lazy-pages did not fill the memory within {FILL_TIMEOUT_S} s "
-                    "(scripts/criu-patches/0005: it waited for a page server's answer)")
+        try:
+            return await asyncio.wait_for(daemon.wait(), FILL_TIMEOUT_S)
+        except TimeoutError:
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+            pytest.fail(f"criu lazy-pages did not fill the memory within {FILL_TIMEOUT_S} s "
+                        "(scripts/criu-patches/0005: it waited for a page server's answer)")
     finally:
         if daemon.returncode is None:
             daemon.kill()
