@@ -1,8 +1,8 @@
 """CRIU's dump to a page server, as godwit's streamed stop-and-copy uses it, with the CRIU
 godwit runs (GODWIT_CRIU or the installed one): the pages arrive intact, the TLS page
 server's memory stays flat (scripts/criu-patches/0014), the frozen dump does not wait
-200 ms for its corked socket at the end (0013), and System V shared memory of an IPC
-namespace crosses TLS (0015)."""
+200 ms for its corked socket at the end (0013) nor 40 ms in its TLS handshake (0016),
+and System V shared memory of an IPC namespace crosses TLS (0015)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ pytestmark = pytest.mark.integration
 ADDRESS = "127.0.0.1"
 MiB = 1 << 20
 CORK_TIMER_S = 0.2  # Linux sends a corked socket's partial segment after 200 ms
+DELAYED_ACK_S = 0.04  # Linux's shortest delayed ACK
 
 
 @dataclass(frozen=True)
@@ -169,11 +170,33 @@ def test_tls_page_server_memory_stays_flat(tmp_path: Path, memhog: Memhog,
         f"{received / MiB:.0f} MiB of pages: it keeps received records")
 
 
+def log_stamps(dump_log: Path) -> list[tuple[float, str]]:
+    return [(float(m[1]), m[2]) for line in dump_log.read_text().splitlines()
+            if (m := re.match(r"\((\d+\.\d+)\) (.*)", line))]
+
+
+def handshake_seconds(dump_log: Path) -> float:
+    """From the dump's connect to the page server to its TLS handshake's end."""
+    stamps = log_stamps(dump_log)
+    start = next(t for t, text in stamps if text.startswith("Connecting to server"))
+    return next(t for t, text in stamps if "TLS handshake completed" in text) - start
+
+
+@pytest.mark.parametrize("memhog", [16], indirect=True)
+def test_tls_handshake_does_not_wait_for_a_delayed_ack(tmp_path: Path, memhog: Memhog,
+                                                        identities: tuple[TLSFiles, TLSFiles]
+                                                        ) -> None:
+    """The handshake's messages went out with Nagle on: one waited for the page server's
+    delayed ACK, 40 ms of freeze (scripts/criu-patches/0016)."""
+    transfer = dump_to_page_server(tmp_path, memhog.proc.pid, identities)
+    took = handshake_seconds(transfer.images / "dump.log")
+    assert took < DELAYED_ACK_S / 2, f"the TLS handshake took {took * 1000:.0f} ms"
+
+
 def disconnect_seconds(dump_log: Path) -> float:
     """How long the dump waited for the page server's answer to its last command (from
     its log line until the next one)."""
-    stamps = [(float(m[1]), m[2]) for line in dump_log.read_text().splitlines()
-              if (m := re.match(r"\((\d+\.\d+)\) (.*)", line))]
+    stamps = log_stamps(dump_log)
     index = next(i for i, (_, text) in enumerate(stamps)
                  if "Disconnect from the page server" in text)
     return stamps[index + 1][0] - stamps[index][0]
