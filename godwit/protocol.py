@@ -41,8 +41,9 @@ from godwit.runc_features import RuncFeatures
 # the destination's admission (`POST /v1/preflight/admission`). 2.1: stop-and-copy streams
 # pages to a CRIU page server on the destination. 2.2: a tree stream carries ``sock``
 # records (bound unix socket names); a 2.1 destination refuses them and the migration
-# rolls back.
-PROTOCOL_VERSION = "2.2"
+# rolls back. 2.3: a stop-and-copy destination restores lazily and fills the memory from
+# the pages it received, after the restore (`ArmRequest.fill_after_restore`).
+PROTOCOL_VERSION = "2.3"
 MigrationId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f-]{1,64}$", max_length=64)]
 M = TypeVar("M")
 
@@ -310,6 +311,8 @@ class Uploaded(Reply, kw_only=True):
 class ArmRequest(Request, kw_only=True, omit_defaults=True):
     descriptors: Annotated[list[str], msgspec.Meta(max_length=16)]
     stream_pages: bool = False  # 2.1: run a CRIU page server for the dump's memory pages
+    # 2.3: restore lazily, the memory filled from the received pages after the restore
+    fill_after_restore: bool = False
 
 
 class Armed(Reply, kw_only=True):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -155,17 +158,23 @@ def test_netns_with_a_veth_to_the_host_is_refused_before_the_freeze(bed: Testbed
     remove(bed, "linked")
 
 
-def test_256_mib_memory_is_preserved(bed: Testbed) -> None:
+@pytest.mark.parametrize("eager", [False, True], ids=["filled-after-restore", "eager"])
+def test_256_mib_memory_is_preserved(bed: Testbed, eager: bool) -> None:
     start(bed, "mem256", memhog_bundle(bed.bundle_dir("mem256"), 256, seed=7, dirty_pps=0))
     rootfs = rootfs_of(bed, "mem256")
     before = wait_for(lambda: read_state(rootfs).get("status") == "ready" and read_state(rootfs),
                       timeout=60, what="memhog ready")
-    code, report = migrate(bed, "mem256", "b", "--strategy", "stop-and-copy")
+    code, report = migrate(bed, "mem256", "b", "--strategy", "stop-and-copy",
+                           *(["--eager-restore"] if eager else []))
     assert code == 0, report
     assert report["image_bytes"] >= 256 << 20
     # the pages went straight to the destination's CRIU page server during the dump
     streamed = int(report["pages"].split()[0])
     assert 256 << 20 <= streamed <= report["image_bytes"], report["pages"]
+    # and, unless eager, were copied into the restored process after it resumed
+    filled = [p for p in report["phases"] if p["name"] == "pages"]
+    assert bool(filled) is not eager, report["phases"]
+    assert ("pages transferred" in report["pages"]) is not eager, report["pages"]
     dest = rootfs_of(bed, "mem256")
     assert bed.godwit("kill", "mem256", "--signal", "USR1").returncode == 0
     verified = wait_for(lambda: read_state(dest).get("status") == "verified" and read_state(dest),
@@ -278,6 +287,55 @@ def test_restore_failure_on_destination_resumes_source(bed: Testbed, tmp_path: P
     before = read_count(rootfs)
     wait_for(lambda: (read_count(rootfs) or 0) > before + 3, what="counter resumed on a")
     remove(bed, "local-vol")
+
+
+def lazy_pages_daemons(work: Path) -> list[int]:
+    """Pids of the `criu lazy-pages` processes with work dir `work`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            if entry.name.isdigit() and "lazy-pages" in argv and str(work) in argv:
+                found.append(int(entry.name))
+    return found
+
+
+def kill_fill_after_restore(state_dir: Path, stop: threading.Event) -> list[int]:
+    """SIGKILL the destination's lazy-pages daemon once its restore finished, while it
+    fills the memory; the pids killed."""
+    killed: list[int] = []
+    while not stop.is_set() and not killed:
+        for log in state_dir.glob("incoming/*/work/restore.log"):
+            if "Restore finished successfully" not in log.read_text(errors="replace"):
+                continue
+            for pid in lazy_pages_daemons(log.parent):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+        time.sleep(0.002)
+    return killed
+
+
+def test_fill_after_restore_failing_resumes_source(bed: Testbed) -> None:
+    """The destination's copy ran before all its memory was in: when the fill fails there,
+    that copy is killed and the frozen source, complete, resumes."""
+    start(bed, "fillfail", memhog_bundle(bed.bundle_dir("fillfail"), 1024, seed=3, dirty_pps=0))
+    rootfs = rootfs_of(bed, "fillfail")
+    before = wait_for(lambda: read_state(rootfs).get("status") == "ready" and read_state(rootfs),
+                      timeout=60, what="memhog ready")
+    stop = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        killer = pool.submit(kill_fill_after_restore, bed.host("b").state_dir, stop)
+        code, report = migrate(bed, "fillfail", "b", "--strategy", "stop-and-copy")
+        stop.set()
+        assert killer.result(), "the fill ended before it could be killed"
+    assert code != 0 and "page transfer failed" in report["error"], report
+    assert copies(bed, "fillfail") == [("a", "running")]
+    assert bed.godwit("kill", "fillfail", "--signal", "USR1").returncode == 0
+    verified = wait_for(lambda: read_state(rootfs).get("status") == "verified"
+                        and read_state(rootfs), timeout=60, what="memhog verification on a")
+    assert verified["ok"] == 1 and verified["checksum"] == before["checksum"]
+    remove(bed, "fillfail")
 
 
 @pytest.mark.parametrize(

@@ -173,6 +173,9 @@ def rm_cmd(ctx: Context, name: str, host: str | None) -> None:
               help="The rootfs is on storage both hosts see at the same path: do not copy it.")
 @click.option("--compress", is_flag=True, help="zstd-compress the transfer.")
 @click.option("--bandwidth", type=float, help="Limit the transfer to this many MB/s.")
+@click.option("--eager-restore", is_flag=True,
+              help="Stop-and-copy: copy the memory into the restored process before it "
+                   "resumes (a longer freeze), instead of right after.")
 @click.option("--commit-timeout", type=float, default=60.0, show_default=True,
               help="Seconds the destination waits for the commit before fencing its copy.")
 @click.option("--max-clock-skew", type=float, default=0.5, show_default=True,

@@ -37,6 +37,9 @@ pass_ctx = click.make_pass_decorator(Context)
 @click.option("--shared-storage", is_flag=True, help="Root filesystems are on shared storage.")
 @click.option("--compress", is_flag=True, help="zstd-compress the transfers.")
 @click.option("--bandwidth", type=float, help="Limit each migration to this many MB/s.")
+@click.option("--eager-restore", is_flag=True,
+              help="Stop-and-copy: copy the memory into the restored process before it "
+                   "resumes (a longer freeze), instead of right after.")
 @click.option("--commit-timeout", type=float, default=60.0, show_default=True)
 @json_option
 @pass_ctx

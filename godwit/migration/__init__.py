@@ -26,6 +26,7 @@ class MigrationOptions(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     max_clock_skew: float = 0.5
     max_freeze: float | None = None  # seconds; None: default_max_freeze of the memory
     progress_timeout: float = 30.0  # before the freeze: seconds a step may make no progress
+    eager_restore: bool = False  # stop-and-copy: copy the memory in the restore, frozen
 
     def __post_init__(self) -> None:
         if not self.to:

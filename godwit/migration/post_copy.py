@@ -23,7 +23,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from functools import cached_property
 
 from godwit import procfs
@@ -38,13 +37,13 @@ from godwit.runc import HeldRunc
 from godwit.tls import TLSFiles
 
 log = logging.getLogger("godwit.post_copy")
-PAGES_POLL_S = 0.05
 SLOWEST_PAGES_BPS = 20e6  # pages must all arrive before the fence: allow for this slow a link
 
 
 class PostCopy(SourceMigration):
     strategy = "post-copy"
     stream_pages = False  # its pages go the other way, pulled by the destination
+    fill_after_restore = False  # they come from the source, after the restore
     needs = (Need("destination", "lazy_pages", "lazy pages (userfaultfd)"),
              Need("source", "lazy_dump",
                   "`runc checkpoint --lazy-pages --page-server --status-fd`", runc=True),
@@ -105,26 +104,11 @@ class PostCopy(SourceMigration):
         await super().verify()
 
     async def wait_for_pages(self) -> None:
-        """Until the destination holds every page, the frozen source is the only full copy."""
-        with self.events.phase("pages"):
-            while (state := await self.destination_pages()) in ("transferring", None):
-                if time.monotonic() > self.fence_deadline():
-                    raise GodwitError("memory pages did not all arrive before the deadline")
-                await asyncio.sleep(PAGES_POLL_S)
-            if not state.startswith("complete"):
-                raise GodwitError(f"post-copy page transfer failed: {state}")
-            self.report.pages = state.removeprefix("complete: ")
-            assert self.page_server
-            if await self.page_server.wait() != 0:
-                raise GodwitError("the source page server failed")
-
-    async def destination_pages(self) -> str | None:
-        """transferring, complete, failed: …; None while the destination does not answer."""
-        try:
-            state = await self.ctx.dest.incoming_state(self.report.id)
-        except GodwitError:
-            return None
-        return state.pages or state.state
+        """Every page pulled, and the source's page server that served them ended well."""
+        await super().wait_for_pages()
+        assert self.page_server
+        if await self.page_server.wait() != 0:
+            raise GodwitError("the source page server failed")
 
     async def release_source(self) -> None:
         """Rollback: freeze the ptrace-stopped tasks, then stop the page server, so the

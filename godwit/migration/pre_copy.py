@@ -27,6 +27,7 @@ MIN_SHRINK = 0.8  # a round must cut the dirty set by 20 % to be worth another
 class PreCopy(SourceMigration):
     strategy = "pre-copy"
     stream_pages = False  # the final dump's pages refer to its parent's, kept on disk here
+    fill_after_restore = False  # a lazy restore would read them through the parents
     needs = (Need("source", "soft_dirty", "soft-dirty memory tracking"),
              Need("source", "pre_dump", "`runc checkpoint --pre-dump --parent-path`",
                   runc=True))

@@ -67,6 +67,7 @@ log = logging.getLogger("godwit.receiver")
 DeviceRule = Callable[[str, int, int], bool]
 ID_CHARS = set("0123456789abcdef-")
 PAGES = "pages"
+FILL_AFTER_RESTORE = "fill-after-restore"  # marker: restore lazily from the received pages
 PAGE_SERVER = "page-server.json"  # pid and start time of a streamed dump's page server
 PAGES_LANDED_TIMEOUT_S = 10.0  # the dump succeeded: its page server ends right after
 PLACED = "rootfs-placed"  # marker: the received rootfs moved to the container's directory
@@ -295,13 +296,15 @@ class Receiver:
 
     async def arm(self, migration_id: str, descriptors: list[str],
                   page_server_on: tuple[str, int] | None = None,
-                  source_address: str | None = None) -> Armed:
+                  source_address: str | None = None,
+                  fill_after_restore: bool = False) -> Armed:
         """The source is about to freeze: place the rootfs, write the bundle and start
         `runc restore`, held before CRIU. `descriptors` is runc's descriptors.json of the
         dump (the container's stdio), which runc reads before CRIU starts. With
         `page_server_on` (the agent's own address and port, as the source reached it), a
         CRIU page server listens there, on a port of the migration block, for the dump's
-        memory pages from `source_address`."""
+        memory pages from `source_address`. With `fill_after_restore` the restore is lazy,
+        its memory filled from the received pages once the container runs."""
         self.touch(migration_id)
         await faults.point("arm")
         async with self._lock(migration_id):
@@ -313,8 +316,11 @@ class Receiver:
             images = staging / "images"
             images.mkdir(exist_ok=True)
             (images / "descriptors.json").write_text(json.dumps(descriptors))
+            if fill_after_restore:
+                (staging / FILL_AFTER_RESTORE).touch()
+            lazy = restores_lazily(request.strategy) or fill_after_restore
             self.held[migration_id] = await self._runc_restore(
-                request, bundle, staging, lazy=restores_lazily(request.strategy), hold=True)
+                request, bundle, staging, lazy=lazy, hold=True)
             page_server = await self._start_page_server(
                 migration_id, staging, page_server_on, source_address) \
                 if page_server_on else None
@@ -446,7 +452,8 @@ class Receiver:
                              if self.cluster and self.tls else None)
         self._watch(self._drop_when_fenced(
             migration_id, request.commit_timeout + FENCED_GRACE_S))
-        lazy = await self._start_lazy_pages(staging, page_server) if page_server else None
+        lazy = await self._start_lazy_pages(staging, page_server) \
+            if page_server or (staging / FILL_AFTER_RESTORE).exists() else None
         try:
             pid = await self._held_or_new_restore(held, request, bundle, staging,
                                                   lazy=lazy is not None)
@@ -476,7 +483,9 @@ class Receiver:
         hold = self.holds.pop(migration_id, None)
         return await asyncio.to_thread(hold.release) if hold else 0
 
-    async def _start_lazy_pages(self, staging: Path, page_server: str):
+    async def _start_lazy_pages(self, staging: Path, page_server: str | None):
+        """The daemon that fills the restored memory: from the source's page server
+        (post-copy), or with `page_server` None from the pages received here."""
         (staging / "work").mkdir(exist_ok=True)
         (staging / PAGES).write_text("transferring")
         return await start_lazy_pages(staging / "images", staging / "work", page_server,

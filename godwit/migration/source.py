@@ -49,6 +49,7 @@ FENCE_MARGIN_S = 3.0
 FREEZE_MARGIN_S = 5.0
 PROGRESS_INTERVAL_S = 0.1
 VERIFY_TIMEOUT_S = 10.0
+PAGES_POLL_S = 0.05
 SETTLE_S = 0.2  # the restored copy must still run this long after its restore
 
 
@@ -71,6 +72,12 @@ def incoming_request(store: ContainerStore, name: str, options: MigrationOptions
         private_netns=record.private_netns,
         upload_bytes=upload_bytes,
     )
+
+
+def protocol_at_least(version: str, wanted: tuple[int, int]) -> bool:
+    """Does a peer speaking protocol `version` (major.minor) know `wanted`'s features?"""
+    major, _, minor = version.partition(".")
+    return (int(major), int(minor or 0)) >= wanted
 
 
 def migration_needs(store: ContainerStore, name: str, shared: bool) -> tuple[int, int]:
@@ -118,6 +125,11 @@ class SourceMigration:
                       whether and when `--strategy auto` picks it (lowest rank first)
       stream_pages    the dump sends its pages to a page server on the destination (so
                       they never land here); off where pages stay or are pulled
+      fill_after_restore
+                      once every page is on the destination, it restores lazily and
+                      fills the memory from them after the restore (out of the freeze);
+                      off where the images have a parent (pre-copy) or the pages come
+                      later (post-copy)
     and overrides the hooks it needs (each does the stop-and-copy thing here):
       before_freeze()     work while the container still runs (pre-copy's rounds)
       hold_dump()         start the dump's runc, held before CRIU (post-copy: lazily,
@@ -147,6 +159,10 @@ class SourceMigration:
     # The dump streams its memory pages straight to a CRIU page server on the destination
     # (a destination of protocol 2.1 or later): they are never written here nor read back.
     stream_pages: ClassVar[bool] = True
+    # The restore copies the memory after the container resumes, from the pages already on
+    # the destination (a destination of protocol 2.3 or later that restores lazily); the
+    # source stays frozen until every page is in, so the guarantee is unchanged.
+    fill_after_restore: ClassVar[bool] = True
 
     def __init__(self, ctx: SourceContext, name: str, options: MigrationOptions,
                  events: EventStream) -> None:
@@ -161,6 +177,8 @@ class SourceMigration:
         self.journal = Journal(self.report.id, name, self.strategy, options.to_json())
         self.held_dump: HeldRunc | None = None
         self.dest_protocol = "0.0"
+        self.dest_info: HostInfo | None = None
+        self.fills_after_restore = False  # decided at arm: see `fill_after_restore`
         self.pages_to: str | None = None  # the destination's page server, when streamed
         self.upload_bytes = 0  # the pre-flight's estimate of what goes to the destination
 
@@ -354,6 +372,7 @@ class SourceMigration:
             await faults.point("prepare")
             info = await self.ctx.dest.info()
             self.dest_protocol = info.protocol
+            self.dest_info = info
             self.report.destination = info.name or self.report.destination
             if info.name == self.report.source:
                 raise GodwitError(f"{self.name} is already on {self.report.source}")
@@ -409,8 +428,10 @@ class SourceMigration:
             self.images.mkdir(parents=True, exist_ok=True)
             self.held_dump = await self.hold_dump()
             descriptors = json.loads((self.images / "descriptors.json").read_text())
-            armed = await self.ctx.dest.arm_incoming(self.report.id, descriptors,
-                                                     stream_pages=self.streams_pages())
+            self.fills_after_restore = self.can_fill_after_restore()
+            armed = await self.ctx.dest.arm_incoming(
+                self.report.id, descriptors, stream_pages=self.streams_pages(),
+                fill_after_restore=self.fills_after_restore)
             if armed.page_server:
                 self.send_pages_to(armed.page_server)
 
@@ -420,10 +441,19 @@ class SourceMigration:
         the container maps shared memory: CRIU 4.2's dump of shared memory to a page server
         over TLS fails ("Decryption has failed": System V shm of zdtm's `shm`, PostgreSQL's
         shared buffers), so such a container's pages go through the agents' stream."""
-        major, _, minor = self.dest_protocol.partition(".")
         return (self.stream_pages and not self.options.compress and not self.options.rate_limit
-                and (int(major), int(minor or 0)) >= (2, 1)
+                and protocol_at_least(self.dest_protocol, (2, 1))
                 and not procfs.has_shared_memory(self.ctx.store.pids(self.name)))
+
+    def can_fill_after_restore(self) -> bool:
+        """Restore lazily from the pages on the destination, unless the operator keeps the
+        memory copy in the freeze (`--eager-restore`) or the destination cannot (protocol
+        older than 2.3, no userfaultfd for CRIU, a runc without `restore --lazy-pages`)."""
+        info = self.dest_info
+        return bool(self.fill_after_restore and not self.options.eager_restore and info
+                    and protocol_at_least(info.protocol, (2, 3))
+                    and info.criu and info.criu.lazy_pages
+                    and info.runc_features and info.runc_features.lazy_restore)
 
     def send_pages_to(self, page_server: str) -> None:
         """Point the held dump at the destination's page server: CRIU reads the container's
@@ -529,8 +559,11 @@ class SourceMigration:
         return RestoreRequest()
 
     async def verify(self) -> None:
-        """The restored copy must still be running a moment (`SETTLE_S`) after its
-        restore; time spent since (post-copy's pages) counts towards it."""
+        """The restored copy has all its memory (when filled after the restore) and must
+        still be running a moment (`SETTLE_S`) after its restore; time spent since (the
+        pages) counts towards it."""
+        if self.fills_after_restore:
+            await self.wait_for_pages()
         with self.events.phase("verify"):
             await faults.point("verify")
             await asyncio.sleep(self.settle_left())
@@ -542,6 +575,27 @@ class SourceMigration:
                                   "after the restore") from exc
             if state.status != "running":
                 raise GodwitError(f"restored container is {state.status} on destination")
+
+    async def wait_for_pages(self) -> None:
+        """Until the restored copy holds every page, the frozen source is the only full
+        copy: wait for the destination's lazy-pages daemon to report its outcome."""
+        with self.events.phase("pages"):
+            while (state := await self.destination_pages()) in ("transferring", None):
+                if time.monotonic() > self.fence_deadline():
+                    raise GodwitError("memory pages did not all arrive before the deadline")
+                await asyncio.sleep(PAGES_POLL_S)
+            if not state.startswith("complete"):
+                raise GodwitError(f"{self.strategy} page transfer failed: {state}")
+            filled = state.removeprefix("complete: ")
+            self.report.pages = f"{self.report.pages}; {filled}" if self.report.pages else filled
+
+    async def destination_pages(self) -> str | None:
+        """transferring, complete, failed: …; None while the destination does not answer."""
+        try:
+            state = await self.ctx.dest.incoming_state(self.report.id)
+        except GodwitError:
+            return None
+        return state.pages or state.state
 
     def settle_left(self) -> float:
         if self.restored_at is None:  # after an agent restart: a full moment from now
