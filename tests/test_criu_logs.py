@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from godwit import criu
 from godwit.criu import log_error, root_cause
+from godwit.errors import GodwitError
+from godwit.migration.receiver import restore_failure
 from godwit.tls import TLSFiles
 
 LOGS = Path(__file__).with_name("data") / "criu-logs"
@@ -72,3 +75,22 @@ def test_tls_options_as_arguments_and_as_config_lines(tmp_path: Path) -> None:
         f"tls-cacrl {files.crl}"]
     server = criu.tls_argv(files, check_peer_name=False)
     assert server[-1] == "--tls-no-cn-verify" and "--tls-no-cn-verify" not in criu.tls_argv(files)
+
+
+LAZY_ECHO = ("(00.010000) uffd: Error (criu/uffd.c:763): recv_fd error\n"
+             "(00.010100) Error (criu/uffd.c:1500): Lazy pages transfer FAILED.\n")
+LAZY_OWN = "(00.010000) Error (criu/uffd.c:600): uffd: Can't read pagemap: Bad file\n"
+
+
+@pytest.mark.parametrize(("restore_log", "lazy_log", "expected"), [
+    ("restore-interleaved-bind.log", LAZY_ECHO,  # the daemon only saw the restore die
+     "inet: Can't bind inet socket (id 6): Cannot assign requested address"),
+    (None, LAZY_OWN, "runc restore failed (criu lazy-pages: uffd: Can't read pagemap: Bad file)"),
+])
+def test_restore_failure_names_the_daemon_only_as_a_cause(tmp_path: Path, restore_log: str | None,
+                                                          lazy_log: str, expected: str) -> None:
+    if restore_log:
+        (tmp_path / "restore.log").write_text(read(restore_log))
+    (tmp_path / criu.LAZY_LOG).write_text(lazy_log)
+    ended = SimpleNamespace(returncode=1)
+    assert restore_failure(tmp_path, GodwitError("runc restore failed"), ended) == expected

@@ -458,12 +458,9 @@ class Receiver:
             pid = await self._held_or_new_restore(held, request, bundle, staging,
                                                   lazy=lazy is not None)
         except GodwitError as exc:
-            detail = log_error(staging / "work", "restore.log") or str(exc)
+            detail = restore_failure(staging / "work", exc, lazy)
             if lazy and lazy.returncode is None:
                 lazy.kill()
-            elif lazy:  # it ended first: its own error is the cause of the restore's
-                cause = log_error(staging / "work", LAZY_LOG) or f"exit {lazy.returncode}"
-                detail += f" (criu lazy-pages: {cause})"
             await self._discard(migration_id, staging, name, record.owns_netns)
             raise GodwitError(f"restore failed on {self.store.host}: {detail}") from exc
         except asyncio.CancelledError:  # aborted under way (the source's freeze deadline)
@@ -651,6 +648,18 @@ class Receiver:
                     self.store.forget(request.name)
                 _kill_orphan_page_server(staging / PAGE_SERVER)
                 self._drop_staging(staging.name, staging)
+
+
+def restore_failure(work: Path, exc: GodwitError, lazy) -> str:
+    """Why a restore failed: its own log's root cause. The lazy-pages daemon's error is
+    added when the restore names no cause or one of lazy pages (the daemon ended first);
+    a daemon that ended because the restore died only echoes it ("recv_fd error")."""
+    cause = log_error(work, "restore.log")
+    detail = cause or str(exc)
+    if lazy and lazy.returncode is not None and (
+            cause is None or "lazy" in cause or "uffd" in cause):
+        detail += f" (criu lazy-pages: {log_error(work, LAZY_LOG) or f'exit {lazy.returncode}'})"
+    return detail
 
 
 def _kill_orphan_page_server(saved: Path) -> None:
