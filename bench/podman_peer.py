@@ -88,7 +88,9 @@ def memhog_image() -> str:
 
 def start(image: str, name: str, mib: int) -> Path:
     """Run memhog under Podman (dirty_pps=0, as in the godwit runs); its rootfs as seen
-    from the host, where memhog writes /state."""
+    from the host, where memhog writes /state. A container of that name left by an
+    interrupted run goes first."""
+    subprocess.run([PODMAN, "rm", "-f", "-t", "0", name], capture_output=True, check=False)
     podman("run", "-d", "--name", name, *RUN_OPTIONS, image,
            "memhog", str(mib), "1", "/state", "0")
     return merged_dir(name)
