@@ -122,7 +122,7 @@ class HostNetwork:
         others = [f"{NETNS_PREFIX}{h.netns}-" for h in self.hosts.values()]
         _remove_netns_with_prefix(f"{NETNS_PREFIX}{host.netns}-", exclude=others)
         _delete_link(self._veth(host.address))
-        _remove_netns(host.netns)
+        _kill_and_remove_netns(host.netns)
         shutil.rmtree(host.state_dir, ignore_errors=True)
 
     def destroy(self) -> None:
@@ -306,11 +306,17 @@ def _remove_netns_with_prefix(prefix: str, exclude: Sequence[str] = ()) -> list[
     names = sorted(n for n in names if not any(n.startswith(x) for x in exclude if x != prefix))
     pids = netns.ns_pids() if names else {}
     for ns in names:
-        for pid in pids.get(ns, []):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        _remove_netns(ns)
+        _kill_and_remove_netns(ns, pids)
     return names
+
+
+def _kill_and_remove_netns(name: str, pids: dict[str, list[int]] | None = None) -> None:
+    """Kill what still runs in netns ``name`` (a daemon an agent left in its own session),
+    then remove it."""
+    for pid in (netns.ns_pids() if pids is None else pids).get(name, []):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _remove_netns(name)
 
 
 def _remove_netns(name: str) -> None:
