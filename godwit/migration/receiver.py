@@ -69,6 +69,7 @@ ID_CHARS = set("0123456789abcdef-")
 PAGES = "pages"
 FILL_AFTER_RESTORE = "fill-after-restore"  # marker: restore lazily from the received pages
 PAGE_SERVER = "page-server.json"  # pid and start time of a streamed dump's page server
+LAZY_PAGES = "lazy-pages.json"  # pid and start time of the restore's lazy-pages daemon
 PAGES_LANDED_TIMEOUT_S = 10.0  # the dump succeeded: its page server ends right after
 PLACED = "rootfs-placed"  # marker: the received rootfs moved to the container's directory
 # The migration's DestinationState: written here until the restore, then the fence's
@@ -342,8 +343,7 @@ class Receiver:
             release_port(port)
             raise
         self.page_servers[migration_id] = (proc, port)
-        (staging / PAGE_SERVER).write_text(json.dumps(
-            {"pid": proc.pid, "start": procfs.start_time(proc.pid)}))
+        _save_process(staging / PAGE_SERVER, proc.pid)
         return f"{address}:{port}"
 
     async def _pages_landed(self, migration_id: str, staging: Path) -> int:
@@ -485,8 +485,10 @@ class Receiver:
         (post-copy), or with `page_server` None from the pages received here."""
         (staging / "work").mkdir(exist_ok=True)
         (staging / PAGES).write_text("transferring")
-        return await start_lazy_pages(staging / "images", staging / "work", page_server,
-                                      self.tls)
+        daemon = await start_lazy_pages(staging / "images", staging / "work", page_server,
+                                        self.tls)
+        _save_process(staging / LAZY_PAGES, daemon.pid)  # in its own session: it outlives us
+        return daemon
 
     def _watch_pages(self, migration_id: str, daemon, name: str, networked: bool) -> None:
         self._watch(self._pages_outcome(migration_id, daemon, name, networked))
@@ -647,6 +649,7 @@ class Receiver:
                 if request and (staging / PLACED).exists() and state.before_restore:
                     self.store.forget(request.name)
                 _kill_orphan_page_server(staging / PAGE_SERVER)
+                _kill_orphan_page_server(staging / LAZY_PAGES)
                 self._drop_staging(staging.name, staging)
 
 
@@ -662,8 +665,13 @@ def restore_failure(work: Path, exc: GodwitError, lazy) -> str:
     return detail
 
 
+def _save_process(path: Path, pid: int) -> None:
+    path.write_text(json.dumps({"pid": pid, "start": procfs.start_time(pid)}))
+
+
 def _kill_orphan_page_server(saved: Path) -> None:
-    """A page server a previous agent started for a migration that no dump will finish."""
+    """A page server (or lazy-pages daemon) a previous agent started for a migration that
+    no dump or restore will finish."""
     if not saved.exists():
         return
     started = json.loads(saved.read_text())
