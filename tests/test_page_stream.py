@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from godwit import procfs
-from godwit.migration.receiver import PAGE_SERVER, _kill_orphan_page_server
+from godwit.migration.receiver import PAGE_SERVER, _kill_orphan
 
 
 def _orphan(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
@@ -20,7 +20,7 @@ def _orphan(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
 
 def test_an_orphaned_page_server_is_killed(tmp_path: Path) -> None:
     proc, saved = _orphan(tmp_path)
-    _kill_orphan_page_server(saved)
+    _kill_orphan(saved)
     assert proc.wait(timeout=5) == -9
 
 
@@ -28,7 +28,7 @@ def test_a_process_that_reused_the_pid_is_left_alone(tmp_path: Path) -> None:
     proc, saved = _orphan(tmp_path)
     saved.write_text(json.dumps({"pid": proc.pid, "start": "1"}))  # another start time
     try:
-        _kill_orphan_page_server(saved)
+        _kill_orphan(saved)
         assert proc.poll() is None
     finally:
         proc.kill()
@@ -36,4 +36,4 @@ def test_a_process_that_reused_the_pid_is_left_alone(tmp_path: Path) -> None:
 
 
 def test_no_page_server_no_harm(tmp_path: Path) -> None:
-    _kill_orphan_page_server(tmp_path / PAGE_SERVER)
+    _kill_orphan(tmp_path / PAGE_SERVER)

@@ -3,9 +3,9 @@
 `EtcdCluster(ca, size=1)` is a single node, `size=3` a 3-member cluster (for failure tests).
 Every member is Debian's `etcd` binary (scripts/setup installs etcd-server), runs in the
 root network namespace with its own data dir under /var/tmp and its own client and peer
-ports, picked free on its address below the ephemeral range. Bind it on a testbed's bridge address
-(`HostNetwork.gateway`) and the agents in the netns hosts reach it through their default
-route. The members' certificates name that address and `etcd.godwit`, the name clients
+ports, picked free on its address below the ephemeral range. Bind it on a testbed's bridge
+address (`HostNetwork.gateway`) and the agents in the netns hosts reach it through their
+default route. The members' certificates name that address and `etcd.godwit`, the name clients
 check (godwit.cluster.store). All members share the address: etcd refuses a peer whose
 certificate's IP addresses do not include the address the connection comes from, and on
 one machine every connection between loopback addresses comes from 127.0.0.1. Clients and peers

@@ -648,12 +648,13 @@ class Receiver:
                     self.store.networking.delete(request.name)
                 if request and (staging / PLACED).exists() and state.before_restore:
                     self.store.forget(request.name)
-                _kill_orphan_page_server(staging / PAGE_SERVER)
-                _kill_orphan_page_server(staging / LAZY_PAGES)
+                _kill_orphan(staging / PAGE_SERVER)
+                _kill_orphan(staging / LAZY_PAGES)
                 self._drop_staging(staging.name, staging)
 
 
-def restore_failure(work: Path, exc: GodwitError, lazy) -> str:
+def restore_failure(work: Path, exc: GodwitError,
+                    lazy: asyncio.subprocess.Process | None) -> str:
     """Why a restore failed: its own log's root cause. The lazy-pages daemon's error is
     added when the restore names no cause or one of lazy pages (the daemon ended first);
     a daemon that ended because the restore died only echoes it ("recv_fd error")."""
@@ -669,7 +670,7 @@ def _save_process(path: Path, pid: int) -> None:
     path.write_text(json.dumps({"pid": pid, "start": procfs.start_time(pid)}))
 
 
-def _kill_orphan_page_server(saved: Path) -> None:
+def _kill_orphan(saved: Path) -> None:
     """A page server (or lazy-pages daemon) a previous agent started for a migration that
     no dump or restore will finish."""
     if not saved.exists():

@@ -176,8 +176,7 @@ class SourceMigration:
         self.manifest: dict | None = None
         self.journal = Journal(self.report.id, name, self.strategy, options.to_json())
         self.held_dump: HeldRunc | None = None
-        self.dest_protocol = "0.0"
-        self.dest_info: HostInfo | None = None
+        self.dest_info: HostInfo | None = None  # the destination's /v1/info, at prepare
         self.fills_after_restore = False  # decided at arm: see `fill_after_restore`
         self.pages_to: str | None = None  # the destination's page server, when streamed
         self.upload_bytes = 0  # the pre-flight's estimate of what goes to the destination
@@ -371,7 +370,6 @@ class SourceMigration:
         with self.events.phase("prepare"):
             await faults.point("prepare")
             info = await self.ctx.dest.info()
-            self.dest_protocol = info.protocol
             self.dest_info = info
             self.report.destination = info.name or self.report.destination
             if info.name == self.report.source:
@@ -445,13 +443,18 @@ class SourceMigration:
                 and protocol_at_least(self.dest_protocol, (2, 1))
                 and not procfs.has_shared_memory(self.ctx.store.pids(self.name)))
 
+    @property
+    def dest_protocol(self) -> str:
+        """The destination's protocol version ("0.0" before it answered)."""
+        return self.dest_info.protocol if self.dest_info else "0.0"
+
     def can_fill_after_restore(self) -> bool:
         """Restore lazily from the pages on the destination, unless the operator keeps the
         memory copy in the freeze (`--eager-restore`) or the destination cannot (protocol
         older than 2.3, no userfaultfd for CRIU, a runc without `restore --lazy-pages`)."""
         info = self.dest_info
         return bool(self.fill_after_restore and not self.options.eager_restore and info
-                    and protocol_at_least(info.protocol, (2, 3))
+                    and protocol_at_least(self.dest_protocol, (2, 3))
                     and info.criu and info.criu.lazy_pages
                     and info.runc_features and info.runc_features.lazy_restore)
 
