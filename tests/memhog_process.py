@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,11 +25,13 @@ class Memhog:
         return self.state.read_text() if self.state.exists() else ""
 
 
-def start_memhog(directory: Path, mib: int) -> Memhog:
+def start_memhog(directory: Path, mib: int,
+                 launch: Callable[..., subprocess.Popen] = subprocess.Popen) -> Memhog:
+    """memhog touching `mib` MiB, started by `launch` (Popen's signature), once ready."""
     state = directory / "memhog.state"
-    proc = subprocess.Popen([str(build_memhog()), str(mib), "5", str(state), "0"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = launch([str(build_memhog()), str(mib), "5", str(state), "0"],
+                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                  stderr=subprocess.DEVNULL, start_new_session=True)
     hog = Memhog(proc, state)
     deadline = time.monotonic() + 60
     while not hog.read().startswith("ready"):
