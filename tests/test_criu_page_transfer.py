@@ -3,7 +3,8 @@ godwit runs (GODWIT_CRIU or the installed one): the pages arrive intact, the TLS
 server's memory stays flat (scripts/criu-patches/0014), the frozen dump does not wait
 200 ms for its corked socket at the end (0013) nor 40 ms in its TLS handshake (0016),
 System V shared memory of an IPC namespace crosses TLS (0015), and a TLS dump over a
-real link (MTU 1500) is not slowed down by a corked socket (0017)."""
+real link (MTU 1500) is not slowed down by a corked socket (0017), and the TLS page
+server reads many records per recv() (0018)."""
 
 from __future__ import annotations
 
@@ -116,14 +117,17 @@ def start_page_server(directory: Path, port: int, tls: TLSFiles | None,
 
 
 def dump_to_page_server(tmp_path: Path, pid: int, tls: tuple[TLSFiles, TLSFiles] | None,
-                        *, leave_running: bool = True) -> Transfer:
+                        *, leave_running: bool = True,
+                        launch_server: Callable[..., subprocess.Popen] = subprocess.Popen,
+                        ) -> Transfer:
     """`criu dump` of process `pid` to a `criu page-server` on loopback, as a streamed
     stop-and-copy does, with the page server's own peak RSS."""
     images, received = tmp_path / "images", tmp_path / "received"
     images.mkdir()
     received.mkdir()
     port = free_port()
-    server = start_page_server(received, port, tls[0] if tls else None)
+    server = start_page_server(received, port, tls[0] if tls else None,
+                               launch=launch_server)
     peak = PeakMemory(server.pid)
     peak.start()
     argv = [CRIU, "dump", "-t", str(pid), "-D", str(images), "-v4", "-o", "dump.log",
@@ -176,6 +180,34 @@ def test_tls_page_server_memory_stays_flat(tmp_path: Path, memhog: Memhog,
     assert transfer.server_max_rss < received / 2, (
         f"page server peaked at {transfer.server_max_rss / MiB:.0f} MiB RSS for "
         f"{received / MiB:.0f} MiB of pages: it keeps received records")
+
+
+TLS_RECORD = 16 << 10  # the most a TLS record carries
+
+
+def recv_calls(strace_summary: Path) -> int:
+    """recvfrom() calls in an `strace -c` summary."""
+    for line in strace_summary.read_text().splitlines():
+        if line.split()[-1:] == ["recvfrom"]:
+            return int(line.split()[3])
+    return 0
+
+
+@pytest.mark.parametrize("memhog", [64], indirect=True)
+def test_tls_page_server_reads_many_records_per_recv(tmp_path: Path, memhog: Memhog,
+                                                     identities: tuple[TLSFiles, TLSFiles],
+                                                     ) -> None:
+    """gnutls reads a record's header and its body with a recv() each: the page server,
+    the slower end of a TLS dump, made two system calls per 16 KiB of pages
+    (scripts/criu-patches/0018)."""
+    summary = tmp_path / "strace.txt"
+    transfer = dump_to_page_server(
+        tmp_path, memhog.proc.pid, identities,
+        launch_server=lambda argv, **kw: subprocess.Popen(
+            ["strace", "-c", "-e", "trace=recvfrom", "-o", str(summary), *argv], **kw))
+    records = sum(p.stat().st_size for p in transfer.received.glob("pages-*.img")) / TLS_RECORD
+    calls = recv_calls(summary)
+    assert 0 < calls < records, f"{calls} recv calls for {records:.0f} records of pages"
 
 
 def log_stamps(dump_log: Path) -> list[tuple[float, str]]:
