@@ -329,7 +329,10 @@ def test_fill_after_restore_failing_resumes_source(bed: Testbed) -> None:
         code, report = migrate(bed, "fillfail", "b", "--strategy", "stop-and-copy")
         stop.set()
         assert killer.result(), "the fill ended before it could be killed"
-    assert code != 0 and "page transfer failed" in report["error"], report
+    # Killed once CRIU's restore ended: the page transfer fails, or, when the kill comes
+    # before godwit's restore step has seen the container run, that step does.
+    assert code != 0 and ("page transfer failed" in report["error"]
+                          or "criu lazy-pages: exit -9" in report["error"]), report
     assert copies(bed, "fillfail") == [("a", "running")]
     assert bed.godwit("kill", "fillfail", "--signal", "USR1").returncode == 0
     verified = wait_for(lambda: read_state(rootfs).get("status") == "verified"
