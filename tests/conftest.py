@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -106,3 +107,10 @@ def copies(bed: Testbed, name: str) -> list[tuple[str, str]]:
     listing = cli_json(bed, "ps")
     assert not listing["errors"], listing["errors"]
     return [(c["host"], c["status"]) for c in listing["containers"] if c["name"] == name]
+
+
+def free_port(address: str) -> int:
+    """A TCP port nothing listens on at `address` now (the kernel's pick)."""
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        return sock.getsockname()[1]

@@ -8,12 +8,12 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from memhog_process import Memhog, start_memhog, verified_state
 
 from godwit.criu import CRIU, LAZY_LOG, lazy_pages_verdict, start_lazy_pages
@@ -41,12 +41,6 @@ def in_namespace(hog: Memhog) -> int:
     return int(Path(f"/proc/{hog.proc.pid}/task/{hog.proc.pid}/children").read_text())
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((ADDRESS, 0))
-        return sock.getsockname()[1]
-
-
 async def lazy_dump(pid: int, images: Path, port: int) -> asyncio.subprocess.Process:
     """`criu dump --lazy-pages` of `pid`, returned once its page server listens."""
     read_end, write_end = os.pipe()
@@ -67,7 +61,7 @@ async def post_copy(hog: Memhog, tmp_path: Path) -> tuple[int, Path]:
     images, work, pidfile = tmp_path / "images", tmp_path / "work", tmp_path / "restored.pid"
     images.mkdir()
     work.mkdir()
-    port = free_port()
+    port = free_port(ADDRESS)
     dump = await lazy_dump(in_namespace(hog), images, port)
     daemon = await start_lazy_pages(images, work, f"{ADDRESS}:{port}", None)
     try:

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from memhog_process import Memhog, memhog_fixture, start_memhog, verified_state
 
 from godwit.criu import CRIU, tls_argv
@@ -47,6 +47,11 @@ class Transfer:
     server_max_rss: int  # bytes
 
 
+def pages_in(directory: Path) -> int:
+    """Bytes of pages images in `directory`."""
+    return sum(p.stat().st_size for p in directory.glob("pages-*.img"))
+
+
 @pytest.fixture(scope="module")
 def identities(tmp_path_factory: pytest.TempPathFactory) -> tuple[TLSFiles, TLSFiles]:
     ca = CertificateAuthority(tmp_path_factory.mktemp("ca") / "ca")
@@ -59,12 +64,6 @@ def identities(tmp_path_factory: pytest.TempPathFactory) -> tuple[TLSFiles, TLSF
 @pytest.fixture
 def memhog(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Memhog]:
     yield from memhog_fixture(request, tmp_path)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((ADDRESS, 0))
-        return sock.getsockname()[1]
 
 
 class PeakMemory(threading.Thread):
@@ -125,7 +124,7 @@ def dump_to_page_server(tmp_path: Path, pid: int, tls: tuple[TLSFiles, TLSFiles]
     images, received = tmp_path / "images", tmp_path / "received"
     images.mkdir()
     received.mkdir()
-    port = free_port()
+    port = free_port(ADDRESS)
     server = start_page_server(received, port, tls[0] if tls else None,
                                launch=launch_server)
     peak = PeakMemory(server.pid)
@@ -175,7 +174,7 @@ def test_tls_page_server_memory_stays_flat(tmp_path: Path, memhog: Memhog,
     """The page server decrypted each TLS record into fresh memory and freed only the
     last one of each chunk: its RSS grew by most of what it received."""
     transfer = dump_to_page_server(tmp_path, memhog.proc.pid, identities)
-    received = sum(p.stat().st_size for p in transfer.received.glob("pages-*.img"))
+    received = pages_in(transfer.received)
     assert received >= 256 * MiB
     assert transfer.server_max_rss < received / 2, (
         f"page server peaked at {transfer.server_max_rss / MiB:.0f} MiB RSS for "
@@ -205,7 +204,7 @@ def test_tls_page_server_reads_many_records_per_recv(tmp_path: Path, memhog: Mem
         tmp_path, memhog.proc.pid, identities,
         launch_server=lambda argv, **kw: subprocess.Popen(
             ["strace", "-c", "-e", "trace=recvfrom", "-o", str(summary), *argv], **kw))
-    records = sum(p.stat().st_size for p in transfer.received.glob("pages-*.img")) / TLS_RECORD
+    records = pages_in(transfer.received) / TLS_RECORD
     calls = recv_calls(summary)
     assert 0 < calls < records, f"{calls} recv calls for {records:.0f} records of pages"
 
@@ -277,7 +276,7 @@ def test_tls_dump_over_a_link_is_not_bound_by_its_sender(tmp_path: Path,
     images, received = tmp_path / "images", tmp_path / "received"
     images.mkdir()
     received.mkdir()
-    port = free_port()
+    port = free_port(ADDRESS)
     server = start_page_server(received, port, ca.bundle_for("server"), b.address,
                                lambda argv, **kw: link.run_in(b, argv, **kw))
     dump = link.run_in(a, [CRIU, "dump", "-t", str(hog.proc.pid), "-D", str(images),
@@ -288,7 +287,7 @@ def test_tls_dump_over_a_link_is_not_bound_by_its_sender(tmp_path: Path,
     dump.returncode = os.waitstatus_to_exitcode(status)
     assert dump.returncode == 0, f"criu dump failed, see {images / 'dump.log'}"
     assert wait_or_kill(server, 30) == 0, f"page server failed, see {received}"
-    pages = sum(p.stat().st_size for p in received.glob("pages-*.img"))
+    pages = pages_in(received)
     assert pages >= 512 * MiB
     cpu = (usage.ru_utime + usage.ru_stime) / (pages / (1 << 30))
     assert cpu < LINK_DUMP_CPU_S_PER_GIB, f"the dump took {cpu:.2f} CPU s per GiB of pages"

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from godwit.criu import CRIU
 from godwit.migration.post_copy import page_server_options
@@ -28,12 +29,6 @@ def ca(tmp_path: Path) -> CertificateAuthority:
     for name, address in (("src", SOURCE), ("dst", DESTINATION), ("other", OTHER)):
         authority.issue_agent(name, [address])
     return authority
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((SOURCE, 0))
-        return s.getsockname()[1]
 
 
 def page_server(tmp_path: Path, ca: CertificateAuthority, port: int) -> subprocess.Popen:
@@ -79,7 +74,7 @@ def test_criu_knows_tls_peer_name() -> None:
 @pytest.mark.parametrize(("client", "allowed"), [("other", False), ("dst", True)])
 def test_only_the_destination_may_fetch_pages(tmp_path: Path, ca: CertificateAuthority,
                                               client: str, allowed: bool) -> None:
-    port = free_port()
+    port = free_port(SOURCE)
     server = page_server(tmp_path, ca, port)
     try:
         assert served(ca.bundle_for(client), port) == allowed
