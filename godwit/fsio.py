@@ -9,19 +9,31 @@ from pathlib import Path
 
 
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> None:
-    """Replace `path` with `data`: written to a temporary file with exactly `mode`, fsync'd,
-    renamed over `path`, and the directory fsync'd, so a crash leaves the old or the new."""
+    """Replace `path` with `data` durably: written with exactly `mode`, fsync'd, renamed
+    over `path`, and the directory fsync'd, so a crash of the host leaves the old or the new."""
+    _replace(path, data, mode, durable=True)
+    fsync_dir(path.parent)
+
+
+def replace_file(path: Path, data: bytes | str, mode: int = 0o600) -> None:
+    """Replace `path` with `data` by a rename, without fsync: a reader never sees it half
+    written, even if the writer is killed, but a crash of the host may lose it. For state
+    that dies with the host anyway (pids, progress), and writes inside a freeze."""
+    _replace(path, data, mode, durable=False)
+
+
+def _replace(path: Path, data: bytes | str, mode: int, durable: bool) -> None:
     payload = data.encode() if isinstance(data, str) else data
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # writers don't collide
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         os.fchmod(fd, mode)
         os.write(fd, payload)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def fsync_dir(directory: Path) -> None:

@@ -4,11 +4,12 @@ at the sweep, and only that process (not another one that got its pid)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
 from godwit import procfs
-from godwit.migration.receiver import PAGE_SERVER, _kill_orphan
+from godwit.migration.receiver import PAGE_SERVER, _kill_orphan, _save_process
 
 
 def _orphan(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
@@ -37,3 +38,24 @@ def test_a_process_that_reused_the_pid_is_left_alone(tmp_path: Path) -> None:
 
 def test_no_page_server_no_harm(tmp_path: Path) -> None:
     _kill_orphan(tmp_path / PAGE_SERVER)
+
+
+def test_a_torn_record_is_ignored(tmp_path: Path) -> None:
+    """An agent killed while writing the record (an older godwit wrote it in place) must
+    not keep the next agent from starting."""
+    saved = tmp_path / PAGE_SERVER
+    for torn in ("", '{"pid": 12', '{"start": "1"}', "[]"):
+        saved.write_text(torn)
+        _kill_orphan(saved)
+
+
+def test_records_are_replaced_never_rewritten_in_place(tmp_path: Path) -> None:
+    """A reader (the next agent's sweep) never sees a half-written record: the new one is
+    renamed over the old, so an open of the old file still reads it whole."""
+    saved = tmp_path / PAGE_SERVER
+    _save_process(saved, os.getpid())
+    with open(saved) as old:
+        _save_process(saved, os.getppid())
+        assert json.loads(old.read())["pid"] == os.getpid()
+    assert json.loads(saved.read_text())["pid"] == os.getppid()
+    assert [p.name for p in tmp_path.iterdir()] == [PAGE_SERVER]

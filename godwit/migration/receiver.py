@@ -35,7 +35,7 @@ from godwit.criu import (
     start_page_server,
 )
 from godwit.errors import Conflict, GodwitError, NotFound
-from godwit.fsio import atomic_write
+from godwit.fsio import atomic_write, replace_file
 from godwit.image_config import provenance_fields
 from godwit.migration.failure_logs import FailureLogs
 from godwit.migration.post_copy import criu_knows_peer_name, free_port, release_port
@@ -484,7 +484,7 @@ class Receiver:
         """The daemon that fills the restored memory: from the source's page server
         (post-copy), or with `page_server` None from the pages received here."""
         (staging / "work").mkdir(exist_ok=True)
-        (staging / PAGES).write_text("transferring")
+        replace_file(staging / PAGES, "transferring", 0o644)
         daemon = await start_lazy_pages(staging / "images", staging / "work", page_server,
                                         self.tls)
         _save_process(staging / LAZY_PAGES, daemon.pid)  # in its own session: it outlives us
@@ -508,9 +508,9 @@ class Receiver:
         ok, detail = lazy_pages_verdict(staging / "work")
         state = await self.store.state(name)
         if code == 0 and ok and state and state.status == "running":
-            (staging / PAGES).write_text(f"complete: {detail}")
+            replace_file(staging / PAGES, f"complete: {detail}", 0o644)
             return
-        (staging / PAGES).write_text(f"failed: {detail}")
+        replace_file(staging / PAGES, f"failed: {detail}", 0o644)
         async with self._lock(migration_id):
             with contextlib.suppress(GodwitError):
                 await self._discard(migration_id, staging, name, networked)
@@ -667,18 +667,23 @@ def restore_failure(work: Path, exc: GodwitError,
 
 
 def _save_process(path: Path, pid: int) -> None:
-    path.write_text(json.dumps({"pid": pid, "start": procfs.start_time(pid)}))
+    replace_file(path, json.dumps({"pid": pid, "start": procfs.start_time(pid)}))
 
 
 def _kill_orphan(saved: Path) -> None:
     """A page server (or lazy-pages daemon) a previous agent started for a migration that
     no dump or restore will finish."""
-    if not saved.exists():
+    try:
+        started = json.loads(saved.read_text())
+        pid, start = int(started["pid"]), started["start"]
+    except FileNotFoundError:
         return
-    started = json.loads(saved.read_text())
-    if procfs.start_time(started["pid"]) == started["start"]:  # not a reused pid
+    except (ValueError, KeyError, TypeError):  # torn by an older agent killed mid-write
+        log.warning("ignoring unreadable %s", saved)
+        return
+    if procfs.start_time(pid) == start:  # not a reused pid
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(started["pid"], signal.SIGKILL)
+            os.killpg(pid, signal.SIGKILL)
 
 
 def _no_devices(kind: str, major: int, minor: int) -> bool:

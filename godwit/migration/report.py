@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from godwit.fsio import replace_file
 from godwit.metrics import observe_migration
 from godwit.migration.states import Result
 from godwit.protocol import (
@@ -132,7 +133,7 @@ class ReportArchive:
 
     def save(self, report: MigrationReport) -> None:
         path = self.directory / f"{report.id}.json"
-        path.write_text(json.dumps(report.to_json(), indent=1))
+        replace_file(path, json.dumps(report.to_json(), indent=1))
         observe_migration(report.to_json())
 
     def load(self, migration_id: str) -> dict | None:
