@@ -1,12 +1,13 @@
 """Fencing of a restored-but-uncommitted container, independent of the agent process.
 
 Before a destination restores a container it writes a decision file reading `pending`
-and starts this watchdog in its own session. Whoever changes the decision first wins,
-under an exclusive flock: the agent's commit writes `committed`, an abort writes
-`aborted`, the watchdog at the deadline writes `fenced` and deletes the container (the
-`DestinationState`s a fence decides; before the restore the receiver keeps its own states
-in the same file). So a destination copy runs for good only if the source heard it was
-committed, even when the destination agent dies between restore and commit.
+and starts this watchdog in its own session, or arms one it started ahead (`Standby`).
+Whoever changes the decision first wins, under an exclusive flock: the agent's commit
+writes `committed`, an abort writes `aborted`, the watchdog at the deadline writes
+`fenced` and deletes the container (the `DestinationState`s a fence decides; before the
+restore the receiver keeps its own states in the same file). So a destination copy runs
+for good only if the source heard it was committed, even when the destination agent dies
+between restore and commit.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from godwit.migration.states import DestinationState
+
+STANDBY = "--standby"  # argv: started before the restore, armed through stdin
+GO = b"g"
 
 
 def read_decision(path: Path) -> DestinationState:
@@ -63,21 +68,77 @@ def _read(f: IO[str]) -> DestinationState | None:
         return None
 
 
-def start_watchdog(decision: Path, seconds: float, runc: tuple[str, Path], name: str,
-                   container_dir: Path, netns_id: str | None = None,
-                   cluster: list[str] | None = None) -> None:
-    """Arm the watchdog; it outlives the agent. `runc` is (binary, root) of the agent's
-    runc. With `netns_id`, the container's netns is deleted (isolating it) before the
-    container is killed. With `cluster` (cluster mode: ClusterMigrations.fence_args), an
-    undecided copy at the deadline lives or dies by the decision in etcd."""
+@dataclass(frozen=True)
+class FenceOrder:
+    """What a watchdog fences: the copy `name` of runc (binary, root) `runc`, unless
+    `decision` reads committed `seconds` after its clock starts. With `netns_id`, the
+    container's netns is deleted (isolating it) before the container is killed. With
+    `cluster` (cluster mode: ClusterMigrations.fence_args), an undecided copy at the
+    deadline lives or dies by the decision in etcd."""
+
+    decision: Path
+    seconds: float
+    runc: tuple[str, Path]
+    name: str
+    container_dir: Path
+    netns_id: str | None = None
+    cluster: list[str] | None = None
+
+    def argv(self, standby: bool) -> list[str]:
+        return [sys.executable, "-m", "godwit.fence", *([STANDBY] if standby else []),
+                str(self.decision), str(self.seconds), self.runc[0], str(self.runc[1]),
+                self.name, str(self.container_dir), self.netns_id or "",
+                *(self.cluster or [])]
+
+
+def start_watchdog(order: FenceOrder) -> None:
+    """Arm a watchdog now; it outlives the agent. Its start (~70 ms of CPU for Python) is
+    better paid before a freeze: see Standby."""
+    _arm(order.decision)
+    _spawn(order.argv(standby=False), stdin=subprocess.DEVNULL)
+
+
+class Standby:
+    """A watchdog started ahead of the freeze with its clock stopped. `arm()`, at the
+    restore, only writes `pending` and a byte down its pipe. Without that byte (the
+    migration ended before a restore, or the agent died: the pipe closes) it exits."""
+
+    def __init__(self, order: FenceOrder) -> None:
+        self.order = order
+        read_end, self.go = os.pipe()  # the write end is not inherited by other children
+        try:
+            self.process = _spawn(order.argv(standby=True), stdin=read_end)
+        except BaseException:
+            os.close(self.go)
+            raise
+        finally:
+            os.close(read_end)
+
+    def arm(self) -> None:
+        """Start the clock; a standby that died meanwhile is replaced by a new watchdog."""
+        _arm(self.order.decision)
+        try:
+            os.write(self.go, GO)
+        except BrokenPipeError:
+            _spawn(self.order.argv(standby=False), stdin=subprocess.DEVNULL)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """No restore will come: the standby exits."""
+        if self.go >= 0:
+            os.close(self.go)
+            self.go = -1
+
+
+def _arm(decision: Path) -> None:
     decision.write_text(DestinationState.PENDING)  # in the freeze: no fsync (only a crash
     # of the host loses it, and that ends the restored copy too)
-    argv = [sys.executable, "-m", "godwit.fence", str(decision), str(seconds), runc[0],
-            str(runc[1]), name, str(container_dir), netns_id or "", *(cluster or [])]
-    subprocess.Popen(
-        argv, start_new_session=True, close_fds=True,
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+
+
+def _spawn(argv: list[str], stdin: int) -> subprocess.Popen:
+    return subprocess.Popen(argv, start_new_session=True, close_fds=True, stdin=stdin,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def watchdog(decision: Path, seconds: float, runc: str, runc_root: Path, name: str,
@@ -127,7 +188,17 @@ def _must_kill(decision: Path, deadline: float,
         return _decide(f, DestinationState.FENCED) == DestinationState.FENCED
 
 
+def _armed_by_agent() -> bool:
+    """Standby: wait for the agent's byte; end of file without it is no restore."""
+    return sys.stdin.buffer.read(1) == GO
+
+
 if __name__ == "__main__":
-    decision_file, seconds, runc, runc_root, container, container_dir, netns = sys.argv[1:8]
+    args = sys.argv[1:]
+    if args[0] == STANDBY:
+        args = args[1:]
+        if not _armed_by_agent():
+            sys.exit(0)
+    decision_file, seconds, runc, runc_root, container, container_dir, netns = args[:7]
     watchdog(Path(decision_file), float(seconds), runc, Path(runc_root), container,
-             Path(container_dir), netns, sys.argv[8:] or None)
+             Path(container_dir), netns, args[7:] or None)

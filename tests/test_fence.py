@@ -51,3 +51,45 @@ def test_an_aborted_copy_is_killed_too(tmp_path: Path) -> None:
 def test_a_decision_dropped_before_the_watchdog_started_reads_as_aborted(
         tmp_path: Path) -> None:
     assert fence._must_kill(tmp_path / "gone", time.monotonic() + 5)
+
+
+def _standby(tmp_path: Path, seconds: float) -> tuple[fence.Standby, Path, Path]:
+    """A standby watchdog over a stand-in container: its directory goes when it is fenced
+    (runc is `true`)."""
+    decision, container = tmp_path / "decision", tmp_path / "container"
+    decision.write_text(DestinationState.ARMED)
+    container.mkdir()
+    order = fence.FenceOrder(decision, seconds, ("true", tmp_path), "c1", container)
+    return fence.Standby(order), decision, container
+
+
+def test_a_standby_watchdog_fences_once_armed(tmp_path: Path) -> None:
+    standby, decision, container = _standby(tmp_path, 0.3)
+    time.sleep(0.5)  # before arm(): the clock does not run
+    assert container.exists() and standby.process.poll() is None
+    standby.arm()
+    assert fence.read_decision(decision) in (DestinationState.PENDING,
+                                             DestinationState.FENCED)
+    assert standby.process.wait(timeout=10) == 0
+    assert fence.read_decision(decision) == DestinationState.FENCED
+    assert not container.exists()
+
+
+def test_a_standby_never_armed_exits_and_fences_nothing(tmp_path: Path) -> None:
+    standby, decision, container = _standby(tmp_path, 0.1)
+    standby.close()
+    assert standby.process.wait(timeout=10) == 0
+    assert fence.read_decision(decision) == DestinationState.ARMED
+    assert container.exists()
+
+
+def test_a_standby_that_died_is_replaced_when_armed(tmp_path: Path) -> None:
+    standby, decision, container = _standby(tmp_path, 0.2)
+    standby.process.kill()
+    standby.process.wait()
+    standby.arm()
+    deadline = time.monotonic() + 10
+    while container.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fence.read_decision(decision) == DestinationState.FENCED
+    assert not container.exists()

@@ -105,6 +105,7 @@ class Receiver:
         self.cluster: ClusterMigrations | None = None  # cluster mode: etcd decides commits
         # stop-and-copy: CRIU page servers taking the dump's memory pages, and their ports
         self.page_servers: dict[str, tuple[asyncio.subprocess.Process, int]] = {}
+        self.standbys: dict[str, fence.Standby] = {}  # fence watchdogs started at prepare
 
     def _lock(self, migration_id: str) -> asyncio.Lock:
         """Restore, commit, abort and the post-copy watcher of one migration never overlap
@@ -150,9 +151,32 @@ class Receiver:
         except GodwitError:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        self._start_standby(request, staging)
         self.touch(request.id)
         self._watch(self._expire_idle(request.id, request.idle_timeout))
         return Prepared(id=request.id, staging=str(staging))
+
+    def _start_standby(self, request: IncomingRequest, staging: Path) -> None:
+        """Start the fence's watchdog now, so that its start is not paid in the freeze."""
+        try:
+            self.standbys[request.id] = fence.Standby(self._fence_order(request, staging))
+        except OSError as exc:  # the restore starts one then
+            log.warning("migration %s: no standby fence watchdog: %s", request.id, exc)
+
+    def _fence_order(self, request: IncomingRequest, staging: Path) -> fence.FenceOrder:
+        return fence.FenceOrder(
+            staging / STATE, request.commit_timeout,
+            (self.store.runc.binary, self.store.runc.root), request.name,
+            self.store.dir(request.name),
+            self.store.networking.netns_id if request.owns_netns else None,
+            self.cluster.fence_args(self.tls, request.id) if self.cluster and self.tls else None)
+
+    def _arm_fence(self, request: IncomingRequest, staging: Path) -> None:
+        """The restore follows: the watchdog's clock starts."""
+        if standby := self.standbys.pop(request.id, None):
+            standby.arm()
+        else:
+            fence.start_watchdog(self._fence_order(request, staging))
 
     def touch(self, migration_id: str) -> None:
         """The source still drives this migration."""
@@ -395,6 +419,9 @@ class Receiver:
             await one.call_off()
         for migration_id in list(self.page_servers):
             self._drop_page_server(migration_id)
+        for standby in self.standbys.values():
+            standby.close()
+        self.standbys.clear()
 
     def _install(self, request: IncomingRequest, staging: Path) -> Path:
         """Put the rootfs in place (once) and write this host's bundle; returns it."""
@@ -444,12 +471,7 @@ class Receiver:
                                  private_netns=request.private_netns,
                                  **provenance_fields(request.config))
         self.store.save(record)
-        fence.start_watchdog(staging / STATE, request.commit_timeout,
-                             (self.store.runc.binary, self.store.runc.root), name,
-                             self.store.dir(name),
-                             self.store.networking.netns_id if record.owns_netns else None,
-                             self.cluster.fence_args(self.tls, migration_id)
-                             if self.cluster and self.tls else None)
+        self._arm_fence(request, staging)
         self._watch(self._drop_when_fenced(
             migration_id, request.commit_timeout + FENCED_GRACE_S))
         lazy = await self._start_lazy_pages(staging, page_server) \
@@ -556,6 +578,8 @@ class Receiver:
         restore and what runc left, a placed rootfs, the netns."""
         if held := self.held.pop(migration_id, None):
             await held.call_off()
+        if standby := self.standbys.pop(migration_id, None):
+            standby.close()
         self._drop_page_server(migration_id)
         await self.store.runc.delete(request.name)
         await self._drop_network(migration_id, request.name, request.owns_netns)
