@@ -17,7 +17,7 @@ from godwit.bundle import load_config, rewrite_for_host
 from godwit.cgroups import CGROUP_ROOT
 from godwit.criu import criu_base_options
 from godwit.errors import Conflict, GodwitError, NotFound
-from godwit.fsio import atomic_write
+from godwit.fsio import atomic_write, replace_file
 from godwit.network import (
     ContainerNet,
     can_change_netns,
@@ -144,7 +144,7 @@ class ContainerStore:
     def write_criu_config(self, name: str, extra: list[str] | tuple[str, ...] = ()) -> None:
         """CRIU options runc cannot pass: godwit's own, plus `extra` for one migration."""
         lines = [*criu_base_options(), *extra]
-        self.criu_config(name).write_text("\n".join(lines) + "\n")
+        replace_file(self.criu_config(name), "\n".join(lines) + "\n", 0o644)
 
     def cgroups_path(self, name: str) -> str:
         """Per-host cgroup path, so that hosts sharing a kernel never collide: under the

@@ -138,7 +138,7 @@ def _arm(decision: Path) -> None:
 
 def _spawn(argv: list[str], stdin: int) -> subprocess.Popen:
     return subprocess.Popen(argv, start_new_session=True, close_fds=True, stdin=stdin,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def watchdog(decision: Path, seconds: float, runc: str, runc_root: Path, name: str,

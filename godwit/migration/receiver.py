@@ -506,7 +506,7 @@ class Receiver:
         """The daemon that fills the restored memory: from the source's page server
         (post-copy), or with `page_server` None from the pages received here."""
         (staging / "work").mkdir(exist_ok=True)
-        replace_file(staging / PAGES, "transferring", 0o644)
+        _set_pages(staging, "transferring")
         daemon = await start_lazy_pages(staging / "images", staging / "work", page_server,
                                         self.tls)
         _save_process(staging / LAZY_PAGES, daemon.pid)  # in its own session: it outlives us
@@ -530,9 +530,9 @@ class Receiver:
         ok, detail = lazy_pages_verdict(staging / "work")
         state = await self.store.state(name)
         if code == 0 and ok and state and state.status == "running":
-            replace_file(staging / PAGES, f"complete: {detail}", 0o644)
+            _set_pages(staging, f"complete: {detail}")
             return
-        replace_file(staging / PAGES, f"failed: {detail}", 0o644)
+        _set_pages(staging, f"failed: {detail}")
         async with self._lock(migration_id):
             with contextlib.suppress(GodwitError):
                 await self._discard(migration_id, staging, name, networked)
@@ -688,6 +688,12 @@ def restore_failure(work: Path, exc: GodwitError,
             cause is None or "lazy" in cause or "uffd" in cause):
         detail += f" (criu lazy-pages: {log_error(work, LAZY_LOG) or f'exit {lazy.returncode}'})"
     return detail
+
+
+def _set_pages(staging: Path, status: str) -> None:
+    """Post-copy's page status (see Receiver._pages), replaced whole: a reader never
+    finds it empty."""
+    replace_file(staging / PAGES, status, 0o644)
 
 
 def _save_process(path: Path, pid: int) -> None:

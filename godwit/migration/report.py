@@ -133,7 +133,7 @@ class ReportArchive:
 
     def save(self, report: MigrationReport) -> None:
         path = self.directory / f"{report.id}.json"
-        replace_file(path, json.dumps(report.to_json(), indent=1))
+        replace_file(path, json.dumps(report.to_json(), indent=1), 0o644)
         observe_migration(report.to_json())
 
     def load(self, migration_id: str) -> dict | None:
