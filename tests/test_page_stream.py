@@ -3,13 +3,14 @@ at the sweep, and only that process (not another one that got its pid)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 from pathlib import Path
 
 from godwit import procfs
-from godwit.migration.receiver import PAGE_SERVER, _kill_orphan, _save_process
+from godwit.migration.receiver import PAGE_SERVER, Receiver, _kill_orphan, _save_process
 
 
 def _orphan(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
@@ -59,3 +60,26 @@ def test_records_are_replaced_never_rewritten_in_place(tmp_path: Path) -> None:
         assert json.loads(old.read())["pid"] == os.getpid()
     assert json.loads(saved.read_text())["pid"] == os.getppid()
     assert [p.name for p in tmp_path.iterdir()] == [PAGE_SERVER]
+
+
+def test_a_committed_image_leaves_at_once_and_is_deleted_after(tmp_path: Path) -> None:
+    """The commit's answer does not wait for the memory image's deletion."""
+    async def commit_leftovers() -> None:
+        receiver = Receiver(None, tmp_path)  # type: ignore[arg-type]  # no container here
+        images = tmp_path / "incoming" / "m1" / "images"
+        images.mkdir(parents=True)
+        (images / "pages-1.img").write_bytes(os.urandom(1 << 20))
+        receiver._throw_away(images)
+        assert not images.exists() and [p.name for p in receiver.trash.glob("*/*")] == [
+            "pages-1.img"], "moved out of the staging area, not deleted yet"
+        await asyncio.gather(*receiver.watchers)
+        assert not list(receiver.trash.iterdir())
+
+    asyncio.run(commit_leftovers())
+
+
+def test_the_sweep_empties_what_a_stopped_agent_left_in_the_trash(tmp_path: Path) -> None:
+    receiver = Receiver(None, tmp_path)  # type: ignore[arg-type]
+    (receiver.trash / "0123" / "images").mkdir(parents=True)
+    receiver.sweep()
+    assert not receiver.trash.exists()

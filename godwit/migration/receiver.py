@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,6 +72,7 @@ FILL_AFTER_RESTORE = "fill-after-restore"  # marker: restore lazily from the rec
 PAGE_SERVER = "page-server.json"  # pid and start time of a streamed dump's page server
 LAZY_PAGES = "lazy-pages.json"  # pid and start time of the restore's lazy-pages daemon
 PAGES_LANDED_TIMEOUT_S = 10.0  # the dump succeeded: its page server ends right after
+TRASH = "incoming-trash"  # under the state dir: trees deleted after the reply
 PLACED = "rootfs-placed"  # marker: the received rootfs moved to the container's directory
 # The migration's DestinationState: written here until the restore, then the fence's
 # decision (the name is the fence's; earlier agents wrote it only at the restore).
@@ -97,6 +99,7 @@ class Receiver:
         self.watchers: set[asyncio.Task] = set()
         self.root = state_dir / "incoming"
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.trash = state_dir / TRASH
         self.holds: dict[str, PacketHold] = {}
         self.held: dict[str, HeldRunc[int]] = {}  # armed: runc restore waiting before CRIU
         self.locks: dict[str, asyncio.Lock] = {}
@@ -621,13 +624,21 @@ class Receiver:
             if decision is not DestinationState.COMMITTED:
                 raise Conflict(f"migration {migration_id} cannot commit: {decision}")
             await faults.point("commit-done")
-        await asyncio.to_thread(self._drop_leftovers, staging)
+        for leftover in ("images", "rootfs", "work", *(p.name for p in staging.glob("pre-*"))):
+            self._throw_away(staging / leftover)
         return IncomingState(state=DestinationState.COMMITTED)
 
-    @staticmethod
-    def _drop_leftovers(staging: Path) -> None:
-        for leftover in ("images", "rootfs", "work", *(p.name for p in staging.glob("pre-*"))):
-            shutil.rmtree(staging / leftover, ignore_errors=True)
+    def _throw_away(self, tree: Path) -> None:
+        """Move a tree out of the staging area now and delete it in the background: the
+        commit's answer does not wait for a memory image's page cache to go (~70 ms per
+        GiB). What an agent's stop leaves there goes with its next sweep."""
+        self.trash.mkdir(mode=0o700, exist_ok=True)
+        target = self.trash / uuid.uuid4().hex
+        try:
+            tree.rename(target)
+        except FileNotFoundError:
+            return
+        self._watch(asyncio.to_thread(shutil.rmtree, target, ignore_errors=True))
 
     async def abort(self, migration_id: str) -> IncomingState:
         """Kill a restored copy (unless committed) and drop staged files; a restore under
@@ -661,6 +672,7 @@ class Receiver:
     def sweep(self, keep_finished_s: float = 86400) -> None:
         """At agent start: drop staging areas that never reached a restore or were fenced
         or aborted, and old committed ones (a source may still ask about those)."""
+        shutil.rmtree(self.trash, ignore_errors=True)
         for staging in self.root.iterdir():
             state = self._state(staging)
             old = time.time() - staging.stat().st_mtime > keep_finished_s
