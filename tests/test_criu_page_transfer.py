@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,9 +118,11 @@ def start_page_server(directory: Path, port: int, tls: TLSFiles | None,
 def dump_to_page_server(tmp_path: Path, pid: int, tls: tuple[TLSFiles, TLSFiles] | None,
                         *, leave_running: bool = True,
                         launch_server: Callable[..., subprocess.Popen] = subprocess.Popen,
+                        dump_under: Sequence[str] = (),
                         ) -> Transfer:
-    """`criu dump` of process `pid` to a `criu page-server` on loopback, as a streamed
-    stop-and-copy does, with the page server's own peak RSS."""
+    """`criu dump` of process `pid` (run under `dump_under`, a command prefix such as
+    strace) to a `criu page-server` on loopback, as a streamed stop-and-copy does, with
+    the page server's own peak RSS."""
     images, received = tmp_path / "images", tmp_path / "received"
     images.mkdir()
     received.mkdir()
@@ -129,7 +131,7 @@ def dump_to_page_server(tmp_path: Path, pid: int, tls: tuple[TLSFiles, TLSFiles]
                                launch=launch_server)
     peak = PeakMemory(server.pid)
     peak.start()
-    argv = [CRIU, "dump", "-t", str(pid), "-D", str(images), "-v4", "-o", "dump.log",
+    argv = [*dump_under, CRIU, "dump", "-t", str(pid), "-D", str(images), "-v4", "-o", "dump.log",
             "--page-server", "--address", ADDRESS, "--port", str(port),
             *tls_argv(tls[1] if tls else None)]
     if leave_running:
@@ -184,10 +186,10 @@ def test_tls_page_server_memory_stays_flat(tmp_path: Path, memhog: Memhog,
 TLS_RECORD = 16 << 10  # the most a TLS record carries
 
 
-def recv_calls(strace_summary: Path) -> int:
-    """recvfrom() calls in an `strace -c` summary."""
+def system_calls(strace_summary: Path, name: str) -> int:
+    """How many calls of one system call an `strace -c` summary counts."""
     for line in strace_summary.read_text().splitlines():
-        if line.split()[-1:] == ["recvfrom"]:
+        if line.split()[-1:] == [name]:
             return int(line.split()[3])
     return 0
 
@@ -205,8 +207,23 @@ def test_tls_page_server_reads_many_records_per_recv(tmp_path: Path, memhog: Mem
         launch_server=lambda argv, **kw: subprocess.Popen(
             ["strace", "-c", "-e", "trace=recvfrom", "-o", str(summary), *argv], **kw))
     records = pages_in(transfer.received) / TLS_RECORD
-    calls = recv_calls(summary)
+    calls = system_calls(summary, "recvfrom")
     assert 0 < calls < records, f"{calls} recv calls for {records:.0f} records of pages"
+
+
+@pytest.mark.parametrize("memhog", [64], indirect=True)
+def test_tls_dump_sends_many_records_per_send(tmp_path: Path, memhog: Memhog,
+                                              identities: tuple[TLSFiles, TLSFiles]) -> None:
+    """gnutls hands each record to a send() of its own: a TLS dump made a TCP segment per
+    16 KiB of pages, each a trip through both ends' network stack
+    (scripts/criu-patches/0021)."""
+    summary = tmp_path / "strace.txt"
+    transfer = dump_to_page_server(
+        tmp_path, memhog.proc.pid, identities,
+        dump_under=["strace", "-f", "-c", "-e", "trace=sendto", "-o", str(summary)])
+    records = pages_in(transfer.received) / TLS_RECORD
+    calls = system_calls(summary, "sendto")
+    assert 0 < calls < records / 8, f"{calls} sends for {records:.0f} records of pages"
 
 
 def log_stamps(dump_log: Path) -> list[tuple[float, str]]:
