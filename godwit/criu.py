@@ -183,17 +183,23 @@ def tls_config_lines(tls: TLSFiles | None, *, check_peer_name: bool = True) -> l
     return lines
 
 
-async def read_status_byte(fd: int) -> bytes:
-    """One byte from a status pipe, waited for in the event loop (a cancelled wait leaves no
-    thread blocked on the fd); b"" when the write end closed."""
+async def wait_readable(fd: int) -> None:
+    """Wait in the event loop until `fd` is readable (a cancelled wait leaves no thread
+    blocked on it)."""
     loop = asyncio.get_running_loop()
     readable = loop.create_future()
-    os.set_blocking(fd, False)
     loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
     try:
         await readable
     finally:
         loop.remove_reader(fd)
+
+
+async def read_status_byte(fd: int) -> bytes:
+    """One byte from a status pipe, waited for in the event loop; b"" when the write end
+    closed."""
+    os.set_blocking(fd, False)
+    await wait_readable(fd)
     return os.read(fd, 1)
 
 

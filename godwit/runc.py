@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from godwit import criu_gate, procfs
-from godwit.criu import CRIU, read_status_byte
+from godwit.criu import CRIU, read_status_byte, wait_readable
 from godwit.errors import GodwitError, NotFound
 from godwit.fsio import atomic_write
 
@@ -127,20 +127,6 @@ async def _detached_outcome(log: Path, proc: asyncio.subprocess.Process,
     finally:
         if not keep_log:
             log.unlink(missing_ok=True)
-
-
-async def _readable(fd: int, timeout: float) -> bool:
-    """Wait until `fd` (a pidfd: its process exited) is readable; False on timeout."""
-    loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_reader(fd, lambda: ready.done() or ready.set_result(True))
-    try:
-        async with asyncio.timeout(timeout):
-            return await ready
-    except TimeoutError:
-        return False
-    finally:
-        loop.remove_reader(fd)
 
 
 def install_gate(directory: Path) -> Path:
@@ -367,7 +353,9 @@ class Runc:
                 await _run(self._argv("kill", name, "KILL"))
             except RuncError:  # stopped meanwhile, or gone: delete sees to it
                 return
-            await _readable(pidfd, INIT_EXIT_WAIT_S)
+            with contextlib.suppress(TimeoutError):  # pidfd readable: the init exited
+                async with asyncio.timeout(INIT_EXIT_WAIT_S):
+                    await wait_readable(pidfd)
         finally:
             os.close(pidfd)
 
