@@ -60,9 +60,20 @@ class AgentLog:
         self.bed, self.host = bed, host
         self.start = len(bed.agent_log(host))
 
-    def wait(self, text: str, timeout: float = 30) -> None:
-        wait_for(lambda: text in self.bed.agent_log(self.host)[self.start:], timeout=timeout,
-                 what=f"{self.host} to log {text!r}")
+    def wait(self, text: str, migration: Migration, timeout: float = 30) -> None:
+        """Until the line comes; fails with what the migration and the agent said if the
+        migration ends first or the line never comes."""
+        with contextlib.suppress(AssertionError):  # timed out: said below
+            wait_for(lambda: text in self.since() or migration.future.done(), timeout=timeout)
+        if text not in self.since():
+            ended = migration.result() if migration.future.done() else None
+            raise AssertionError(
+                f"{self.host} did not log {text!r} in {timeout} s; the migration "
+                + (f"ended: {ended.stdout}{ended.stderr}" if ended else "runs on")
+                + f"\n{self.host}'s log since:\n{self.since()[-4000:]}")
+
+    def since(self) -> str:
+        return self.bed.agent_log(self.host)[self.start:]
 
 
 @contextlib.contextmanager

@@ -96,7 +96,7 @@ def test_partition_before_the_freeze(bed: Testbed, client: Client) -> None:
         link.heal()
         log = AgentLog(bed, "b")
         migration = Migration(bed)
-        log.wait("fault injected at rootfs: pause")
+        log.wait("fault injected at rootfs: pause", migration)
         link.cut()
         report = migration.report()
     assert_failed(report, f"no progress for {PROGRESS_TIMEOUT_S} s during rootfs",
@@ -114,7 +114,7 @@ def test_partition_during_the_image_transfer(bed: Testbed, client: Client) -> No
         link.heal()
         log = AgentLog(bed, "b")
         migration = Migration(bed)
-        log.wait("fault injected at images: pause")
+        log.wait("fault injected at images: pause", migration)
         link.cut()
         report = migration.report()
     assert_failed(report, f"freeze deadline of {MAX_FREEZE_S} s passed during images")
@@ -133,7 +133,7 @@ def test_partition_during_the_restore(bed: Testbed, client: Client) -> None:
         link.heal()
         log = AgentLog(bed, "b")
         migration = Migration(bed)
-        log.wait("fault injected at restore: pause")
+        log.wait("fault injected at restore: pause", migration)
         link.cut()
         report = migration.report()
     assert_failed(report, f"freeze deadline of {MAX_FREEZE_S} s passed during restore")
@@ -152,7 +152,7 @@ def test_partition_after_the_commit_destination_committed(bed: Testbed,
         link.heal()
         log = AgentLog(bed, "b")
         migration = Migration(bed)
-        log.wait("fault injected at commit: pause")
+        log.wait("fault injected at commit: pause", migration)
         link.cut()
         report = migration.report()
         assert report["result"] == "in-doubt", report
@@ -177,7 +177,7 @@ def test_partition_after_the_commit_destination_fenced(bed: Testbed, client: Cli
         link.heal()
         log = AgentLog(bed, "a")
         migration = Migration(bed)
-        log.wait("fault injected at commit: pause")
+        log.wait("fault injected at commit: pause", migration)
         link.cut()
         report = migration.report()
         assert report["result"] == "in-doubt", report
@@ -205,7 +205,7 @@ def test_destination_disk_full(bed: Testbed, client: Client, stage: str, error: 
     with small_disk(bed, "b") as disk, faulty_agent(bed, "b", f"{stage}:pause"):
         log = AgentLog(bed, "b")
         migration = Migration(bed, "--progress-timeout", "20")  # outlasts the pause
-        log.wait(f"fault injected at {stage}: pause")
+        log.wait(f"fault injected at {stage}: pause", migration)
         fill(disk)
         report = migration.report()
         assert_failed(report, error, outcome)
@@ -311,7 +311,7 @@ def test_destination_agent_restarted_before_the_commit(bed: Testbed, client: Cli
     with faulty_agent(bed, "a", "verify:pause"):
         log = AgentLog(bed, "a")
         migration = Migration(bed)
-        log.wait("fault injected at verify: pause")
+        log.wait("fault injected at verify: pause", migration)
         bed.stop_agent("b", signal.SIGKILL)
         report = migration.report()
         assert NAME not in runc_names(bed, "b"), "b's fence killed its copy"
