@@ -9,12 +9,15 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from godwit.lab.netns import pick_free_subnet
 from godwit.lab.testbed import Testbed
+from godwit.pki import CertificateAuthority
 from godwit.runc import CURRENT_RUNC, DEFAULT_RUNC
+from godwit.tls import TLSFiles
 
 pytest.register_assert_rewrite("netclient", "faultmatrix")  # asserts report like tests
 # The fast lane, `pytest -m "not integration"`, runs unit tests only (no root, seconds):
@@ -114,3 +117,24 @@ def free_port(address: str) -> int:
     with socket.socket() as sock:
         sock.bind((address, 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def identities(tmp_path_factory: pytest.TempPathFactory) -> tuple[TLSFiles, TLSFiles]:
+    """A CRIU page server's TLS files (its certificate names 127.0.0.1) and a client's."""
+    ca = CertificateAuthority(tmp_path_factory.mktemp("ca") / "ca")
+    ca.init()
+    ca.issue_agent("server", ["127.0.0.1"])
+    ca.issue_client("client")
+    return ca.bundle_for("server"), ca.bundle_for("client")
+
+
+TLS_RECORD = 16 << 10  # the most a TLS record carries
+
+
+def system_calls(strace_summary: Path, name: str) -> int:
+    """How many calls of one system call an `strace -c` summary counts."""
+    for line in strace_summary.read_text().splitlines():
+        if line.split()[-1:] == [name]:
+            return int(line.split()[3])
+    return 0

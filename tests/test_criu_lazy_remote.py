@@ -9,27 +9,29 @@ import asyncio
 import os
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import TLS_RECORD, free_port, system_calls
 from memhog_process import Memhog, start_memhog, verified_state
 
-from godwit.criu import CRIU, LAZY_LOG, lazy_pages_verdict, start_lazy_pages
+from godwit.criu import CRIU, LAZY_LOG, lazy_pages_verdict, start_lazy_pages, tls_argv
+from godwit.tls import TLSFiles
 
 pytestmark = pytest.mark.integration
 ADDRESS = "127.0.0.1"
 FILL_TIMEOUT_S = 60
 READ = re.compile(r"Read ([0-9a-f]+) (\d+) pages")
 COPIED = re.compile(r"uffd_copy: 0x([0-9a-f]+)/")
+MEMHOG_MIB = 64
 
 
 @pytest.fixture
 def memhog(tmp_path: Path) -> Iterator[Memhog]:
     """A 64 MiB memhog alone in a pid namespace: its restore, while the lazy dump still
     holds the stopped original, gets a namespace of its own and its pid back."""
-    hog = start_memhog(tmp_path, 64, lambda argv, **kw: subprocess.Popen(
+    hog = start_memhog(tmp_path, MEMHOG_MIB, lambda argv, **kw: subprocess.Popen(
         ["unshare", "--pid", "--fork", "setsid", *argv], **kw))
     yield hog
     hog.proc.kill()
@@ -41,13 +43,15 @@ def in_namespace(hog: Memhog) -> int:
     return int(Path(f"/proc/{hog.proc.pid}/task/{hog.proc.pid}/children").read_text())
 
 
-async def lazy_dump(pid: int, images: Path, port: int) -> asyncio.subprocess.Process:
-    """`criu dump --lazy-pages` of `pid`, returned once its page server listens."""
+async def lazy_dump(pid: int, images: Path, port: int, tls: TLSFiles | None,
+                    under: Sequence[str]) -> asyncio.subprocess.Process:
+    """`criu dump --lazy-pages` of `pid` (run under `under`, a command prefix such as
+    strace), returned once its page server listens."""
     read_end, write_end = os.pipe()
     dump = await asyncio.create_subprocess_exec(
-        CRIU, "dump", "-t", str(pid), "-D", str(images), "--lazy-pages", "--address",
+        *under, CRIU, "dump", "-t", str(pid), "-D", str(images), "--lazy-pages", "--address",
         ADDRESS, "--port", str(port), "--status-fd", str(write_end), "-v4", "-o", "dump.log",
-        stdin=subprocess.DEVNULL, pass_fds=(write_end,))
+        *tls_argv(tls, check_peer_name=False), stdin=subprocess.DEVNULL, pass_fds=(write_end,))
     os.close(write_end)
     with os.fdopen(read_end, "rb") as status:
         ready = await asyncio.to_thread(status.read, 1)
@@ -55,15 +59,19 @@ async def lazy_dump(pid: int, images: Path, port: int) -> asyncio.subprocess.Pro
     return dump
 
 
-async def post_copy(hog: Memhog, tmp_path: Path) -> tuple[int, Path]:
-    """Dump lazily, restore lazily from the dump's page server; the restored pid and the
-    daemon's work dir once every page is in."""
+async def post_copy(hog: Memhog, tmp_path: Path,
+                    tls: tuple[TLSFiles, TLSFiles] | None = None,
+                    dump_under: Sequence[str] = ()) -> tuple[int, Path]:
+    """Dump lazily, restore lazily from the dump's page server (over TLS with the server's
+    and the client's files); the restored pid and the daemon's work dir once every page
+    is in."""
     images, work, pidfile = tmp_path / "images", tmp_path / "work", tmp_path / "restored.pid"
     images.mkdir()
     work.mkdir()
     port = free_port(ADDRESS)
-    dump = await lazy_dump(in_namespace(hog), images, port)
-    daemon = await start_lazy_pages(images, work, f"{ADDRESS}:{port}", None)
+    dump = await lazy_dump(in_namespace(hog), images, port, tls[0] if tls else None,
+                           dump_under)
+    daemon = await start_lazy_pages(images, work, f"{ADDRESS}:{port}", tls[1] if tls else None)
     try:
         restore = await asyncio.create_subprocess_exec(
             CRIU, "restore", "-D", str(images), "-W", str(work), "-d", "--lazy-pages",
@@ -104,6 +112,26 @@ def test_background_fetch_keeps_two_requests_in_flight(tmp_path: Path,
         complete, detail = lazy_pages_verdict(work)
         assert complete, detail
         assert most_background_requests_in_flight(work / LAZY_LOG) == 2
+    finally:
+        state = verified_state(memhog, pid)
+    assert " ok=1 " in state, f"restored memhog's memory differs: {state}"
+
+
+def test_tls_page_server_answers_in_batches(tmp_path: Path, memhog: Memhog,
+                                            identities: tuple[TLSFiles, TLSFiles]) -> None:
+    """gnutls hands each record to a send() of its own: the lazy dump's page server sent
+    a TCP segment per 16 KiB of an answer, each a trip through both ends' network stack
+    (scripts/criu-patches/0021)."""
+    summary = tmp_path / "strace.txt"
+    pid, work = asyncio.run(post_copy(
+        memhog, tmp_path, identities,
+        dump_under=["strace", "-f", "-c", "-e", "trace=sendto", "-o", str(summary)]))
+    try:
+        complete, detail = lazy_pages_verdict(work)
+        assert complete, detail
+        records = (MEMHOG_MIB << 20) / TLS_RECORD
+        calls = system_calls(summary, "sendto")
+        assert 0 < calls < records / 8, f"{calls} sends for {records:.0f} records of pages"
     finally:
         state = verified_state(memhog, pid)
     assert " ok=1 " in state, f"restored memhog's memory differs: {state}"

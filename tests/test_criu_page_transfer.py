@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import TLS_RECORD, free_port, system_calls
 from memhog_process import Memhog, memhog_fixture, start_memhog, verified_state
 
 from godwit.criu import CRIU, tls_argv
@@ -50,15 +50,6 @@ class Transfer:
 def pages_in(directory: Path) -> int:
     """Bytes of pages images in `directory`."""
     return sum(p.stat().st_size for p in directory.glob("pages-*.img"))
-
-
-@pytest.fixture(scope="module")
-def identities(tmp_path_factory: pytest.TempPathFactory) -> tuple[TLSFiles, TLSFiles]:
-    ca = CertificateAuthority(tmp_path_factory.mktemp("ca") / "ca")
-    ca.init()
-    ca.issue_agent("server", [ADDRESS])
-    ca.issue_client("client")
-    return ca.bundle_for("server"), ca.bundle_for("client")
 
 
 @pytest.fixture
@@ -181,17 +172,6 @@ def test_tls_page_server_memory_stays_flat(tmp_path: Path, memhog: Memhog,
     assert transfer.server_max_rss < received / 2, (
         f"page server peaked at {transfer.server_max_rss / MiB:.0f} MiB RSS for "
         f"{received / MiB:.0f} MiB of pages: it keeps received records")
-
-
-TLS_RECORD = 16 << 10  # the most a TLS record carries
-
-
-def system_calls(strace_summary: Path, name: str) -> int:
-    """How many calls of one system call an `strace -c` summary counts."""
-    for line in strace_summary.read_text().splitlines():
-        if line.split()[-1:] == [name]:
-            return int(line.split()[3])
-    return 0
 
 
 @pytest.mark.parametrize("memhog", [64], indirect=True)
