@@ -6,8 +6,10 @@ runs (GODWIT_CRIU or the installed one)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import signal
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,6 +36,8 @@ def memhog(tmp_path: Path) -> Iterator[Memhog]:
     hog = start_memhog(tmp_path, MEMHOG_MIB, lambda argv, **kw: subprocess.Popen(
         ["unshare", "--pid", "--fork", "setsid", *argv], **kw))
     yield hog
+    with contextlib.suppress(OSError, ValueError):  # not dumped: killing unshare leaves it
+        os.kill(in_namespace(hog), signal.SIGKILL)
     hog.proc.kill()
     hog.proc.wait()
 
