@@ -93,6 +93,21 @@ async def post_copy(hog: Memhog, tmp_path: Path,
     return int(pidfile.read_text()), work
 
 
+@contextlib.contextmanager
+def filled(hog: Memhog, tmp_path: Path, tls: tuple[TLSFiles, TLSFiles] | None = None,
+           dump_under: Sequence[str] = ()) -> Iterator[Path]:
+    """A post-copy (see post_copy) whose daemon got every page: yields the daemon's work
+    dir; afterwards the restored memhog must find all its memory intact."""
+    pid, work = asyncio.run(post_copy(hog, tmp_path, tls, dump_under))
+    try:
+        complete, detail = lazy_pages_verdict(work)
+        assert complete, detail
+        yield work
+    finally:
+        state = verified_state(hog, pid)
+    assert " ok=1 " in state, f"restored memhog's memory differs: {state}"
+
+
 def most_background_requests_in_flight(lazy_log: Path) -> int:
     """The most ranges of several pages (the background's; a fault asks for one page)
     requested and not yet copied in, at any point of the daemon's log."""
@@ -111,14 +126,8 @@ def test_background_fetch_keeps_two_requests_in_flight(tmp_path: Path,
                                                        memhog: Memhog) -> None:
     """The daemon asked for the next range only once the previous one was copied in: the
     page server and the daemon waited for each other in turn (scripts/criu-patches/0020)."""
-    pid, work = asyncio.run(post_copy(memhog, tmp_path))
-    try:
-        complete, detail = lazy_pages_verdict(work)
-        assert complete, detail
+    with filled(memhog, tmp_path) as work:
         assert most_background_requests_in_flight(work / LAZY_LOG) == 2
-    finally:
-        state = verified_state(memhog, pid)
-    assert " ok=1 " in state, f"restored memhog's memory differs: {state}"
 
 
 def test_tls_page_server_answers_in_batches(tmp_path: Path, memhog: Memhog,
@@ -127,15 +136,8 @@ def test_tls_page_server_answers_in_batches(tmp_path: Path, memhog: Memhog,
     a TCP segment per 16 KiB of an answer, each a trip through both ends' network stack
     (scripts/criu-patches/0021)."""
     summary = tmp_path / "strace.txt"
-    pid, work = asyncio.run(post_copy(
-        memhog, tmp_path, identities,
-        dump_under=["strace", "-f", "-c", "-e", "trace=sendto", "-o", str(summary)]))
-    try:
-        complete, detail = lazy_pages_verdict(work)
-        assert complete, detail
+    strace = ["strace", "-f", "-c", "-e", "trace=sendto", "-o", str(summary)]
+    with filled(memhog, tmp_path, identities, dump_under=strace):
         records = (MEMHOG_MIB << 20) / TLS_RECORD
         calls = system_calls(summary, "sendto")
         assert 0 < calls < records / 8, f"{calls} sends for {records:.0f} records of pages"
-    finally:
-        state = verified_state(memhog, pid)
-    assert " ok=1 " in state, f"restored memhog's memory differs: {state}"
