@@ -150,7 +150,7 @@ class Agent:
         return HostInfo(
             name=self.name, godwit=__version__, protocol=PROTOCOL_VERSION,
             runc=await self.runc.version(), runc_features=self.runc_features, criu=self.caps,
-            time=time.time(), containers=len(await self.store.list()),
+            time=time.time(), containers=len(self.store.names()),
             mem_available=_mem_available(), disk_free=shutil.disk_usage(self.state_dir).free,
             qos=convert(qos, QosState, "QoS state") if qos else None,
             tls=TlsExpiry(**expiry(self.tls)) if self.tls else None,

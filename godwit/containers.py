@@ -301,9 +301,12 @@ class ContainerStore:
 
     async def list(self) -> list[dict]:
         states = {s.name: s for s in await self.runc.list()}
-        records = sorted(p.parent.name for p in self.root.glob("*/record.json"))
         return [_describe(self.record(n), states.get(n), self.host, self.memory_usage(n))
-                for n in records]
+                for n in self.names()]
+
+    def names(self) -> list[str]:
+        """The containers this host keeps a record of, sorted."""
+        return sorted(p.parent.name for p in self.root.glob("*/record.json"))
 
     async def remove(self, name: str) -> None:
         """Kill and delete a container and everything godwit kept for it."""

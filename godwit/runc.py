@@ -284,6 +284,7 @@ class Runc:
         self.work_dir = work_dir or root.with_name(f"{root.name}-godwit")
         self.log_dir = self.work_dir / "logs"
         self._gate_shim: Path | None = None
+        self._version: tuple[tuple[int, int, int], str] | None = None  # (binary's id, version)
 
     def sweep_logs(self) -> None:
         """At agent start: logs of runc commands the previous agent did not see end."""
@@ -517,8 +518,24 @@ class Runc:
         return held
 
     async def version(self) -> str:
+        """runc's version, asked again only when its binary was replaced (an upgrade)."""
+        identity = _file_identity(shutil.which(self.binary) or self.binary)
+        if self._version and self._version[0] == identity:
+            return self._version[1]
         out = await _run([self.binary, "--version"])
-        return out.splitlines()[0].removeprefix("runc version ").strip() if out else "unknown"
+        version = out.splitlines()[0].removeprefix("runc version ").strip() if out else "unknown"
+        if identity:
+            self._version = (identity, version)
+        return version
+
+
+def _file_identity(path: str) -> tuple[int, int, int] | None:
+    """A file's inode, size and mtime: another after it is replaced; None if missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _restored_pid(work_path: Path) -> int:

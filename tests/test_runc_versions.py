@@ -3,6 +3,7 @@ report, what pre-flight makes of them, and a migration between the two."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from conftest import _current_runc, cli_json, copies, wait_for
 
 from godwit.lab.bundles import counter_bundle, read_count
 from godwit.lab.testbed import Testbed
-from godwit.runc import DEFAULT_RUNC
+from godwit.runc import DEFAULT_RUNC, Runc
 from godwit.runc_features import series
 
 pytestmark = pytest.mark.integration
@@ -77,3 +78,21 @@ def test_counter_migrates_between_runc_releases(bed: Testbed, b_on_current_runc:
             assert after >= before, f"counter restarted at {to}: {after} after {before}"
     finally:
         bed.godwit("rm", "xver")
+
+
+def fake_runc(path: Path, version: str) -> None:
+    """A `runc` that prints `version` and counts its calls in `<path>.calls`."""
+    path.write_text(f"#!/bin/sh\necho x >> {path}.calls\necho 'runc version {version}'\n")
+    path.chmod(0o755)
+
+
+def test_runc_version_is_asked_again_only_after_an_upgrade(tmp_path: Path) -> None:
+    binary = tmp_path / "runc"
+    fake_runc(binary, "1.1.5")
+    runc = Runc(tmp_path / "root", binary=str(binary))
+    assert [asyncio.run(runc.version()) for _ in range(3)] == ["1.1.5"] * 3
+    assert len(Path(f"{binary}.calls").read_text().split()) == 1
+    replacement = tmp_path / "runc.new"
+    fake_runc(replacement, "1.3.0")
+    replacement.rename(binary)  # as a package upgrade replaces it
+    assert asyncio.run(runc.version()) == "1.3.0"
