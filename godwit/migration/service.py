@@ -98,9 +98,10 @@ class Migrations:
         """Run one migration to its end; its report is always saved and the client told."""
         try:
             async with self.peer(options.to, RESTORE_TIMEOUT_S) as dest:
-                ctx = await self.source_context(dest, events.report.id)
-                ctx.cluster = guard
-                strategy = self.pick_strategy(options, name, await dest.info())
+                ctx, dest_info = await asyncio.gather(
+                    self.source_context(dest, events.report.id), dest.info())
+                ctx.cluster, ctx.dest_info = guard, dest_info
+                strategy = self.pick_strategy(options, name, dest_info)
                 events.report.strategy = strategy
                 await strategy_class(strategy)(ctx, name, options, events).execute()
         except Exception as exc:  # before anything was frozen: the container is untouched

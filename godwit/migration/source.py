@@ -106,6 +106,7 @@ class SourceContext:
     agent_port: int = DEFAULT_PORT
     failure_logs: FailureLogs | None = None
     cluster: SourceGuard | None = None  # cluster mode: the lock, and etcd decides commits
+    dest_info: HostInfo | None = None  # the destination's /v1/info, when asked just before
 
 
 class SourceMigration:
@@ -369,7 +370,7 @@ class SourceMigration:
     async def prepare_destination(self) -> None:
         with self.events.phase("prepare"):
             await faults.point("prepare")
-            info = await self.ctx.dest.info()
+            info = self.ctx.dest_info or await self.ctx.dest.info()
             self.dest_info = info
             self.report.destination = info.name or self.report.destination
             if info.name == self.report.source:
