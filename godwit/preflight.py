@@ -7,6 +7,7 @@ plain dicts (``criu``, ``runc``, ``runc_features``, ``mem_available``, ``disk_fr
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -270,13 +271,18 @@ async def run_checks(source: HostInfo, destination: HostInfo, dest, *, strategy:
     if protocol.level == "error":
         return [protocol]
     source_info, dest_info = msgspec.to_builtins(source), msgspec.to_builtins(destination)
-    findings = [protocol, *compare_criu(source_info, dest_info, strategy)]
-    findings.append(check_skew(await measure_skew(dest.time_pair), max_skew_s))
-    findings.extend(check_resources(dest_info, needed_mem, needed_disk))
-    findings.append(await dest.check_cpuinfo(await cpuinfo_image()))
-    if incoming is not None:
-        findings.append(await dest.check_admission(incoming))
-    return findings
+    skew, cpu, *admission = await asyncio.gather(  # the questions to the destination at once
+        measure_skew(dest.time_pair), check_cpu_on(dest),
+        *([dest.check_admission(incoming)] if incoming is not None else []))
+    return [protocol, *compare_criu(source_info, dest_info, strategy),
+            check_skew(skew, max_skew_s), *check_resources(dest_info, needed_mem, needed_disk),
+            cpu, *admission]
+
+
+async def check_cpu_on(dest) -> Finding:
+    """Can ``dest`` (an AgentClient) run this host's processes: CRIU's cpuinfo check of
+    this host's image, there."""
+    return await dest.check_cpuinfo(await cpuinfo_image())
 
 
 def refusal(findings: Iterable[Finding]) -> str:
