@@ -74,6 +74,7 @@ from godwit.tls import RevocationList, TLSFiles, expiry, peer_certificate
 
 log = logging.getLogger("godwit.agent")
 M = TypeVar("M")
+DEPARTURES_STOP_TIMEOUT_S = 5  # a stopping agent lets departed containers' deletion end
 
 
 class Agent:
@@ -112,6 +113,7 @@ class Agent:
         self.runc_features = await probe_runc(self.runc.binary)
         log.info("runc %s (%s)", self.runc_features.version, self.runc.binary)
         self.receiver.sweep()
+        self.store.departures.sweep()
         images.sweep(self.state_dir)
         self.runc.sweep_logs()
         self.failure_logs.prune()
@@ -122,6 +124,7 @@ class Agent:
 
     async def stop(self) -> None:
         await self.receiver.call_off_held()
+        await self.store.departures.close(DEPARTURES_STOP_TIMEOUT_S)
         if self.qos:
             await asyncio.to_thread(clear_policy, self.qos.uplink)
 

@@ -16,6 +16,7 @@ from godwit import freezer
 from godwit.bundle import load_config, rewrite_for_host
 from godwit.cgroups import CGROUP_ROOT
 from godwit.criu import criu_base_options
+from godwit.departures import DEPARTED, Departures
 from godwit.errors import Conflict, GodwitError, NotFound
 from godwit.fsio import atomic_write, replace_file
 from godwit.network import (
@@ -130,6 +131,7 @@ class ContainerStore:
         self.runc = runc
         self.host = host
         self.networking = networking or HostNetworking(host)
+        self.departures = Departures(self)
 
     def dir(self, name: str) -> Path:
         return self.root / check_name(name)
@@ -159,7 +161,11 @@ class ContainerStore:
         path = self.dir(name) / "record.json"
         if not path.exists():
             raise NotFound(f"container {name} not found on {self.host}")
-        return ContainerRecord(**json.loads(path.read_text()))
+        return self.record_from(json.loads(path.read_text()))
+
+    @staticmethod
+    def record_from(fields: dict) -> ContainerRecord:
+        return ContainerRecord(**fields)
 
     def save(self, record: ContainerRecord) -> None:
         path = self.dir(record.name) / "record.json"
@@ -202,7 +208,9 @@ class ContainerStore:
         return 0
 
     def exists(self, name: str) -> bool:
-        return (self.dir(name) / "record.json").exists()
+        """A container of this name is here, or is being deleted (`godwit.departures`)."""
+        directory = self.dir(name)
+        return (directory / "record.json").exists() or (directory / DEPARTED).exists()
 
     def install_bundle(self, name: str, config: dict, rootfs: Path, own_netns: bool) -> Path:
         """Write this host's config.json for a container: own cgroup path, absolute rootfs,
@@ -233,6 +241,7 @@ class ContainerStore:
     async def check_new(self, name: str) -> None:
         """Refuse a name this host already has a container (or a runc container) of."""
         check_name(name)
+        await self.departures.settled(name)
         if self.exists(name) or await self._runc_knows(name):
             raise Conflict(f"container {name} already exists on {self.host}")
 
@@ -274,12 +283,13 @@ class ContainerStore:
                 raise Conflict(f"address {net.address} is already used by "
                                f"{path.parent.name} on {self.host}")
 
-    async def discard(self, record: ContainerRecord) -> None:
-        """Kill the container and drop everything of it on this host, netns included."""
+    async def discard(self, record: ContainerRecord, *, keep_rootfs: bool = False) -> None:
+        """Kill the container and drop everything of it on this host, netns included
+        (see `forget` for the rootfs)."""
         await self.runc.delete(record.name)
         if record.owns_netns:
             await asyncio.to_thread(self.networking.delete, record.name)
-        self.forget(record.name)
+        self.forget(record.name, keep_rootfs=keep_rootfs)
 
     async def _runc_knows(self, name: str) -> bool:
         try:

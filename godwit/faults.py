@@ -3,7 +3,8 @@ makes that agent fail on purpose when a migration reaches the stage, on whicheve
 (source or destination) the agent plays. Unset, every point is a no-op.
 
 Stages: prepare, rootfs, arm, freeze, dump, images, restore, verify (source only), commit,
-commit-done (destination only: it committed, in etcd too in cluster mode, and not yet said so).
+commit-done (destination only: it committed, in etcd too in cluster mode, and not yet said so),
+departure (source only: the background deletion of the copy that left, godwit.departures).
 Actions:
   hang     the step never ends (its runc/CRIU, when it has one, is stopped with SIGSTOP), as
            with a hung CRIU or peer; only cancelling the step ends the wait
@@ -31,7 +32,7 @@ from godwit.errors import GodwitError
 
 ENV = "GODWIT_FAULT"
 STAGES = ("prepare", "rootfs", "arm", "freeze", "dump", "images", "restore", "verify",
-          "commit", "commit-done")
+          "commit", "commit-done", "departure")
 ACTIONS = ("hang", "error", "crash", "pause", "corrupt")
 CRASH_EXIT = 137
 PAUSE_S = 3.0

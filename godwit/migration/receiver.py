@@ -132,6 +132,7 @@ class Receiver:
         name = check_name(request.name)
         staging = self._dir(request.id)
         await faults.point("prepare")
+        await self.store.departures.settled(name)  # it just left for another host
         if self.store.exists(name) or self._reserved(name):
             raise Conflict(f"container {name} already exists on {self.store.host}")
         shared = request.shared_rootfs

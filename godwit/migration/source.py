@@ -642,19 +642,20 @@ class SourceMigration:
         raise InDoubt("commit sent but the destination is unreachable; source copy left paused")
 
     async def cleanup_source(self) -> None:
-        """The destination runs the container for good: delete the paused source copy."""
+        """The destination runs the container for good: the paused source copy goes. Its
+        netns (its address is the destination's now) and the destination's staging go
+        first; the copy itself and the work dir are deleted after the answer
+        (`godwit.departures`: hidden from here on, deleted in the background)."""
         with self.events.phase("cleanup"):
             if self.record.owns_netns:  # isolated since the freeze: its netns can go first
                 await asyncio.to_thread(self.ctx.store.networking.delete, self.name)
-            try:
-                await self.runc.delete(self.name)
-            except GodwitError as exc:  # keep the record: `godwit ps` shows it, `rm` ends it
-                self.events.log(f"warning: paused source copy not deleted: {exc}")
-            else:
-                self.ctx.store.forget(self.name, keep_rootfs=self.shared)
-            shutil.rmtree(self.ctx.work_dir, ignore_errors=True)
             with contextlib.suppress(GodwitError):  # else it goes with the destination's sweep
                 await self.ctx.dest.forget_incoming(self.report.id)
+            self.ctx.store.departures.start(self.name, keep_rootfs=self.shared,
+                                            then=self.drop_work_dir)
+
+    async def drop_work_dir(self) -> None:
+        await asyncio.to_thread(shutil.rmtree, self.ctx.work_dir, True)
 
     # transfers
     async def upload(self, what: str, plan: TreePlan, phase: str) -> int:
