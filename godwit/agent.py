@@ -332,6 +332,9 @@ class Agent:
     async def incoming_state(self, request: web.Request) -> web.Response:
         return _reply(self.receiver.state(request.match_info["id"]))
 
+    async def incoming_pages(self, request: web.Request) -> web.Response:
+        return _reply(await self.receiver.state_once_filled(request.match_info["id"]))
+
     async def abort_incoming(self, request: web.Request) -> web.Response:
         return _reply(await self.receiver.abort(request.match_info["id"]))
 

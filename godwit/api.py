@@ -20,6 +20,7 @@ from godwit.migration import MigrationOptions
 from godwit.network import ContainerNet
 from godwit.preflight import Finding
 from godwit.protocol import (
+    PAGES_WAIT_S,
     Activated,
     AdoptRequest,
     Armed,
@@ -53,6 +54,7 @@ from godwit.protocol import (
 
 DEFAULT_PORT = 7451
 QUICK = aiohttp.ClientTimeout(total=10)  # safety-net calls must not hang on a dead peer
+PAGES_WAIT = aiohttp.ClientTimeout(total=PAGES_WAIT_S + 10)  # a long poll, then as QUICK
 ABORT_TIMEOUT_S = 3.0  # a rollback's abort: the source may resume sooner (source.py)
 JSON = {"Content-Type": "application/json"}
 R = TypeVar("R")
@@ -257,6 +259,11 @@ class AgentClient:
     async def incoming_state(self, migration_id: str) -> IncomingState:
         return await self.request("GET", f"/v1/incoming/{migration_id}", IncomingState,
                                   timeout=QUICK)
+
+    async def incoming_pages(self, migration_id: str) -> IncomingState:
+        """The state once the restored memory is complete or failed (or PAGES_WAIT_S on)."""
+        return await self.request("GET", f"/v1/incoming/{migration_id}/pages", IncomingState,
+                                  timeout=PAGES_WAIT)
 
     async def abort_incoming(self, migration_id: str) -> IncomingState:
         return await self.request("DELETE", f"/v1/incoming/{migration_id}", IncomingState,

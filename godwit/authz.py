@@ -51,6 +51,7 @@ RULES: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/v1/incoming/{id}/commit"): AGENT,
     ("POST", "/v1/incoming/{id}/forget"): AGENT,
     ("GET", "/v1/incoming/{id}"): AGENT,
+    ("GET", "/v1/incoming/{id}/pages"): AGENT,
     ("DELETE", "/v1/incoming/{id}"): AGENT,
 }
 OWNER_FILE = "owner"

@@ -42,8 +42,11 @@ from godwit.runc_features import RuncFeatures
 # pages to a CRIU page server on the destination. 2.2: a tree stream carries ``sock``
 # records (bound unix socket names); a 2.1 destination refuses them and the migration
 # rolls back. 2.3: a stop-and-copy destination restores lazily and fills the memory from
-# the pages it received, after the restore (`ArmRequest.fill_after_restore`).
-PROTOCOL_VERSION = "2.3"
+# the pages it received, after the restore (`ArmRequest.fill_after_restore`). 2.4: the
+# source waits for the restored memory with `GET /v1/incoming/{id}/pages`, answered once the
+# fill is complete or failed, or after PAGES_WAIT_S (it polled the migration's state before).
+PROTOCOL_VERSION = "2.4"
+PAGES_WAIT_S = 5.0
 MigrationId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f-]{1,64}$", max_length=64)]
 M = TypeVar("M")
 
@@ -451,6 +454,9 @@ ROUTES: tuple[Route, ...] = (
           "the source settled it: drop the ended record", Forgotten),
     Route("GET", "/v1/incoming/{id}", "incoming_state", "how the migration stands here",
           IncomingState),
+    Route("GET", "/v1/incoming/{id}/pages", "incoming_pages",
+          "how the migration stands once the restored memory is complete or failed "
+          "(at most PAGES_WAIT_S later)", IncomingState),
     Route("DELETE", "/v1/incoming/{id}", "abort_incoming",
           "abort: kill a restored copy, drop staged files", IncomingState),
 )

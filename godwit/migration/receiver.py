@@ -45,6 +45,7 @@ from godwit.migration.strategies import restores_lazily, upload_rounds
 from godwit.network import ContainerNet
 from godwit.packet_hold import PacketHold
 from godwit.protocol import (
+    PAGES_WAIT_S,
     Activated,
     Armed,
     Forgotten,
@@ -97,6 +98,7 @@ class Receiver:
         self.tls = tls
         self.failure_logs = failure_logs
         self.watchers: set[asyncio.Task] = set()
+        self.pages_watchers: dict[str, asyncio.Task] = {}  # per migration: its pages' outcome
         self.root = state_dir / "incoming"
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.trash = state_dir / TRASH
@@ -517,13 +519,16 @@ class Receiver:
         return daemon
 
     def _watch_pages(self, migration_id: str, daemon, name: str, networked: bool) -> None:
-        self._watch(self._pages_outcome(migration_id, daemon, name, networked))
+        task = self._watch(self._pages_outcome(migration_id, daemon, name, networked))
+        self.pages_watchers[migration_id] = task
+        task.add_done_callback(lambda _: self.pages_watchers.pop(migration_id, None))
 
-    def _watch(self, coro) -> None:
+    def _watch(self, coro) -> asyncio.Task:
         """Run a background check, keeping a reference so it is not garbage-collected."""
         task = asyncio.create_task(coro)
         self.watchers.add(task)
         task.add_done_callback(self.watchers.discard)
+        return task
 
     async def _pages_outcome(self, migration_id: str, daemon, name: str,
                              networked: bool) -> None:
@@ -663,6 +668,16 @@ class Receiver:
     def state(self, migration_id: str) -> IncomingState:
         staging = self._dir(migration_id)
         return IncomingState(state=self._state(staging), pages=self._pages(staging))
+
+    async def state_once_filled(self, migration_id: str,
+                                wait: float = PAGES_WAIT_S) -> IncomingState:
+        """`state`, once the restored copy's memory is complete or its fill failed (the
+        outcome settled), or after `wait` seconds: the source asks again."""
+        if watcher := self.pages_watchers.get(migration_id):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await asyncio.shield(watcher)
+        return self.state(migration_id)
 
     @staticmethod
     def _pages(staging: Path) -> str | None:

@@ -49,7 +49,7 @@ FENCE_MARGIN_S = 3.0
 FREEZE_MARGIN_S = 5.0
 PROGRESS_INTERVAL_S = 0.1
 VERIFY_TIMEOUT_S = 10.0
-PAGES_POLL_S = 0.05
+PAGES_POLL_S = 0.05  # a destination older than 2.4 is asked this often (none more often)
 SETTLE_S = 0.2  # the restored copy must still run this long after its restore
 
 
@@ -584,19 +584,27 @@ class SourceMigration:
         """Until the restored copy holds every page, the frozen source is the only full
         copy: wait for the destination's lazy-pages daemon to report its outcome."""
         with self.events.phase("pages"):
-            while (state := await self.destination_pages()) in ("transferring", None):
+            while True:
+                asked = time.monotonic()
+                if (state := await self.destination_pages()) not in ("transferring", None):
+                    break
                 if time.monotonic() > self.fence_deadline():
                     raise GodwitError("memory pages did not all arrive before the deadline")
-                await asyncio.sleep(PAGES_POLL_S)
+                await asyncio.sleep(max(0.0, asked + PAGES_POLL_S - time.monotonic()))
             if not state.startswith("complete"):
                 raise GodwitError(f"{self.strategy} page transfer failed: {state}")
             filled = state.removeprefix("complete: ")
             self.report.pages = f"{self.report.pages}; {filled}" if self.report.pages else filled
 
     async def destination_pages(self) -> str | None:
-        """transferring, complete, failed: …; None while the destination does not answer."""
+        """transferring, complete, failed: …; None while the destination does not answer.
+        A destination of protocol 2.4 or later answers once the fill has settled (or
+        PAGES_WAIT_S on); an older one at once, and is asked every PAGES_POLL_S."""
         try:
-            state = await self.ctx.dest.incoming_state(self.report.id)
+            if protocol_at_least(self.dest_protocol, (2, 4)):
+                state = await self.ctx.dest.incoming_pages(self.report.id)
+            else:
+                state = await self.ctx.dest.incoming_state(self.report.id)
         except GodwitError:
             return None
         return state.pages or state.state
