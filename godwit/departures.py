@@ -78,11 +78,15 @@ class Departures:
                       then: Callable[[], Awaitable[None]] | None = None) -> None:
         await faults.point("departure")
         directory = self.store.dir(name)
-        fields = json.loads((directory / DEPARTED).read_text())
+        try:
+            fields = json.loads((directory / DEPARTED).read_text())
+        except (OSError, ValueError) as exc:  # written atomically here: a damaged disk only
+            log.warning("departed container %s left as it is: %s: %s", name, DEPARTED, exc)
+            return
         keep_rootfs = fields.pop("keep_rootfs", False)
         try:
             await self.store.discard(self.store.record_from(fields), keep_rootfs=keep_rootfs)
-        except (GodwitError, OSError) as exc:
+        except (GodwitError, OSError, TypeError) as exc:
             log.warning("departed container %s not deleted: %s (kept: `godwit rm` ends it)",
                         name, exc)
             atomic_write(directory / RECORD, json.dumps(fields, indent=1))
