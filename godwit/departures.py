@@ -13,7 +13,6 @@ ps` shows the copy and `godwit rm` ends it, as before.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -60,9 +59,7 @@ class Departures:
     async def settled(self, name: str, timeout: float = SETTLE_TIMEOUT_S) -> None:
         """Wait (at most `timeout` s) until a departing container of `name` is deleted."""
         if task := self.tasks.get(name):
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await asyncio.shield(task)
+            await asyncio.wait({task}, timeout=timeout)
 
     async def close(self, timeout: float) -> None:
         """At agent stop: let the deletions under way finish (the next start sweeps)."""

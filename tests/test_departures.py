@@ -5,25 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import cli_json, copies, wait_for
-from faultmatrix import faulty_agent
+from faultmatrix import faulty_agent, runc_names
 
 from godwit.departures import DEPARTED, RECORD, Departures
 from godwit.errors import GodwitError
 from godwit.lab.bundles import counter_bundle, read_count
 from godwit.lab.testbed import Testbed
 from godwit.lab.workloads import memhog_bundle, read_state
-from godwit.runc import DEFAULT_RUNC
-
-
-def runc_names(bed: Testbed, host: str) -> list[str]:
-    listing = subprocess.run([DEFAULT_RUNC, "--root", str(bed.host(host).runc_root), "list",
-                              "-q"], capture_output=True, text=True, check=True)
-    return listing.stdout.split()
 
 
 def record_dir(bed: Testbed, host: str, name: str) -> Path:

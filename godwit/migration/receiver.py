@@ -674,9 +674,7 @@ class Receiver:
         """`state`, once the restored copy's memory is complete or its fill failed (the
         outcome settled), or after `wait` seconds: the source asks again."""
         if watcher := self.pages_watchers.get(migration_id):
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await asyncio.shield(watcher)
+            await asyncio.wait({watcher}, timeout=wait)
         return self.state(migration_id)
 
     @staticmethod
