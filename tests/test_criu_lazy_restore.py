@@ -26,10 +26,15 @@ def memhog(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Memhog]:
     yield from memhog_fixture(request, tmp_path)
 
 
-async def lazy_restore(images: Path, work: Path, pidfile: Path) -> int:
-    """Restore lazily from `images`; the lazy-pages daemon's exit code once it is done."""
-    daemon = await start_lazy_pages(images, work, None, None)
+async def lazy_restore(images: Path, work: Path, pidfile: Path,
+                       staged: Path | None = None) -> int:
+    """Restore lazily from `images`; the lazy-pages daemon's exit code once it is done.
+    With `staged`, the daemon starts on an empty `images` (`--start-before-images`,
+    scripts/criu-patches/0022) and the dump's files are moved there once it listens."""
+    daemon = await start_lazy_pages(images, work, None, None, before_images=bool(staged))
     try:
+        for image in staged.iterdir() if staged else ():
+            image.rename(images / image.name)
         restore = await asyncio.create_subprocess_exec(
             CRIU, "restore", "-D", str(images), "-W", str(work), "-d", "--lazy-pages",
             "--pidfile", str(pidfile), "-v4", "-o", "restore.log",
@@ -47,17 +52,39 @@ async def lazy_restore(images: Path, work: Path, pidfile: Path) -> int:
             await daemon.wait()
 
 
-@pytest.mark.parametrize("memhog", [64], indirect=True)
-def test_lazy_restore_from_local_images_fills_all_memory(tmp_path: Path,
-                                                          memhog: Memhog) -> None:
-    images, work, pidfile = tmp_path / "images", tmp_path / "work", tmp_path / "restored.pid"
+def dump(memhog: Memhog, images: Path) -> None:
+    """Dump the memhog (killed) into `images`, its pid free for the restore."""
     images.mkdir()
-    work.mkdir()
     subprocess.run([CRIU, "dump", "-t", str(memhog.proc.pid), "-D", str(images), "-v4",
                     "-o", "dump.log"], stdin=subprocess.DEVNULL, check=True, timeout=120)
-    memhog.proc.wait(10)  # dumped and killed: its pid is free for the restore
-    assert asyncio.run(lazy_restore(images, work, pidfile)) == 0
+    memhog.proc.wait(10)
+
+
+def check_restored(memhog: Memhog, work: Path, pidfile: Path) -> None:
     complete, detail = lazy_pages_verdict(work)
     assert complete, detail
     state = verified_state(memhog, int(pidfile.read_text()))
     assert " ok=1 " in state, f"restored memhog's memory differs: {state}"
+
+
+@pytest.mark.parametrize("memhog", [64], indirect=True)
+def test_lazy_restore_from_local_images_fills_all_memory(tmp_path: Path,
+                                                          memhog: Memhog) -> None:
+    images, work, pidfile = tmp_path / "images", tmp_path / "work", tmp_path / "restored.pid"
+    dump(memhog, images)
+    work.mkdir()
+    assert asyncio.run(lazy_restore(images, work, pidfile)) == 0
+    check_restored(memhog, work, pidfile)
+
+
+@pytest.mark.parametrize("memhog", [64], indirect=True)
+def test_a_daemon_started_before_the_images_serves_the_restore(tmp_path: Path,
+                                                               memhog: Memhog) -> None:
+    """godwit starts it at arm, before the dump: the images come after it listens."""
+    dumped, images = tmp_path / "dumped", tmp_path / "images"
+    work, pidfile = tmp_path / "work", tmp_path / "restored.pid"
+    dump(memhog, dumped)
+    images.mkdir()
+    work.mkdir()
+    assert asyncio.run(lazy_restore(images, work, pidfile, staged=dumped)) == 0
+    check_restored(memhog, work, pidfile)
