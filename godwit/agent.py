@@ -313,7 +313,8 @@ class Agent:
         local = request.transport.get_extra_info("sockname") if request.transport else None
         return _reply(await self.receiver.arm(request.match_info["id"], body.descriptors,
                                               local if body.stream_pages else None,
-                                              request.remote, body.fill_after_restore))
+                                              request.remote, body.fill_after_restore,
+                                              body.lazy_page_server))
 
     async def activate_incoming(self, request: web.Request) -> web.Response:
         return _reply(await self.receiver.activate(request.match_info["id"]))

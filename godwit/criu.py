@@ -245,14 +245,33 @@ async def start_page_server(images: Path, work: Path, address: str, port: int,
     return proc
 
 
+@functools.cache
+def criu_has_option(option: str) -> bool:
+    """Does the local CRIU take `option` (its --help lists it)? Asked once per option."""
+    try:
+        usage = subprocess.run([CRIU, "--help"], capture_output=True, text=True,
+                               check=False).stdout
+    except OSError:
+        return False
+    return option in usage
+
+
+START_BEFORE_IMAGES = "--start-before-images"  # scripts/criu-patches/0022
+
+
 async def start_lazy_pages(images: Path, work: Path, page_server: str | None,
-                           tls: TLSFiles | None) -> asyncio.subprocess.Process:
+                           tls: TLSFiles | None, *,
+                           before_images: bool = False) -> asyncio.subprocess.Process:
     """The daemon that fills a lazily restored process's memory (userfaultfd): from the
     source's page server (post-copy), or with `page_server` None from the pages already
     in `images` (stop-and-copy's restore, whose memory copy then runs after the freeze).
     `runc restore --lazy-pages` must use the same work dir, where the daemon's socket
-    appears once it is ready."""
+    appears once it is ready. With `before_images` (a CRIU with START_BEFORE_IMAGES) it
+    reads the images and reaches the page server only once the restore connects: it can
+    be started before the dump."""
     argv = [CRIU, "lazy-pages", "-D", str(images), "-W", str(work), "-v4", "-o", LAZY_LOG]
+    if before_images:
+        argv.append(START_BEFORE_IMAGES)
     if page_server:
         address, _, port = page_server.rpartition(":")
         argv += ["--page-server", "--address", address, "--port", port, *tls_argv(tls)]

@@ -45,7 +45,9 @@ from godwit.runc_features import RuncFeatures
 # the pages it received, after the restore (`ArmRequest.fill_after_restore`). 2.4: the
 # source waits for the restored memory with `GET /v1/incoming/{id}/pages`, answered once the
 # fill is complete or failed, or after PAGES_WAIT_S (it polled the migration's state before).
-PROTOCOL_VERSION = "2.4"
+# 2.5: a post-copy source names its page server at arm (`ArmRequest.lazy_page_server`), so
+# that the destination starts the lazy-pages daemon then, not in the freeze.
+PROTOCOL_VERSION = "2.5"
 PAGES_WAIT_S = 5.0
 MigrationId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f-]{1,64}$", max_length=64)]
 M = TypeVar("M")
@@ -316,6 +318,8 @@ class ArmRequest(Request, kw_only=True, omit_defaults=True):
     stream_pages: bool = False  # 2.1: run a CRIU page server for the dump's memory pages
     # 2.3: restore lazily, the memory filled from the received pages after the restore
     fill_after_restore: bool = False
+    # 2.5: post-copy: the source's page server the restored memory will come from
+    lazy_page_server: str | None = None
 
 
 class Armed(Reply, kw_only=True):

@@ -22,14 +22,13 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 from functools import cached_property
 
 from godwit import procfs
-from godwit.criu import CRIU
+from godwit.criu import CRIU, criu_has_option
 from godwit.errors import GodwitError
 from godwit.migration import AUTO_LAZY_MIN_BYTES
-from godwit.migration.source import SourceMigration
+from godwit.migration.source import SourceMigration, protocol_at_least
 from godwit.preflight import Need
 from godwit.protocol import RestoreRequest
 from godwit.qos import migration_ports
@@ -99,6 +98,11 @@ class PostCopy(SourceMigration):
     def restore_request(self) -> RestoreRequest:
         return RestoreRequest(page_server=self.page_server_address)
 
+    def lazy_page_server_at_arm(self) -> str | None:
+        """Told at arm too, so that the destination's lazy-pages daemon starts then."""
+        return self.page_server_address if protocol_at_least(self.dest_protocol, (2, 5)) \
+            else None
+
     async def verify(self) -> None:
         await self.wait_for_pages()
         await super().verify()
@@ -152,9 +156,7 @@ def page_server_options(address: str, tls: TLSFiles | None, peer: str | None) ->
 def criu_knows_peer_name() -> bool:
     """Does this CRIU take `tls-peer-name` (scripts/criu-patches/0012)? Asked once; without
     it the page server serves any certificate of the CA, and the agent says so."""
-    usage = subprocess.run([CRIU, "--help"], capture_output=True, text=True,
-                           check=False).stdout
-    if "--tls-peer-name" in usage:
+    if criu_has_option("--tls-peer-name"):
         return True
     log.warning("%s lacks --tls-peer-name (godwit's CRIU patch 0012, run scripts/setup): "
                 "post-copy page servers serve any certificate of the CA", CRIU)

@@ -30,6 +30,8 @@ from godwit.containers import ContainerRecord, ContainerStore, check_name
 from godwit.criu import (
     LAZY_LOG,
     PAGE_SERVER_LOG,
+    START_BEFORE_IMAGES,
+    criu_has_option,
     lazy_pages_verdict,
     log_error,
     start_lazy_pages,
@@ -110,6 +112,9 @@ class Receiver:
         self.cluster: ClusterMigrations | None = None  # cluster mode: etcd decides commits
         # stop-and-copy: CRIU page servers taking the dump's memory pages, and their ports
         self.page_servers: dict[str, tuple[asyncio.subprocess.Process, int]] = {}
+        # lazy restores: lazy-pages daemons started at arm, and the page server each pulls
+        # from (None: the pages received here)
+        self.early_lazy: dict[str, tuple[asyncio.subprocess.Process, str | None]] = {}
         self.standbys: dict[str, fence.Standby] = {}  # fence watchdogs started at prepare
 
     def _lock(self, migration_id: str) -> asyncio.Lock:
@@ -328,14 +333,17 @@ class Receiver:
     async def arm(self, migration_id: str, descriptors: list[str],
                   page_server_on: tuple[str, int] | None = None,
                   source_address: str | None = None,
-                  fill_after_restore: bool = False) -> Armed:
+                  fill_after_restore: bool = False,
+                  lazy_page_server: str | None = None) -> Armed:
         """The source is about to freeze: place the rootfs, write the bundle and start
         `runc restore`, held before CRIU. `descriptors` is runc's descriptors.json of the
         dump (the container's stdio), which runc reads before CRIU starts. With
         `page_server_on` (the agent's own address and port, as the source reached it), a
         CRIU page server listens there, on a port of the migration block, for the dump's
         memory pages from `source_address`. With `fill_after_restore` the restore is lazy,
-        its memory filled from the received pages once the container runs."""
+        its memory filled from the received pages once the container runs; with
+        `lazy_page_server` (post-copy), from that page server of the source. Either way
+        the lazy-pages daemon starts now, when this CRIU can (`_start_lazy_early`)."""
         self.touch(migration_id)
         await faults.point("arm")
         async with self._lock(migration_id):
@@ -355,6 +363,8 @@ class Receiver:
             page_server = await self._start_page_server(
                 migration_id, staging, page_server_on, source_address) \
                 if page_server_on else None
+            if fill_after_restore or lazy_page_server:
+                await self._start_lazy_early(migration_id, staging, lazy_page_server)
             self._set_state(staging, DestinationState.ARMED)
         self._watch(self._expire_hold(migration_id, request.commit_timeout))
         return Armed(armed=request.name, page_server=page_server)
@@ -411,10 +421,12 @@ class Receiver:
 
     async def _expire_hold(self, migration_id: str, seconds: float) -> None:
         """A held restore the source never lets through (it gave up, or its images take
-        long) is called off; a later restore then runs without the head start."""
+        long) is called off, with a lazy-pages daemon started at arm; a later restore then
+        runs without the head start."""
         await asyncio.sleep(seconds)
         async with self._lock(migration_id):
             held = self.held.pop(migration_id, None)
+            self._stop_early_lazy(migration_id)
         if held:
             await held.call_off()
 
@@ -425,6 +437,8 @@ class Receiver:
             await one.call_off()
         for migration_id in list(self.page_servers):
             self._drop_page_server(migration_id)
+        for migration_id in list(self.early_lazy):
+            self._stop_early_lazy(migration_id)
         for standby in self.standbys.values():
             standby.close()
         self.standbys.clear()
@@ -480,8 +494,7 @@ class Receiver:
         self._arm_fence(request, staging)
         self._watch(self._drop_when_fenced(
             migration_id, request.commit_timeout + FENCED_GRACE_S))
-        lazy = await self._start_lazy_pages(staging, page_server) \
-            if page_server or (staging / FILL_AFTER_RESTORE).exists() else None
+        lazy = await self._lazy_pages_for(migration_id, staging, page_server)
         try:
             pid = await self._held_or_new_restore(held, request, bundle, staging,
                                                   lazy=lazy is not None)
@@ -508,14 +521,52 @@ class Receiver:
         hold = self.holds.pop(migration_id, None)
         return await asyncio.to_thread(hold.release) if hold else 0
 
-    async def _start_lazy_pages(self, staging: Path, page_server: str | None):
+    async def _start_lazy_pages(self, staging: Path, page_server: str | None, *,
+                                before_images: bool = False):
         """The daemon that fills the restored memory: from the source's page server
         (post-copy), or with `page_server` None from the pages received here."""
         (staging / "work").mkdir(exist_ok=True)
-        _set_pages(staging, "transferring")
         daemon = await start_lazy_pages(staging / "images", staging / "work", page_server,
-                                        self.tls)
+                                        self.tls, before_images=before_images)
         _save_process(staging / LAZY_PAGES, daemon.pid)  # in its own session: it outlives us
+        return daemon
+
+    async def _start_lazy_early(self, migration_id: str, staging: Path,
+                                page_server: str | None) -> None:
+        """Start the lazy-pages daemon at arm, so that its start (~10 ms, a CRIU process
+        reading its images) is not paid in the freeze: a CRIU with START_BEFORE_IMAGES
+        reads them, and reaches the page server, once the restore connects. Without it, or
+        if it does not start, the restore starts one as before."""
+        if not criu_has_option(START_BEFORE_IMAGES):
+            return
+        try:
+            daemon = await self._start_lazy_pages(staging, page_server, before_images=True)
+        except GodwitError as exc:
+            log.warning("lazy-pages daemon not started at arm, the restore will: %s", exc)
+            return
+        self.early_lazy[migration_id] = (daemon, page_server)
+
+    def _stop_early_lazy(self, migration_id: str) -> None:
+        """A lazy-pages daemon started at arm that no restore will use goes."""
+        daemon, _ = self.early_lazy.pop(migration_id, (None, None))
+        if daemon and daemon.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                daemon.kill()
+
+    async def _lazy_pages_for(self, migration_id: str, staging: Path,
+                              page_server: str | None):
+        """The lazy-pages daemon of this restore (None: the restore is whole): the one
+        started at arm if it still waits and pulls from `page_server`, else a new one."""
+        early = self.early_lazy.get(migration_id)
+        if not (page_server or (staging / FILL_AFTER_RESTORE).exists()):
+            self._stop_early_lazy(migration_id)
+            return None
+        if early and early[0].returncode is None and early[1] == page_server:
+            daemon = self.early_lazy.pop(migration_id)[0]
+        else:
+            self._stop_early_lazy(migration_id)
+            daemon = await self._start_lazy_pages(staging, page_server)
+        _set_pages(staging, "transferring")
         return daemon
 
     def _watch_pages(self, migration_id: str, daemon, name: str, networked: bool) -> None:
@@ -590,6 +641,7 @@ class Receiver:
         if standby := self.standbys.pop(migration_id, None):
             standby.close()
         self._drop_page_server(migration_id)
+        self._stop_early_lazy(migration_id)
         await self.store.runc.delete(request.name)
         await self._drop_network(migration_id, request.name, request.owns_netns)
         if (staging / PLACED).exists():

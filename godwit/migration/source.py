@@ -443,9 +443,15 @@ class SourceMigration:
             self.fills_after_restore = self.can_fill_after_restore()
             armed = await self.ctx.dest.arm_incoming(
                 self.report.id, descriptors, stream_pages=self.streams_pages(),
-                fill_after_restore=self.fills_after_restore)
+                fill_after_restore=self.fills_after_restore,
+                lazy_page_server=self.lazy_page_server_at_arm())
             if armed.page_server:
                 self.send_pages_to(armed.page_server)
+
+    def lazy_page_server_at_arm(self) -> str | None:
+        """Strategy hook: the page server a lazy restore will pull the memory from, told
+        at arm (post-copy, to a destination of protocol 2.5 or later)."""
+        return None
 
     def streams_pages(self) -> bool:
         """Stream unless the operator asked for godwit's compression or bandwidth limit
