@@ -1,6 +1,5 @@
 """The freeze deadline, in seconds: SourceMigration's frozen steps against a fake peer,
-a step hung on purpose with a godwit.faults point. And the rootfs's second pass beside
-the dump."""
+a step hung on purpose with a godwit.faults point."""
 
 from __future__ import annotations
 
@@ -14,11 +13,11 @@ import pytest
 from godwit.errors import GodwitError
 from godwit.migration import MigrationOptions, default_max_freeze
 from godwit.migration.journal import Journals
-from godwit.migration.report import EventStream, MigrationReport, Phase
+from godwit.migration.report import EventStream, MigrationReport
 from godwit.migration.source import FREEZE_MARGIN_S, SourceContext, SourceMigration
 from godwit.migration.states import DestinationState, Stage
 from godwit.runc import HeldRunc
-from godwit.transport import TreePlan, scan_tree
+from godwit.transport import TreePlan
 
 DEADLINE_S = 0.5
 
@@ -26,12 +25,9 @@ DEADLINE_S = 0.5
 class FakeStore:
     """What SourceMigration asks of a host's containers."""
 
-    def __init__(self, rootfs: Path | None = None) -> None:
-        self.rootfs = rootfs
-
     def record(self, name: str) -> SimpleNamespace:
-        return SimpleNamespace(rootfs=str(self.rootfs or "/nonexistent"), net=None,
-                               private_netns=False, owns_netns=False)
+        return SimpleNamespace(rootfs="/nonexistent", net=None, private_netns=False,
+                               owns_netns=False)
 
     def memory_usage(self, name: str) -> int:
         return 0
@@ -70,19 +66,14 @@ class FrozenOnly(SourceMigration):
         return plan.total_bytes
 
 
-def migration(tmp_path: Path, held: HeldRunc | None = None,
-              rootfs: Path | None = None) -> FrozenOnly:
-    """A migration frozen from the start; with `rootfs`, not on shared storage (the
-    rootfs's first pass already made)."""
-    journals = Journals(tmp_path / "journals")
-    ctx = SourceContext(FakeStore(rootfs), None, journals,  # type: ignore[arg-type]
-                        journals.work_dir("1234"), {})
-    options = MigrationOptions(to="b", shared_storage=rootfs is None, max_freeze=DEADLINE_S)
+def migration(tmp_path: Path, held: HeldRunc | None = None) -> FrozenOnly:
+    journals = Journals(tmp_path)
+    ctx = SourceContext(FakeStore(), None, journals, journals.work_dir("1234"),  # type: ignore[arg-type]
+                        {})
+    options = MigrationOptions(to="b", shared_storage=True, max_freeze=DEADLINE_S)
     report = MigrationReport("1234", "c", "a", "b", "stop-and-copy")
     moving = FrozenOnly(ctx, "c", options, EventStream(report))
     moving.held_dump = held
-    if rootfs:
-        moving.manifest = scan_tree(rootfs)
     return moving
 
 
@@ -154,69 +145,3 @@ def test_default_deadline_and_bad_values() -> None:
     assert default_max_freeze(2 << 30) == pytest.approx(30 + 21.47, abs=0.01)
     with pytest.raises(GodwitError, match="at least"):
         MigrationOptions(to="b", max_freeze=0.1)
-
-
-def phase(report: MigrationReport, name: str) -> Phase:
-    return next(p for p in report.phases if p.name == name)
-
-
-def test_the_rootfs_second_pass_runs_beside_the_dump(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("GODWIT_FAULT", "restore:error")  # ends the migration there
-    rootfs = tmp_path / "rootfs"
-    rootfs.mkdir()
-
-    async def scenario() -> FrozenOnly:
-        held, proc = await hung_dump()
-        moving = migration(tmp_path, held, rootfs)
-        moving.images.mkdir(parents=True)
-        held.outcome = lambda: asyncio.sleep(0.3, "dumped")
-        (rootfs / "written-before-the-freeze").write_text("x")
-        await moving.execute()
-        proc.kill()
-        await proc.wait()
-        return moving
-
-    report = asyncio.run(scenario()).report
-    assert report.error == "fault injected at restore", report
-    dump, sync = phase(report, "dump"), phase(report, "rootfs-sync")
-    assert dump.ended and sync.ended
-    assert dump.started <= sync.started and sync.ended < dump.ended, report.phases
-
-
-def test_a_failed_rootfs_pass_stops_the_dump(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("GODWIT_FAULT", "rootfs:error")
-    rootfs = tmp_path / "rootfs"
-    rootfs.mkdir()
-
-    async def scenario() -> tuple[FrozenOnly, asyncio.subprocess.Process, float]:
-        held, proc = await hung_dump()
-        moving = migration(tmp_path, held, rootfs)
-        started = time.monotonic()
-        await moving.execute()
-        return moving, proc, time.monotonic() - started
-
-    moving, dump, took = asyncio.run(scenario())
-    report = moving.report
-    assert report.error == "fault injected at rootfs", report
-    assert report.outcome == "running on a (resumed)"
-    assert dump.returncode == -9, "the dump under way is killed"
-    assert took < DEADLINE_S, "at once, not at the freeze deadline"
-
-
-@pytest.mark.parametrize(("fault", "under_way"), [("dump:hang", "dump"),
-                                                  ("rootfs:hang", "dump and rootfs-sync")])
-def test_the_report_names_the_steps_under_way_at_the_deadline(
-        tmp_path: Path, monkeypatch, fault: str, under_way: str) -> None:
-    monkeypatch.setenv("GODWIT_FAULT", fault)  # the dump itself hangs in both
-    rootfs = tmp_path / "rootfs"
-    rootfs.mkdir()
-
-    async def scenario() -> FrozenOnly:
-        held, _ = await hung_dump()
-        moving = migration(tmp_path, held, rootfs)
-        await moving.execute()
-        return moving
-
-    report = asyncio.run(scenario()).report
-    assert report.error == f"freeze deadline of {DEADLINE_S:g} s passed during {under_way}"
-    assert report.outcome == "running on a (resumed)"

@@ -26,7 +26,6 @@ from godwit import faults, procfs
 from godwit.api import DEFAULT_PORT, AgentClient, AgentUnreachable
 from godwit.cluster.migration_hooks import COMMITTED, SourceGuard
 from godwit.cluster.store import ClusterUnavailable
-from godwit.concurrency import concurrently
 from godwit.containers import ContainerStore
 from godwit.criu import log_error, tls_config_lines
 from godwit.errors import GodwitError
@@ -330,18 +329,11 @@ class SourceMigration:
 
     async def frozen_steps(self) -> None:
         await self.freeze()
-        await self.dump_and_sync_rootfs()
+        await self.dump()
+        if not self.shared:
+            await self.send_rootfs(initial=False)
         await self.send_images()
         await self.restore()
-
-    async def dump_and_sync_rootfs(self) -> None:
-        """The dump, with the rootfs's second pass beside it: frozen, the container no
-        longer writes to its rootfs, and CRIU's dump does not either. The first failure
-        stops the other step (a dump stopped half way is killed by the rollback)."""
-        if self.shared:
-            await self.dump()
-            return
-        await concurrently(self.dump(), self.send_rootfs(initial=False))
 
     async def within_freeze_deadline(self, steps: Awaitable[None]) -> None:
         """Run the frozen steps under the freeze deadline. When it passes, the step under
@@ -363,8 +355,7 @@ class SourceMigration:
         except TimeoutError as exc:
             if not timer.expired():
                 raise
-            passed_at = wall_time(timer.when() or asyncio.get_running_loop().time())
-            raise GodwitError(f"{overrun} during {self.steps_under_way(passed_at)}") from exc
+            raise GodwitError(f"{overrun} during {self.current_phase()}") from exc
 
     def max_freeze(self) -> float:
         """Seconds the container may stay frozen: the operator's, or from its memory."""
@@ -372,12 +363,8 @@ class SourceMigration:
             return self.options.max_freeze
         return default_max_freeze(self.ctx.store.memory_usage(self.name))
 
-    def steps_under_way(self, at: float) -> str:
-        """The steps under way at wall-clock time `at` (two run together while frozen):
-        those that had not ended by then; else the last one."""
-        phases = self.report.phases
-        running = [p.name for p in phases if p.ended is None or p.ended >= at]
-        return " and ".join(running) or (phases[-1].name if phases else "freeze")
+    def current_phase(self) -> str:
+        return self.report.phases[-1].name if self.report.phases else "freeze"
 
     # steps
     async def prepare_destination(self) -> None:
@@ -781,8 +768,3 @@ _NOT_COMMITTED = (DestinationState.FENCED, DestinationState.ABORTED, Destination
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-def wall_time(loop_time: float) -> float:
-    """The wall-clock time of a time of the running event loop's clock."""
-    return time.time() - (asyncio.get_running_loop().time() - loop_time)
