@@ -90,8 +90,9 @@ def test_dump_refused_by_criu_names_the_cause_and_keeps_the_log(bed: Testbed) ->
     assert not list((bed.host("a").state_dir / "outgoing").glob("*")), "work dir is gone"
     as_json = cli_json(bed, "report", report["id"], "--logs")
     kept_on_b = sorted(e["name"] for e in as_json["b"])
-    assert kept_on_b == ["page-server.log", "runc-restore.log"], \
-        "CRIU never restored on b: only runc's called-off restore and the dump's page server"
+    assert kept_on_b == ["lazy-pages.log", "page-server.log", "runc-restore.log"], \
+        "CRIU never restored on b: only runc's called-off restore, the dump's page server " \
+        "and the lazy-pages daemon started at arm"
     bed.godwit("rm", "fuse")
 
 
