@@ -409,9 +409,7 @@ class Receiver:
         return sum(path.stat().st_size for path in (staging / "images").glob("pages-*.img"))
 
     def _stop_page_server(self, proc: asyncio.subprocess.Process, port: int) -> None:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+        _kill_if_running(proc)
         release_port(port)
 
     def _drop_page_server(self, migration_id: str) -> None:
@@ -500,15 +498,13 @@ class Receiver:
                                                   lazy=lazy is not None)
         except GodwitError as exc:
             detail = restore_failure(staging / "work", exc, lazy)
-            if lazy and lazy.returncode is None:
-                lazy.kill()
+            _kill_if_running(lazy)
             await self._discard(migration_id, staging, name, record.owns_netns)
             raise GodwitError(f"restore failed on {self.store.host}: {detail}") from exc
         except asyncio.CancelledError:  # aborted under way (the source's freeze deadline)
             if held:
                 await held.call_off()
-            if lazy and lazy.returncode is None:
-                lazy.kill()
+            _kill_if_running(lazy)
             await self._discard(migration_id, staging, name, record.owns_netns)
             raise
         if lazy:
@@ -549,22 +545,18 @@ class Receiver:
     def _stop_early_lazy(self, migration_id: str) -> None:
         """A lazy-pages daemon started at arm that no restore will use goes."""
         daemon, _ = self.early_lazy.pop(migration_id, (None, None))
-        if daemon and daemon.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                daemon.kill()
+        _kill_if_running(daemon)
 
     async def _lazy_pages_for(self, migration_id: str, staging: Path,
                               page_server: str | None):
         """The lazy-pages daemon of this restore (None: the restore is whole): the one
         started at arm if it still waits and pulls from `page_server`, else a new one."""
-        early = self.early_lazy.get(migration_id)
+        daemon, pulls_from = self.early_lazy.pop(migration_id, (None, None))
         if not (page_server or (staging / FILL_AFTER_RESTORE).exists()):
-            self._stop_early_lazy(migration_id)
+            _kill_if_running(daemon)
             return None
-        if early and early[0].returncode is None and early[1] == page_server:
-            daemon = self.early_lazy.pop(migration_id)[0]
-        else:
-            self._stop_early_lazy(migration_id)
+        if daemon is None or daemon.returncode is not None or pulls_from != page_server:
+            _kill_if_running(daemon)
             daemon = await self._start_lazy_pages(staging, page_server)
         _set_pages(staging, "transferring")
         return daemon
@@ -766,6 +758,14 @@ def restore_failure(work: Path, exc: GodwitError,
             cause is None or "lazy" in cause or "uffd" in cause):
         detail += f" (criu lazy-pages: {log_error(work, LAZY_LOG) or f'exit {lazy.returncode}'})"
     return detail
+
+
+def _kill_if_running(proc: asyncio.subprocess.Process | None) -> None:
+    """SIGKILL a CRIU process this agent started (a page server, a lazy-pages daemon) that
+    has not ended; its exit is collected by asyncio."""
+    if proc and proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
 
 
 def _set_pages(staging: Path, status: str) -> None:
