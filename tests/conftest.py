@@ -19,7 +19,8 @@ from godwit.pki import CertificateAuthority
 from godwit.runc import CURRENT_RUNC, DEFAULT_RUNC
 from godwit.tls import TLSFiles
 
-pytest.register_assert_rewrite("netclient", "faultmatrix")  # asserts report like tests
+# helper modules whose asserts report like tests
+pytest.register_assert_rewrite("netclient", "faultmatrix", "memhog_container")
 # The fast lane, `pytest -m "not integration"`, runs unit tests only (no root, seconds):
 # these markers and these root-only fixtures make a test an integration test.
 IMPLIES_INTEGRATION = ("realapps", "conformance", "faults", "soak")

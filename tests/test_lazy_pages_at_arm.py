@@ -5,16 +5,14 @@ its start is no longer paid while the container is frozen."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import copies, wait_for
 from faultmatrix import faulty_agent
+from memhog_container import migrate_in_background, report_of, rootfs_on, start_memhog, verify
 
 from godwit.lab.testbed import Testbed
-from godwit.lab.workloads import memhog_bundle, read_state
 
 pytestmark = pytest.mark.integration
 
@@ -32,55 +30,29 @@ def lazy_daemons(bed: Testbed, host: str) -> list[list[str]]:
     return found
 
 
-def start_memhog(bed: Testbed, name: str) -> tuple[Path, dict]:
-    bundle = memhog_bundle(bed.bundle_dir(name), 64, seed=5, dirty_pps=0)
-    assert bed.godwit("run", name, "--bundle", str(bundle), "--host", "a").returncode == 0
-    rootfs = bundle / "rootfs"
-    state = wait_for(lambda: read_state(rootfs).get("status") == "ready" and read_state(rootfs),
-                     timeout=60, what="memhog ready")
-    return rootfs, state
-
-
-def migrate_in_background(bed: Testbed, name: str, strategy: str) -> subprocess.Popen:
-    env = {"GODWIT_CONFIG": str(bed.config_path), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "godwit", "migrate", name, "--to", "b", "--strategy", strategy,
-         "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 @pytest.mark.parametrize("strategy", ["post-copy", "stop-and-copy"])
 def test_the_daemon_waits_from_arm_and_serves_the_restore(bed: Testbed, strategy: str) -> None:
     """The destination holds the images 3 s (a pause fault): the daemon already runs,
     with no images yet. The container then moves with every byte of its memory."""
     name = f"early-{strategy}"
-    _, before = start_memhog(bed, name)
+    _, before = start_memhog(bed, name, 64)
     with faulty_agent(bed, "b", "images:pause"):
         migrating = migrate_in_background(bed, name, strategy)
         daemons = wait_for(lambda: lazy_daemons(bed, "b"), timeout=30,
                            what="a lazy-pages daemon on b before the images")
-        out, err = migrating.communicate(timeout=120)
-    report = json.loads(out or "{}")
-    assert migrating.returncode == 0 and report["result"] == "ok", (report, err)
+        report = report_of(migrating, timeout=120)
+    assert migrating.returncode == 0 and report["result"] == "ok", report
     assert "--start-before-images" in daemons[0]
     assert ("--page-server" in daemons[0]) == (strategy == "post-copy")
-    after = verified(bed, name)
+    after = verify(bed, name, rootfs_on(bed, name))
     assert after["ok"] == 1 and after["checksum"] == before["checksum"]
     assert copies(bed, name) == [("b", "running")]
     bed.godwit("rm", name)
 
 
-def verified(bed: Testbed, name: str) -> dict:
-    """memhog's checksum of all its memory, asked again (SIGUSR1) where it runs now."""
-    rows = json.loads(bed.godwit("ps", "--json").stdout)["containers"]
-    rootfs = Path(next(r["rootfs"] for r in rows if r["name"] == name))
-    assert bed.godwit("kill", name, "--signal", "USR1").returncode == 0
-    return wait_for(lambda: read_state(rootfs).get("status") == "verified" and read_state(rootfs),
-                    timeout=60, what=f"{name} verified")
-
-
 def test_a_migration_that_fails_before_the_restore_leaves_no_daemon(bed: Testbed) -> None:
     name = "early-abort"
-    start_memhog(bed, name)
+    start_memhog(bed, name, 64)
     with faulty_agent(bed, "b", "images:error"):
         result = bed.godwit("migrate", name, "--to", "b", "--strategy", "post-copy", "--json")
     report = json.loads(result.stdout)

@@ -4,41 +4,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from conftest import cli_json, copies, wait_for
+from memhog_container import migrate_in_background, report_of, rootfs_on, start_memhog, verify
 
 from godwit.lab.testbed import Testbed
 from godwit.lab.workloads import memhog_bundle, read_state
 
 pytestmark = pytest.mark.integration
-
-
-def start_memhog(bed: Testbed, name: str, mib: int, protected_mib: int = 0,
-                 hole_mib: int = 0) -> tuple[Path, dict]:
-    bundle = memhog_bundle(bed.bundle_dir(name), mib, seed=11, dirty_pps=0,
-                           protected_mib=protected_mib, hole_mib=hole_mib)
-    result = bed.godwit("run", name, "--bundle", str(bundle), "--host", "a")
-    assert result.returncode == 0, result.stderr
-    rootfs = bundle / "rootfs"
-    state = wait_for(lambda: read_state(rootfs).get("status") == "ready" and read_state(rootfs),
-                     timeout=120, what="memhog ready")
-    return rootfs, state
-
-
-def verify(bed: Testbed, name: str, rootfs: Path) -> dict:
-    """Ask memhog to checksum all its memory again (SIGUSR1) and return its verdict."""
-    assert bed.godwit("kill", name, "--signal", "USR1").returncode == 0
-    return wait_for(lambda: read_state(rootfs).get("status") == "verified" and read_state(rootfs),
-                    timeout=120, what=f"{name} verification")
-
-
-def rootfs_on(bed: Testbed, name: str) -> Path:
-    rows = cli_json(bed, "ps")["containers"]
-    return Path(next(r["rootfs"] for r in rows if r["name"] == name))
 
 
 def test_post_copy_moves_1_gib_with_every_byte(bed: Testbed) -> None:
@@ -140,14 +116,9 @@ def kill_lazy_daemon_mid_transfer(bed: Testbed) -> None:
 
 def test_broken_page_transfer_resumes_the_source(bed: Testbed) -> None:
     rootfs, before = start_memhog(bed, "cut", 1024)
-    env = {"GODWIT_CONFIG": str(bed.config_path), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    migrate = subprocess.Popen(
-        [sys.executable, "-m", "godwit", "migrate", "cut", "--to", "b", "--strategy",
-         "post-copy", "--json"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    migrate = migrate_in_background(bed, "cut", "post-copy")
     kill_lazy_daemon_mid_transfer(bed)
-    out, _ = migrate.communicate(timeout=300)
-    report = json.loads(out)
+    report = report_of(migrate, timeout=300)
     assert migrate.returncode != 0 and report["result"] == "failed", report
     assert "post-copy page transfer failed" in report["error"]
     assert copies(bed, "cut") == [("a", "running")], "the incomplete copy must be gone"
