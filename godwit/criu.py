@@ -68,8 +68,9 @@ async def _feature(name: str) -> bool:
 
 
 async def probe() -> CriuCapabilities:
-    """Ask the local CRIU what it supports."""
+    """Ask the local CRIU what it supports (its options read now, not in a migration)."""
     version = await _version()
+    await asyncio.to_thread(criu_usage)
     rc, out = await run_criu("check")
     lazy, dirty = await asyncio.gather(_feature("uffd-noncoop"), _feature("mem_dirty_track"))
     message = out.splitlines()[-1] if out else ""
@@ -246,14 +247,18 @@ async def start_page_server(images: Path, work: Path, address: str, port: int,
 
 
 @functools.cache
-def criu_has_option(option: str) -> bool:
-    """Does the local CRIU take `option` (its --help lists it)? Asked once per option."""
+def criu_usage() -> str:
+    """The local CRIU's --help text, read once ("" if it cannot run)."""
     try:
-        usage = subprocess.run([CRIU, "--help"], capture_output=True, text=True,
-                               check=False).stdout
+        return subprocess.run([CRIU, "--help"], capture_output=True, text=True,
+                              check=False).stdout
     except OSError:
-        return False
-    return option in usage
+        return ""
+
+
+def criu_has_option(option: str) -> bool:
+    """Does the local CRIU take `option` (its --help lists it)?"""
+    return option in criu_usage()
 
 
 START_BEFORE_IMAGES = "--start-before-images"  # scripts/criu-patches/0022
