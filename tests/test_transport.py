@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -170,6 +171,63 @@ def test_round_trip_all_types(tmp_path, compress):
         assert stats.wire_bytes < 3.3 * MiB
     else:
         assert stats.wire_bytes > 4 * MiB
+
+
+def threads_started(monkeypatch) -> list[str]:
+    """Names of the threads started from now on."""
+    names: list[str] = []
+    start = threading.Thread.start
+
+    def recorded(thread: threading.Thread) -> None:
+        names.append(thread.name)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", recorded)
+    return names
+
+
+def small_files(root: Path, count: int) -> Path:
+    root.mkdir()
+    for i in range(count):
+        (root / f"f{i}.img").write_bytes(os.urandom(3000))
+    return root
+
+
+def test_a_small_tree_moves_in_the_event_loop(tmp_path, monkeypatch):
+    """A lazy dump's images (tens of small files) go without a worker thread either end."""
+    src = small_files(tmp_path / "src", 40)
+    started = threads_started(monkeypatch)
+    stats = run(receive_tree(send_tree(plan_tree(src)), tmp_path / "dst"))
+    assert snapshot(tmp_path / "dst") == snapshot(src)
+    assert stats.files == 40
+    assert not [name for name in started if name.startswith("godwit-")]
+
+
+async def uneven_pieces(data: bytes):
+    """Pieces of changing sizes, as aiohttp hands them over: a big one, then small ones."""
+    sizes = (700 << 10, 400 << 10, 30 << 10, 5 << 10)
+    i = 0
+    for n in range(len(data)):
+        if i >= len(data):
+            return
+        yield data[i : i + sizes[n % len(sizes)]]
+        i += sizes[n % len(sizes)]
+
+
+def test_a_stream_leaving_the_event_loop_keeps_its_order(tmp_path):
+    """Pieces after the first one handed to the worker thread go there too, even small."""
+    src = tmp_path / "src"
+    make_tree(src)
+    run(receive_tree(uneven_pieces(wire(src)), tmp_path / "dst"))
+    assert snapshot(tmp_path / "dst") == snapshot(src)
+
+
+def test_a_tree_of_many_entries_goes_on_in_worker_threads(tmp_path, monkeypatch):
+    src = small_files(tmp_path / "src", 300)
+    started = threads_started(monkeypatch)
+    run(receive_tree(send_tree(plan_tree(src)), tmp_path / "dst"))
+    assert snapshot(tmp_path / "dst") == snapshot(src)
+    assert {"godwit-send", "godwit-recv_0"} <= set(started)
 
 
 def test_compressed_stream_is_flagged_and_smaller(tmp_path):

@@ -20,6 +20,8 @@ from godwit.transport.apply import TreeWriter
 from godwit.transport.rules import KEEP_ALL, TreeRules
 from godwit.transport.wire import (
     DIGEST_LEN,
+    INLINE_MAX_BYTES,
+    INLINE_MAX_ENTRIES,
     LENGTH_LEN,
     STREAM_HEADER_LEN,
     TransferError,
@@ -194,20 +196,21 @@ async def receive_tree(
 ) -> TransferStats:
     """Receive a tree stream (an aiohttp ``StreamReader`` such as ``request.content``, or
     any async iterable of bytes) into `dest`, created if needed. Parsing, hashing and file
-    I/O run in one worker thread while the event loop reads the next piece.
+    I/O run in one worker thread while the event loop reads the next piece, except for a
+    small stream's (INLINE_MAX_BYTES, INLINE_MAX_ENTRIES): in the event loop.
     `on_progress(bytes_done)` is called on the event loop; `rules` bound what the tree may
     hold (`godwit.transport.rules`). Raises `TransferError`."""
     loop = asyncio.get_running_loop()
     executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="godwit-recv")
     try:
         try:
-            core = await loop.run_in_executor(executor, TreeReceiver, dest, rules)
+            core = TreeReceiver(dest, rules)
         except OSError as e:
             raise TransferError(f"{dest}: {e.strerror or e}") from e
         feeder = _Feeder(loop, executor, core, on_progress)
         try:
             await feeder.pump(_chunks_of(stream))
-            stats = await loop.run_in_executor(executor, core.finish)
+            stats = await feeder.finish()
             if on_progress is not None:
                 on_progress(stats.bytes)
             return stats
@@ -224,13 +227,15 @@ def _chunks_of(stream: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
 
 class _Feeder:
     """Hands the stream to the receiver's (FIFO) worker thread in batches, at most
-    `_RECV_INFLIGHT` batches ahead of it."""
+    `_RECV_INFLIGHT` batches ahead of it; while the stream is still small, the receiver
+    parses it at once in the event loop instead."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, executor: concurrent.futures.Executor,
                  core: TreeReceiver, on_progress: Callable[[int], None] | None):
         self._loop, self._executor, self._core = loop, executor, core
         self._on_progress = on_progress
         self._pending: deque[asyncio.Future] = deque()
+        self._threaded = False  # once a piece is left for the thread, all the rest is
 
     async def pump(self, chunks: AsyncIterator[bytes]) -> None:
         """Feed everything, then wait until the worker has parsed it."""
@@ -238,6 +243,10 @@ class _Feeder:
         batched = 0
         try:
             async for data in chunks:
+                if self._inline(data):
+                    self._core.feed(data)
+                    continue
+                self._threaded = True  # what follows is parsed after this, in the thread
                 batch.append(data)
                 batched += len(data)
                 if batched >= _RECV_BATCH:
@@ -252,6 +261,17 @@ class _Feeder:
         if batch:
             self._submit(batch)
         await self._settle(0)
+
+    async def finish(self) -> TransferStats:
+        """The receiver's end check and directory metadata, where it parsed."""
+        if self._threaded:
+            return await self._loop.run_in_executor(self._executor, self._core.finish)
+        return self._core.finish()
+
+    def _inline(self, data: bytes) -> bool:
+        stats = self._core.stats
+        return not self._threaded and (stats.wire_bytes + len(data) <= INLINE_MAX_BYTES
+                                       and stats.entries < INLINE_MAX_ENTRIES)
 
     def abandon(self) -> None:
         """After a failure: drop the queued feeds, then abort the receiver."""

@@ -21,6 +21,8 @@ from godwit.transport.manifest import FileMeta, TreePlan
 from godwit.transport.safefs import DirFds, data_extents, open_regular, tree_dirs
 from godwit.transport.wire import (
     DEVICE_TYPES,
+    INLINE_MAX_BYTES,
+    INLINE_MAX_ENTRIES,
     MAX_EXTENTS,
     TransferError,
     TransferStats,
@@ -258,6 +260,25 @@ class _Producer:
         return not self._stop.is_set()
 
 
+class _InlineProducer:
+    """`_Producer`'s interface for a small plan: each chunk made when asked, in the event
+    loop."""
+
+    def __init__(self, chunks: Iterator[Chunk]):
+        self._chunks = chunks
+
+    async def get(self) -> Chunk | None:
+        try:
+            return next(self._chunks, None)
+        except TransferError:
+            raise
+        except Exception as e:
+            raise TransferError(f"sender failed: {e!r}") from e
+
+    def stop(self) -> None:
+        """Nothing runs ahead."""
+
+
 class TreeStream:
     """The wire stream of one plan: an async iterable of bytes (single use), usable as
     aiohttp ``data=``. Files are read, hashed (and compressed) by a producer thread that
@@ -291,7 +312,8 @@ class TreeStream:
 
     async def _iterate(self) -> AsyncIterator[bytes]:
         t0 = time.monotonic()
-        producer = _Producer(self._framer.wire())
+        wire = self._framer.wire()
+        producer = _InlineProducer(wire) if self._small() else _Producer(wire)
         reported = 0
         try:
             while (chunk := await producer.get()) is not None:
@@ -307,6 +329,11 @@ class TreeStream:
         finally:
             producer.stop()
             self.stats.seconds = time.monotonic() - t0
+
+    def _small(self) -> bool:
+        plan = self.plan
+        return (plan.total_bytes <= INLINE_MAX_BYTES
+                and len(plan.entries) + len(plan.deleted) <= INLINE_MAX_ENTRIES)
 
     def _slices(self, data: bytes, done: int, reported: int) -> Iterator[tuple[bytes, int | None]]:
         """The pieces to send `data` in (50 ms each when rate limited), each with the

@@ -47,6 +47,10 @@ LENGTH_LEN = 4  # a record's header length field
 MAX_HEADER = 1 << 20
 MAX_EXTENTS = 4096  # a file with more data extents is sent dense
 MAX_PATH = 4095
+# A stream this small is made and applied in the event loop: a worker thread's hand-offs
+# cost more than the work (a lazy dump's images, a frozen rootfs's sync).
+INLINE_MAX_BYTES = 1 << 20
+INLINE_MAX_ENTRIES = 128
 DIGEST_LEN = 32
 
 _UID_MAX = 2**32 - 2
