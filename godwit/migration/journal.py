@@ -20,7 +20,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from godwit.fsio import atomic_write
+from godwit.fsio import atomic_write, replace_file
 from godwit.migration.states import Stage
 
 log = logging.getLogger("godwit.journal")
@@ -72,10 +72,13 @@ class Journals:
     def work_dir(self, migration_id: str) -> Path:
         return self.root / migration_id
 
-    def save(self, journal: Journal) -> None:
+    def save(self, journal: Journal, durable: bool = True) -> None:
+        """Write the journal; not `durable`: without fsync, for a fact that dies with the
+        host anyway (the next durable save carries it to disk)."""
         path = self.work_dir(journal.id) / FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps(journal.to_json()))
+        write = atomic_write if durable else replace_file
+        write(path, json.dumps(journal.to_json()))
 
     def all(self) -> list[Journal]:
         """Every unsettled migration's journal, oldest id first; one that cannot be read

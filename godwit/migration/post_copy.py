@@ -86,7 +86,10 @@ class PostCopy(SourceMigration):
         with self.events.phase("dump"):
             self.page_server = await self.run_dump()
         pid = self.page_server.pid
-        self.save_journal(page_server_pid=pid, page_server_start=procfs.start_time(pid))
+        # A restarted agent must find the page server to stop it; after a host crash there
+        # is none: no fsync in the freeze (the restore's journal entry makes it durable).
+        self.save_journal(page_server_pid=pid, page_server_start=procfs.start_time(pid),
+                          durable=False)
 
     @cached_property
     def fence_timeout(self) -> float:

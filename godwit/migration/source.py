@@ -272,14 +272,15 @@ class SourceMigration:
         if self.report.result in (Result.OK, Result.FAILED):
             self.ctx.journals.drop(self.report.id)
 
-    def save_journal(self, stage: Stage | None = None, **extra: object) -> None:
+    def save_journal(self, stage: Stage | None = None, *, durable: bool = True,
+                     **extra: object) -> None:
         """Journal that the migration enters `stage` (before its step acts), or a
         strategy's own facts: a restarted source agent finishes the safety net from there
-        (see recover)."""
+        (see recover). Not `durable` (no fsync) for facts a host crash makes moot."""
         if stage is not None:
             self.journal.stage = stage
         self.journal.extra.update(extra)
-        self.ctx.journals.save(self.journal)
+        self.ctx.journals.save(self.journal, durable)
 
     def reach(self, stage: Stage) -> None:
         """The migration reached `stage` (a step done, or a request about to be sent):
@@ -555,9 +556,9 @@ class SourceMigration:
             self.reach(Stage.RESTORE_SENT)
             restored = await self.ctx.dest.restore_incoming(self.report.id,
                                                             self.restore_request())
-            self.reach(Stage.RESTORED)
-            self.restored_at = time.monotonic()
+            self.restored_at = time.monotonic()  # running there before the journal knows
             self.report.resumed_at = time.time()
+            self.reach(Stage.RESTORED)
             self.report.held_packets = restored.held_packets
             if restored.page_bytes:
                 self.report.image_bytes += restored.page_bytes
