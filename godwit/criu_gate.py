@@ -9,22 +9,19 @@ version and feature checks go straight to the real CRIU, but a DUMP or RESTORE r
 waits until godwit opens the gate, so only CRIU's own work is left in the freeze.
 
 The script runs as `criu swrk 3` (fd 3 is runc's RPC socket). It peeks at the request
-type; other requests exec the real CRIU. For a dump or a restore it starts the real CRIU
-at once on a socket of its own (CRIU's exec and library loading, ~4 ms, then happen
-before the freeze), connects to the Unix socket named in $GODWIT_CRIU_GATE ("@name":
-abstract), says "ready", and waits: on "go" it hands runc's request to CRIU and relays
-the rest of the conversation (notifications, passed fds) between runc and CRIU until
-CRIU exits, then exits with its status; anything else, or the socket closing, ends CRIU
-and the shim with an error so runc gives up cleanly. The real CRIU gets the PATH without
-this script's directory. Standard library only: it is installed as a script run by
-`python -IS` (see `godwit.runc.install_gate`), which starts in ~10 ms.
+type, and for a dump or a restore connects to the Unix socket named in $GODWIT_CRIU_GATE
+("@name": abstract), says "ready", and waits: "go" execs the real CRIU (same pid, same
+fds, the request still unread in the socket); anything else, or the socket closing, ends
+it with an error so runc gives up cleanly. The real CRIU gets the PATH without this
+script's directory. Standard library only: it is installed as a
+script run by `python -IS` (see `godwit.runc.install_gate`), which starts in ~10 ms.
 
-With the shim as CRIU's peer, the request's fds CRIU resolves through its peer become the
-shim's own. And a container's own network namespace (one runc made, not an external one)
-is carried by CRIU: runc always asks CRIU to leave a netns's configuration out
-(`empty_ns` with CLONE_NEWNET, "runc doesn't manage network devices"), so that a
-restored netns would have nothing, not even `lo` up; the shim takes CLONE_NEWNET out of
-`empty_ns`.
+A container's own network namespace (one runc made, not an external one) is carried by
+CRIU: runc always asks CRIU to leave a netns's configuration out (`empty_ns` with
+CLONE_NEWNET, "runc doesn't manage network devices"), so that a restored netns would
+have nothing, not even `lo` up. For such a request the shim takes CLONE_NEWNET out of
+`empty_ns`, runs CRIU on a socket of its own with the rewritten request and relays the
+rest of the conversation (notifications, passed fds) between runc and CRIU.
 """
 
 from __future__ import annotations
@@ -45,6 +42,15 @@ OPTS_FIELD, EMPTY_NS_FIELD = 2, 38  # criu_req.opts, criu_opts.empty_ns (rpc.pro
 PEER_FD_FIELDS = (1, 17, 49)
 EXTERNAL_NETNS_KEY = b"extRootNetNS"  # runc's key for an external netns (dump and restore)
 MAX_MESSAGE = 1 << 20
+
+
+def peek_request(rpc_fd: int) -> bytes:
+    """runc's whole request, left in the socket."""
+    rpc = socket.socket(fileno=rpc_fd)
+    try:
+        return rpc.recv(MAX_MESSAGE, socket.MSG_PEEK)
+    finally:
+        rpc.detach()
 
 
 def request_type(rpc_fd: int) -> int:
@@ -105,10 +111,13 @@ def _encode(wire: int, key: bytes, value: int | bytes) -> bytes:
     return key + value
 
 
-def _relayed_opts(opts: bytes, own_netns: bool) -> bytes:
+def _opts_carrying_netns(opts: bytes) -> bytes | None:
+    if not any(n == EMPTY_NS_FIELD and w == 0 and v & CLONE_NEWNET
+               for n, w, _, v in _fields(opts)):
+        return None
     out = bytearray()
     for number, wire, key, value in _fields(opts):
-        if own_netns and number == EMPTY_NS_FIELD and wire == 0:
+        if number == EMPTY_NS_FIELD and wire == 0:
             value &= ~CLONE_NEWNET
             if not value:
                 continue
@@ -123,17 +132,20 @@ def _own_copy_of_runc_fd(fd: int) -> int:
     return os.open(f"/proc/{os.getppid()}/fd/{fd}", os.O_PATH)
 
 
-def for_relay(request: bytes) -> bytes:
-    """runc's request as the shim hands it to CRIU: the fds CRIU resolves through its peer
-    are the shim's own, and CLONE_NEWNET is out of opts.empty_ns unless the netns is
-    external."""
-    own_netns = EXTERNAL_NETNS_KEY not in request
-    out = bytearray()
+def carrying_netns(request: bytes) -> bytes | None:
+    """runc's request with CLONE_NEWNET out of opts.empty_ns when the netns is the
+    container's own; None when there is nothing to change (an external netns, or runc did
+    not leave the netns out)."""
+    if EXTERNAL_NETNS_KEY in request:
+        return None
+    out, changed = bytearray(), False
     for number, wire, key, value in _fields(request):
         if number == OPTS_FIELD and wire == 2:
-            value = _relayed_opts(value, own_netns)
+            opts = _opts_carrying_netns(value)
+            if opts is not None:
+                value, changed = opts, True
         out += _encode(wire, key, value)
-    return bytes(out)
+    return bytes(out) if changed else None
 
 
 def _relay(source: socket.socket, target: socket.socket) -> bool:
@@ -149,47 +161,33 @@ def _relay(source: socket.socket, target: socket.socket) -> bool:
     return True
 
 
-def start_criu(real: str, args: list[str]) -> tuple[socket.socket, int]:
-    """The real CRIU, started on a socket of ours where it waits for its request; our end
-    and its pid."""
+def run_rewritten(real: str, args: list[str], request: bytes) -> int:
+    """Run CRIU on a socket of ours that holds `request`, relay the conversation between
+    it and runc's socket, return CRIU's exit code."""
+    import selectors
+
+    runc_side = socket.socket(fileno=RPC_FD)
+    runc_side.recv(MAX_MESSAGE)  # the original request, peeked so far
     ours, criu_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.send(request)
     pid = os.fork()
     if pid == 0:
         os.dup2(criu_side.fileno(), RPC_FD)  # replaces runc's socket in CRIU
         os.execvp(real, [real, *args])
     criu_side.close()
-    return ours, pid
-
-
-def relay(runc_side: socket.socket, criu: socket.socket) -> None:
-    """Pass messages both ways until either end closes."""
-    import selectors
-
-    peers = {runc_side: criu, criu: runc_side}
+    peers = {runc_side: ours, ours: runc_side}
     with selectors.DefaultSelector() as selector:
         for sock in peers:
             selector.register(sock, selectors.EVENT_READ)
-        while all(_relay(key.fileobj, peers[key.fileobj])
-                  for key, _ in selector.select()):
-            pass
-
-
-def run_gated(real: str, args: list[str], gate: str, kind: str) -> int | str:
-    """Start CRIU now, hand it runc's request once godwit opens the gate and relay the
-    conversation; CRIU's exit status (a signal as 128+N), or why it did not run."""
-    criu, pid = start_criu(real, args)
-    if not wait_at_gate(gate):
-        criu.close()  # CRIU reads the end of its socket and exits
-        os.waitpid(pid, 0)
-        return f"godwit: CRIU {kind} called off before it started"
-    runc_side = socket.socket(fileno=RPC_FD)
-    criu.send(for_relay(runc_side.recv(MAX_MESSAGE)))
-    relay(runc_side, criu)
-    criu.close()
+        open_ = True
+        while open_:
+            for key, _ in selector.select():
+                if not _relay(key.fileobj, peers[key.fileobj]):
+                    open_ = False
+    ours.close()
     runc_side.close()
     _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    return 128 - code if code < 0 else code
+    return os.waitstatus_to_exitcode(status)
 
 
 def wait_at_gate(path: str) -> bool:
@@ -216,8 +214,12 @@ def main() -> None:
     gate = os.environ.get(GATE_ENV)
     if gate and sys.argv[1:] == ["swrk", str(RPC_FD)]:
         kind = GATED_REQUESTS.get(request_type(RPC_FD))
-        if kind:
-            sys.exit(run_gated(real, sys.argv[1:], gate, kind))
+        if kind and not wait_at_gate(gate):
+            sys.exit(f"godwit: CRIU {kind} called off before it started")
+        rewritten = carrying_netns(peek_request(RPC_FD)) if kind else None
+        if rewritten is not None:
+            code = run_rewritten(real, sys.argv[1:], rewritten)
+            sys.exit(128 - code if code < 0 else code)
     os.execvp(real, [real, *sys.argv[1:]])
 
 

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -15,8 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 
-from godwit import criu_gate, procfs
-from godwit.criu import CRIU
+from godwit import criu_gate
 from godwit.lab.workloads import memhog_bundle, read_state
 from godwit.runc import CheckpointOptions, Runc, RuncError
 
@@ -46,35 +42,25 @@ def _request(*opts: bytes) -> bytes:
     return _field(1, 1) + _field(2, b"".join(opts))  # criu_req{type: DUMP, opts: {...}}
 
 
-@pytest.fixture
-def own_fds(monkeypatch) -> None:
-    """The gate's copy of runc's fd N is N + 100."""
-    monkeypatch.setattr(criu_gate, "_own_copy_of_runc_fd", lambda fd: fd + 100)
-
-
-@pytest.mark.usefixtures("own_fds")
-def test_netns_of_the_container_is_no_longer_left_out() -> None:
+def test_netns_of_the_container_is_no_longer_left_out(monkeypatch) -> None:
     """runc's empty_ns loses CLONE_NEWNET (other bits stay) and the fds CRIU resolves
     through its peer become the gate's own."""
+    monkeypatch.setattr(criu_gate, "_own_copy_of_runc_fd", lambda fd: fd + 100)
     uts = 0x04000000
     request = _request(_field(1, 7), _field(17, 8), _field(37, b"mnt[/x]:/x"),
                        _field(38, criu_gate.CLONE_NEWNET | uts), _field(49, 300))
-    rewritten = criu_gate.for_relay(request)
+    rewritten = criu_gate.carrying_netns(request)
     assert rewritten == _request(_field(1, 107), _field(17, 108), _field(37, b"mnt[/x]:/x"),
                                  _field(38, uts), _field(49, 400))
     only_net = _request(_field(1, 7), _field(38, criu_gate.CLONE_NEWNET))
-    assert criu_gate.for_relay(only_net) == _request(_field(1, 107))
+    assert criu_gate.carrying_netns(only_net) == _request(_field(1, 107))
 
 
-@pytest.mark.usefixtures("own_fds")
-def test_an_external_netns_stays_left_out_and_only_fds_change() -> None:
+def test_external_netns_and_requests_without_empty_ns_are_left_alone() -> None:
     external = _request(_field(1, 7), _field(37, b"net[4026532000]:extRootNetNS"),
                         _field(38, criu_gate.CLONE_NEWNET))
-    assert criu_gate.for_relay(external) == _request(
-        _field(1, 107), _field(37, b"net[4026532000]:extRootNetNS"),
-        _field(38, criu_gate.CLONE_NEWNET))
-    assert criu_gate.for_relay(_request(_field(1, 7), _field(5, 1))) == \
-        _request(_field(1, 107), _field(5, 1))
+    assert criu_gate.carrying_netns(external) is None
+    assert criu_gate.carrying_netns(_request(_field(1, 7), _field(5, 1))) is None
 
 
 @pytest.fixture
@@ -96,16 +82,6 @@ def dump_options(tmp_path: Path) -> CheckpointOptions:
     images.mkdir(exist_ok=True)
     return CheckpointOptions(image_path=images, work_path=tmp_path / "work",
                              leave_running=True, tcp_established=True)
-
-
-def criu_started_under(pid: int) -> bool:
-    """Is the real CRIU (not the gate's script) running below process `pid`?"""
-    real = os.path.realpath(shutil.which(CRIU) or CRIU)
-    for child in procfs.descendants(pid):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{child}/exe") == real:
-                return True
-    return False
 
 
 def status(runc: Runc) -> str:
@@ -135,7 +111,6 @@ def test_held_dump_runs_only_when_let_through(running, tmp_path: Path) -> None:
     async def hold_pause_proceed() -> list[str]:
         held = await runc.hold_checkpoint(NAME, opts)
         await asyncio.sleep(0.3)
-        assert criu_started_under(held.proc.pid), "CRIU starts while held, before the freeze"
         before = sorted(p.name for p in opts.image_path.iterdir())
         await runc.pause(NAME)
         await held.proceed()
