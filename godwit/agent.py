@@ -324,6 +324,10 @@ class Agent:
             else RestoreRequest()
         return _reply(await self.receiver.restore(request.match_info["id"], body.page_server))
 
+    async def restore_with_images(self, request: web.Request) -> web.Response:
+        return _reply(await self.receiver.restore_with_images(request.match_info["id"],
+                                                              request.content))
+
     async def commit_incoming(self, request: web.Request) -> web.Response:
         return _reply(await self.receiver.commit(request.match_info["id"]))
 

@@ -249,6 +249,11 @@ class AgentClient:
         return await self.request("POST", f"/v1/incoming/{migration_id}/restore", Restored,
                                   body)
 
+    async def restore_with_images(self, migration_id: str, images: AsyncIterator[bytes]
+                                  ) -> Restored:
+        return await self.request("POST", f"/v1/incoming/{migration_id}/restore-images",
+                                  Restored, data=images)
+
     async def commit_incoming(self, migration_id: str) -> IncomingState:
         return await self.request("POST", f"/v1/incoming/{migration_id}/commit",
                                   IncomingState, timeout=QUICK)

@@ -48,6 +48,7 @@ RULES: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/v1/incoming/{id}/arm"): AGENT,
     ("POST", "/v1/incoming/{id}/activate"): AGENT,
     ("POST", "/v1/incoming/{id}/restore"): AGENT,
+    ("POST", "/v1/incoming/{id}/restore-images"): AGENT,
     ("POST", "/v1/incoming/{id}/commit"): AGENT,
     ("POST", "/v1/incoming/{id}/forget"): AGENT,
     ("GET", "/v1/incoming/{id}"): AGENT,

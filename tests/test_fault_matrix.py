@@ -109,7 +109,9 @@ def test_partition_before_the_freeze(bed: Testbed, client: Client) -> None:
 def test_partition_during_the_image_transfer(bed: Testbed, client: Client) -> None:
     """b is cut off while the images cross, the source frozen: the freeze deadline ends
     it and a resumes; b drops the address it had taken over and its staging area. Stream:
-    intact (the client's requests held at b are lost with b's netns and sent again)."""
+    intact (the client's requests held at b are lost with b's netns and sent again). The
+    images are the restore request's body (protocol 2.6): a has sent them all, and waits
+    for the restore, when b stops taking them in."""
     with faulty_agent(bed, "b", "images:pause"), Partition(bed, "b") as link:
         link.heal()
         log = AgentLog(bed, "b")
@@ -117,7 +119,8 @@ def test_partition_during_the_image_transfer(bed: Testbed, client: Client) -> No
         log.wait("fault injected at images: pause", migration)
         link.cut()
         report = migration.report()
-    assert_failed(report, f"freeze deadline of {MAX_FREEZE_S} s passed during images")
+    assert_failed(report, f"freeze deadline of {MAX_FREEZE_S} s passed during restore")
+    assert [p["name"] for p in report["phases"]][-2:] == ["images", "restore"], report
     assert report["downtime_s"] <= MAX_FREEZE_S + FREEZE_MARGIN_S
     assert_one_copy(bed, "a")
     assert_intact(client)

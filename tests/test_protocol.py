@@ -10,6 +10,7 @@ import msgspec
 import pytest
 from openapi_spec_validator import validate
 
+from godwit.authz import RULES
 from godwit.containers import ContainerRecord
 from godwit.errors import GodwitError
 from godwit.migration import MigrationOptions
@@ -185,3 +186,9 @@ def test_an_arm_request_without_streamed_pages_is_what_a_1_0_agent_accepts() -> 
     assert msgspec.json.decode(encode(ArmRequest(descriptors=["a"]))) == {"descriptors": ["a"]}
     streamed = msgspec.json.decode(encode(ArmRequest(descriptors=[], stream_pages=True)))
     assert streamed == {"descriptors": [], "stream_pages": True}
+
+
+def test_every_route_has_its_roles() -> None:
+    """A route missing from authz.RULES is refused to everyone: a migration step would fail
+    between two agents."""
+    assert [f"{r.method} {r.path}" for r in ROUTES if (r.method, r.path) not in RULES] == []

@@ -72,6 +72,7 @@ DeviceRule = Callable[[str, int, int], bool]
 ID_CHARS = set("0123456789abcdef-")
 PAGES = "pages"
 FILL_AFTER_RESTORE = "fill-after-restore"  # marker: restore lazily from the received pages
+LAZY_SOURCE = "lazy-page-server"  # post-copy: the source's page server named at arm
 PAGE_SERVER = "page-server.json"  # pid and start time of a streamed dump's page server
 LAZY_PAGES = "lazy-pages.json"  # pid and start time of the restore's lazy-pages daemon
 PAGES_LANDED_TIMEOUT_S = 10.0  # the dump succeeded: its page server ends right after
@@ -357,6 +358,8 @@ class Receiver:
             (images / "descriptors.json").write_text(json.dumps(descriptors))
             if fill_after_restore:
                 (staging / FILL_AFTER_RESTORE).touch()
+            if lazy_page_server:
+                (staging / LAZY_SOURCE).write_text(lazy_page_server)
             lazy = restores_lazily(request.strategy) or fill_after_restore
             self.held[migration_id] = await self._runc_restore(
                 request, bundle, staging, lazy=lazy, hold=True)
@@ -472,6 +475,14 @@ class Receiver:
                 return await self._restore(migration_id, page_server)
             finally:
                 self.restoring.pop(migration_id, None)
+
+    async def restore_with_images(self, migration_id: str, stream) -> Restored:
+        """Protocol 2.6: receive the dump's images, then restore at once; a post-copy
+        restore pulls from the page server the source named at arm."""
+        await self.receive(migration_id, "images", stream)
+        lazy_source = self._dir(migration_id) / LAZY_SOURCE
+        page_server = lazy_source.read_text() if lazy_source.exists() else None
+        return await self.restore(migration_id, page_server)
 
     async def _restore(self, migration_id: str, page_server: str | None) -> Restored:
         request = self.request(migration_id)

@@ -17,7 +17,7 @@ import contextlib
 import json
 import shutil
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -37,10 +37,17 @@ from godwit.migration.states import DestinationState, Result, Stage
 from godwit.netns_carry import check_own_netns
 from godwit.network import ContainerNet, wants_own_netns
 from godwit.preflight import Need, check_file_locks, refusal, run_checks, verdict
-from godwit.protocol import HostInfo, IncomingRequest, RestoreRequest
+from godwit.protocol import HostInfo, IncomingRequest, Restored, RestoreRequest
 from godwit.runc import RUNC_LOG, CheckpointOptions, HeldRunc, Runc
 from godwit.tls import TLSFiles
-from godwit.transport import TreePlan, diff_manifests, plan_tree, scan_tree, send_tree
+from godwit.transport import (
+    TreePlan,
+    TreeStream,
+    diff_manifests,
+    plan_tree,
+    scan_tree,
+    send_tree,
+)
 
 RESTARTED = "the source agent restarted during the migration"
 FENCE_MARGIN_S = 3.0
@@ -333,8 +340,7 @@ class SourceMigration:
         await self.dump()
         if not self.shared:
             await self.send_rootfs(initial=False)
-        await self.send_images()
-        await self.restore()
+        await self.send_images_and_restore()
 
     async def within_freeze_deadline(self, steps: Awaitable[None]) -> None:
         """Run the frozen steps under the freeze deadline. When it passes, the step under
@@ -540,22 +546,47 @@ class SourceMigration:
         self.held_dump = None
         return outcome
 
+    async def send_images_and_restore(self) -> None:
+        """In one request where the destination takes it (protocol 2.6), else two."""
+        if protocol_at_least(self.dest_protocol, (2, 6)):
+            await self.restore(with_images=True)
+        else:
+            await self.send_images()
+            await self.restore()
+
     async def send_images(self) -> None:
-        """Send the dump; the local copy goes at once (a rollback resumes the paused
-        container, not the images), which spares the host writing it back to disk."""
+        """Send the dump (to a destination older than 2.6, see `restore`)."""
         with self.events.phase("images"):
             await faults.point("images")
             plan = await asyncio.to_thread(plan_tree, self.images)
             self.report.image_bytes += await self.upload("images", plan, "images")
+        await self.drop_images()
+
+    async def drop_images(self) -> None:
+        """The local copy of the dump goes once sent (a rollback resumes the paused
+        container, not the images), which spares the host writing it back to disk."""
         await asyncio.to_thread(shutil.rmtree, self.images, True)
 
-    async def restore(self) -> None:
-        with self.events.phase("restore"):
+    async def restore(self, with_images: bool = False) -> None:
+        """Have the destination restore; `with_images` (protocol 2.6), the dump's images
+        are the request's body (the "images" phase until they are all sent), and the
+        restore follows once they are all in."""
+        with contextlib.ExitStack() as phases:
+            def enter(phase: str) -> None:
+                phases.close()
+                phases.enter_context(self.events.phase(phase))
+
+            enter("images" if with_images else "restore")
+            if with_images:
+                await faults.point("images")
             await faults.point("restore")
+            plan = await asyncio.to_thread(plan_tree, self.images) if with_images else None
             self.restore_sent_at = time.monotonic()
             self.reach(Stage.RESTORE_SENT)
-            restored = await self.ctx.dest.restore_incoming(self.report.id,
-                                                            self.restore_request())
+            restored = await (self.restore_after_images(plan, lambda: enter("restore"))
+                              if plan else
+                              self.ctx.dest.restore_incoming(self.report.id,
+                                                             self.restore_request()))
             self.restored_at = time.monotonic()  # running there before the journal knows
             self.report.resumed_at = time.time()
             self.reach(Stage.RESTORED)
@@ -564,6 +595,24 @@ class SourceMigration:
                 self.report.image_bytes += restored.page_bytes
                 self.report.pages = f"{restored.page_bytes} bytes streamed during the dump"
             self.report.downtime_s = self.report.resumed_at - (self.report.frozen_at or 0)
+        if with_images:
+            await self.drop_images()
+
+    async def restore_after_images(self, plan: TreePlan, then: Callable[[], None]
+                                   ) -> Restored:
+        """The images as the restore request's body; `then()` once they are all sent. The
+        fence's clock is taken again then: the destination restores, and arms its fence,
+        only once they are all in."""
+        def all_sent() -> None:
+            self.restore_sent_at = time.monotonic()
+            then()
+
+        stream = self.tree_stream("images", plan, "images")
+        restored = await self.ctx.dest.restore_with_images(self.report.id,
+                                                           _then(stream, all_sent))
+        self.report.image_bytes += plan.total_bytes
+        self.report.wire_bytes += stream.stats.wire_bytes
+        return restored
 
     def restore_request(self) -> RestoreRequest:
         """What the destination's restore needs beyond the staged files."""
@@ -675,6 +724,14 @@ class SourceMigration:
     # transfers
     async def upload(self, what: str, plan: TreePlan, phase: str) -> int:
         """Stream a tree plan to the destination; returns the payload bytes sent."""
+        body = self.tree_stream(what, plan, phase)
+        result = await self.ctx.dest.upload(self.report.id, what, body)
+        self.report.wire_bytes += result.wire_bytes
+        return plan.total_bytes
+
+    def tree_stream(self, what: str, plan: TreePlan, phase: str) -> TreeStream:
+        """The wire stream of `plan` (the rootfs or images), its progress reported under
+        `phase`."""
         last = 0.0
 
         def on_progress(done: int) -> None:
@@ -684,12 +741,9 @@ class SourceMigration:
                 last = now
                 self.events.progress(phase, done, plan.total_bytes)
 
-        body = send_tree(plan, compress=self.options.compress,
+        return send_tree(plan, compress=self.options.compress,
                          rate_limit=self.options.rate_limit, on_progress=on_progress,
                          tamper=faults.corrupter("rootfs" if what == "rootfs" else "images"))
-        result = await self.ctx.dest.upload(self.report.id, what, body)
-        self.report.wire_bytes += result.wire_bytes
-        return plan.total_bytes
 
     # safety net
     def fence_deadline(self) -> float:
@@ -764,6 +818,14 @@ class SourceMigration:
 
 
 _NOT_COMMITTED = (DestinationState.FENCED, DestinationState.ABORTED, DestinationState.UNKNOWN)
+
+
+async def _then(stream: AsyncIterable[bytes], done: Callable[[], None]
+                ) -> AsyncIterator[bytes]:
+    """`stream`, then `done()` once its last piece was taken."""
+    async for piece in stream:
+        yield piece
+    done()
 
 
 def _one_line(exc: BaseException) -> str:
