@@ -12,11 +12,15 @@ from types import SimpleNamespace
 
 import pytest
 
+from godwit.containers import ContainerStore
+from godwit.errors import Conflict
 from godwit.migration import MigrationOptions
+from godwit.migration.receiver import STATE, Receiver
 from godwit.migration.report import EventStream, MigrationReport
 from godwit.migration.source import SourceMigration
-from godwit.migration.states import Stage
+from godwit.migration.states import DestinationState, Stage
 from godwit.protocol import Restored, Uploaded
+from godwit.runc import Runc
 from godwit.transport.receive import receive_tree
 
 MIGRATION = "0123abcd"
@@ -97,3 +101,20 @@ def test_the_fence_clock_starts_once_the_images_are_all_sent(tmp_path: Path) -> 
     assert migration.restore_sent_at is not None
     assert migration.restore_sent_at >= destination.body_done_at - 0.01
     assert migration.restore_sent_at < migration.restored_at
+
+
+def test_a_restored_migration_takes_no_more_images(tmp_path: Path) -> None:
+    """A repeated restore-images after the restore is refused before anything is written:
+    the restore's lazy-pages daemon may still read the images there."""
+    receiver = Receiver(ContainerStore(tmp_path, Runc(tmp_path / "runc"), "b"), tmp_path)
+    staging = receiver.root / MIGRATION
+    staging.mkdir()
+    (staging / STATE).write_text(DestinationState.PENDING.value)
+
+    async def body():
+        pytest.fail("the body was read")
+        yield b""
+
+    with pytest.raises(Conflict, match="already restored"):
+        asyncio.run(receiver.restore_with_images(MIGRATION, body()))
+    assert not (staging / "images").exists()

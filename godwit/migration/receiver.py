@@ -478,7 +478,10 @@ class Receiver:
 
     async def restore_with_images(self, migration_id: str, stream) -> Restored:
         """Protocol 2.6: receive the dump's images, then restore at once; a post-copy
-        restore pulls from the page server the source named at arm."""
+        restore pulls from the page server the source named at arm. A restored migration
+        takes no images (its lazy-pages daemon may still read them)."""
+        if self._state(self._dir(migration_id)).restored:
+            raise Conflict(f"migration {migration_id} was already restored")
         await self.receive(migration_id, "images", stream)
         lazy_source = self._dir(migration_id) / LAZY_SOURCE
         page_server = lazy_source.read_text() if lazy_source.exists() else None
