@@ -290,6 +290,10 @@ class Receiver:
             return DestinationState.PREPARED
         return fence.read_decision(staging / STATE)
 
+    def _refuse_restored(self, migration_id: str, staging: Path) -> None:
+        if self._state(staging).restored:
+            raise Conflict(f"migration {migration_id} was already restored")
+
     @staticmethod
     def _set_state(staging: Path, state: DestinationState) -> None:
         """Before the restore only: from then on the fence decides (under its lock)."""
@@ -480,18 +484,17 @@ class Receiver:
         """Protocol 2.6: receive the dump's images, then restore at once; a post-copy
         restore pulls from the page server the source named at arm. A restored migration
         takes no images (its lazy-pages daemon may still read them)."""
-        if self._state(self._dir(migration_id)).restored:
-            raise Conflict(f"migration {migration_id} was already restored")
+        staging = self._dir(migration_id)
+        self._refuse_restored(migration_id, staging)
         await self.receive(migration_id, "images", stream)
-        lazy_source = self._dir(migration_id) / LAZY_SOURCE
+        lazy_source = staging / LAZY_SOURCE
         page_server = lazy_source.read_text() if lazy_source.exists() else None
         return await self.restore(migration_id, page_server)
 
     async def _restore(self, migration_id: str, page_server: str | None) -> Restored:
         request = self.request(migration_id)
         staging = self._dir(migration_id)
-        if self._state(staging).restored:
-            raise Conflict(f"migration {migration_id} was already restored")
+        self._refuse_restored(migration_id, staging)
         page_bytes = await self._pages_landed(migration_id, staging)
         name = request.name
         held = self.held.pop(migration_id, None)
