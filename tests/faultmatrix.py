@@ -175,12 +175,20 @@ def stopped(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] == "T"
 
 
-def kill_stopped_criu(bed: Testbed, host: str) -> list[int]:
+def kill_stopped_criu(bed: Testbed, host: str, migration: Migration) -> list[int]:
     """SIGKILL the host's CRIU (with the helpers it forked) once a `pause` fault point has
-    stopped it mid-step."""
-    wait_for(lambda: any(stopped(p) for p in criu_of(bed, host)), timeout=30,
-             what=f"a stopped CRIU on {host}")
+    stopped it mid-step; fails with what the migration and the agent said if none was
+    stopped within 30 s or the migration ended first."""
+    with contextlib.suppress(AssertionError):  # said below, with the migration's outcome
+        wait_for(lambda: migration.future.done()
+                 or any(stopped(p) for p in criu_of(bed, host)), timeout=30)
     pids = criu_of(bed, host)
+    if not any(stopped(p) for p in pids):
+        ended = migration.result() if migration.future.done() else None
+        raise AssertionError(
+            f"no stopped CRIU on {host}; the migration "
+            + (f"ended: {ended.stdout}{ended.stderr}" if ended else "runs on")
+            + f"\n{host}'s log ends:\n{bed.agent_log(host)[-4000:]}")
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

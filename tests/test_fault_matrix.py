@@ -242,7 +242,7 @@ def test_criu_killed_mid_dump(bed: Testbed, client: Client, client_host: TestHos
     the few milliseconds before the pause stopped it; both are checked strictly."""
     with faulty_agent(bed, "a", "dump:pause"):
         migration = Migration(bed)
-        kill_stopped_criu(bed, "a")
+        kill_stopped_criu(bed, "a", migration)
         report = migration.report()
     assert_failed(report, "dump failed")
     assert_one_copy(bed, "a")
@@ -256,7 +256,7 @@ def test_criu_killed_mid_restore(bed: Testbed, client: Client) -> None:
     Stream: intact (no copy ran on b)."""
     with faulty_agent(bed, "b", "restore:pause"):
         migration = Migration(bed)
-        kill_stopped_criu(bed, "b")
+        kill_stopped_criu(bed, "b", migration)
         report = migration.report()
     assert_failed(report, "restore failed on b")
     assert_one_copy(bed, "a")
