@@ -360,6 +360,18 @@ class Runc:
         finally:
             os.close(pidfd)
 
+    def stdio_descriptors(self, name: str) -> list[str] | None:
+        """The container's stdio as runc's state keeps it (`external_descriptors`), which
+        is what a checkpoint writes to its descriptors.json; None if the state has none."""
+        try:
+            state = json.loads((self.root / name / "state.json").read_text())
+        except (OSError, ValueError):
+            return None
+        found = state.get("external_descriptors") if isinstance(state, dict) else None
+        if isinstance(found, list) and all(isinstance(one, str) for one in found):
+            return found
+        return None
+
     def _init_process(self, name: str) -> tuple[int, str] | None:
         """The container's init pid and start time (clock ticks), from runc's state."""
         try:

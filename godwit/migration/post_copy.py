@@ -66,7 +66,8 @@ class PostCopy(SourceMigration):
         finally:
             release_port(self.page_server_port)
 
-    async def hold_dump(self) -> HeldRunc:
+    def prepare_dump(self) -> None:
+        """The port of the dump's page server, told to the destination at arm."""
         destination = self.ctx.dest.address.rpartition(":")[0]
         address = local_address_towards(destination)
         self.page_server_port = free_port(address, migration_ports(self.ctx.agent_port))
@@ -74,11 +75,14 @@ class PostCopy(SourceMigration):
         peer = destination if criu_knows_peer_name() else None
         self.ctx.store.write_criu_config(
             self.name, page_server_options(address, self.ctx.tls, peer))
+
+    async def hold_dump(self) -> HeldRunc:
         return await self.runc.hold_lazy_checkpoint(self.name, self.dump_options(),
                                                     self.page_server_address)
 
     async def call_off_dump(self) -> None:
-        if self.held_dump:
+        """The held dump goes, and with it the page-server config `prepare_dump` wrote."""
+        if self.held_dump or self.page_server_port is not None:
             await super().call_off_dump()
             self.ctx.store.write_criu_config(self.name)
 

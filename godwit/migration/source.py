@@ -37,7 +37,7 @@ from godwit.migration.states import DestinationState, Result, Stage
 from godwit.netns_carry import check_own_netns
 from godwit.network import ContainerNet, wants_own_netns
 from godwit.preflight import Need, check_file_locks, refusal, run_checks, verdict
-from godwit.protocol import HostInfo, IncomingRequest, Restored, RestoreRequest
+from godwit.protocol import Armed, HostInfo, IncomingRequest, Restored, RestoreRequest
 from godwit.runc import RUNC_LOG, CheckpointOptions, HeldRunc, Runc
 from godwit.tls import TLSFiles
 from godwit.transport import (
@@ -428,19 +428,47 @@ class SourceMigration:
             self.report.rootfs_bytes += await self.upload("rootfs", plan, phase)
 
     async def arm(self) -> None:
-        """Start the dump here and the restore there, each held just before CRIU."""
+        """Start the dump here and the restore there, each held just before CRIU: both at
+        once when runc's state tells the container's stdio (what the dump's
+        descriptors.json will say, and the destination's runc needs before its CRIU)."""
         with self.events.phase("arm"):
             await faults.point("arm")
             self.images.mkdir(parents=True, exist_ok=True)
-            self.held_dump = await self.hold_dump()
-            descriptors = json.loads((self.images / "descriptors.json").read_text())
             self.fills_after_restore = self.can_fill_after_restore()
-            armed = await self.ctx.dest.arm_incoming(
-                self.report.id, descriptors, stream_pages=self.streams_pages(),
-                fill_after_restore=self.fills_after_restore,
-                lazy_page_server=self.lazy_page_server_at_arm())
+            self.prepare_dump()
+            if (stdio := self.runc.stdio_descriptors(self.name)) is None:
+                self.held_dump = await self.hold_dump()
+                armed = await self.arm_destination(self.dump_descriptors())
+            else:
+                armed = await self.arm_beside_hold(stdio)
             if armed.page_server:
                 self.send_pages_to(armed.page_server)
+
+    async def arm_beside_hold(self, stdio: list[str]) -> Armed:
+        """Arm the destination with `stdio` while the dump is held here; the held dump is
+        kept (for the rollback to call off) however the arm ends."""
+        hold = asyncio.create_task(self.hold_dump())
+        try:
+            armed = await self.arm_destination(stdio)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the arm's failure is the one to tell
+                self.held_dump = await hold
+            raise
+        self.held_dump = await hold
+        if (dumped := self.dump_descriptors()) != stdio:
+            raise GodwitError(f"runc's dump gives the container's stdio as {dumped}, "
+                              f"its state as {stdio}")
+        return armed
+
+    def dump_descriptors(self) -> list[str]:
+        """The container's stdio, as the held dump's runc wrote it."""
+        return json.loads((self.images / "descriptors.json").read_text())
+
+    async def arm_destination(self, descriptors: list[str]) -> Armed:
+        return await self.ctx.dest.arm_incoming(
+            self.report.id, descriptors, stream_pages=self.streams_pages(),
+            fill_after_restore=self.fills_after_restore,
+            lazy_page_server=self.lazy_page_server_at_arm())
 
     def lazy_page_server_at_arm(self) -> str | None:
         """Strategy hook: the page server a lazy restore will pull the memory from, told
@@ -481,6 +509,9 @@ class SourceMigration:
         self.ctx.store.write_criu_config(self.name, [
             "page-server", f"address {address}", f"port {port}",
             *tls_config_lines(self.ctx.tls)])
+
+    def prepare_dump(self) -> None:
+        """Strategy hook: what the held dump and the destination's arm both need."""
 
     async def hold_dump(self) -> HeldRunc:
         return await self.runc.hold_checkpoint(self.name, self.dump_options())
