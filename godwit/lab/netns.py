@@ -37,6 +37,7 @@ from typing import Any
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from godwit import tmpfs
 from godwit.network import _CLONE_NEWNET, DEFAULT_BRIDGE, NETNS_DIR, NETNS_PREFIX
 from godwit.runc import CURRENT_RUNC, DEFAULT_RUNC
 
@@ -123,7 +124,7 @@ class HostNetwork:
         _remove_netns_with_prefix(f"{NETNS_PREFIX}{host.netns}-", exclude=others)
         _delete_link(self._veth(host.address))
         _kill_and_remove_netns(host.netns)
-        shutil.rmtree(host.state_dir, ignore_errors=True)
+        _remove_state_dir(host.state_dir)
 
     def destroy(self) -> None:
         """Remove every host and the bridge; idempotent."""
@@ -206,7 +207,7 @@ def cleanup_stale(prefix: str = "gw", base_dir: Path = DEFAULT_BASE_DIR) -> list
     removed: list[str] = []
     for state_dir in sorted(base_dir.glob(f"{mark}*")):
         _delete_containers(state_dir / "runc")
-        shutil.rmtree(state_dir, ignore_errors=True)
+        _remove_state_dir(state_dir)
         removed.append(str(state_dir))
     removed += _remove_netns_with_prefix(f"{NETNS_PREFIX}{mark}")  # containers first
     removed += _remove_netns_with_prefix(mark)
@@ -322,3 +323,10 @@ def _kill_and_remove_netns(name: str, pids: dict[str, list[int]] | None = None) 
 def _remove_netns(name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         netns.remove(name)
+
+
+def _remove_state_dir(state_dir: Path) -> None:
+    """A host's state dir, with what an agent mounted there (a migration's images tmpfs)."""
+    with contextlib.suppress(OSError):
+        tmpfs.release_all_under(state_dir)
+    shutil.rmtree(state_dir, ignore_errors=True)
