@@ -314,7 +314,7 @@ class Agent:
         return _reply(await self.receiver.arm(request.match_info["id"], body.descriptors,
                                               local if body.stream_pages else None,
                                               request.remote, body.fill_after_restore,
-                                              body.lazy_page_server))
+                                              body.lazy_page_server, body.images_in_memory))
 
     async def activate_incoming(self, request: web.Request) -> web.Response:
         return _reply(await self.receiver.activate(request.match_info["id"]))

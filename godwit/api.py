@@ -235,11 +235,13 @@ class AgentClient:
 
     async def arm_incoming(self, migration_id: str, descriptors: list[str],
                            stream_pages: bool = False, fill_after_restore: bool = False,
-                           lazy_page_server: str | None = None) -> Armed:
+                           lazy_page_server: str | None = None,
+                           images_in_memory: bool = False) -> Armed:
         return await self.request("POST", f"/v1/incoming/{migration_id}/arm", Armed,
                                   ArmRequest(descriptors=descriptors, stream_pages=stream_pages,
                                              fill_after_restore=fill_after_restore,
-                                             lazy_page_server=lazy_page_server))
+                                             lazy_page_server=lazy_page_server,
+                                             images_in_memory=images_in_memory))
 
     async def activate_incoming(self, migration_id: str) -> Activated:
         return await self.request("POST", f"/v1/incoming/{migration_id}/activate", Activated,

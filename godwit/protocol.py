@@ -49,7 +49,9 @@ from godwit.runc_features import RuncFeatures
 # that the destination starts the lazy-pages daemon then, not in the freeze. 2.6: the source
 # sends the dump's images as the body of the restore (`POST /v1/incoming/{id}/restore-images`):
 # one round trip less in the freeze; a post-copy restore pulls from the arm's page server.
-PROTOCOL_VERSION = "2.6"
+# 2.7: a source whose dump's images are small (post-copy without shared memory) asks for
+# them to be kept in memory (`ArmRequest.images_in_memory`: a tmpfs on the staging's images).
+PROTOCOL_VERSION = "2.7"
 PAGES_WAIT_S = 5.0
 MigrationId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f-]{1,64}$", max_length=64)]
 M = TypeVar("M")
@@ -322,6 +324,8 @@ class ArmRequest(Request, kw_only=True, omit_defaults=True):
     fill_after_restore: bool = False
     # 2.5: post-copy: the source's page server the restored memory will come from
     lazy_page_server: str | None = None
+    # 2.7: the images are small: keep them on a tmpfs (no file creation on disk in the freeze)
+    images_in_memory: bool = False
 
 
 class Armed(Reply, kw_only=True):

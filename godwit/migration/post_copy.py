@@ -110,6 +110,11 @@ class PostCopy(SourceMigration):
         return self.page_server_address if protocol_at_least(self.dest_protocol, (2, 5)) \
             else None
 
+    def images_in_memory(self) -> bool:
+        """A lazy dump's images hold no pages, unless of shared memory (dumped with them)."""
+        return protocol_at_least(self.dest_protocol, (2, 7)) and \
+            not procfs.has_shared_memory(self.ctx.store.pids(self.name))
+
     async def verify(self) -> None:
         await self.wait_for_pages()
         await super().verify()

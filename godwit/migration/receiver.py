@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from godwit import faults, fence, procfs
+from godwit import faults, fence, procfs, tmpfs
 from godwit.containers import ContainerRecord, ContainerStore, check_name
 from godwit.criu import (
     LAZY_LOG,
@@ -252,6 +252,8 @@ class Receiver:
                 "restore.log": work / "restore.log", LAZY_LOG: work / LAZY_LOG,
                 PAGE_SERVER_LOG: work / PAGE_SERVER_LOG,
                 "runc-restore.log": work / RUNC_LOG})
+        with contextlib.suppress(OSError):  # else the rmtree below leaves it
+            tmpfs.release_all_under(staging)
         shutil.rmtree(staging, ignore_errors=True)
         self.budgets.pop(migration_id, None)
 
@@ -339,7 +341,8 @@ class Receiver:
                   page_server_on: tuple[str, int] | None = None,
                   source_address: str | None = None,
                   fill_after_restore: bool = False,
-                  lazy_page_server: str | None = None) -> Armed:
+                  lazy_page_server: str | None = None,
+                  images_in_memory: bool = False) -> Armed:
         """The source is about to freeze: place the rootfs, write the bundle and start
         `runc restore`, held before CRIU. `descriptors` is runc's descriptors.json of the
         dump (the container's stdio), which runc reads before CRIU starts. With
@@ -348,7 +351,8 @@ class Receiver:
         memory pages from `source_address`. With `fill_after_restore` the restore is lazy,
         its memory filled from the received pages once the container runs; with
         `lazy_page_server` (post-copy), from that page server of the source. Either way
-        the lazy-pages daemon starts now, when this CRIU can (`_start_lazy_early`)."""
+        the lazy-pages daemon starts now, when this CRIU can (`_start_lazy_early`). With
+        `images_in_memory` the images dir is a tmpfs (`_images_dir`)."""
         self.touch(migration_id)
         await faults.point("arm")
         async with self._lock(migration_id):
@@ -357,8 +361,7 @@ class Receiver:
             if migration_id in self.held or self._state(staging).restored:
                 raise Conflict(f"migration {migration_id} is already armed or restored")
             bundle = self._install(request, staging)
-            images = staging / "images"
-            images.mkdir(exist_ok=True)
+            images = self._images_dir(staging, in_memory=images_in_memory)
             (images / "descriptors.json").write_text(json.dumps(descriptors))
             if fill_after_restore:
                 (staging / FILL_AFTER_RESTORE).touch()
@@ -375,6 +378,19 @@ class Receiver:
             self._set_state(staging, DestinationState.ARMED)
         self._watch(self._expire_hold(migration_id, request.commit_timeout))
         return Armed(armed=request.name, page_server=page_server)
+
+    @staticmethod
+    def _images_dir(staging: Path, in_memory: bool) -> Path:
+        """The images dir; `in_memory`, a tmpfs (on disk if it cannot be mounted), let go
+        with the staging area (`_drop_staging`) or at the commit (`_throw_away`)."""
+        images = staging / "images"
+        images.mkdir(exist_ok=True)
+        if in_memory and not os.path.ismount(images):
+            try:
+                tmpfs.mount_tmpfs(images)
+            except OSError as exc:
+                log.warning("images of %s kept on disk: %s", staging.name, exc)
+        return images
 
     async def _start_page_server(self, migration_id: str, staging: Path,
                                  agent: tuple[str, int], source: str | None) -> str:
@@ -699,6 +715,8 @@ class Receiver:
         """Move a tree out of the staging area now and delete it in the background: the
         commit's answer does not wait for a memory image's page cache to go (~70 ms per
         GiB). What an agent's stop leaves there goes with its next sweep."""
+        with contextlib.suppress(OSError):  # a mount cannot be moved: its memory goes now
+            tmpfs.release(tree)
         self.trash.mkdir(mode=0o700, exist_ok=True)
         target = self.trash / uuid.uuid4().hex
         try:

@@ -468,7 +468,13 @@ class SourceMigration:
         return await self.ctx.dest.arm_incoming(
             self.report.id, descriptors, stream_pages=self.streams_pages(),
             fill_after_restore=self.fills_after_restore,
-            lazy_page_server=self.lazy_page_server_at_arm())
+            lazy_page_server=self.lazy_page_server_at_arm(),
+            images_in_memory=self.images_in_memory())
+
+    def images_in_memory(self) -> bool:
+        """Strategy hook: the dump's images are small, and the destination (protocol 2.7
+        or later) may keep them on a tmpfs."""
+        return False
 
     def lazy_page_server_at_arm(self) -> str | None:
         """Strategy hook: the page server a lazy restore will pull the memory from, told
