@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import cli_json, wait_for
+from conftest import cli_json, copies, wait_for
+from faultmatrix import faulty_agent
 
 from godwit.lab.testbed import Testbed
 from godwit.lab.workloads import memhog_bundle, read_state
@@ -49,3 +50,13 @@ def migrate_in_background(bed: Testbed, name: str, strategy: str) -> subprocess.
 def report_of(migration: subprocess.Popen, timeout: float) -> dict:
     out, _ = migration.communicate(timeout=timeout)
     return json.loads(out or "{}")
+
+
+def failed_post_copy(bed: Testbed, name: str, fault: str) -> None:
+    """A memhog container whose post-copy to b fails at b's `fault`: it runs on a."""
+    start_memhog(bed, name, 64)
+    with faulty_agent(bed, "b", fault):
+        result = bed.godwit("migrate", name, "--to", "b", "--strategy", "post-copy", "--json")
+    report = json.loads(result.stdout)
+    assert result.returncode != 0 and report["result"] == "failed", report
+    assert copies(bed, name) == [("a", "running")]

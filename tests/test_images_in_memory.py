@@ -4,14 +4,20 @@ created on disk in the freeze. The tmpfs goes with the migration, however it end
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from pathlib import Path
 
 import pytest
 from conftest import copies, wait_for
 from faultmatrix import faulty_agent
-from memhog_container import migrate_in_background, report_of, rootfs_on, start_memhog, verify
+from memhog_container import (
+    failed_post_copy,
+    migrate_in_background,
+    report_of,
+    rootfs_on,
+    start_memhog,
+    verify,
+)
 
 from godwit import procfs, tmpfs
 from godwit.lab.testbed import Testbed
@@ -53,12 +59,7 @@ def test_the_images_of_a_post_copy_are_kept_in_memory(bed: Testbed, strategy: st
 
 def test_a_failed_post_copy_lets_the_tmpfs_go(bed: Testbed) -> None:
     name = "tmpfs-abort"
-    start_memhog(bed, name, 64)
-    with faulty_agent(bed, "b", "restore:error"):
-        result = bed.godwit("migrate", name, "--to", "b", "--strategy", "post-copy", "--json")
-    report = json.loads(result.stdout)
-    assert result.returncode != 0 and report["result"] == "failed", report
-    assert copies(bed, name) == [("a", "running")]
+    failed_post_copy(bed, name, "restore:error")
     assert tmpfs_mounts(bed, "b") == []
     bed.godwit("rm", name)
 

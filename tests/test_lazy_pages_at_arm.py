@@ -4,13 +4,19 @@ its start is no longer paid while the container is frozen."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from conftest import copies, wait_for
 from faultmatrix import faulty_agent
-from memhog_container import migrate_in_background, report_of, rootfs_on, start_memhog, verify
+from memhog_container import (
+    failed_post_copy,
+    migrate_in_background,
+    report_of,
+    rootfs_on,
+    start_memhog,
+    verify,
+)
 
 from godwit.lab.testbed import Testbed
 
@@ -52,11 +58,6 @@ def test_the_daemon_waits_from_arm_and_serves_the_restore(bed: Testbed, strategy
 
 def test_a_migration_that_fails_before_the_restore_leaves_no_daemon(bed: Testbed) -> None:
     name = "early-abort"
-    start_memhog(bed, name, 64)
-    with faulty_agent(bed, "b", "images:error"):
-        result = bed.godwit("migrate", name, "--to", "b", "--strategy", "post-copy", "--json")
-    report = json.loads(result.stdout)
-    assert result.returncode != 0 and report["result"] == "failed", report
-    assert copies(bed, name) == [("a", "running")]
+    failed_post_copy(bed, name, "images:error")
     assert lazy_daemons(bed, "b") == [], "the daemon started at arm must go with the abort"
     bed.godwit("rm", name)
