@@ -104,9 +104,8 @@ class EtcdCluster(Resource):
         """Issue the certificates, start every member, wait until the cluster is healthy."""
         self.client_tls = self._issue(f"{self.prefix}-etcd-client", None)
         member_tls = self._member_certificate()
-        for i in range(self.size):
+        for i, (client_port, peer_port) in enumerate(member_ports(self.address, self.size)):
             name = f"{self.prefix}-etcd{i}"
-            client_port, peer_port = _free_ports(self.address, 2)
             self.members.append(EtcdMember(
                 name, self.address, client_port, peer_port, self.work / name,
                 member_tls, self.work / f"{name}.log"))
@@ -196,6 +195,13 @@ class EtcdCluster(Resource):
         else:
             self.ca.issue_client(name)
         return self.ca.bundle_for(name)
+
+
+def member_ports(address: str, size: int) -> list[tuple[int, int]]:
+    """(client, peer) ports of `size` members, all distinct: picked at once, since no
+    member binds its ports before every member was given its own."""
+    ports = _free_ports(address, 2 * size)
+    return list(zip(ports[::2], ports[1::2], strict=True))
 
 
 def _free_ports(address: str, count: int) -> list[int]:
