@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from godwit import criu_gate, procfs
+from godwit import criu_gate, procfs, tmpfs
 from godwit.criu import CRIU, read_status_byte, wait_readable
 from godwit.errors import GodwitError, NotFound
 from godwit.fsio import atomic_write
@@ -360,24 +359,28 @@ class Runc:
         finally:
             os.close(pidfd)
 
-    def stdio_descriptors(self, name: str) -> list[str] | None:
-        """The container's stdio as runc's state keeps it (`external_descriptors`), which
-        is what a checkpoint writes to its descriptors.json; None if the state has none."""
+    def _saved_state(self, name: str) -> dict | None:
+        """runc's state.json of a container, None if unreadable or not an object."""
         try:
             state = json.loads((self.root / name / "state.json").read_text())
         except (OSError, ValueError):
             return None
-        found = state.get("external_descriptors") if isinstance(state, dict) else None
+        return state if isinstance(state, dict) else None
+
+    def stdio_descriptors(self, name: str) -> list[str] | None:
+        """The container's stdio as runc's state keeps it (`external_descriptors`), which
+        is what a checkpoint writes to its descriptors.json; None if the state has none."""
+        found = (self._saved_state(name) or {}).get("external_descriptors")
         if isinstance(found, list) and all(isinstance(one, str) for one in found):
             return found
         return None
 
     def _init_process(self, name: str) -> tuple[int, str] | None:
         """The container's init pid and start time (clock ticks), from runc's state."""
+        state = self._saved_state(name)
         try:
-            state = json.loads((self.root / name / "state.json").read_text())
             return int(state["init_process_pid"]), str(state["init_process_start"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (KeyError, TypeError, ValueError):
             return None
 
     def _drop_restore_leftovers(self, name: str) -> None:
@@ -387,10 +390,7 @@ class Runc:
         leftover = self.root / name
         if not leftover.is_dir() or (leftover / "state.json").exists():
             return
-        mounted = [point for point, _, _ in procfs.mounts()
-                   if point == str(leftover) or point.startswith(f"{leftover}/")]
-        for point in sorted(mounted, reverse=True):
-            subprocess.run(["umount", "--lazy", point], capture_output=True, check=False)
+        tmpfs.release_all_under(leftover)
         shutil.rmtree(leftover, ignore_errors=True)
 
     async def exec(self, name: str, argv: list[str]) -> tuple[int, str, str]:

@@ -38,10 +38,10 @@ def release(path: Path) -> bool:
 
 
 def release_all_under(root: Path) -> list[str]:
-    """Detach every mount at or below `root`, deepest first; returns their points."""
+    """Detach every mount at or below `root`, deepest first (one that cannot be detached
+    is left, the others still go); returns the points detached."""
     top = str(root).rstrip("/")
     points = sorted((point for point, _, _ in procfs.mounts()
                      if point == top or point.startswith(f"{top}/")), reverse=True)
-    for point in points:
-        _check(_libc.umount2(os.fsencode(point), MNT_DETACH), Path(point))
-    return points
+    return [point for point in points
+            if _libc.umount2(os.fsencode(point), MNT_DETACH) == 0]

@@ -327,6 +327,5 @@ def _remove_netns(name: str) -> None:
 
 def _remove_state_dir(state_dir: Path) -> None:
     """A host's state dir, with what an agent mounted there (a migration's images tmpfs)."""
-    with contextlib.suppress(OSError):
-        tmpfs.release_all_under(state_dir)
+    tmpfs.release_all_under(state_dir)
     shutil.rmtree(state_dir, ignore_errors=True)

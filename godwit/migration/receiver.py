@@ -252,8 +252,7 @@ class Receiver:
                 "restore.log": work / "restore.log", LAZY_LOG: work / LAZY_LOG,
                 PAGE_SERVER_LOG: work / PAGE_SERVER_LOG,
                 "runc-restore.log": work / RUNC_LOG})
-        with contextlib.suppress(OSError):  # else the rmtree below leaves it
-            tmpfs.release_all_under(staging)
+        tmpfs.release_all_under(staging)  # else the rmtree below leaves its mounts
         shutil.rmtree(staging, ignore_errors=True)
         self.budgets.pop(migration_id, None)
 
