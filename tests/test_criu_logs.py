@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from godwit import criu
+from godwit import criu, procfs
 from godwit.criu import log_error, root_cause
 from godwit.errors import GodwitError
-from godwit.migration.receiver import restore_failure
+from godwit.migration.receiver import _reap_if_dead, restore_failure
 from godwit.tls import TLSFiles
 
 LOGS = Path(__file__).with_name("data") / "criu-logs"
@@ -94,3 +98,25 @@ def test_restore_failure_names_the_daemon_only_as_a_cause(tmp_path: Path, restor
     (tmp_path / criu.LAZY_LOG).write_text(lazy_log)
     ended = SimpleNamespace(returncode=1)
     assert restore_failure(tmp_path, GodwitError("runc restore failed"), ended) == expected
+
+
+def test_restore_failure_names_a_daemon_dead_but_not_yet_reaped(tmp_path: Path) -> None:
+    """The restored copy exits because its lazy-pages daemon was killed: the report names
+    the daemon's end even when asyncio has not collected it yet."""
+    async def report() -> tuple[int | None, str]:
+        daemon = await asyncio.create_subprocess_exec("sleep", "60")
+        os.kill(daemon.pid, signal.SIGKILL)
+        while procfs.alive(daemon.pid):
+            time.sleep(0.001)  # no await: the loop must not reap it before the report
+        unreaped = daemon.returncode
+        await _reap_if_dead(daemon)
+        exited = GodwitError("the container exited right after its restore")
+        return unreaped, restore_failure(tmp_path, exited, daemon)
+    unreaped, detail = asyncio.run(report())
+    assert unreaped is None, "reaped before the report: the case is not exercised"
+    assert detail.endswith("(criu lazy-pages: exit -9)"), detail
+
+
+def test_restore_failure_does_not_name_a_daemon_that_succeeded(tmp_path: Path) -> None:
+    done = SimpleNamespace(returncode=0)
+    assert restore_failure(tmp_path, GodwitError("it exited"), done) == "it exited"

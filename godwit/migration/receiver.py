@@ -76,6 +76,7 @@ LAZY_SOURCE = "lazy-page-server"  # post-copy: the source's page server named at
 PAGE_SERVER = "page-server.json"  # pid and start time of a streamed dump's page server
 LAZY_PAGES = "lazy-pages.json"  # pid and start time of the restore's lazy-pages daemon
 PAGES_LANDED_TIMEOUT_S = 10.0  # the dump succeeded: its page server ends right after
+REAP_WAIT_S = 1.0  # a dead CRIU helper is reaped by asyncio within a loop turn or two
 TRASH = "incoming-trash"  # under the state dir: trees deleted after the reply
 PLACED = "rootfs-placed"  # marker: the received rootfs moved to the container's directory
 # The migration's DestinationState: written here until the restore, then the fence's
@@ -529,6 +530,7 @@ class Receiver:
             pid = await self._held_or_new_restore(held, request, bundle, staging,
                                                   lazy=lazy is not None)
         except GodwitError as exc:
+            await _reap_if_dead(lazy)
             detail = restore_failure(staging / "work", exc, lazy)
             _kill_if_running(lazy)
             await self._discard(migration_id, staging, name, record.owns_netns)
@@ -788,10 +790,19 @@ def restore_failure(work: Path, exc: GodwitError,
     a daemon that ended because the restore died only echoes it ("recv_fd error")."""
     cause = log_error(work, "restore.log")
     detail = cause or str(exc)
-    if lazy and lazy.returncode is not None and (
+    if lazy and lazy.returncode not in (None, 0) and (
             cause is None or "lazy" in cause or "uffd" in cause):
         detail += f" (criu lazy-pages: {log_error(work, LAZY_LOG) or f'exit {lazy.returncode}'})"
     return detail
+
+
+async def _reap_if_dead(proc: asyncio.subprocess.Process | None) -> None:
+    """Collect the exit of a CRIU process that has died but that asyncio has not reaped
+    yet, so that a failure report sees why it ended (a killed lazy-pages daemon is what
+    made the restored copy exit)."""
+    if proc and proc.returncode is None and not procfs.alive(proc.pid):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), REAP_WAIT_S)
 
 
 def _kill_if_running(proc: asyncio.subprocess.Process | None) -> None:
