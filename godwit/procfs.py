@@ -37,15 +37,24 @@ def parent(pid: int) -> int | None:
     return int(fields[1]) if fields else None
 
 
+def children(pid: int) -> list[int]:
+    """The pids of a process's children: each of its threads lists those it forked
+    (`/proc/PID/task/TID/children`, which CRIU needs too)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):  # the process ended
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):  # the thread ended
+                found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
 def descendants(pid: int) -> list[int]:
-    """The pids of every descendant of a process (children, theirs, …), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (ppid := parent(int(entry.name))) is not None:
-            children.setdefault(ppid, []).append(int(entry.name))
+    """The pids of every descendant of a process (children, theirs, …). Read from the
+    tree down, not by scanning every process of the host: a fault point polls it while a
+    CRIU runs for a few milliseconds only."""
     found, todo = [], [pid]
     while todo:
-        for child in children.get(todo.pop(), []):
+        for child in children(todo.pop()):
             found.append(child)
             todo.append(child)
     return found

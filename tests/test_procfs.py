@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +26,33 @@ def test_a_zombie_is_not_alive() -> None:
     assert not procfs.alive(child.pid)  # exited, not yet reaped
     child.wait()
     assert not procfs.alive(child.pid) and procfs.start_time(child.pid) is None
+
+
+TREE = """
+import subprocess, sys, threading, time
+def spawn():  # from a thread that stays: its children are listed under that thread
+    shell = subprocess.Popen(["sh", "-c", "sleep 30 & echo $!; wait"], stdout=subprocess.PIPE)
+    print(shell.pid, shell.stdout.readline().decode().strip(), flush=True)
+    time.sleep(30)
+threading.Thread(target=spawn, daemon=True).start()
+print(subprocess.Popen(["sleep", "30"]).pid, flush=True)
+time.sleep(30)
+"""
+
+
+def test_descendants_are_found_through_every_thread() -> None:
+    tree = subprocess.Popen([sys.executable, "-c", TREE], stdout=subprocess.PIPE, text=True)
+    spawned: set[int] = set()
+    try:
+        spawned = {int(pid) for _ in range(2) for pid in tree.stdout.readline().split()}
+        assert len(spawned) == 3  # a sleep, and a shell with its sleep
+        assert set(procfs.descendants(tree.pid)) == spawned
+        assert procfs.descendants(1 << 30) == []  # no such process
+    finally:
+        for pid in [tree.pid, *spawned]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        tree.wait()
 
 
 def test_start_time_tells_processes_apart() -> None:
