@@ -17,7 +17,7 @@ from godwit.migration.report import EventStream, MigrationReport
 from godwit.migration.source import FREEZE_MARGIN_S, SourceContext, SourceMigration
 from godwit.migration.states import DestinationState, Stage
 from godwit.runc import HeldRunc
-from godwit.transport import TreePlan
+from godwit.transport import TreePlan, plan_tree
 
 DEADLINE_S = 0.5
 
@@ -63,18 +63,36 @@ class FrozenOnly(SourceMigration):
         self.resumed = True
 
     async def upload(self, what: str, plan: TreePlan, phase: str) -> int:
+        self.uploads.append((what, [path for path, _ in plan.entries], phase))
+        if self.upload_error:
+            raise GodwitError(self.upload_error)
         return plan.total_bytes
 
 
-def migration(tmp_path: Path, held: HeldRunc | None = None) -> FrozenOnly:
+def migration(tmp_path: Path, held: HeldRunc | None = None,
+              rootfs: Path | None = None) -> FrozenOnly:
+    """A migration frozen with `held` as its dump; with shared storage unless `rootfs`
+    (its first pass already taken) is to be carried."""
     journals = Journals(tmp_path)
     ctx = SourceContext(FakeStore(), None, journals, journals.work_dir("1234"),  # type: ignore[arg-type]
                         {})
-    options = MigrationOptions(to="b", shared_storage=True, max_freeze=DEADLINE_S)
+    options = MigrationOptions(to="b", shared_storage=rootfs is None, max_freeze=DEADLINE_S)
     report = MigrationReport("1234", "c", "a", "b", "stop-and-copy")
     moving = FrozenOnly(ctx, "c", options, EventStream(report))
     moving.held_dump = held
+    moving.uploads, moving.upload_error = [], None
+    if rootfs:
+        moving.record.rootfs = str(rootfs)
+        moving.manifest = plan_tree(rootfs).manifest
     return moving
+
+
+def changed_rootfs(tmp_path: Path) -> Path:
+    """A rootfs whose file "changed" changes after the first pass."""
+    rootfs = tmp_path / "rootfs"
+    rootfs.mkdir()
+    (rootfs / "changed").write_text("before")
+    return rootfs
 
 
 async def hung_dump() -> tuple[HeldRunc, asyncio.subprocess.Process]:
@@ -138,6 +156,46 @@ def test_an_error_fault_fails_the_step_at_once(tmp_path: Path, monkeypatch) -> N
     report = asyncio.run(scenario()).report
     assert report.error == "fault injected at dump" and report.result == "failed"
     assert report.downtime_s is not None and report.downtime_s < DEADLINE_S
+
+
+def test_the_rootfs_frozen_pass_runs_beside_the_dump(tmp_path: Path, monkeypatch) -> None:
+    """With the dump hung, the rootfs's changes still go; the deadline then names the dump,
+    the step still under way, and the rollback kills it."""
+    monkeypatch.setenv("GODWIT_FAULT", "dump:hang")
+    rootfs = changed_rootfs(tmp_path)
+
+    async def scenario() -> tuple[FrozenOnly, asyncio.subprocess.Process]:
+        held, proc = await hung_dump()
+        moving = migration(tmp_path, held, rootfs)
+        (rootfs / "changed").write_text("after, while frozen")
+        await moving.execute()
+        return moving, proc
+
+    moving, dump = asyncio.run(scenario())
+    [(what, paths, phase)] = moving.uploads
+    assert (what, phase) == ("rootfs", "rootfs-sync") and "changed" in paths
+    assert moving.report.error == f"freeze deadline of {DEADLINE_S:g} s passed during dump"
+    assert dump.returncode == -9 and moving.resumed
+
+
+def test_a_failed_rootfs_pass_calls_off_the_dump_at_once(tmp_path: Path, monkeypatch) -> None:
+    """The rootfs's frozen pass fails while the dump runs: that failure is the report's at
+    once, not the deadline, and the dump is killed."""
+    monkeypatch.setenv("GODWIT_FAULT", "dump:hang")
+    rootfs = changed_rootfs(tmp_path)
+
+    async def scenario() -> tuple[FrozenOnly, asyncio.subprocess.Process, float]:
+        held, proc = await hung_dump()
+        moving = migration(tmp_path, held, rootfs)
+        moving.upload_error = "rootfs transfer failed: No space left on device"
+        started = time.monotonic()
+        await moving.execute()
+        return moving, proc, time.monotonic() - started
+
+    moving, dump, took = asyncio.run(scenario())
+    assert moving.report.error == "rootfs transfer failed: No space left on device"
+    assert took < DEADLINE_S, "not left to the deadline"
+    assert dump.returncode == -9 and moving.aborted and moving.resumed
 
 
 def test_default_deadline_and_bad_values() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import shutil
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
@@ -336,10 +337,13 @@ class SourceMigration:
         await self.cleanup_source()
 
     async def frozen_steps(self) -> None:
+        """The rootfs's frozen pass runs beside the dump: the container cannot change it
+        any more, and the dump writes only to its images."""
         await self.freeze()
-        await self.dump()
-        if not self.shared:
-            await self.send_rootfs(initial=False)
+        if self.shared:
+            await self.dump()
+        else:
+            await run_together(self.dump(), self.send_rootfs(initial=False))
         await self.send_images_and_restore()
 
     async def within_freeze_deadline(self, steps: Awaitable[None]) -> None:
@@ -371,7 +375,11 @@ class SourceMigration:
         return default_max_freeze(self.ctx.store.memory_usage(self.name))
 
     def current_phase(self) -> str:
-        return self.report.phases[-1].name if self.report.phases else "freeze"
+        """The step under way, or the last to end (a step cut short ends after any step
+        that overlapped it)."""
+        if not self.report.phases:
+            return "freeze"
+        return max(self.report.phases, key=lambda phase: phase.ended or math.inf).name
 
     # steps
     async def prepare_destination(self) -> None:
@@ -855,6 +863,20 @@ class SourceMigration:
 
 
 _NOT_COMMITTED = (DestinationState.FENCED, DestinationState.ABORTED, DestinationState.UNKNOWN)
+
+
+async def run_together(*steps: Awaitable[None]) -> None:
+    """Run `steps` at once. The first to fail cancels the others, and its exception is
+    raised as it is, not in a group."""
+    first_failure = None
+    try:
+        async with asyncio.TaskGroup() as group:
+            for step in steps:
+                group.create_task(step)
+    except BaseExceptionGroup as failed:
+        first_failure = failed.exceptions[0]
+    if first_failure:
+        raise first_failure
 
 
 async def _then(stream: AsyncIterable[bytes], done: Callable[[], None]
