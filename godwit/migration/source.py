@@ -42,9 +42,10 @@ from godwit.protocol import Armed, HostInfo, IncomingRequest, Restored, RestoreR
 from godwit.runc import RUNC_LOG, CheckpointOptions, HeldRunc, Runc
 from godwit.tls import TLSFiles
 from godwit.transport import (
+    Manifest,
     TreePlan,
     TreeStream,
-    diff_manifests,
+    changes_since,
     plan_tree,
     scan_tree,
     send_tree,
@@ -182,7 +183,7 @@ class SourceMigration:
         self.stage = Stage.NEW  # what is known to have happened (the journal: may have)
         self.restore_sent_at: float | None = None
         self.restored_at: float | None = None  # monotonic, when the restore answered
-        self.manifest: dict | None = None
+        self.manifest: Manifest | None = None
         self.journal = Journal(self.report.id, name, self.strategy, options.to_json())
         self.held_dump: HeldRunc | None = None
         self.dest_info: HostInfo | None = None  # the destination's /v1/info, at prepare
@@ -426,12 +427,11 @@ class SourceMigration:
         phase = "rootfs" if initial else "rootfs-sync"
         with self.events.phase(phase):
             await faults.point("rootfs")
-            if initial:
+            if initial or self.manifest is None:
                 plan = await asyncio.to_thread(plan_tree, root)
                 self.manifest = plan.manifest
             else:
-                manifest = await asyncio.to_thread(scan_tree, root)
-                changed, deleted = diff_manifests(self.manifest or {}, manifest)
+                changed, deleted = await asyncio.to_thread(changes_since, self.manifest, root)
                 plan = await asyncio.to_thread(plan_tree, root, changed, deleted)
             self.report.rootfs_bytes += await self.upload("rootfs", plan, phase)
 

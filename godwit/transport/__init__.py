@@ -6,7 +6,8 @@ the receiver parses that stream into a destination directory, verifying everythi
 Modules:
 
 - `wire`: the stream format (framing, record headers and their validation), `TransferError`;
-- `manifest`: scans of a tree, their difference, and the `TreePlan` of a transfer;
+- `manifest`: scans of a tree, their difference (or the difference alone, for a frozen
+  pass), and the `TreePlan` of a transfer;
 - `send`: the plan as a stream (`send_tree`), read and hashed by a producer thread;
 - `receive`: parsing a stream (`receive_tree`, `TreeReceiver`);
 - `apply`: applying its records to the destination, one handler per record kind;
@@ -19,6 +20,7 @@ from godwit.transport.manifest import (
     FileMeta,
     Manifest,
     TreePlan,
+    changes_since,
     diff_manifests,
     plan_tree,
     scan_tree,
@@ -42,6 +44,7 @@ __all__ = [
     "TreeRules",
     "TreeStream",
     "UploadTooLarge",
+    "changes_since",
     "diff_manifests",
     "plan_tree",
     "receive_tree",

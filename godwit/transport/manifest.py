@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,19 +97,84 @@ def file_meta(st: os.stat_result, target: str | None) -> FileMeta | None:
 def scan_tree(root: Path | str) -> Manifest:
     """lstat every entry under `root` (never following symlinks)."""
     manifest = Manifest(scanned_ns=time.time_ns())
-    root_fd = open_root(root)
-    try:
-        meta = file_meta(os.fstat(root_fd), None)
-        assert meta is not None
-        manifest["."] = meta
-        _scan_dir(root_fd, "", manifest)
-    finally:
-        os.close(root_fd)
+
+    def add(path: str, st: os.stat_result, dir_fd: int, name: str) -> None:
+        try:
+            target = os.readlink(name, dir_fd=dir_fd) if stat.S_ISLNK(st.st_mode) else None
+        except FileNotFoundError:
+            return  # raced with a deletion
+        if (meta := file_meta(st, target)) is not None:
+            manifest[path] = meta
+
+    _walk(root, add)
     return manifest
 
 
-def _scan_dir(fd: int, prefix: str, out: Manifest) -> None:
-    for name, rel in _scan_entries(fd, prefix, out):
+def changes_since(old: Manifest, root: Path | str) -> tuple[list[str], list[str]]:
+    """`diff_manifests(old, scan_tree(root))`, made without building an entry for what did
+    not change: the rootfs's frozen pass, where every millisecond is downtime."""
+    racy = old.scanned_ns - RACY_NS
+    changed, seen = [], set()
+
+    def compare(path: str, st: os.stat_result, dir_fd: int, name: str) -> None:
+        if stat.S_IFMT(st.st_mode) not in _KINDS:
+            return  # not in a scan either
+        prev = old.get(path)
+        try:
+            same = (prev is not None and max(prev.ctime_ns, prev.mtime_ns) < racy
+                    and _unchanged(prev, st, dir_fd, name))
+        except FileNotFoundError:
+            return  # raced with a deletion
+        seen.add(path)
+        if not same:
+            changed.append(path)
+
+    _walk(root, compare)
+    return sorted(changed), _top_most(p for p in old if p not in seen)
+
+
+def _unchanged(prev: FileMeta, st: os.stat_result, dir_fd: int, name: str) -> bool:
+    """Would `file_meta` of this lstat (and link target) equal `prev`?"""
+    kind = _KINDS[stat.S_IFMT(st.st_mode)]
+    return (prev.type == kind and prev.mtime_ns == st.st_mtime_ns
+            and prev.ctime_ns == st.st_ctime_ns
+            and prev.size == (st.st_size if kind == "file" else 0)
+            and prev.mode == stat.S_IMODE(st.st_mode)
+            and prev.uid == st.st_uid and prev.gid == st.st_gid
+            and prev.rdev == (st.st_rdev if kind in DEVICE_TYPES else 0)
+            and prev.inode == (st.st_dev, st.st_ino)
+            and (kind != "symlink" or prev.target == os.readlink(name, dir_fd=dir_fd)))
+
+
+# visit(path, lstat, fd of its directory, name): called for each entry of a walk
+Visit = Callable[[str, os.stat_result, int, str], None]
+
+
+def _walk(root: Path | str, visit: Visit) -> None:
+    """Visit every entry under `root`, "." first, then each directory's entries before its
+    subdirectories'; never following symlinks, skipping what is removed meanwhile."""
+    root_fd = open_root(root)
+    try:
+        visit(".", os.fstat(root_fd), root_fd, ".")
+        _walk_dir(root_fd, "", visit)
+    finally:
+        os.close(root_fd)
+
+
+def _walk_dir(fd: int, prefix: str, visit: Visit) -> None:
+    with os.scandir(fd) as it:
+        listed = list(it)
+    subdirs = []
+    for e in listed:
+        try:
+            st = e.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # raced with a deletion
+        path = prefix + e.name
+        visit(path, st, fd, e.name)
+        if stat.S_ISDIR(st.st_mode):
+            subdirs.append((e.name, path))
+    for name, path in subdirs:
         try:
             sub = os.open(name, DIR_READ, dir_fd=fd)
         except OSError as e:
@@ -117,30 +182,9 @@ def _scan_dir(fd: int, prefix: str, out: Manifest) -> None:
                 continue  # replaced or removed since the lstat
             raise
         try:
-            _scan_dir(sub, rel + "/", out)
+            _walk_dir(sub, path + "/", visit)
         finally:
             os.close(sub)
-
-
-def _scan_entries(fd: int, prefix: str, out: Manifest) -> list[tuple[str, str]]:
-    """Add the entries of directory `fd` to `out`; returns (name, path) of its subdirs."""
-    with os.scandir(fd) as it:
-        entries = list(it)
-    subdirs = []
-    for e in entries:
-        rel = prefix + e.name
-        try:
-            st = e.stat(follow_symlinks=False)
-            target = os.readlink(e.name, dir_fd=fd) if stat.S_ISLNK(st.st_mode) else None
-        except FileNotFoundError:
-            continue  # raced with a deletion
-        meta = file_meta(st, target)
-        if meta is None:
-            continue
-        out[rel] = meta
-        if meta.type == "dir":
-            subdirs.append((e.name, rel))
-    return subdirs
 
 
 def diff_manifests(old: Manifest, new: Manifest) -> tuple[list[str], list[str]]:
