@@ -491,13 +491,11 @@ class SourceMigration:
 
     def streams_pages(self) -> bool:
         """Stream unless the operator asked for godwit's compression or bandwidth limit
-        (CRIU's page server has neither; QoS still shapes it), the destination is older, or
-        the container maps shared memory: CRIU 4.2's dump of shared memory to a page server
-        over TLS fails ("Decryption has failed": System V shm of zdtm's `shm`, PostgreSQL's
-        shared buffers), so such a container's pages go through the agents' stream."""
+        (CRIU's page server has neither; QoS still shapes it) or the destination is older.
+        Shared memory streams too: CRIU patch 0015 keeps the TLS session in step across
+        the IPC namespace's dump helper, which sends System V segments' pages."""
         return (self.stream_pages and not self.options.compress and not self.options.rate_limit
-                and protocol_at_least(self.dest_protocol, (2, 1))
-                and not procfs.has_shared_memory(self.ctx.store.pids(self.name)))
+                and protocol_at_least(self.dest_protocol, (2, 1)))
 
     @property
     def dest_protocol(self) -> str:

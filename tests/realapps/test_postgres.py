@@ -98,6 +98,8 @@ def test_postgres_under_pgbench(bed: Testbed, client_host: TestHost, app_rootfs:
     bench = start_client(bed, client_host, pgbench(
         app_rootfs, postgres, "-T", "600", "-c", str(CLIENTS), "-j", "2"), "pgbench")
     report = migrate_under_load(postgres, bench, strategy, shared)
+    if strategy == "stop-and-copy":  # shared buffers and System V segment: to b's page server
+        assert "streamed during the dump" in report.get("pages", ""), report
     clients = psql(postgres, client_host, "select application_name from pg_stat_activity "
                                           "where backend_type = 'client backend'")
     assert clients.count("pgbench") == CLIENTS, \
