@@ -873,7 +873,7 @@ async def run_together(*steps: Awaitable[None]) -> None:
                 group.create_task(step)
     except BaseExceptionGroup as failed:
         first_failure = failed.exceptions[0]
-    if first_failure:
+    if first_failure is not None:
         raise first_failure
 
 
