@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,8 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def _choices(allowed: tuple[str, ...]):
+def _choices(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma-separated list of items of `allowed`."""
     def parse(text: str) -> list[str]:
         chosen = [item.strip() for item in text.split(",") if item.strip()]
         if unknown := [item for item in chosen if item not in allowed]:
