@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator, Sequence
@@ -18,6 +19,7 @@ import pytest
 from conftest import TLS_RECORD, free_port, system_calls
 from memhog_process import Memhog, start_memhog, verified_state
 
+import godwit.criu
 from godwit.criu import CRIU, LAZY_LOG, lazy_pages_verdict, start_lazy_pages, tls_argv
 from godwit.tls import TLSFiles
 
@@ -141,3 +143,40 @@ def test_tls_page_server_answers_in_batches(tmp_path: Path, memhog: Memhog,
         records = (MEMHOG_MIB << 20) / TLS_RECORD
         calls = system_calls(summary, "sendto")
         assert 0 < calls < records / 8, f"{calls} sends for {records:.0f} records of pages"
+
+
+def daemon_under_strace(tmp_path: Path, calls: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Have godwit start the lazy-pages daemon under `strace -c -e trace=calls`; returns
+    where the summary will be."""
+    summary = tmp_path / "daemon-strace.txt"
+    wrapper = tmp_path / "criu-under-strace"
+    wrapper.write_text(f"#!/bin/sh\nexec strace -f -c -e trace={calls} -o {summary} "
+                       f"{shutil.which(CRIU) or CRIU} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(godwit.criu, "CRIU", str(wrapper))
+    return summary
+
+
+def test_tls_answers_read_without_an_epoll_wait_per_record(
+        tmp_path: Path, memhog: Memhog, identities: tuple[TLSFiles, TLSFiles],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon read one TLS record of an answer per epoll event, then went back to
+    epoll_wait(): a system call per 16 KiB of pages (scripts/criu-patches/0024)."""
+    summary = daemon_under_strace(tmp_path, "epoll_wait", monkeypatch)
+    with filled(memhog, tmp_path, identities):
+        records = (MEMHOG_MIB << 20) / TLS_RECORD
+        calls = system_calls(summary, "epoll_wait")
+        assert 0 < calls < records / 4, f"{calls} epoll waits for {records:.0f} records"
+
+
+
+def test_tls_answers_read_many_records_per_recv(
+        tmp_path: Path, memhog: Memhog, identities: tuple[TLSFiles, TLSFiles],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """gnutls reads a record's header and its body with a recv() each: the daemon made two
+    system calls per 16 KiB of pages (scripts/criu-patches/0024)."""
+    summary = daemon_under_strace(tmp_path, "recvfrom", monkeypatch)
+    with filled(memhog, tmp_path, identities):
+        records = (MEMHOG_MIB << 20) / TLS_RECORD
+        calls = system_calls(summary, "recvfrom")
+        assert 0 < calls < records / 4, f"{calls} recv calls for {records:.0f} records"
