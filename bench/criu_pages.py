@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,10 +170,12 @@ def dump_once(criu: str, pid: int, variant: str, ids: Identities, work: Path) ->
     return result
 
 
-def start_memhog(mib: int, work: Path) -> tuple[subprocess.Popen, Path]:
-    """memhog holding `mib` MiB of random, never dirtied memory; returned once filled."""
+def start_memhog(mib: int, work: Path,
+                 prefix: Sequence[str] = ()) -> tuple[subprocess.Popen, Path]:
+    """memhog holding `mib` MiB of random, never dirtied memory, run under `prefix` (a
+    command such as unshare); returned once filled."""
     state = work / f"memhog-{mib}.state"
-    proc = subprocess.Popen([str(build_memhog()), str(mib), "17", str(state), "0"],
+    proc = subprocess.Popen([*prefix, str(build_memhog()), str(mib), "17", str(state), "0"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120

@@ -1,0 +1,232 @@
+"""How fast CRIU's post-copy moves pages: a lazy dump's page server to a lazy-pages daemon,
+plain or TLS (issue 17: post-copy's page phase is bound by these two CRIU processes).
+
+Each run starts a memhog of N MiB of random memory alone in a pid namespace and dumps it
+with `criu dump --lazy-pages`, which keeps the stopped task and serves its memory on
+loopback. `criu lazy-pages --page-server` fetches it, and `criu restore --lazy-pages`
+brings the task back in a new pid namespace; the run ends when the daemon has every page,
+and the restored memhog must then find its memory intact. Reported per variant, medians of
+the runs: the fill's MiB/s (from the restore's start to the daemon's exit), and the CPU
+seconds per GiB of the daemon and of the dump, which serves the pages (wait4 rusage; the
+dump's includes the dump itself). Runs alternate variants and binaries to spread noise.
+
+    .venv/bin/python bench/criu_lazy_pages.py [--mib 1024] [--runs 3] [--host-backed-memory]
+        [--criu /usr/local/sbin/criu --criu /path/to/other/criu]
+
+Without --host-backed-memory, on a VM with free page reporting, a run whose restore lands
+on memory the host took back costs the daemon 2-6 times the CPU (1 GiB plain: 0.45 to
+2.9 s/GiB in one session).
+
+Writes bench/results/criu_lazy_pages.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import command_line, console, machine_info, markdown
+from criu_pages import (
+    SHM,
+    BenchError,
+    Identities,
+    cpu_seconds,
+    free_port,
+    log_tail,
+    start_memhog,
+    wait_rusage,
+)
+from guest_memory import host_backed_memory
+from rich.table import Table
+from tls_throughput import make_loopback_ca
+
+from godwit.criu import tls_argv
+
+RESULTS = Path(__file__).parent / "results" / "criu_lazy_pages.json"
+MiB = 1 << 20
+PLAIN, TLS = "plain", "TLS"
+VARIANTS = (PLAIN, TLS)
+PID_NAMESPACE = ["unshare", "--pid", "--fork", "setsid"]
+FILL_TIMEOUT_S = 300
+
+
+def in_namespace(unshare: subprocess.Popen) -> int:
+    """The memhog's pid: unshare's only child."""
+    return int(Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children").read_text())
+
+
+def lazy_dump(criu: str, pid: int, images: Path, port: int,
+              tls: Any) -> subprocess.Popen:
+    """`criu dump --lazy-pages` of `pid`, returned once its page server listens."""
+    read_end, write_end = os.pipe()
+    dump = subprocess.Popen(
+        [criu, "dump", "-t", str(pid), "-D", str(images), "--lazy-pages", "--address",
+         "127.0.0.1", "--port", str(port), "--status-fd", str(write_end), "-v2",
+         "-o", "dump.log", *tls_argv(tls, check_peer_name=False)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        pass_fds=(write_end,))
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as status:
+        if status.read(1) != b"\0":
+            wait_rusage(dump, 5)
+            raise BenchError(f"lazy dump did not serve: {log_tail(images / 'dump.log')}")
+    return dump
+
+
+def start_daemon(criu: str, images: Path, work: Path, port: int, tls: Any) -> subprocess.Popen:
+    """`criu lazy-pages` against the dump's page server, returned once its socket is there."""
+    daemon = subprocess.Popen(
+        [criu, "lazy-pages", "-D", str(images), "-W", str(work), "--page-server",
+         "--address", "127.0.0.1", "--port", str(port), "-v2", "-o", "lazy.log",
+         *tls_argv(tls)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not (work / "lazy-pages.socket").exists():
+        if daemon.poll() is not None or time.monotonic() > deadline:
+            wait_rusage(daemon, 1)
+            raise BenchError(f"lazy-pages did not start: {log_tail(work / 'lazy.log')}")
+        time.sleep(0.002)
+    time.sleep(0.05)  # the socket file appears at bind(), before listen()
+    return daemon
+
+
+def verify(state: Path, pid: int) -> None:
+    """The restored memhog checks all its memory, then goes."""
+    try:
+        os.kill(pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 60
+        while not state.read_text().startswith("verified") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    if " ok=1 " not in state.read_text():
+        raise BenchError(f"restored memhog's memory differs: {state.read_text()!r}")
+
+
+def post_copy_once(criu: str, mib: int, variant: str, ids: Identities,
+                   work: Path) -> dict[str, Any]:
+    """One lazy dump, lazy restore and fill of a fresh memhog; its figures."""
+    images, lazy_work = work / "images", work / "work"
+    images.mkdir()
+    lazy_work.mkdir()
+    unshare, state = start_memhog(mib, work, PID_NAMESPACE)
+    server_tls, client_tls = (ids.server, ids.client) if variant == TLS else (None, None)
+    try:
+        port = free_port()
+        dump = lazy_dump(criu, in_namespace(unshare), images, port, server_tls)
+        daemon = start_daemon(criu, images, lazy_work, port, client_tls)
+        start = time.perf_counter()
+        restore = subprocess.run(
+            [criu, "restore", "-D", str(images), "-W", str(lazy_work), "-d", "--lazy-pages",
+             "--pidfile", str(work / "restored.pid"), "-v2", "-o", "restore.log"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        daemon_rc, daemon_usage = wait_rusage(daemon, FILL_TIMEOUT_S)
+        seconds = time.perf_counter() - start
+        dump_rc, dump_usage = wait_rusage(dump, 30)
+        if restore.returncode or daemon_rc or dump_rc:
+            raise BenchError(f"{variant}: restore {restore.returncode} "
+                             f"({log_tail(lazy_work / 'restore.log')}), lazy-pages {daemon_rc} "
+                             f"({log_tail(lazy_work / 'lazy.log')}), dump {dump_rc} "
+                             f"({log_tail(images / 'dump.log')})")
+        verify(state, int((work / "restored.pid").read_text()))
+    finally:
+        unshare.kill()
+        unshare.wait()
+    gib = mib / 1024
+    return {"seconds": round(seconds, 3), "fill_mib_per_s": round(mib / seconds, 1),
+            "daemon_cpu_s_per_gib": round(cpu_seconds(daemon_usage) / gib, 3),
+            "dump_cpu_s_per_gib": round(cpu_seconds(dump_usage) / gib, 3)}
+
+
+def bench_size(mib: int, binaries: list[str], runs: int, ids: Identities,
+               work: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Every (binary, variant) `runs` times with a memhog of `mib` MiB."""
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {
+        criu: {variant: [] for variant in VARIANTS} for criu in binaries}
+    for run in range(runs):
+        for criu in binaries if run % 2 == 0 else reversed(binaries):
+            for variant in VARIANTS:
+                run_dir = Path(tempfile.mkdtemp(prefix=f"run{run}-", dir=work))
+                try:
+                    results[criu][variant].append(
+                        post_copy_once(criu, mib, variant, ids, run_dir))
+                finally:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+    return results
+
+
+def summary_rows(report: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for mib, by_binary in report["results"].items():
+        for criu, by_variant in by_binary.items():
+            for variant, values in by_variant.items():
+                def median(key: str, values: list[dict[str, Any]] = values) -> float:
+                    return statistics.median(v[key] for v in values)
+                rows.append([mib, report["binaries"][criu], variant,
+                             f"{median('fill_mib_per_s'):,.0f}", f"{median('seconds'):.2f}",
+                             f"{median('daemon_cpu_s_per_gib'):.2f}",
+                             f"{median('dump_cpu_s_per_gib'):.2f}"])
+    return rows
+
+
+HEADER = ["MiB", "criu", "variant", "fill MiB/s", "fill s", "lazy-pages CPU s/GiB",
+          "dump + page server CPU s/GiB"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", default="1024", help="comma-separated sizes")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--criu", action="append", help="CRIU binary (repeat to compare)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--host-backed-memory", action="store_true",
+                        help="on a VM with free page reporting: stop it for the run and "
+                             "touch the free memory first (bench/guest_memory.py)")
+    args = parser.parse_args()
+    binaries = [shutil.which(c) or c for c in (args.criu or ["criu"])]
+    if os.geteuid() != 0:
+        console.print("[red]needs root (CRIU dumps)[/red]")
+        return 2
+    labels = {criu: f"{criu} ({command_line([criu, '--version']).removeprefix('Version: ')})"
+              for criu in binaries}
+    env = machine_info()
+    results = {}
+    memory = host_backed_memory() if args.host_backed_memory else contextlib.nullcontext({})
+    with memory as guest, tempfile.TemporaryDirectory(dir=SHM, prefix="criu-lazy-") as tmp:
+        env["guest_memory"] = guest
+        work = Path(tmp)
+        ids = Identities(*make_loopback_ca(work))
+        try:
+            for mib in (int(m) for m in args.mib.split(",")):
+                results[str(mib)] = bench_size(mib, binaries, args.runs, ids, work)
+        except BenchError as exc:
+            console.print(f"[bold red]BENCHMARK FAILED:[/bold red] {exc}")
+            return 1
+    env["loadavg_after"] = os.getloadavg()
+    report = {"runs": args.runs, "binaries": labels, "results": results, "env": env}
+    table = Table(title="CRIU post-copy fill (medians), loopback")
+    for column in HEADER:
+        table.add_column(column, justify="left" if column in ("criu", "variant") else "right")
+    for row in summary_rows(report):
+        table.add_row(*row)
+    console.print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(HEADER, summary_rows(report)) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
