@@ -21,17 +21,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from godwit.procfs import mem_available
+
 REPORTING_ORDER = Path("/sys/module/page_reporting/parameters/page_reporting_order")
 NEVER = 11  # above MAX_PAGE_ORDER (10): no free block is large enough to be reported
 SPARE = 2 << 30  # bytes left untouched for everything else
 CHUNK = 1 << 30
-
-
-def available_bytes() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
 def touch_free_memory() -> tuple[int, float]:
@@ -39,7 +34,7 @@ def touch_free_memory() -> tuple[int, float]:
     touched and seconds taken."""
     started, touched, chunks = time.monotonic(), 0, []
     try:
-        while available_bytes() - CHUNK > SPARE:
+        while mem_available() - CHUNK > SPARE:
             chunk = mmap.mmap(-1, CHUNK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             ctypes.memset(ctypes.addressof(ctypes.c_char.from_buffer(chunk)), 1, CHUNK)
             chunks.append(chunk)

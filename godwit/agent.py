@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from godwit import __version__, adopt, authz, faults, images
+from godwit import __version__, adopt, authz, faults, images, procfs
 from godwit.admission import Admission
 from godwit.api import DEFAULT_PORT
 from godwit.audit import AuditLog, audit_middleware
@@ -154,7 +154,7 @@ class Agent:
             name=self.name, godwit=__version__, protocol=PROTOCOL_VERSION,
             runc=await self.runc.version(), runc_features=self.runc_features, criu=self.caps,
             time=time.time(), containers=len(self.store.names()),
-            mem_available=_mem_available(), disk_free=shutil.disk_usage(self.state_dir).free,
+            mem_available=procfs.mem_available(), disk_free=shutil.disk_usage(self.state_dir).free,
             qos=convert(qos, QosState, "QoS state") if qos else None,
             tls=TlsExpiry(**expiry(self.tls)) if self.tls else None,
         )
@@ -435,13 +435,6 @@ async def _stream_events(request: web.Request, events: EventStream) -> web.Strea
             return response
     await response.write_eof()
     return response
-
-
-def _mem_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 async def serve(agent: Agent, listen: str, server_ssl: ssl.SSLContext | None = None) -> None:

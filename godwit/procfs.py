@@ -1,4 +1,4 @@
-"""Facts about host processes and this process's mounts, read from /proc."""
+"""Facts about host processes, this process's mounts and the host's memory, read from /proc."""
 
 from __future__ import annotations
 
@@ -139,3 +139,12 @@ def unix_listening(pid: int, name: str) -> bool:
         if len(fields) == 8 and fields[7] == name and fields[6] in inodes:
             return int(fields[3], 16) & _SO_ACCEPTCON != 0
     return False
+
+
+def mem_available() -> int:
+    """Bytes the kernel estimates can be allocated without swapping (/proc/meminfo's
+    MemAvailable), 0 if it does not say."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
