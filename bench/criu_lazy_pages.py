@@ -22,9 +22,6 @@ Writes bench/results/criu_lazy_pages.json.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import os
 import shutil
 import signal
@@ -36,20 +33,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import command_line, console, machine_info, markdown
 from criu_pages import (
-    SHM,
     BenchError,
     Identities,
     cpu_seconds,
+    criu_arguments,
     free_port,
     log_tail,
+    print_table,
+    run_criu_bench,
     start_memhog,
+    start_serving,
     wait_rusage,
+    write_report,
 )
-from guest_memory import host_backed_memory
-from rich.table import Table
-from tls_throughput import make_loopback_ca
 
 from godwit.criu import tls_argv
 
@@ -69,19 +66,11 @@ def in_namespace(unshare: subprocess.Popen) -> int:
 def lazy_dump(criu: str, pid: int, images: Path, port: int,
               tls: Any) -> subprocess.Popen:
     """`criu dump --lazy-pages` of `pid`, returned once its page server listens."""
-    read_end, write_end = os.pipe()
-    dump = subprocess.Popen(
+    return start_serving(
         [criu, "dump", "-t", str(pid), "-D", str(images), "--lazy-pages", "--address",
-         "127.0.0.1", "--port", str(port), "--status-fd", str(write_end), "-v2",
-         "-o", "dump.log", *tls_argv(tls, check_peer_name=False)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        pass_fds=(write_end,))
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as status:
-        if status.read(1) != b"\0":
-            wait_rusage(dump, 5)
-            raise BenchError(f"lazy dump did not serve: {log_tail(images / 'dump.log')}")
-    return dump
+         "127.0.0.1", "--port", str(port), "-v2", "-o", "dump.log",
+         *tls_argv(tls, check_peer_name=False)],
+        images / "dump.log", "lazy dump")
 
 
 def start_daemon(criu: str, images: Path, work: Path, port: int, tls: Any) -> subprocess.Popen:
@@ -185,46 +174,12 @@ HEADER = ["MiB", "criu", "variant", "fill MiB/s", "fill s", "lazy-pages CPU s/Gi
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mib", default="1024", help="comma-separated sizes")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--criu", action="append", help="CRIU binary (repeat to compare)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--host-backed-memory", action="store_true",
-                        help="on a VM with free page reporting: stop it for the run and "
-                             "touch the free memory first (bench/guest_memory.py)")
-    args = parser.parse_args()
-    binaries = [shutil.which(c) or c for c in (args.criu or ["criu"])]
-    if os.geteuid() != 0:
-        console.print("[red]needs root (CRIU dumps)[/red]")
-        return 2
-    labels = {criu: f"{criu} ({command_line([criu, '--version']).removeprefix('Version: ')})"
-              for criu in binaries}
-    env = machine_info()
-    results = {}
-    memory = host_backed_memory() if args.host_backed_memory else contextlib.nullcontext({})
-    with memory as guest, tempfile.TemporaryDirectory(dir=SHM, prefix="criu-lazy-") as tmp:
-        env["guest_memory"] = guest
-        work = Path(tmp)
-        ids = Identities(*make_loopback_ca(work))
-        try:
-            for mib in (int(m) for m in args.mib.split(",")):
-                results[str(mib)] = bench_size(mib, binaries, args.runs, ids, work)
-        except BenchError as exc:
-            console.print(f"[bold red]BENCHMARK FAILED:[/bold red] {exc}")
-            return 1
-    env["loadavg_after"] = os.getloadavg()
-    report = {"runs": args.runs, "binaries": labels, "results": results, "env": env}
-    table = Table(title="CRIU post-copy fill (medians), loopback")
-    for column in HEADER:
-        table.add_column(column, justify="left" if column in ("criu", "variant") else "right")
-    for row in summary_rows(report):
-        table.add_row(*row)
-    console.print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(HEADER, summary_rows(report)) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+    args = criu_arguments(__doc__.splitlines()[0], "1024", RESULTS)
+    report = run_criu_bench(args, bench_size, "criu-lazy-")
+    if report is None:
+        return 1
+    print_table("CRIU post-copy fill (medians), loopback", HEADER, summary_rows(report))
+    write_report(report, args.out, HEADER, summary_rows(report))
     return 0
 
 

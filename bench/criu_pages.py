@@ -18,6 +18,7 @@ Writes bench/results/criu_pages.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -27,12 +28,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from common import command_line, console, machine_info, markdown
+from guest_memory import host_backed_memory
 from rich.table import Table
 from tls_throughput import make_loopback_ca
 
@@ -109,21 +111,27 @@ def log_tail(path: Path) -> str:
     return (errors or lines or ["no log"])[-1]
 
 
-def start_page_server(criu: str, directory: Path, port: int,
-                      tls: TLSFiles | None) -> subprocess.Popen:
-    """`criu page-server` for one dump, returned once it listens (its status fd)."""
+def start_serving(argv: list[str], log: Path, what: str) -> subprocess.Popen:
+    """A CRIU command that serves pages, returned once it says so on its status fd."""
     read_end, write_end = os.pipe()
-    argv = [criu, "page-server", "-D", str(directory), "--address", "127.0.0.1",
-            "--port", str(port), "--status-fd", str(write_end), "-v2", "-o", "ps.log",
-            *tls_argv(tls, check_peer_name=False)]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, pass_fds=(write_end,))
+    proc = subprocess.Popen([*argv, "--status-fd", str(write_end)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            pass_fds=(write_end,))
     os.close(write_end)
     with os.fdopen(read_end, "rb") as status:
         if status.read(1) != b"\0":
             wait_rusage(proc, 5)
-            raise BenchError(f"page server did not start: {log_tail(directory / 'ps.log')}")
+            raise BenchError(f"{what} did not start: {log_tail(log)}")
     return proc
+
+
+def start_page_server(criu: str, directory: Path, port: int,
+                      tls: TLSFiles | None) -> subprocess.Popen:
+    """`criu page-server` for one dump, returned once it listens."""
+    return start_serving(
+        [criu, "page-server", "-D", str(directory), "--address", "127.0.0.1", "--port",
+         str(port), "-v2", "-o", "ps.log", *tls_argv(tls, check_peer_name=False)],
+        directory / "ps.log", "page server")
 
 
 def dump_once(criu: str, pid: int, variant: str, ids: Identities, work: Path) -> dict[str, Any]:
@@ -237,49 +245,79 @@ HEADER = ["MiB", "criu", "variant", "page MiB/s", "dump s", "dump CPU s/GiB",
           "server CPU s/GiB", "server max RSS MiB"]
 
 
-def print_report(report: dict[str, Any]) -> None:
-    table = Table(title="CRIU dump page phase (medians), loopback")
-    for column in HEADER:
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    table = Table(title=title)
+    for column in header:
         table.add_column(column, justify="left" if column in ("criu", "variant") else "right")
-    for row in summary_rows(report):
+    for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print_table("CRIU dump page phase (medians), loopback", HEADER, summary_rows(report))
     console.print(f"load average before {report['env']['loadavg_before']}, "
                   f"after {report['env']['loadavg_after']}")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mib", default="512,1024", help="comma-separated sizes")
+def criu_arguments(description: str, default_mib: str, results: Path) -> argparse.Namespace:
+    """The command line the CRIU-alone benches share."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--mib", default=default_mib, help="comma-separated sizes")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--criu", action="append", help="CRIU binary (repeat to compare)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=results)
+    parser.add_argument("--host-backed-memory", action="store_true",
+                        help="on a VM with free page reporting: stop it for the run and "
+                             "touch the free memory first (bench/guest_memory.py)")
+    return parser.parse_args()
+
+
+SizeBench = Callable[[int, list[str], int, Identities, Path], dict[str, Any]]
+
+
+def run_criu_bench(args: argparse.Namespace, bench: SizeBench, prefix: str
+                   ) -> dict[str, Any] | None:
+    """Every size of `args` through `bench`, in a /dev/shm work dir with a throw-away CA;
+    the report, or None (said why) when a run failed or this is not root."""
     binaries = [shutil.which(c) or c for c in (args.criu or ["criu"])]
     if os.geteuid() != 0:
         console.print("[red]needs root (CRIU dumps)[/red]")
-        return 2
+        return None
     labels = {criu: f"{criu} ({command_line([criu, '--version']).removeprefix('Version: ')})"
               for criu in binaries}
     env = machine_info()
     results = {}
-    with tempfile.TemporaryDirectory(dir=SHM, prefix="criu-pages-") as tmp:
+    memory = host_backed_memory() if args.host_backed_memory else contextlib.nullcontext({})
+    with memory as guest, tempfile.TemporaryDirectory(dir=SHM, prefix=prefix) as tmp:
+        env["guest_memory"] = guest
         work = Path(tmp)
-        server, client = make_loopback_ca(work)
-        ids = Identities(server, client)
+        ids = Identities(*make_loopback_ca(work))
         try:
             for mib in (int(m) for m in args.mib.split(",")):
-                results[str(mib)] = bench_size(mib, binaries, args.runs, ids, work)
+                results[str(mib)] = bench(mib, binaries, args.runs, ids, work)
         except BenchError as exc:
             console.print(f"[bold red]BENCHMARK FAILED:[/bold red] {exc}")
-            return 1
+            return None
     env["loadavg_after"] = os.getloadavg()
-    report = {"runs": args.runs, "binaries": labels, "results": results, "env": env}
+    return {"runs": args.runs, "binaries": labels, "results": results, "env": env}
+
+
+def write_report(report: dict[str, Any], out: Path, header: list[str],
+                 rows: list[list[str]]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(header, rows) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def main() -> int:
+    args = criu_arguments(__doc__.splitlines()[0], "512,1024", RESULTS)
+    report = run_criu_bench(args, bench_size, "criu-pages-")
+    if report is None:
+        return 1
     print_report(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(HEADER, summary_rows(report)) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+    write_report(report, args.out, HEADER, summary_rows(report))
     return 0
 
 
