@@ -48,10 +48,10 @@ from criu_pages import (
     write_report,
 )
 
-from godwit.criu import tls_argv
+from godwit import procfs
+from godwit.criu import LAZY_SOCKET, tls_argv
 
 RESULTS = Path(__file__).parent / "results" / "criu_lazy_pages.json"
-MiB = 1 << 20
 PLAIN, TLS = "plain", "TLS"
 VARIANTS = (PLAIN, TLS)
 PID_NAMESPACE = ["unshare", "--pid", "--fork", "setsid"]
@@ -74,19 +74,18 @@ def lazy_dump(criu: str, pid: int, images: Path, port: int,
 
 
 def start_daemon(criu: str, images: Path, work: Path, port: int, tls: Any) -> subprocess.Popen:
-    """`criu lazy-pages` against the dump's page server, returned once its socket is there."""
+    """`criu lazy-pages` against the dump's page server, returned once its socket listens."""
     daemon = subprocess.Popen(
         [criu, "lazy-pages", "-D", str(images), "-W", str(work), "--page-server",
          "--address", "127.0.0.1", "--port", str(port), "-v2", "-o", "lazy.log",
          *tls_argv(tls)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
-    while not (work / "lazy-pages.socket").exists():
+    while not procfs.unix_listening(daemon.pid, LAZY_SOCKET):
         if daemon.poll() is not None or time.monotonic() > deadline:
             wait_rusage(daemon, 1)
             raise BenchError(f"lazy-pages did not start: {log_tail(work / 'lazy.log')}")
         time.sleep(0.002)
-    time.sleep(0.05)  # the socket file appears at bind(), before listen()
     return daemon
 
 

@@ -169,7 +169,6 @@ def test_tls_answers_read_without_an_epoll_wait_per_record(
         assert 0 < calls < records / 4, f"{calls} epoll waits for {records:.0f} records"
 
 
-
 def test_tls_answers_read_many_records_per_recv(
         tmp_path: Path, memhog: Memhog, identities: tuple[TLSFiles, TLSFiles],
         monkeypatch: pytest.MonkeyPatch) -> None:
