@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import link_speed
 import podman_peer
 from common import ROOT, console, machine_info, markdown, remove_cgroup, run_main
 from guest_memory import host_backed_memory
@@ -72,6 +73,8 @@ READY_TIMEOUT_S = 120  # memhog filling and checksumming its buffer
 VERIFY_TIMEOUT_S = 120
 MIGRATE_TIMEOUT_S = 300
 RUNC_TIMEOUT_S = 180
+LINK_MIB, LINK_STREAMS = 1024, 3  # the link is measured before and after the migrations
+TOTAL_OVER_LINK = 1.5  # issue 17: stop-and-copy's total within 1.5 x memory / TLS link
 
 class BenchError(RuntimeError):
     """A run failed or lost memory: the benchmark stops."""
@@ -403,6 +406,36 @@ def ratio_rows(summary: dict[str, Any],
     return header, rows
 
 
+def link_rate(result: dict[str, Any]) -> tuple[float, str]:
+    """The TLS link's MiB/s in this run, and where it comes from: the faster of a TLS
+    stream across it (`bench/link_speed.py`) and the fastest stop-and-copy dump's pages
+    (CRIU's TLS page stream, median per size and method), so that the bound is not made
+    lax by a slow measuring tool."""
+    stream = result["link"]["median_mib_per_s"][link_speed.TLS]
+    dumps = [(by_method[key]["image_mib"] / (by_method[key]["phases_ms"]["dump"] / 1000), key)
+             for by_method in result["summary"].values() for key in by_method
+             if key.startswith("godwit-stop-and-copy") and by_method[key]["phases_ms"].get("dump")]
+    fastest = max(dumps, default=(0.0, ""))
+    if fastest[0] > stream:
+        return fastest[0], "stop-and-copy dump's pages"
+    return stream, "TLS stream (bench/link_speed.py)"
+
+
+def link_rows(result: dict[str, Any],
+              methods: list[Method]) -> tuple[list[str], list[list[str]]]:
+    """Stop-and-copy's median total against TOTAL_OVER_LINK x memory / TLS link, per size
+    (issue 17's target: at most 1)."""
+    rate, _ = link_rate(result)
+    stop_and_copy = [m for m in methods if m.strategy == "stop-and-copy"]
+    header = ["size", "bound ms", *(f"{m.label} total / bound" for m in stop_and_copy)]
+    rows = []
+    for mib, by_method in result["summary"].items():
+        bound = TOTAL_OVER_LINK * int(mib) / rate * 1000
+        rows.append([f"{mib} MiB", f"{bound:.0f}",
+                     *(f"{by_method[m.key]['total_ms'] / bound:.2f}" for m in stop_and_copy)])
+    return header, rows
+
+
 def rich_table(title: str, header: list[str], rows: list[list[str]]) -> Table:
     table = Table(title=title, header_style="bold", title_justify="left")
     for i, column in enumerate(header):
@@ -417,13 +450,19 @@ def report(result: dict[str, Any], methods: list[Method], out: Path) -> None:
     main = table_rows(result["summary"], methods)
     ratios = ratio_rows(result["summary"], methods)
     phases = phase_rows(result["summary"], methods)
+    rate, source = link_rate(result)
+    link = link_rows(result, methods)
+    link_title = (f"stop-and-copy total against {TOTAL_OVER_LINK:g} x memory / TLS link "
+                  f"({rate:,.0f} MiB/s, {source})")
     console.print(rich_table("migration of a memhog container a → b (medians)", *main))
     console.print(rich_table("downtime against the manual recipe", *ratios))
+    console.print(rich_table(link_title, *link))
     console.print(rich_table("where the time goes", *phases))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(
-        "\n\n".join(markdown(*table) for table in (main, ratios, phases)) + "\n")
+        "\n\n".join(markdown(*table) for table in (main, ratios, link, phases))
+        + f"\n\n{link_title}; link streams in MiB/s: {json.dumps(result['link'])}\n")
     curve_png(result, out.with_suffix(".png"))
     console.print(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
 
@@ -468,7 +507,9 @@ def bench(args: argparse.Namespace) -> tuple[dict[str, Any], list[Method]]:
     with memory as info["guest_memory"], \
             Testbed(["a", "b"], prefix=PREFIX, subnet=pick_free_subnet()) as bed:
         info["godwit_tls"] = json.loads(bed.config_path.read_text()).get("tls") is not None
+        before = link_speed.measure(bed, LINK_MIB, LINK_STREAMS)
         runs = run_all(bed, methods, args.sizes, args.repeat)
+        link = link_speed.combine(before, link_speed.measure(bed, LINK_MIB, LINK_STREAMS))
     return {
         "benchmark": "migrate",
         "machine": info,
@@ -477,6 +518,7 @@ def bench(args: argparse.Namespace) -> tuple[dict[str, Any], list[Method]]:
                    "workload": "memhog dirty_pps=0"},
         "methods": [asdict(m) for m in methods],
         "summary": summarize(runs, methods, args.sizes),
+        "link": link,
         "runs": runs,
         "elapsed_s": time.perf_counter() - started,
     }, methods
