@@ -22,9 +22,7 @@ Writes bench/results/criu_lazy_pages.json.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,7 +40,6 @@ from criu_pages import (
     log_tail,
     print_table,
     run_criu_bench,
-    start_memhog,
     start_serving,
     wait_rusage,
     write_report,
@@ -50,17 +47,12 @@ from criu_pages import (
 
 from godwit import procfs
 from godwit.criu import LAZY_SOCKET, tls_argv
+from godwit.lab.memhog_process import in_pid_namespace, start_memhog, verified_state
 
 RESULTS = Path(__file__).parent / "results" / "criu_lazy_pages.json"
 PLAIN, TLS = "plain", "TLS"
 VARIANTS = (PLAIN, TLS)
-PID_NAMESPACE = ["unshare", "--pid", "--fork", "setsid"]
 FILL_TIMEOUT_S = 300
-
-
-def in_namespace(unshare: subprocess.Popen) -> int:
-    """The memhog's pid: unshare's only child."""
-    return int(Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children").read_text())
 
 
 def lazy_dump(criu: str, pid: int, images: Path, port: int,
@@ -89,30 +81,17 @@ def start_daemon(criu: str, images: Path, work: Path, port: int, tls: Any) -> su
     return daemon
 
 
-def verify(state: Path, pid: int) -> None:
-    """The restored memhog checks all its memory, then goes."""
-    try:
-        os.kill(pid, signal.SIGUSR1)
-        deadline = time.monotonic() + 60
-        while not state.read_text().startswith("verified") and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        os.kill(pid, signal.SIGKILL)
-    if " ok=1 " not in state.read_text():
-        raise BenchError(f"restored memhog's memory differs: {state.read_text()!r}")
-
-
 def post_copy_once(criu: str, mib: int, variant: str, ids: Identities,
                    work: Path) -> dict[str, Any]:
     """One lazy dump, lazy restore and fill of a fresh memhog; its figures."""
     images, lazy_work = work / "images", work / "work"
     images.mkdir()
     lazy_work.mkdir()
-    unshare, state = start_memhog(mib, work, PID_NAMESPACE)
+    hog = start_memhog(work, mib, in_pid_namespace)
     server_tls, client_tls = (ids.server, ids.client) if variant == TLS else (None, None)
     try:
         port = free_port()
-        dump = lazy_dump(criu, in_namespace(unshare), images, port, server_tls)
+        dump = lazy_dump(criu, hog.pid_in_namespace(), images, port, server_tls)
         daemon = start_daemon(criu, images, lazy_work, port, client_tls)
         start = time.perf_counter()
         restore = subprocess.run(
@@ -127,10 +106,11 @@ def post_copy_once(criu: str, mib: int, variant: str, ids: Identities,
                              f"({log_tail(lazy_work / 'restore.log')}), lazy-pages {daemon_rc} "
                              f"({log_tail(lazy_work / 'lazy.log')}), dump {dump_rc} "
                              f"({log_tail(images / 'dump.log')})")
-        verify(state, int((work / "restored.pid").read_text()))
+        verified = verified_state(hog, int((work / "restored.pid").read_text()))
+        if " ok=1 " not in verified:
+            raise BenchError(f"restored memhog's memory differs: {verified!r}")
     finally:
-        unshare.kill()
-        unshare.wait()
+        hog.stop()
     gib = mib / 1024
     return {"seconds": round(seconds, 3), "fill_mib_per_s": round(mib / seconds, 1),
             "daemon_cpu_s_per_gib": round(cpu_seconds(daemon_usage) / gib, 3),

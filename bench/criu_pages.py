@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from tls_throughput import make_loopback_ca
 
 from godwit.criu import tls_argv
 from godwit.criu_gate import _varint  # protobuf's varint, as the gate reads runc's request
-from godwit.lab.workloads import build_memhog
+from godwit.lab.memhog_process import MemhogError, start_memhog
 from godwit.tls import TLSFiles
 
 RESULTS = Path(__file__).parent / "results" / "criu_pages.json"
@@ -178,29 +178,12 @@ def dump_once(criu: str, pid: int, variant: str, ids: Identities, work: Path) ->
     return result
 
 
-def start_memhog(mib: int, work: Path,
-                 prefix: Sequence[str] = ()) -> tuple[subprocess.Popen, Path]:
-    """memhog holding `mib` MiB of random, never dirtied memory, run under `prefix` (a
-    command such as unshare); returned once filled."""
-    state = work / f"memhog-{mib}.state"
-    proc = subprocess.Popen([*prefix, str(build_memhog()), str(mib), "17", str(state), "0"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (state.exists() and state.read_text().startswith("ready")):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise BenchError(f"memhog {mib} MiB did not become ready")
-        time.sleep(0.1)
-    return proc, state
-
-
 def bench_size(mib: int, binaries: list[str], runs: int, ids: Identities,
                work: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """Every (binary, variant) `runs` times against one memhog of `mib` MiB."""
     results: dict[str, dict[str, list[dict[str, Any]]]] = {
         criu: {variant: [] for variant in VARIANTS} for criu in binaries}
-    memhog, state = start_memhog(mib, work)
+    memhog = start_memhog(work, mib)
     try:
         for run in range(runs):
             for criu in binaries:
@@ -208,14 +191,13 @@ def bench_size(mib: int, binaries: list[str], runs: int, ids: Identities,
                     run_dir = Path(tempfile.mkdtemp(prefix=f"run{run}-", dir=work))
                     try:
                         results[criu][variant].append(
-                            dump_once(criu, memhog.pid, variant, ids, run_dir))
+                            dump_once(criu, memhog.proc.pid, variant, ids, run_dir))
                     finally:
                         shutil.rmtree(run_dir, ignore_errors=True)
-        if not state.read_text().startswith("ready"):
-            raise BenchError(f"memhog's state after the dumps: {state.read_text()!r}")
+        if not memhog.read().startswith("ready"):
+            raise BenchError(f"memhog's state after the dumps: {memhog.read()!r}")
     finally:
-        memhog.terminate()
-        memhog.wait(10)
+        memhog.stop()
     return results
 
 
@@ -296,7 +278,7 @@ def run_criu_bench(args: argparse.Namespace, bench: SizeBench, prefix: str
         try:
             for mib in (int(m) for m in args.mib.split(",")):
                 results[str(mib)] = bench(mib, binaries, args.runs, ids, work)
-        except BenchError as exc:
+        except (BenchError, MemhogError) as exc:
             console.print(f"[bold red]BENCHMARK FAILED:[/bold red] {exc}")
             return None
     env["loadavg_after"] = os.getloadavg()

@@ -21,6 +21,7 @@ from memhog_process import Memhog, start_memhog, verified_state
 
 import godwit.criu
 from godwit.criu import CRIU, LAZY_LOG, lazy_pages_verdict, start_lazy_pages, tls_argv
+from godwit.lab.memhog_process import MemhogError, in_pid_namespace
 from godwit.tls import TLSFiles
 
 pytestmark = pytest.mark.integration
@@ -35,18 +36,11 @@ MEMHOG_MIB = 64
 def memhog(tmp_path: Path) -> Iterator[Memhog]:
     """A 64 MiB memhog alone in a pid namespace: its restore, while the lazy dump still
     holds the stopped original, gets a namespace of its own and its pid back."""
-    hog = start_memhog(tmp_path, MEMHOG_MIB, lambda argv, **kw: subprocess.Popen(
-        ["unshare", "--pid", "--fork", "setsid", *argv], **kw))
+    hog = start_memhog(tmp_path, MEMHOG_MIB, in_pid_namespace)
     yield hog
-    with contextlib.suppress(OSError, ValueError):  # not dumped: killing unshare leaves it
-        os.kill(in_namespace(hog), signal.SIGKILL)
-    hog.proc.kill()
-    hog.proc.wait()
-
-
-def in_namespace(hog: Memhog) -> int:
-    """memhog's pid (unshare forked it)."""
-    return int(Path(f"/proc/{hog.proc.pid}/task/{hog.proc.pid}/children").read_text())
+    with contextlib.suppress(OSError, MemhogError):  # not dumped: killing unshare leaves it
+        os.kill(hog.pid_in_namespace(), signal.SIGKILL)
+    hog.stop()
 
 
 async def lazy_dump(pid: int, images: Path, port: int, tls: TLSFiles | None,
@@ -75,7 +69,7 @@ async def post_copy(hog: Memhog, tmp_path: Path,
     images.mkdir()
     work.mkdir()
     port = free_port(ADDRESS)
-    dump = await lazy_dump(in_namespace(hog), images, port, tls[0] if tls else None,
+    dump = await lazy_dump(hog.pid_in_namespace(), images, port, tls[0] if tls else None,
                            dump_under)
     daemon = await start_lazy_pages(images, work, f"{ADDRESS}:{port}", tls[1] if tls else None)
     try:

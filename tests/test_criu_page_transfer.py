@@ -25,6 +25,7 @@ import pytest
 from conftest import TLS_RECORD, free_port, system_calls
 from memhog_process import Memhog, memhog_fixture, start_memhog, verified_state
 
+from godwit import procfs
 from godwit.criu import CRIU, tls_argv
 from godwit.lab.netns import HostNetwork, pick_free_subnet
 from godwit.pki import CertificateAuthority
@@ -319,7 +320,7 @@ def test_sysv_shm_of_an_ipc_namespace_crosses_tls(tmp_path: Path,
         while not (digest.exists() and digest.read_text()):
             assert holder.poll() is None and time.monotonic() < deadline, "no shm holder"
             time.sleep(0.05)
-        in_namespace = int(Path(f"/proc/{holder.pid}/task/{holder.pid}/children").read_text())
+        in_namespace = procfs.children(holder.pid)[0]
         try:
             transfer = dump_to_page_server(tmp_path, in_namespace, identities)
         finally:
