@@ -35,6 +35,10 @@ MiB = 1 << 20
 TIMEOUT_S = 120
 
 
+class LinkError(RuntimeError):
+    """A stream across the link failed: no figure."""
+
+
 class Stream:
     """A TLS session over a blocking socket through memory BIOs, so that the socket is
     read and written in large pieces: Python's `SSLSocket` sends each 16 KiB record with a
@@ -134,25 +138,30 @@ def one_stream(bed: Testbed, mode: str, mib: int) -> dict[str, Any]:
     """One stream of `mib` MiB from a to b; its MiB/s and cipher."""
     address = bed.host("b").address
     me = [sys.executable, __file__]
-    receiver = bed.net.run_in("b", [*me, "--receive", address, *identity_args(bed, "b", mode)],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    pipes = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "text": True}
+    started: list[subprocess.Popen] = []
     try:
+        receiver = bed.net.run_in("b", [*me, "--receive", address,
+                                        *identity_args(bed, "b", mode)], **pipes)
+        started.append(receiver)
         if receiver.stdout.readline().strip() != "listening":
-            raise RuntimeError("link_speed: the receiver on b did not start")
+            raise LinkError("link_speed: the receiver on b did not start")
         sender = bed.net.run_in("a", [*me, "--send", address, "--mib", str(mib),
-                                      *identity_args(bed, "a", mode)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+                                      *identity_args(bed, "a", mode)], **pipes)
+        started.append(sender)
         sent, _ = sender.communicate(timeout=TIMEOUT_S)
         received, _ = receiver.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise LinkError(f"link_speed: the {mode} stream took over {TIMEOUT_S} s") from None
     finally:
-        for proc in (receiver, locals().get("sender")):
-            if proc is not None and proc.poll() is None:
+        for proc in started:
+            if proc.poll() is None:
                 proc.kill()
                 proc.wait()
     if sender.returncode or receiver.returncode:
-        raise RuntimeError(f"link_speed: {mode} stream failed")
+        raise LinkError(f"link_speed: the {mode} stream failed")
     if json.loads(received)["bytes"] != mib * MiB:
-        raise RuntimeError(f"link_speed: {mode} stream lost bytes")
+        raise LinkError(f"link_speed: the {mode} stream lost bytes")
     result = json.loads(sent)
     return {"mib_per_s": round(mib / result["seconds"], 1), "cipher": result["cipher"]}
 
@@ -196,8 +205,12 @@ def main() -> int:
         send(args.send, args.mib, tls)
     else:
         from godwit.lab.netns import pick_free_subnet
-        with Testbed(["a", "b"], prefix="gwlink", subnet=pick_free_subnet()) as bed:
-            print(json.dumps(measure(bed, args.mib, args.runs), indent=1))
+        try:
+            with Testbed(["a", "b"], prefix="gwlink", subnet=pick_free_subnet()) as bed:
+                print(json.dumps(measure(bed, args.mib, args.runs), indent=1))
+        except LinkError as exc:
+            print(exc, file=sys.stderr)
+            return 1
     return 0
 
 

@@ -495,6 +495,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def measure_link(bed: Testbed) -> dict[str, Any]:
+    try:
+        return link_speed.measure(bed, LINK_MIB, LINK_STREAMS)
+    except link_speed.LinkError as exc:
+        raise BenchError(str(exc)) from None
+
+
 def bench(args: argparse.Namespace) -> tuple[dict[str, Any], list[Method]]:
     methods = methods_for(args.strategies, args.peers)
     started = time.perf_counter()
@@ -507,9 +514,9 @@ def bench(args: argparse.Namespace) -> tuple[dict[str, Any], list[Method]]:
     with memory as info["guest_memory"], \
             Testbed(["a", "b"], prefix=PREFIX, subnet=pick_free_subnet()) as bed:
         info["godwit_tls"] = json.loads(bed.config_path.read_text()).get("tls") is not None
-        before = link_speed.measure(bed, LINK_MIB, LINK_STREAMS)
+        before = measure_link(bed)
         runs = run_all(bed, methods, args.sizes, args.repeat)
-        link = link_speed.combine(before, link_speed.measure(bed, LINK_MIB, LINK_STREAMS))
+        link = link_speed.combine(before, measure_link(bed))
     return {
         "benchmark": "migrate",
         "machine": info,
