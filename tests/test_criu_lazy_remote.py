@@ -10,7 +10,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from memhog_process import Memhog, start_memhog, verified_state
 
 import godwit.criu
 from godwit.criu import CRIU, LAZY_LOG, lazy_pages_verdict, start_lazy_pages, tls_argv
-from godwit.lab.memhog_process import MemhogError, in_pid_namespace
+from godwit.lab.memhog_process import in_pid_namespace
 from godwit.tls import TLSFiles
 
 pytestmark = pytest.mark.integration
@@ -38,8 +37,6 @@ def memhog(tmp_path: Path) -> Iterator[Memhog]:
     holds the stopped original, gets a namespace of its own and its pid back."""
     hog = start_memhog(tmp_path, MEMHOG_MIB, in_pid_namespace)
     yield hog
-    with contextlib.suppress(OSError, MemhogError):  # not dumped: killing unshare leaves it
-        os.kill(hog.pid_in_namespace(), signal.SIGKILL)
     hog.stop()
 
 

@@ -4,6 +4,7 @@ state when it still matches)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -40,6 +41,11 @@ class Memhog:
         return children[0]
 
     def stop(self) -> None:
+        """memhog goes, and so does one left alone in its pid namespace: killing unshare
+        does not kill its child."""
+        for child in procfs.children(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
