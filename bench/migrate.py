@@ -32,6 +32,10 @@ method's allocations pay the host's first-touch faults at random (149 MB/s measu
 Both hosts share one kernel, one disk and two vCPUs: the manual "copy" is a local ``cp``
 (in-kernel copy_file_range) and godwit's transfer is the agents' HTTPS (the testbed's mutual
 TLS, sha256 per file) over a veth bridge, so neither includes a real network.
+The link from a to b is measured before and after the migrations (`bench/link_speed.py`,
+a TLS stream with the agents' certificates): stop-and-copy's total is tabled against 1.5 x
+memory / TLS link, the link being that stream or the run's fastest stop-and-copy dump,
+whichever carried more (issue 17).
 Prints a table (medians) and writes every raw run, the medians and machine info as JSON,
 plus the tables as Markdown next to it (same name, .md).
 """
