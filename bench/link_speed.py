@@ -63,9 +63,13 @@ class Stream:
                 return result
             except ssl.SSLWantReadError:
                 self.flush()
-                if not (data := self.sock.recv(CHUNK)):
-                    raise ConnectionError("peer closed during TLS") from None
-                self.incoming.write(data)
+                self.receive_more("peer closed during TLS")
+
+    def receive_more(self, closed: str) -> None:
+        """Hand TLS what the socket has; `closed` is the error if the peer closed it."""
+        if not (data := self.sock.recv(CHUNK)):
+            raise ConnectionError(closed)
+        self.incoming.write(data)
 
     def flush(self) -> None:
         if pending := self.outgoing.read():
@@ -84,9 +88,7 @@ class Stream:
                     return total
                 total += len(data)
             except ssl.SSLWantReadError:
-                if not (data := self.sock.recv(CHUNK)):
-                    raise ConnectionError("peer closed without close_notify") from None
-                self.incoming.write(data)
+                self.receive_more("peer closed without close_notify")
 
     def close(self) -> None:
         """Send close_notify and wait for the peer's."""
@@ -175,21 +177,23 @@ def measure(bed: Testbed, mib: int = 1024, runs: int = 3) -> dict[str, Any]:
     for _ in range(runs):
         for mode, values in streams.items():
             values.append(one_stream(bed, mode, mib))
-    return {"mib": mib, "cipher": streams[TLS][0]["cipher"],
-            "mib_per_s": {mode: [v["mib_per_s"] for v in values]
-                          for mode, values in streams.items()},
-            "median_mib_per_s": {mode: statistics.median(v["mib_per_s"] for v in values)
-                                 for mode, values in streams.items()}}
+    return summary(mib, streams[TLS][0]["cipher"],
+                   {mode: [v["mib_per_s"] for v in values] for mode, values in streams.items()})
 
 
 def combine(*measurements: dict[str, Any]) -> dict[str, Any]:
     """Measurements of one run (before and after the migrations) as one: all streams, and
     the medians over all of them."""
-    modes = measurements[0]["mib_per_s"]
-    every = {mode: [v for m in measurements for v in m["mib_per_s"][mode]] for mode in modes}
-    return {"mib": measurements[0]["mib"], "cipher": measurements[0]["cipher"],
-            "mib_per_s": every,
-            "median_mib_per_s": {mode: statistics.median(v) for mode, v in every.items()}}
+    first = measurements[0]
+    return summary(first["mib"], first["cipher"],
+                   {mode: [v for m in measurements for v in m["mib_per_s"][mode]]
+                    for mode in first["mib_per_s"]})
+
+
+def summary(mib: int, cipher: str, rates: dict[str, list[float]]) -> dict[str, Any]:
+    """A measurement: the MiB/s of every stream per mode, and their medians."""
+    return {"mib": mib, "cipher": cipher, "mib_per_s": rates,
+            "median_mib_per_s": {mode: statistics.median(v) for mode, v in rates.items()}}
 
 
 def main() -> int:

@@ -416,24 +416,24 @@ def link_rate(result: dict[str, Any]) -> tuple[float, str]:
     (CRIU's TLS page stream, median per size and method), so that the bound is not made
     lax by a slow measuring tool."""
     stream = result["link"]["median_mib_per_s"][link_speed.TLS]
-    dumps = [(by_method[key]["image_mib"] / (by_method[key]["phases_ms"]["dump"] / 1000), key)
-             for by_method in result["summary"].values() for key in by_method
-             if key.startswith("godwit-stop-and-copy") and by_method[key]["phases_ms"].get("dump")]
-    fastest = max(dumps, default=(0.0, ""))
-    if fastest[0] > stream:
-        return fastest[0], "stop-and-copy dump's pages"
+    fastest_dump = max((median["image_mib"] / (median["phases_ms"]["dump"] / 1000)
+                        for by_method in result["summary"].values()
+                        for key, median in by_method.items()
+                        if key.startswith("godwit-stop-and-copy")
+                        and median["phases_ms"].get("dump")), default=0.0)
+    if fastest_dump > stream:
+        return fastest_dump, "stop-and-copy dump's pages"
     return stream, "TLS stream (bench/link_speed.py)"
 
 
-def link_rows(result: dict[str, Any],
-              methods: list[Method]) -> tuple[list[str], list[list[str]]]:
-    """Stop-and-copy's median total against TOTAL_OVER_LINK x memory / TLS link, per size
-    (issue 17's target: at most 1)."""
-    rate, _ = link_rate(result)
+def link_rows(summary: dict[str, Any], methods: list[Method],
+              rate: float) -> tuple[list[str], list[list[str]]]:
+    """Stop-and-copy's median total against TOTAL_OVER_LINK x memory / `rate` (the TLS
+    link's MiB/s), per size (issue 17's target: at most 1)."""
     stop_and_copy = [m for m in methods if m.strategy == "stop-and-copy"]
     header = ["size", "bound ms", *(f"{m.label} total / bound" for m in stop_and_copy)]
     rows = []
-    for mib, by_method in result["summary"].items():
+    for mib, by_method in summary.items():
         bound = TOTAL_OVER_LINK * int(mib) / rate * 1000
         rows.append([f"{mib} MiB", f"{bound:.0f}",
                      *(f"{by_method[m.key]['total_ms'] / bound:.2f}" for m in stop_and_copy)])
@@ -455,7 +455,7 @@ def report(result: dict[str, Any], methods: list[Method], out: Path) -> None:
     ratios = ratio_rows(result["summary"], methods)
     phases = phase_rows(result["summary"], methods)
     rate, source = link_rate(result)
-    link = link_rows(result, methods)
+    link = link_rows(result["summary"], methods, rate)
     link_title = (f"stop-and-copy total against {TOTAL_OVER_LINK:g} x memory / TLS link "
                   f"({rate:,.0f} MiB/s, {source})")
     console.print(rich_table("migration of a memhog container a → b (medians)", *main))
