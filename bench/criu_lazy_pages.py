@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from criu_pages import (
+    MEMHOG_READY_S,
     BenchError,
     Identities,
     cpu_seconds,
@@ -87,7 +88,7 @@ def post_copy_once(criu: str, mib: int, variant: str, ids: Identities,
     images, lazy_work = work / "images", work / "work"
     images.mkdir()
     lazy_work.mkdir()
-    hog = start_memhog(work, mib, in_pid_namespace)
+    hog = start_memhog(work, mib, in_pid_namespace, timeout=MEMHOG_READY_S)
     server_tls, client_tls = (ids.server, ids.client) if variant == TLS else (None, None)
     try:
         port = free_port()

@@ -44,6 +44,7 @@ from godwit.lab.memhog_process import MemhogError, start_memhog
 from godwit.tls import TLSFiles
 
 RESULTS = Path(__file__).parent / "results" / "criu_pages.json"
+MEMHOG_READY_S = 120  # a memhog of several GiB filling its buffer
 SHM = Path("/dev/shm")
 MiB = 1 << 20
 PAGE = 4096
@@ -183,7 +184,7 @@ def bench_size(mib: int, binaries: list[str], runs: int, ids: Identities,
     """Every (binary, variant) `runs` times against one memhog of `mib` MiB."""
     results: dict[str, dict[str, list[dict[str, Any]]]] = {
         criu: {variant: [] for variant in VARIANTS} for criu in binaries}
-    memhog = start_memhog(work, mib)
+    memhog = start_memhog(work, mib, timeout=MEMHOG_READY_S)
     try:
         for run in range(runs):
             for criu in binaries:

@@ -57,7 +57,7 @@ def in_pid_namespace(argv: list[str], **popen: object) -> subprocess.Popen:
 
 
 def start_memhog(directory: Path, mib: int, launch: Launch = subprocess.Popen,
-                 timeout: float = 120) -> Memhog:
+                 timeout: float = 60) -> Memhog:
     """memhog touching `mib` MiB of random, never dirtied memory, started by `launch`;
     returned once it is ready."""
     state = directory / f"memhog-{mib}.state"
