@@ -16,6 +16,7 @@ from pathlib import Path
 
 from godwit.api import DEFAULT_PORT
 from godwit.fsio import atomic_write
+from godwit.lab import labfs
 from godwit.lab.netns import HostNetwork, TestHost, cleanup_stale
 from godwit.lab.resource import Resource
 from godwit.pki import CertificateAuthority
@@ -43,15 +44,18 @@ class Testbed(Resource):
         self.prefix = prefix
         self.net = HostNetwork(prefix=prefix, subnet=subnet,
                                base_dir=Path(f"/run/godwit-{prefix}"))
+        self.fs_image = Path(f"/var/tmp/godwit-{prefix}.img")  # the hosts' journaled ext4
         self.work = Path(tempfile.mkdtemp(prefix=f"godwit-{prefix}-", dir="/var/tmp"))
         self.config_path = self.work / "cli.json"
         self.agents: dict[str, subprocess.Popen] = {}
         self.policy_extra: dict = {}
 
     def start(self) -> None:
-        """The hosts, the CLI's config, an agent on each (leftovers of a killed run of the
-        same prefix go first)."""
+        """The hosts (their state on a journaled ext4 of the testbed's own, see
+        `godwit.lab.labfs`), the CLI's config, an agent on each (leftovers of a killed run
+        of the same prefix go first)."""
         cleanup_stale(self.prefix, base_dir=self.net.base_dir)
+        labfs.mount_journaled(self.net.base_dir, self.fs_image)
         for name in self.names:
             self.net.add_host(name, container_bridge=True)
         self._write_cli_config()
@@ -62,6 +66,7 @@ class Testbed(Resource):
         for name in list(self.agents):
             self.stop_agent(name)
         self.net.destroy()
+        labfs.unmount(self.net.base_dir, self.fs_image)
         shutil.rmtree(self.work, ignore_errors=True)
 
     def host(self, name: str) -> TestHost:
