@@ -67,7 +67,8 @@ def machine_info() -> dict[str, Any]:
         "godwit_commit": command_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
         "godwit_dirty": bool(command_lines(["git", "-C", str(ROOT), "status", "--porcelain"])),
         "godwit_tree_sha256": source_digest(),
-        "state_fs": command_line(["stat", "-f", "-c", "%T", "/run"]),
+        "state_fs": (f"/run: {command_line(['stat', '-f', '-c', '%T', '/run'])}; a testbed's"
+                     " hosts: journaled ext4 on a loop device (godwit/lab/labfs.py)"),
         "loadavg_before": os.getloadavg(),
         "busy_processes_before": busy_processes(),
     }
