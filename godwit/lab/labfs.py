@@ -19,6 +19,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from godwit import tmpfs
+
 IMAGE_BYTES = 64 << 30  # sparse: only what is written takes disk space
 
 
@@ -44,10 +46,9 @@ def mount_journaled(mountpoint: Path, image: Path) -> None:
 
 
 def unmount(mountpoint: Path, image: Path) -> None:
-    """Unmount (lazily, if something still holds it; the loop device goes with the last
+    """Unmount (detached, if something still holds it; the loop device goes with the last
     user), remove the mount point and the image; idempotent."""
-    if os.path.ismount(mountpoint):
-        _run(["umount", "-l", str(mountpoint)])
+    tmpfs.release(mountpoint)  # detaches any mount, not only a tmpfs
     with contextlib.suppress(OSError):
         mountpoint.rmdir()
     image.unlink(missing_ok=True)
