@@ -92,7 +92,6 @@ class EventStream:
     def __init__(self, report: MigrationReport) -> None:
         self.report = report
         self.queue: asyncio.Queue[Event | None] = asyncio.Queue()
-        self.closed = False
         self.on_event: Callable[[], None] | None = None  # told of every event (progress)
 
     def emit(self, event: Event) -> None:
@@ -121,7 +120,6 @@ class EventStream:
     def close(self) -> None:
         self.emit(ResultEvent(at=time.time(), report=self.report.to_wire()))
         self.queue.put_nowait(None)
-        self.closed = True
 
 
 class ReportArchive:

@@ -251,7 +251,7 @@ class SourceMigration:
 
     async def run_to_outcome(self, steps: Awaitable[None]) -> None:
         """Run `steps` and report how the migration ended: any failure ends in a rollback,
-        an unknown commit in doubt. Never raises."""
+        an unknown commit in doubt. Never raises. The caller closes the event stream."""
         try:
             await steps
             self.report.result = Result.OK
@@ -269,7 +269,6 @@ class SourceMigration:
         finally:
             self.report.finished_at = time.time()
             self.settle_work_dir()
-            self.events.close()
 
     def settle_work_dir(self) -> None:
         """Keep the logs of a migration that did not succeed; once settled, the journal,
