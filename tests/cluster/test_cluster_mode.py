@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import _require_runtime
 
+from godwit.lab.cluster import restart_in_cluster, start_in_cluster
 from godwit.lab.etcd import EtcdCluster
 from godwit.lab.netns import pick_free_subnet
 from godwit.lab.testbed import Testbed
@@ -27,8 +28,7 @@ def clustered() -> Iterator[tuple[Testbed, EtcdCluster]]:
     with Testbed(["a", "b"], prefix=prefix, subnet=pick_free_subnet()) as bed, \
             EtcdCluster(bed.ca, address=bed.net.gateway, prefix=prefix) as etcd:
         for name in bed.names:
-            bed.stop_agent(name)
-            bed.start_agent(name, "--etcd", etcd.urls)
+            restart_in_cluster(bed, etcd, name)
         config = json.loads(bed.config_path.read_text())
         bed.config_path.write_text(json.dumps({**config, "hosts": {}, "etcd": etcd.urls}))
         yield bed, etcd
@@ -52,7 +52,7 @@ def test_hosts_come_from_etcd_while_agents_live(clustered) -> None:
         assert time.monotonic() < deadline, f"b still registered: {hosts}"
         time.sleep(0.5)
     assert sorted(hosts) == ["a"]
-    bed.start_agent("b", "--etcd", etcd.urls)
+    start_in_cluster(bed, etcd, "b")
     assert sorted(listed(bed)) == ["a", "b"]
 
 
@@ -66,7 +66,7 @@ def test_agent_stops_when_etcd_is_unreachable(clustered) -> None:
     log = bed.agent_log("b")
     assert f"error: etcd at {dead} is unavailable" in log, log[-800:]
     assert "Traceback" not in log.split(dead)[-1]
-    bed.start_agent("b", "--etcd", etcd.urls)
+    start_in_cluster(bed, etcd, "b")
 
 
 def test_cli_without_etcd_answer_is_one_line(clustered) -> None:

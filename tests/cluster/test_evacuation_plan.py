@@ -18,7 +18,7 @@ import pytest
 from conftest import _require_runtime, wait_for
 
 from godwit.lab.bundles import counter_bundle, read_count
-from godwit.lab.cluster import cluster_testbed
+from godwit.lab.cluster import cluster_testbed, start_in_cluster
 from godwit.lab.etcd import EtcdCluster
 from godwit.lab.testbed import Testbed
 
@@ -60,7 +60,7 @@ def test_plan_completes_without_its_cli_and_across_an_agent_restart(clustered) -
                          (bed.host(h).state_dir / "containers").glob("*/record.json"))
     wait_for(lambda: landed() >= 1, timeout=120, what="a first container landing")
     bed.stop_agent("a", signal.SIGKILL)  # the source agent dies, between or in migrations
-    bed.start_agent("a", "--etcd", etcd.urls)
+    start_in_cluster(bed, etcd, "a")
     outcomes = {t["container"]: t for t in _tasks_of(bed, plan)}
     assert set(outcomes) == set(NAMES)
     assert {o["result"] for o in outcomes.values()} == {"ok"}, outcomes
