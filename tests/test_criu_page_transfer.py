@@ -207,6 +207,22 @@ def test_tls_dump_sends_many_records_per_send(tmp_path: Path, memhog: Memhog,
     assert 0 < calls < records / 8, f"{calls} sends for {records:.0f} records of pages"
 
 
+def best_of_dumps(tmp_path: Path, pid: int, tls: tuple[TLSFiles, TLSFiles] | None,
+                  measure: Callable[[Path], float], bound: float, tries: int = 3) -> float:
+    """The least `measure` of a dump's log over up to `tries` dumps, stopping at one under
+    `bound`: a wait built into the protocol slows every dump, a preemption on a loaded
+    machine only one."""
+    best = float("inf")
+    for attempt in range(tries):
+        work = tmp_path / f"dump{attempt}"
+        work.mkdir()
+        transfer = dump_to_page_server(work, pid, tls)
+        best = min(best, measure(transfer.images / "dump.log"))
+        if best < bound:
+            break
+    return best
+
+
 def log_stamps(dump_log: Path) -> list[tuple[float, str]]:
     return [(float(m[1]), m[2]) for line in dump_log.read_text().splitlines()
             if (m := re.match(r"\((\d+\.\d+)\) (.*)", line))]
@@ -225,8 +241,8 @@ def test_tls_handshake_does_not_wait_for_a_delayed_ack(tmp_path: Path, memhog: M
                                                         ) -> None:
     """The handshake's messages went out with Nagle on: one waited for the page server's
     delayed ACK, 40 ms of freeze (scripts/criu-patches/0016)."""
-    transfer = dump_to_page_server(tmp_path, memhog.proc.pid, identities)
-    took = handshake_seconds(transfer.images / "dump.log")
+    took = best_of_dumps(tmp_path, memhog.proc.pid, identities, handshake_seconds,
+                         DELAYED_ACK_S / 2)
     assert took < DELAYED_ACK_S / 2, f"the TLS handshake took {took * 1000:.0f} ms"
 
 
@@ -246,8 +262,8 @@ def test_dump_does_not_wait_for_its_corked_socket(tmp_path: Path, memhog: Memhog
                                                   with_tls: bool) -> None:
     """The dump's socket stays corked; its last pages and the close command waited for
     the cork's timer (200 ms of freeze) before the page server saw them."""
-    transfer = dump_to_page_server(tmp_path, memhog.proc.pid, identities if with_tls else None)
-    waited = disconnect_seconds(transfer.images / "dump.log")
+    waited = best_of_dumps(tmp_path, memhog.proc.pid, identities if with_tls else None,
+                           disconnect_seconds, CORK_TIMER_S / 2)
     assert waited < CORK_TIMER_S / 2, f"the dump waited {waited * 1000:.0f} ms at its end"
 
 

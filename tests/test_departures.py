@@ -47,8 +47,8 @@ def test_source_copy_is_hidden_at_once_and_deleted_after_the_answer(bed: Testbed
     run(bed, "leaver", counter_bundle(bed.bundle_dir("leaver")))
     with faulty_agent(bed, "a", "departure:pause"):
         migrate(bed, "leaver", "b")
+        assert "leaver" in runc_names(bed, "a"), "deleted before the answer"  # first: fast
         assert copies(bed, "leaver") == [("b", "running")]
-        assert "leaver" in runc_names(bed, "a"), "deleted before the answer"
         wait_for(lambda: gone_from(bed, "a", "leaver"), timeout=20, what="a's copy deleted")
     bed.godwit("rm", "leaver")
 

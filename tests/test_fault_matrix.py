@@ -154,7 +154,9 @@ def test_partition_after_the_commit_destination_committed(bed: Testbed,
     with faulty_agent(bed, "b", "commit:pause"), Partition(bed, "b") as link:
         link.heal()
         log = AgentLog(bed, "b")
-        migration = Migration(bed)
+        # b's fence runs from its restore: the commit must land within it after the 3 s
+        # pause, whatever the restore took on a loaded machine
+        migration = Migration(bed, "--commit-timeout", str(3 * COMMIT_TIMEOUT_S))
         log.wait("fault injected at commit: pause", migration)
         link.cut()
         report = migration.report()

@@ -156,4 +156,4 @@ def test_verify_settles_from_the_restore(restored_ago: float | None, left: float
     migration = SourceMigration.__new__(SourceMigration)
     now = time.monotonic()
     migration.restored_at = None if restored_ago is None else now - restored_ago
-    assert migration.settle_left() == pytest.approx(left, abs=0.02)
+    assert left - 0.1 <= migration.settle_left() <= left  # less by the time since `now`

@@ -35,6 +35,7 @@ from godwit.runc import CheckpointOptions, Runc
 PREFIX = f"gwn{os.getpid() % 100000}"
 NAME = "srv"
 STALL_TOLERANCE = 0.2
+STALL_JITTER_S = 0.1  # scheduler jitter; a retransmission back-off would add >= 200 ms
 
 
 # unit tests
@@ -327,7 +328,7 @@ def test_tcp_connection_survives_migration(hosts: Hosts) -> None:
     client.assert_stream_intact()
     assert tcp_counters(hosts.client)["EstabResets"] == resets_before, "the client got a RST"
     assert move.held > 0
-    assert abs(stall - move.downtime) <= STALL_TOLERANCE * move.downtime
+    assert abs(stall - move.downtime) <= max(STALL_TOLERANCE * move.downtime, STALL_JITTER_S)
 
 
 @pytest.mark.integration
@@ -347,7 +348,8 @@ def test_udp_service_continues_after_migration(hosts: Hosts) -> None:
     assert len(set(numbers)) == len(numbers), "a datagram was answered twice"
     assert counts == sorted(counts) and counts[-1] > counts[0] + 100, "server state lost"
     lost = set(range(numbers[0], numbers[-1])) - set(numbers)  # not before the server was up
-    window = (move.t["freeze"] - 0.05, move.t["released"] + 0.05)
+    # a datagram sent just before the freeze can still wait, unread, in the server's socket
+    window = (move.t["freeze"] - STALL_JITTER_S, move.t["released"] + STALL_JITTER_S)
     assert all(window[0] <= client.sent[n] <= window[1] for n in lost), "lost outside freeze"
     assert move.held > 0
 
