@@ -44,7 +44,9 @@ def test_the_images_of_a_post_copy_are_kept_in_memory(bed: Testbed, strategy: st
     _, before = start_memhog(bed, name, 64)
     with faulty_agent(bed, "b", "images:pause"):
         migrating = migrate_in_background(bed, name, strategy)
-        wait_for(lambda: list(Path(bed.host("b").state_dir).glob("incoming/*/images")),
+        # the dir is made, then mounted: a post-copy's is waited for until it is a tmpfs
+        wait_for(lambda: list(Path(bed.host("b").state_dir).glob("incoming/*/images"))
+                 and (tmpfs_mounts(bed, "b") or not in_memory),
                  timeout=30, what="b's staged images dir")
         mounted = tmpfs_mounts(bed, "b")
         report = report_of(migrating, timeout=120)

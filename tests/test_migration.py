@@ -243,6 +243,15 @@ def images_arriving(staging: Path) -> bool:
     return any(p.name != "descriptors.json" for p in staging.glob("*/images/*"))
 
 
+def staged(staging: Path, name: str) -> bool:
+    """A staging area for `name` is still there (one may go while it is read)."""
+    for request in staging.glob("*/request.json"):
+        with contextlib.suppress(FileNotFoundError):
+            if f'"{name}"' in request.read_text():
+                return True
+    return False
+
+
 def test_destination_killed_mid_transfer_leaves_container_on_source(bed: Testbed) -> None:
     start(bed, "victim", memhog_bundle(bed.bundle_dir("victim"), 256, seed=3))
     rootfs = rootfs_of(bed, "victim")
@@ -430,8 +439,10 @@ def test_source_agent_killed_mid_transfer_resumes_on_restart(bed: Testbed) -> No
     wait_for(lambda: copies(bed, "orphan") == [("a", "running")], timeout=30,
              what="the restarted agent to resume the container")
     wait_for(lambda: read_state(rootfs)["counter"] > counter + 10, what="memhog running")
-    left = [p for p in staging.glob("*/request.json") if '"orphan"' in p.read_text()]
-    assert not left, "the destination's staging area should be dropped"
-    recovered = [r for r in cli_json(bed, "history") if r["container"] == "orphan"]
-    assert recovered and "restarted" in recovered[-1]["error"]
+    wait_for(lambda: not staged(staging, "orphan"), timeout=30,
+             what="the destination's staging area to be dropped")
+    recovered = wait_for(lambda: [r for r in cli_json(bed, "history")
+                                  if r["container"] == "orphan"],
+                         timeout=30, what="the recovered migration's report")
+    assert "restarted" in recovered[-1]["error"]
     remove(bed, "orphan")

@@ -58,8 +58,7 @@ def test_host_registers_again_when_its_lease_was_lost(etcd: EtcdCluster, prefix:
             a = Registration(store, "a", {"address": "10.0.0.2:7070"}, ttl=TTL_S)
             await a.start()
             lost = a.lease.id
-            await store.revoke(lost)
-            assert await live_hosts(store) == {}
+            await store.revoke(lost)  # the key goes with it (the keepalive may be back at once)
             deadline = time.monotonic() + TTL_S + 3
             while "a" not in await live_hosts(store):
                 assert time.monotonic() < deadline, "a was not registered again"
