@@ -109,11 +109,14 @@ class Migrations:
             events.report.result, events.report.error = Result.FAILED, str(exc)
             events.report.outcome = f"running on {self.host} (never frozen)"
         finally:
-            self.reports.save(events.report)
-            if guard:  # before the client hears the end: then etcd has the report, no lock
-                await guard.end(events.report.to_json())
-            events.close()
-            log.info("migration %s of %s: %s", events.report.id, name, events.report.result)
+            try:
+                self.reports.save(events.report)
+                if guard:  # before the client hears the end: etcd has the report, no lock
+                    await guard.end(events.report.to_json())
+            finally:  # the client hears the end whatever happened above
+                events.close()
+                log.info("migration %s of %s: %s", events.report.id, name,
+                         events.report.result)
 
     def peer(self, address: str, timeout: float = 30) -> AgentClient:
         """A client for another agent, presenting this agent's certificate (its TLS context
