@@ -83,6 +83,13 @@ async def probe() -> CriuCapabilities:
 # larger than 1 MiB by default, e.g. a log file rotated away from a server that keeps it.
 GHOST_LIMIT = "256M"
 LOG_LEVEL = 3  # CRIU's info level: errors, warnings and each step, no debug lines
+LOG_LEVELS = {"info": LOG_LEVEL, "debug": 4}  # the agent's --criu-log-level
+_dump_restore_log = {"level": LOG_LEVEL}
+
+
+def set_log_level(name: str) -> None:
+    """The level of CRIU's logs in this process's dumps and restores from now on."""
+    _dump_restore_log["level"] = LOG_LEVELS[name]
 
 
 def criu_base_options() -> list[str]:
@@ -104,10 +111,11 @@ def criu_base_options() -> list[str]:
     (~0.2 ms).
 
     runc asks CRIU for debug logging (level 4) in every request; with scripts/criu-patches/
-    0025 this file's LOG_LEVEL applies instead: info keeps each step's lines and drops the
-    debug ones, six per page-pipe iov of a lazy dump (~15 ms of the freeze at 8 GiB)."""
+    0025 this file's level applies instead, info unless set_log_level() said debug: info
+    keeps each step's lines and drops the debug ones, six per page-pipe iov of a lazy dump
+    (~15 ms of the freeze at 8 GiB)."""
     options = ["network-lock skip", "file-locks", f"ghost-limit {GHOST_LIMIT}",
-               f"verbosity={LOG_LEVEL}"]
+               f"verbosity={_dump_restore_log['level']}"]
     if cgroup_yard():
         options.append(f"cgroup-yard {CGROUP_ROOT}")
     if criu_has_option(NO_BREAKPOINTS):

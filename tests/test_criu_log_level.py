@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import _require_runtime, wait_for
 
-from godwit.criu import LOG_LEVEL, criu_base_options
+from godwit.criu import LOG_LEVEL, criu_base_options, set_log_level
 from godwit.lab.workloads import memhog_bundle, read_state
 from godwit.runc import CheckpointOptions, Runc
 
@@ -45,6 +46,23 @@ def container(tmp_path: Path) -> Iterator[Runc]:
 
 def test_godwit_asks_for_info_level() -> None:
     assert LOG_LEVEL == 3 and f"verbosity={LOG_LEVEL}" in criu_base_options()
+
+
+def test_an_agent_can_ask_for_debug_logs() -> None:
+    """`godwit agent --criu-log-level debug`, to look into a container that fails."""
+    try:
+        set_log_level("debug")
+        assert "verbosity=4" in criu_base_options()
+    finally:
+        set_log_level("info")
+    assert "verbosity=3" in criu_base_options()
+
+
+def test_a_bad_level_is_one_line() -> None:
+    done = subprocess.run([sys.executable, "-m", "godwit", "agent", "--criu-log-level", "loud"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "--criu-log-level" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_runc_checkpoint_logs_at_the_configuration_files_level(container: Runc,

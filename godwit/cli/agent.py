@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from godwit import criu
 from godwit.agent import Agent, QosSetting, default_name, serve
 from godwit.api import normalize_address
 from godwit.cluster.node import ClusterNode
@@ -53,13 +54,18 @@ file_option = click.Path(dir_okay=False, exists=True)
               help="Plain HTTP, no authentication: only for an isolated lab network.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--criu-log-level", default="info", show_default=True,
+              type=click.Choice(sorted(criu.LOG_LEVELS)),
+              help="Level of CRIU's dump and restore logs, kept for a failed migration: "
+                   "debug adds ~15 ms to a post-copy freeze at 8 GiB.")
 def agent(listen: str, state_dir: str, runc_root: str, runc: str, name: str | None,
           tls_ca: str | None, tls_cert: str | None, tls_key: str | None, tls_crl: str | None,
           container_bridge: str, netns_id: str | None, etcd: str | None, insecure: bool,
-          log_level: str, **qos_options: object) -> None:
+          log_level: str, criu_log_level: str, **qos_options: object) -> None:
     """Serve this host's containers and accept migrations from authenticated peers."""
     logging.basicConfig(level=log_level.upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    criu.set_log_level(criu_log_level)
     files = _tls_files(tls_ca, tls_cert, tls_key, tls_crl, insecure)
     state = Path(state_dir)
     state.mkdir(mode=0o700, parents=True, exist_ok=True)
