@@ -1,11 +1,14 @@
 """memhog run as a container of a testbed host: started, migrated in the background, and
-asked to checksum all its memory again where it runs now."""
+asked to checksum all its memory again where it runs now; or run by runc alone."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from conftest import cli_json, copies, wait_for
@@ -13,6 +16,7 @@ from faultmatrix import faulty_agent
 
 from godwit.lab.testbed import Testbed
 from godwit.lab.workloads import memhog_bundle, read_state
+from godwit.runc import Runc
 
 
 def start_memhog(bed: Testbed, name: str, mib: int, protected_mib: int = 0,
@@ -60,3 +64,16 @@ def failed_post_copy(bed: Testbed, name: str, fault: str) -> None:
     report = json.loads(result.stdout)
     assert result.returncode != 0 and report["result"] == "failed", report
     assert copies(bed, name) == [("a", "running")]
+
+
+@contextlib.contextmanager
+def running_in_runc(runc: Runc, name: str, bundle: Path) -> Iterator[Path]:
+    """A memhog `bundle` run detached by `runc` alone (no agent), yielded once ready as its
+    rootfs; force-deleted at exit."""
+    asyncio.run(runc.run_detached(name, bundle))
+    try:
+        wait_for(lambda: read_state(bundle / "rootfs").get("status") == "ready", what="memhog")
+        yield bundle / "rootfs"
+    finally:
+        subprocess.run([runc.binary, "--root", str(runc.root), "delete", "--force", name],
+                       capture_output=True, check=False)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import wait_for
+from memhog_container import running_in_runc
 
 from godwit import criu_gate
 from godwit.lab.workloads import memhog_bundle, read_state
@@ -66,15 +66,9 @@ def test_external_netns_and_requests_without_empty_ns_are_left_alone() -> None:
 @pytest.fixture
 def running(tmp_path: Path, runc_binary: str) -> Iterator[tuple[Runc, Path]]:
     """A memhog container under a private runc root, for each runc; (runc, its rootfs)."""
-    bundle = memhog_bundle(tmp_path / "bundle", 8)
     runc = Runc(tmp_path / "runc", binary=runc_binary)
-    asyncio.run(runc.run_detached(NAME, bundle))
-    try:
-        wait_for(lambda: read_state(bundle / "rootfs").get("status") == "ready", what="memhog")
-        yield runc, bundle / "rootfs"
-    finally:
-        subprocess.run([runc.binary, "--root", str(runc.root), "delete", "--force", NAME],
-                       capture_output=True, check=False)
+    with running_in_runc(runc, NAME, memhog_bundle(tmp_path / "bundle", 8)) as rootfs:
+        yield runc, rootfs
 
 
 def dump_options(tmp_path: Path) -> CheckpointOptions:

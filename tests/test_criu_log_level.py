@@ -12,10 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import _require_runtime, wait_for
+from conftest import _require_runtime
+from memhog_container import running_in_runc
 
 from godwit.criu import LOG_LEVEL, criu_base_options, set_log_level
-from godwit.lab.workloads import memhog_bundle, read_state
+from godwit.lab.workloads import memhog_bundle
 from godwit.runc import CheckpointOptions, Runc
 
 pytestmark = pytest.mark.integration
@@ -35,13 +36,8 @@ def container(tmp_path: Path) -> Iterator[Runc]:
     spec.setdefault("annotations", {})["org.criu.config"] = str(config_file)
     (bundle / "config.json").write_text(json.dumps(spec))
     runc = Runc(tmp_path / "runc")
-    asyncio.run(runc.run_detached(NAME, bundle))
-    try:
-        wait_for(lambda: read_state(bundle / "rootfs").get("status") == "ready", what="memhog")
+    with running_in_runc(runc, NAME, bundle):
         yield runc
-    finally:
-        subprocess.run([runc.binary, "--root", str(runc.root), "delete", "--force", NAME],
-                       capture_output=True, check=False)
 
 
 def test_godwit_asks_for_info_level() -> None:
