@@ -10,6 +10,8 @@ Data lives in --workdir (default /dev/shm, to measure the transport rather than 
     .venv/bin/python bench/transport.py [--big-mib 1024] [--files 10000] [--runs 3]
 
 Also the same big file over mutual TLS 1.3 (the agents' data plane), against plain HTTP.
+The PUTs also give each side's CPU seconds per GiB: with both ends on this machine's CPUs,
+what TLS adds to them, not the link, sets its rate.
 Prints a table and writes bench/results/transport.json.
 """
 
@@ -136,7 +138,16 @@ def serve(dest_root: Path, read_bufsize: int, ca_dir: Path | None = None) -> Non
 # ------------------------------------------------------------------------ client
 
 
-async def one_run(url: str, root: Path, compress: bool, ssl_context=None) -> dict:
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def one_run(url: str, root: Path, compress: bool, receiver_pid: int,
+                  ssl_context=None) -> dict:
+    """One PUT of the tree; wall time, and each side's CPU seconds per GiB of payload."""
+    cpu0, receiver_cpu0 = time.process_time(), process_cpu_s(receiver_pid)
     t0 = time.monotonic()
     plan = transport.plan_tree(root)
     t_plan = time.monotonic() - t0
@@ -147,6 +158,7 @@ async def one_run(url: str, root: Path, compress: bool, ssl_context=None) -> dic
         body = await resp.json()
         resp.raise_for_status()
     seconds = time.monotonic() - t0
+    gib = plan.total_bytes / (1 << 30)
     assert body["bytes"] == plan.total_bytes, body
     return {
         "seconds": seconds,
@@ -155,6 +167,8 @@ async def one_run(url: str, root: Path, compress: bool, ssl_context=None) -> dic
         "wire_bytes": stream.stats.wire_bytes,
         "files": stream.stats.files,
         "receiver_seconds": body["seconds"],
+        "sender_cpu_s_per_gib": round((time.process_time() - cpu0) / gib, 3),
+        "receiver_cpu_s_per_gib": round((process_cpu_s(receiver_pid) - receiver_cpu0) / gib, 3),
     }
 
 
@@ -208,16 +222,17 @@ async def best_of(runs: int, case: str, compress: bool, fn, *args) -> dict:
     return best
 
 
-async def run_all(url: str, big: Path, small: Path, dest: Path, runs: int,
-                  tls_url: str, tls: ssl.SSLContext) -> list[dict]:
+async def run_all(plain: tuple[str, int], big: Path, small: Path, dest: Path, runs: int,
+                  tls: tuple[str, int], tls_context: ssl.SSLContext) -> list[dict]:
+    """Every case; `plain` and `tls` are a receiver's URL and process id."""
+    (url, pid), (tls_url, tls_pid) = plain, tls
     out = []
     for name, root in (("big", big), ("small", small)):
         for compress in (False, True):
-            out.append(
-                await best_of(runs, name, compress, one_run, f"{url}/{name}", root, compress)
-            )
+            out.append(await best_of(runs, name, compress, one_run, f"{url}/{name}", root,
+                                     compress, pid))
     out.append(await best_of(runs, "big, mutual TLS", False, one_run, f"{tls_url}/big", big,
-                             False, tls))
+                             False, tls_pid, tls_context))
     for compress in (False, True):
         out.append(await best_of(runs, "big, send only", compress, sender_only, big, compress))
         out.append(
@@ -242,7 +257,7 @@ def main() -> None:
         serve(args.serve, args.read_bufsize, args.ca_dir)
         return
 
-    console = Console(width=None if sys.stdout.isatty() else 110)
+    console = Console(width=None if sys.stdout.isatty() else 150)
     work = Path(tempfile.mkdtemp(prefix="godwit-bench-", dir=args.workdir))
     server = tls_server = None
     try:
@@ -264,8 +279,8 @@ def main() -> None:
         tls_url = f"https://127.0.0.1:{int(tls_server.stdout.readline())}/tree"
         tls = client_context(ca.bundle_for("client"))
         with console.status("running"):
-            results = asyncio.run(run_all(url, big, small, work / "dst", args.runs,
-                                          tls_url, tls))
+            results = asyncio.run(run_all((url, server.pid), big, small, work / "dst",
+                                          args.runs, (tls_url, tls_server.pid), tls))
     finally:
         for process in (server, tls_server):
             if process is not None:
@@ -284,6 +299,8 @@ def main() -> None:
         "best s",
         "MB/s",
         "files/s",
+        "send CPU s/GiB",
+        "recv CPU s/GiB",
     )
     for col in cols:
         table.add_column(col, justify="left" if col == "case" else "right", no_wrap=True)
@@ -298,11 +315,19 @@ def main() -> None:
             f"{r['seconds']:.2f}",
             f"{r['payload_MBps']:.0f}",
             f"{r['files_per_s']:.0f}" if r["files"] > 1 else "-",
+            f"{r['sender_cpu_s_per_gib']:.2f}" if "sender_cpu_s_per_gib" in r else "-",
+            f"{r['receiver_cpu_s_per_gib']:.2f}" if "receiver_cpu_s_per_gib" in r else "-",
         )
     console.print(table)
     by_case = {(r["case"], r["compress"]): r["payload_MBps"] for r in results}
     tls_ratio = by_case[("big, mutual TLS", False)] / by_case[("big", False)]
     console.print(f"data plane with mutual TLS: {tls_ratio:.0%} of plain HTTP (1 big file)")
+    cpu = {r["case"]: r for r in results if not r["compress"] and "sender_cpu_s_per_gib" in r}
+    plain, tls = cpu["big"], cpu["big, mutual TLS"]
+    console.print("CPU s/GiB, plain → mutual TLS: sender "
+                  f"{plain['sender_cpu_s_per_gib']:.2f} → {tls['sender_cpu_s_per_gib']:.2f}, "
+                  f"receiver {plain['receiver_cpu_s_per_gib']:.2f} → "
+                  f"{tls['receiver_cpu_s_per_gib']:.2f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(
         json.dumps(
