@@ -14,7 +14,7 @@ Actions:
            stopped (SIGSTOP) for that time as soon as CRIU runs: a window for a test to
            cut the link, fill the disk or kill CRIU in the middle of the step
   corrupt  (images, rootfs; source side) one byte of file data is flipped on the wire,
-           after its sha256 was taken, as by a faulty link the transport must catch
+           after its digest was taken, as by a faulty link the transport must catch
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def _wait_for_criu(runc_pid: int) -> None:
 
 def corrupter(stage: str) -> Callable[[bytes], bytes] | None:
     """With `<stage>:corrupt`: a function that flips one bit of the first file data it is
-    given (after its sha256 was taken), and passes everything else unchanged."""
+    given (after its digest was taken), and passes everything else unchanged."""
     fault = configured()
     if fault != (stage, "corrupt"):
         return None

@@ -51,7 +51,9 @@ from godwit.runc_features import RuncFeatures
 # one round trip less in the freeze; a post-copy restore pulls from the arm's page server.
 # 2.7: a source whose dump's images are small (post-copy without shared memory) asks for
 # them to be kept in memory (`ArmRequest.images_in_memory`: a tmpfs on the staging's images).
-PROTOCOL_VERSION = "2.7"
+# 2.8: a tree stream's file digests may be BLAKE3 (its header's flag bit 1); a source sends
+# sha256 to an older destination, which refuses the flag.
+PROTOCOL_VERSION = "2.8"
 PAGES_WAIT_S = 5.0
 MigrationId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f-]{1,64}$", max_length=64)]
 M = TypeVar("M")

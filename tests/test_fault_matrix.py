@@ -222,12 +222,12 @@ def test_destination_disk_full(bed: Testbed, client: Client, stage: str, error: 
 
 
 def test_image_corrupted_in_transit(bed: Testbed, client: Client) -> None:
-    """One bit of an image file flips on the wire after the source took its sha256: b
+    """One bit of an image file flips on the wire after the source took its digest: b
     refuses the file, a resumes. Stream: intact."""
     with faulty_agent(bed, "a", "images:corrupt"):
         report = Migration(bed).report()
     assert_failed(report, "images transfer failed")
-    assert "sha256 mismatch" in report["error"], report
+    assert "blake3 mismatch" in report["error"], report
     assert_one_copy(bed, "a")
     assert_intact(client)
     assert_nothing_left(bed, "b")

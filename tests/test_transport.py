@@ -11,12 +11,15 @@ import stat
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
+import blake3
 import pytest
 from aiohttp import web
 
 from godwit import transport
+from godwit.migration.source import SourceMigration
 from godwit.transport import (
     TransferError,
     TreeReceiver,
@@ -26,6 +29,7 @@ from godwit.transport import (
     scan_tree,
     send_tree,
 )
+from godwit.transport.wire import FLAG_BLAKE3
 
 ROOT = os.geteuid() == 0
 MiB = 1 << 20
@@ -235,10 +239,51 @@ def test_compressed_stream_is_flagged_and_smaller(tmp_path):
     src.mkdir()
     (src / "log").write_bytes(b"the same line again\n" * 200_000)
     plain, packed = wire(src), wire(src, compress=True)
-    assert plain[:8] == b"GWTREE\x01\x00" and packed[:8] == b"GWTREE\x01\x01"
+    assert plain[:8] == b"GWTREE\x01\x02" and packed[:8] == b"GWTREE\x01\x03"  # BLAKE3
     assert len(packed) * 50 < len(plain)
     receive_bytes(packed, tmp_path / "dst")
     assert (tmp_path / "dst/log").read_bytes() == (src / "log").read_bytes()
+
+
+def test_a_stream_for_an_older_receiver_carries_sha256(tmp_path):
+    """Protocol 2.7 and older refuse the BLAKE3 flag: the source sends them sha256
+    digests, and this receiver still takes such a stream."""
+    src = small_files(tmp_path / "src", 3)
+    data = wire(src, digest=transport.SHA256)
+    assert data[:8] == b"GWTREE\x01\x00"
+    receive_bytes(data, tmp_path / "dst")
+    assert snapshot(tmp_path / "dst") == snapshot(src)
+
+
+@pytest.mark.parametrize(("protocol", "digest"), [
+    ("2.8", transport.BLAKE3), ("3.0", transport.BLAKE3), ("2.7", transport.SHA256)])
+def test_the_source_picks_the_digest_its_destination_knows(protocol, digest):
+    migration = SourceMigration.__new__(SourceMigration)
+    migration.dest_info = SimpleNamespace(protocol=protocol)
+    assert migration.file_digest() == digest
+
+
+@pytest.mark.parametrize(("flags", "algorithm", "accepted"), [
+    (0, hashlib.sha256, True), (FLAG_BLAKE3, blake3.blake3, True),
+    (0, blake3.blake3, False), (FLAG_BLAKE3, hashlib.sha256, False)])
+def test_the_header_says_which_digest_the_trailers_hold(tmp_path, flags, algorithm, accepted):
+    data = b"content"
+    header = {"type": "file", "path": "f", "mode": 0o644, "uid": 0, "gid": 0, "mtime_ns": 0,
+              "size": len(data)}
+    stream = frames(rec(**header) + data + algorithm(data).digest(), end_rec(1, 1, len(data)),
+                    flags=flags)
+    if accepted:
+        feed_all(tmp_path / "dst", stream)
+        assert (tmp_path / "dst/f").read_bytes() == data
+    else:
+        with pytest.raises(TransferError, match="mismatch"):
+            feed_all(tmp_path / "dst", stream)
+        assert not (tmp_path / "dst/f").exists()
+
+
+def test_an_unknown_digest_is_refused_at_once(tmp_path):
+    with pytest.raises(ValueError, match="unknown digest"):
+        send_tree(plan_tree(small_files(tmp_path / "src", 1)), digest="md5")
 
 
 def test_aiohttp_put_64mib(tmp_path):
@@ -321,14 +366,15 @@ def session_put(port: int, data):
 # --------------------------------------------------------------------------- integrity
 
 
-def test_corrupted_byte_is_detected(tmp_path):
+@pytest.mark.parametrize("digest", [transport.BLAKE3, transport.SHA256])
+def test_corrupted_byte_is_detected(tmp_path, digest):
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_bytes(os.urandom(2 * MiB))
     (src / "g").write_bytes(b"second file")
-    data = bytearray(wire(src))
+    data = bytearray(wire(src, digest=digest))
     data[len(data) // 2] ^= 0x01  # inside f's content
-    with pytest.raises(TransferError, match="sha256 mismatch"):
+    with pytest.raises(TransferError, match=f"{digest} mismatch"):
         receive_bytes(bytes(data), tmp_path / "dst")
     assert not (tmp_path / "dst/f").exists()
     assert not leftovers(tmp_path / "dst")
@@ -416,7 +462,7 @@ def test_error_messages_are_one_line(tmp_path):
     data[data.index(b"content")] ^= 1
     with pytest.raises(TransferError) as err:
         feed_all(tmp_path / "dst", bytes(data))
-    assert "sha256 mismatch" in str(err.value) and len(str(err.value).splitlines()) == 1
+    assert "sha256 mismatch" in str(err.value) and len(str(err.value).splitlines()) == 1  # flags 0
 
 
 def test_hardlink_target_outside_rejected(tmp_path):

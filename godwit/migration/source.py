@@ -42,6 +42,8 @@ from godwit.protocol import Armed, HostInfo, IncomingRequest, Restored, RestoreR
 from godwit.runc import RUNC_LOG, CheckpointOptions, HeldRunc, Runc
 from godwit.tls import TLSFiles
 from godwit.transport import (
+    BLAKE3,
+    SHA256,
     Manifest,
     TreePlan,
     TreeStream,
@@ -783,9 +785,13 @@ class SourceMigration:
                 last = now
                 self.events.progress(phase, done, plan.total_bytes)
 
-        return send_tree(plan, compress=self.options.compress,
+        return send_tree(plan, compress=self.options.compress, digest=self.file_digest(),
                          rate_limit=self.options.rate_limit, on_progress=on_progress,
                          tamper=faults.corrupter("rootfs" if what == "rootfs" else "images"))
+
+    def file_digest(self) -> str:
+        """BLAKE3 for the files' digests, sha256 to a destination older than 2.8."""
+        return BLAKE3 if protocol_at_least(self.dest_protocol, (2, 8)) else SHA256
 
     # safety net
     def fence_deadline(self) -> float:

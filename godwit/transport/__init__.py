@@ -28,11 +28,13 @@ from godwit.transport.manifest import (
 from godwit.transport.receive import TreeReceiver, receive_tree
 from godwit.transport.rules import ByteBudget, TreeRules, UploadTooLarge
 from godwit.transport.send import TreeStream, send_tree
-from godwit.transport.wire import MAGIC, VERSION, TransferError, TransferStats
+from godwit.transport.wire import BLAKE3, MAGIC, SHA256, VERSION, TransferError, TransferStats
 
 __all__ = [
+    "BLAKE3",
     "MAGIC",
     "RACY_NS",
+    "SHA256",
     "VERSION",
     "ByteBudget",
     "FileMeta",

@@ -2,7 +2,7 @@
 
 Every path is checked (`check_path`) and resolved below the destination without following
 symlinks (`safefs`). Regular files, symlinks and special files are created under a
-temporary name and renamed into place only when complete (files: after the sha256
+temporary name and renamed into place only when complete (files: after their digest
 matched). Directories are created ``0o700``; their modes and mtimes are applied at the end
 (`finish`), when the mtimes of directories the stream modified without sending them are
 restored too. Ownership is applied only as root.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
-import hashlib
 import os
 import secrets
 import stat
@@ -39,6 +38,8 @@ from godwit.transport.safefs import (
 )
 from godwit.transport.wire import (
     DEVICE_TYPES,
+    SHA256,
+    Hasher,
     TransferError,
     TransferStats,
     check_path,
@@ -48,6 +49,7 @@ from godwit.transport.wire import (
     header_mtime,
     header_owner,
     header_symlink_target,
+    new_hasher,
 )
 
 _ASYNC_WRITE_MIN = 128 << 10  # data pieces this big are written by a writer thread
@@ -70,7 +72,7 @@ class IncomingFile:
     size: int
     remaining: int  # data bytes still to come
     extents: list[tuple[int, int]] | None
-    sha: hashlib._Hash = field(default_factory=hashlib.sha256)
+    hasher: Hasher
     offset: int = 0  # dense files: next write offset
     ext_i: int = 0
     ext_pos: int = 0
@@ -108,6 +110,7 @@ class TreeWriter:
         self.stats = stats
         self.incoming: IncomingFile | None = None
         self.where = ""  # the path being worked on, for error messages
+        self.digest = SHA256  # the files' digest algorithm: the stream's header tells
         self._dirs = DirFds(self.root_fd)
         self._dir_meta: dict[str, tuple[int, int]] = {}  # rel -> (mode, mtime_ns), deferred
         self._touched: dict[str, tuple[int, int]] = {}  # rel -> original (atime, mtime)
@@ -187,14 +190,14 @@ class TreeWriter:
         else:
             for piece, offset in cur.extent_pieces(data):
                 self._pwrite(cur, piece, offset)
-        cur.sha.update(data)
+        cur.hasher.update(data)
 
     def commit_file(self, digest: bytes) -> None:
         """Check the digest, apply the metadata and rename the file into place."""
         cur = self.incoming
         cur.wait_writes()
-        if digest != cur.sha.digest():
-            raise TransferError(f"{cur.path[:200]}: sha256 mismatch")
+        if digest != cur.hasher.digest():
+            raise TransferError(f"{cur.path[:200]}: {self.digest} mismatch")
         h = cur.header
         if self._chown:
             os.fchown(cur.fd, *header_owner(h))
@@ -224,7 +227,8 @@ class TreeWriter:
         tmp = self._tmp()
         fd = create_temp_file(fd_dir, tmp)
         head = rel.rpartition("/")[0]
-        self.incoming = IncomingFile(rel, head, name, tmp, fd, h, size, data_len, extents)
+        self.incoming = IncomingFile(rel, head, name, tmp, fd, h, size, data_len, extents,
+                                     new_hasher(self.digest))
         if extents is not None:
             os.ftruncate(fd, size)
         return self.incoming

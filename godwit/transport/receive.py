@@ -160,7 +160,9 @@ class TreeReceiver:
             self._state, self._need = _LENGTH, LENGTH_LEN
 
     def _start(self, head: bytes) -> None:
-        if parse_stream_header(head):
+        stream = parse_stream_header(head)
+        self._tree.digest = stream.digest
+        if stream.compressed:
             self._zw = zstandard.ZstdDecompressor().stream_writer(
                 _Sink(self._consume), write_size=_RECV_BATCH, closefd=False
             )

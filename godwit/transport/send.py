@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import stat
 import threading
@@ -20,6 +19,7 @@ import zstandard
 from godwit.transport.manifest import FileMeta, TreePlan
 from godwit.transport.safefs import DirFds, data_extents, open_regular, tree_dirs
 from godwit.transport.wire import (
+    DEFAULT_DIGEST,
     DEVICE_TYPES,
     INLINE_MAX_BYTES,
     INLINE_MAX_ENTRIES,
@@ -28,6 +28,7 @@ from godwit.transport.wire import (
     TransferStats,
     encode_record,
     end_header,
+    new_hasher,
     stream_header,
 )
 
@@ -43,8 +44,10 @@ class _Framer:
     """Synchronous producer of the wire stream for one plan (runs in a worker thread)."""
 
     def __init__(self, plan: TreePlan, stats: TransferStats, compress: bool, level: int,
-                 chunk: int, tamper: Callable[[bytes], bytes] | None = None):
+                 chunk: int, tamper: Callable[[bytes], bytes] | None = None,
+                 digest: str = DEFAULT_DIGEST):
         self.plan = plan
+        self.digest = digest  # the file digests' algorithm (wire.SHA256 or wire.BLAKE3)
         self.tamper = tamper  # tests only (godwit.faults): alters data after hashing
         self.stats = stats
         self.compress = compress
@@ -55,7 +58,7 @@ class _Framer:
     def wire(self) -> Iterator[Chunk]:
         """(wire chunk, progress after it): big pieces go out as they are, small ones
         (records, small files) are gathered into chunks of about `_WIRE_FLUSH` first."""
-        out = bytearray(stream_header(self.compress))
+        out = bytearray(stream_header(self.compress, self.digest))
         comp = None
         if self.compress:  # threads=1: libzstd compresses while this thread reads and hashes
             comp = zstandard.ZstdCompressor(level=self.level, threads=1).compressobj()
@@ -137,8 +140,8 @@ class _Framer:
 
     def _file_data(self, fd: int, path: str, size: int,
                    ranges: list[tuple[int, int]]) -> Iterator[bytes]:
-        """The data of `ranges` in chunks, then its sha256."""
-        digest = hashlib.sha256()
+        """The data of `ranges` in chunks, then its digest."""
+        digest = new_hasher(self.digest)
         base = self.done
         reader = _PaddedReader(fd)
         for off, length in ranges:
@@ -294,12 +297,14 @@ class TreeStream:
         on_progress: Callable[[int], None] | None = None,
         chunk_size: int = DEFAULT_CHUNK,
         tamper: Callable[[bytes], bytes] | None = None,
+        digest: str = DEFAULT_DIGEST,
     ):
         if not 4096 <= chunk_size <= 64 << 20:
             raise ValueError(f"chunk_size out of range: {chunk_size}")
         self.plan = plan
         self.stats = TransferStats()
-        self._framer = _Framer(plan, self.stats, compress, level, chunk_size, tamper)
+        stream_header(compress, digest)  # a bad argument fails here, not in the thread
+        self._framer = _Framer(plan, self.stats, compress, level, chunk_size, tamper, digest)
         self._bucket = _TokenBucket(rate_limit) if rate_limit is not None else None
         self._on_progress = on_progress
         self._used = False
@@ -349,4 +354,4 @@ class TreeStream:
             yield piece, at if report else None
 
 
-send_tree = TreeStream  # send_tree(plan, compress=, rate_limit=, on_progress=) -> the stream
+send_tree = TreeStream  # send_tree(plan, compress=, digest=, ...) -> the stream

@@ -2,12 +2,16 @@
 
 A stream starts with an 8-byte magic header, never compressed::
 
-    b"GWTREE" | version: u8 (=1) | flags: u8      (bit 0: the rest is one zstd stream)
+    b"GWTREE" | version: u8 (=1) | flags: u8
+
+Flags: bit 0, the rest is one zstd stream; bit 1, the file digests are BLAKE3, else
+sha256 (protocol 2.8: a receiver of 2.7 or older refuses the bit, so a source sends sha256
+to it).
 
 The rest of the stream (zstd-compressed when bit 0 is set) is a sequence of records::
 
     record  := header_len: u32 big-endian | header: UTF-8 JSON object (1 .. 1 MiB)
-    file    := record | data bytes | sha256 of the data bytes (32 raw bytes, the trailer)
+    file    := record | data bytes | digest of the data bytes (32 raw bytes, the trailer)
 
 Header fields by ``type`` (paths and symlink targets are ``os.fsdecode`` strings, so
 non-UTF-8 names survive as JSON ``\\udcXX`` escapes):
@@ -34,14 +38,20 @@ file. Nothing may follow the ``end`` record.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
+
+import blake3
 
 DEVICE_TYPES = ("chr", "blk")  # the node records that carry an rdev
 
 MAGIC = b"GWTREE"
 VERSION = 1
 FLAG_ZSTD = 0x01
+FLAG_BLAKE3 = 0x02
 STREAM_HEADER_LEN = len(MAGIC) + 2  # magic, version, flags
 LENGTH_LEN = 4  # a record's header length field
 MAX_HEADER = 1 << 20
@@ -51,7 +61,11 @@ MAX_PATH = 4095
 # cost more than the work (a lazy dump's images, a frozen rootfs's sync).
 INLINE_MAX_BYTES = 1 << 20
 INLINE_MAX_ENTRIES = 128
-DIGEST_LEN = 32
+DIGEST_LEN = 32  # sha256's and BLAKE3's (default length) alike
+# A file's digest: BLAKE3 is ~3.6x cheaper per byte than sha256 here (6.2 against
+# 1.7 GB/s), on each side of every transfer; sha256 for receivers older than protocol 2.8.
+BLAKE3, SHA256 = "blake3", "sha256"
+DEFAULT_DIGEST = BLAKE3
 
 _UID_MAX = 2**32 - 2
 _MTIME_MIN, _MTIME_MAX = -(2**63), 2**63 - 1
@@ -80,20 +94,45 @@ class TransferStats:
 # ---- framing
 
 
-def stream_header(compress: bool) -> bytes:
-    return MAGIC + bytes([VERSION, FLAG_ZSTD if compress else 0])
+class Hasher(Protocol):
+    def update(self, data: bytes | memoryview, /) -> object: ...
+
+    def digest(self) -> bytes: ...
 
 
-def parse_stream_header(head: bytes) -> bool:
-    """Check the magic header; returns whether the rest of the stream is zstd."""
+_HASHERS: dict[str, Callable[[], Hasher]] = {SHA256: hashlib.sha256, BLAKE3: blake3.blake3}
+
+
+def new_hasher(digest: str) -> Hasher:
+    """A hasher for the stream's file digests (`SHA256` or `BLAKE3`)."""
+    return _HASHERS[digest]()
+
+
+@dataclass(frozen=True)
+class StreamFormat:
+    """What a stream's magic header says about the rest of it."""
+
+    compressed: bool
+    digest: str
+
+
+def stream_header(compress: bool, digest: str = DEFAULT_DIGEST) -> bytes:
+    if digest not in _HASHERS:
+        raise ValueError(f"unknown digest {digest!r}")
+    flags = (FLAG_ZSTD if compress else 0) | (FLAG_BLAKE3 if digest == BLAKE3 else 0)
+    return MAGIC + bytes([VERSION, flags])
+
+
+def parse_stream_header(head: bytes) -> StreamFormat:
+    """Check the magic header; returns whether the rest is zstd, and the file digest."""
     if head[: len(MAGIC)] != MAGIC:
         raise TransferError("not a godwit tree stream (bad magic)")
     version, flags = head[len(MAGIC)], head[len(MAGIC) + 1]
     if version != VERSION:
         raise TransferError(f"unsupported tree stream version {version}")
-    if flags & ~FLAG_ZSTD:
+    if flags & ~(FLAG_ZSTD | FLAG_BLAKE3):
         raise TransferError(f"unknown tree stream flags {flags:#x}")
-    return bool(flags & FLAG_ZSTD)
+    return StreamFormat(bool(flags & FLAG_ZSTD), BLAKE3 if flags & FLAG_BLAKE3 else SHA256)
 
 
 def encode_record(header: dict) -> bytes:
