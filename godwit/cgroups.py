@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+CGROUP_PARENT = "godwit"  # a container's cgroup: /godwit/<its host's netns id>/<name>
 
 
 def hierarchies(root: Path = CGROUP_ROOT) -> list[Path]:

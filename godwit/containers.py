@@ -14,7 +14,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from godwit import freezer
 from godwit.bundle import load_config, rewrite_for_host
-from godwit.cgroups import CGROUP_ROOT
+from godwit.cgroups import CGROUP_PARENT, CGROUP_ROOT
 from godwit.criu import criu_base_options
 from godwit.departures import DEPARTED, Departures
 from godwit.errors import Conflict, GodwitError, NotFound
@@ -155,7 +155,9 @@ class ContainerStore:
         container keeps the cgroup runc gave it."""
         record = self.dir(name) / "record.json"
         adopted = json.loads(record.read_text()).get("adopted") if record.exists() else None
-        return adopted["cgroup"] if adopted else f"/godwit/{self.networking.netns_id}/{name}"
+        if adopted:
+            return adopted["cgroup"]
+        return f"/{CGROUP_PARENT}/{self.networking.netns_id}/{name}"
 
     def record(self, name: str) -> ContainerRecord:
         path = self.dir(name) / "record.json"

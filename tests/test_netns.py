@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute, netns
 
+from godwit.cgroups import CGROUP_PARENT, CGROUP_ROOT, hierarchies
 from godwit.lab.netns import HostNetwork, TestHost, cleanup_stale, pick_free_subnet
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -27,11 +28,20 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as s:
 
 
 def leftovers(prefix: str, base_dir: Path) -> list[str]:
-    """Every namespace, link or state dir still carrying ``prefix``."""
+    """Every namespace, link, state dir or host cgroup dir still carrying ``prefix``."""
     with IPRoute() as ipr:
         links = [link.get("ifname") for link in ipr.link("dump")]
     names = [n for n in [*netns.listnetns(), *links] if n.startswith(f"{prefix}-")]
-    return names + [str(p) for p in base_dir.glob(f"{prefix}-*")]
+    cgroups = [str(p) for h in hierarchies() for p in (h / CGROUP_PARENT).glob(f"{prefix}-*")]
+    return names + [str(p) for p in base_dir.glob(f"{prefix}-*")] + cgroups
+
+
+def container_cgroup(host: TestHost) -> Path:
+    """A cgroup where an agent of `host` puts a container (runc deletes it, not its
+    parent): the parent is the host's to remove."""
+    path = CGROUP_ROOT / "memory" / CGROUP_PARENT / host.netns / "c1"
+    path.mkdir(parents=True)
+    return path
 
 
 @pytest.fixture
@@ -134,9 +144,12 @@ def connect_with_retry(address: str, port: int, timeout: float = 10) -> None:
 def test_remove_host_and_destroy_leave_nothing(net: HostNetwork, base_dir: Path) -> None:
     a, b = net.add_host("a"), net.add_host("b")
     sleeper = net.run_in(a, ["sleep", "300"])
+    cgroup = container_cgroup(a)
+    container_cgroup(b)
     net.remove_host("a")
     assert sleeper.poll() is not None
     assert not Path(f"/run/netns/{a.netns}").exists() and not a.state_dir.exists()
+    assert not cgroup.parent.exists()
     assert net.add_host("c").address == a.address  # freed address is reused
     net.destroy()
     net.destroy()  # idempotent
@@ -151,15 +164,17 @@ def test_cleanup_stale(base_dir: Path) -> None:
     crashed = HostNetwork(prefix, pick_free_subnet(), base_dir)
     try:
         crashed.add_host("a")
-        crashed.add_host("b")
+        cgroup = container_cgroup(crashed.add_host("b"))
         sleeper = crashed.run_in("b", ["sleep", "300"])
         expected = {f"{prefix}-{n}" for n in ("a", "b", "br", "v2", "v3")}
         expected |= {str(base_dir / f"{prefix}-{n}") for n in ("a", "b")}
+        expected.add(str(cgroup.parent))
         assert set(leftovers(prefix, base_dir)) == expected
         removed = cleanup_stale(prefix, base_dir)
         assert sleeper.wait(10) != 0
         assert leftovers(prefix, base_dir) == []
         assert f"{prefix}-br" in removed and f"{prefix}-a" in removed
+        assert f"/{CGROUP_PARENT}/{prefix}-b" in removed
         assert cleanup_stale(prefix, base_dir) == []
     finally:
         crashed.destroy()

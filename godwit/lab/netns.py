@@ -38,6 +38,7 @@ from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from godwit import tmpfs
+from godwit.cgroups import CGROUP_PARENT, hierarchies
 from godwit.network import _CLONE_NEWNET, DEFAULT_BRIDGE, NETNS_DIR, NETNS_PREFIX
 from godwit.runc import CURRENT_RUNC, DEFAULT_RUNC
 
@@ -120,6 +121,7 @@ class HostNetwork:
         if host is None:
             return
         _delete_containers(host.runc_root)
+        _remove_host_cgroups(host.netns)
         others = [f"{NETNS_PREFIX}{h.netns}-" for h in self.hosts.values()]
         _remove_netns_with_prefix(f"{NETNS_PREFIX}{host.netns}-", exclude=others)
         _delete_link(self._veth(host.address))
@@ -201,7 +203,8 @@ class HostNetwork:
 
 def cleanup_stale(prefix: str = "gw", base_dir: Path = DEFAULT_BASE_DIR) -> list[str]:
     """Remove leftovers of a crashed run: ``<prefix>-*`` netns (and their processes),
-    links, state dirs and the runc containers in them. Returns the removed names."""
+    links, state dirs, the runc containers in them and the hosts' cgroup dirs. Returns
+    the removed names."""
     _check_prefix(prefix)
     mark = f"{prefix}-"
     removed: list[str] = []
@@ -209,6 +212,7 @@ def cleanup_stale(prefix: str = "gw", base_dir: Path = DEFAULT_BASE_DIR) -> list
         _delete_containers(state_dir / "runc")
         _remove_state_dir(state_dir)
         removed.append(str(state_dir))
+    removed += _remove_host_cgroups(f"{mark}*")
     removed += _remove_netns_with_prefix(f"{NETNS_PREFIX}{mark}")  # containers first
     removed += _remove_netns_with_prefix(mark)
     with IPRoute() as ipr:
@@ -292,6 +296,21 @@ def _delete_containers(runc_root: Path) -> None:
                 capture_output=True,
                 check=False,
             )
+
+
+def _remove_host_cgroups(pattern: str) -> list[str]:
+    """The cgroup dirs ``/godwit/<pattern>`` in every hierarchy, deepest first, where
+    empty: runc deletes a container's own cgroup, not the host's dir above it (see
+    ``ContainerStore.cgroups_path``). Returns the host dirs removed, as ``/godwit/<id>``."""
+    removed = set()
+    for hierarchy in hierarchies():
+        for top in (hierarchy / CGROUP_PARENT).glob(pattern):
+            for path, _, _ in os.walk(top, topdown=False):
+                with contextlib.suppress(OSError):  # in use (a process in it), or gone
+                    os.rmdir(path)
+            if not top.exists():
+                removed.add(f"/{CGROUP_PARENT}/{top.name}")
+    return sorted(removed)
 
 
 def _delete_link(name: str) -> None:
