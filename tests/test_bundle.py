@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from godwit.bundle import load_config, oci_config, rewrite_for_host, save_config
-from godwit.cgroups import CGROUP_ROOT
+from godwit.cgroups import remove_empty
 from godwit.lab.bundles import counter_bundle, make_busybox_rootfs, read_count, write_bundle
 from godwit.lab.workloads import build_memhog, memhog_bundle, read_state
 from godwit.runc import DEFAULT_RUNC
@@ -81,15 +81,7 @@ def runc_host(tmp_path: Path) -> Iterator[Callable[[str], Runc]]:
             for cid in runc.ids():
                 with contextlib.suppress(RuntimeError):
                     runc("delete", "--force", cid)
-        remove_cgroups(f"godwit/{CGROUP_PARENT}-*")
-
-
-def remove_cgroups(pattern: str) -> None:
-    """rmdir (deepest first) every cgroup dir matching ``pattern`` in all v1 controllers."""
-    for top in CGROUP_ROOT.glob(f"*/{pattern}"):
-        for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
-            with contextlib.suppress(OSError):
-                os.rmdir(dirpath)
+        remove_empty(f"godwit/{CGROUP_PARENT}-*")
 
 
 def test_oci_config_is_complete() -> None:

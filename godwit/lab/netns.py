@@ -37,8 +37,8 @@ from typing import Any
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from godwit import tmpfs
-from godwit.cgroups import CGROUP_PARENT, hierarchies
+from godwit import cgroups, tmpfs
+from godwit.cgroups import CGROUP_PARENT
 from godwit.network import _CLONE_NEWNET, DEFAULT_BRIDGE, NETNS_DIR, NETNS_PREFIX
 from godwit.runc import CURRENT_RUNC, DEFAULT_RUNC
 
@@ -299,18 +299,10 @@ def _delete_containers(runc_root: Path) -> None:
 
 
 def _remove_host_cgroups(pattern: str) -> list[str]:
-    """The cgroup dirs ``/godwit/<pattern>`` in every hierarchy, deepest first, where
-    empty: runc deletes a container's own cgroup, not the host's dir above it (see
-    ``ContainerStore.cgroups_path``). Returns the host dirs removed, as ``/godwit/<id>``."""
-    removed = set()
-    for hierarchy in hierarchies():
-        for top in (hierarchy / CGROUP_PARENT).glob(pattern):
-            for path, _, _ in os.walk(top, topdown=False):
-                with contextlib.suppress(OSError):  # in use (a process in it), or gone
-                    os.rmdir(path)
-            if not top.exists():
-                removed.add(f"/{CGROUP_PARENT}/{top.name}")
-    return sorted(removed)
+    """The hosts' cgroup dirs ``/godwit/<pattern>``, where empty: runc deletes a
+    container's own cgroup, not the host's dir above it (see
+    ``ContainerStore.cgroups_path``). Returns those removed, as ``/godwit/<id>``."""
+    return [f"/{rel}" for rel in cgroups.remove_empty(f"{CGROUP_PARENT}/{pattern}")]
 
 
 def _delete_link(name: str) -> None:
