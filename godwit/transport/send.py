@@ -47,6 +47,7 @@ class _Framer:
                  chunk: int, tamper: Callable[[bytes], bytes] | None = None,
                  digest: str = DEFAULT_DIGEST):
         self.plan = plan
+        self.header = stream_header(compress, digest)  # a bad argument fails here
         self.digest = digest  # the file digests' algorithm (wire.SHA256 or wire.BLAKE3)
         self.tamper = tamper  # tests only (godwit.faults): alters data after hashing
         self.stats = stats
@@ -58,7 +59,7 @@ class _Framer:
     def wire(self) -> Iterator[Chunk]:
         """(wire chunk, progress after it): big pieces go out as they are, small ones
         (records, small files) are gathered into chunks of about `_WIRE_FLUSH` first."""
-        out = bytearray(stream_header(self.compress, self.digest))
+        out = bytearray(self.header)
         comp = None
         if self.compress:  # threads=1: libzstd compresses while this thread reads and hashes
             comp = zstandard.ZstdCompressor(level=self.level, threads=1).compressobj()
@@ -303,7 +304,6 @@ class TreeStream:
             raise ValueError(f"chunk_size out of range: {chunk_size}")
         self.plan = plan
         self.stats = TransferStats()
-        stream_header(compress, digest)  # a bad argument fails here, not in the thread
         self._framer = _Framer(plan, self.stats, compress, level, chunk_size, tamper, digest)
         self._bucket = _TokenBucket(rate_limit) if rate_limit is not None else None
         self._on_progress = on_progress
