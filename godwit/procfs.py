@@ -118,6 +118,26 @@ def _shared_memory(maps_line: str) -> bool:
             or path.endswith("(deleted)"))
 
 
+def shared_file_mappings(pids: Iterable[int]) -> dict[tuple[int, int], str]:
+    """Files the processes map shared, each once: (st_dev, st_ino) -> the
+    /proc/PID/map_files entry of one of its mappings, which opens that very file. Shared
+    memory and deleted files (see `_shared_memory`), which CRIU dumps itself, are left out."""
+    files: dict[tuple[int, int], str] = {}
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            continue  # gone: it maps nothing any more
+        for line in maps.splitlines():
+            fields = line.split(maxsplit=5)
+            if len(fields) < 6 or fields[1][3:4] != "s" or _shared_memory(line):
+                continue
+            major, minor = (int(part, 16) for part in fields[3].split(":"))
+            inode = (os.makedev(major, minor), int(fields[4]))
+            files.setdefault(inode, f"/proc/{pid}/map_files/{fields[0]}")
+    return files
+
+
 _SO_ACCEPTCON = 0x10000  # /proc/net/unix flags: a listening socket
 
 

@@ -98,6 +98,36 @@ def test_this_process_maps_shared_memory_once_it_does() -> None:
         child.wait()
 
 
+MAPS = """
+import mmap, sys, time
+shared, private = open(sys.argv[1], "r+b"), open(sys.argv[2], "r+b")
+maps = [mmap.mmap(shared.fileno(), 4096, flags=mmap.MAP_SHARED),
+        mmap.mmap(shared.fileno(), 4096, flags=mmap.MAP_SHARED, offset=4096),
+        mmap.mmap(private.fileno(), 4096, flags=mmap.MAP_PRIVATE),
+        mmap.mmap(-1, 4096, flags=mmap.MAP_SHARED)]  # shared memory: CRIU dumps it
+print("mapped", flush=True)
+time.sleep(30)
+"""
+
+
+def test_shared_file_mappings_name_each_file_mapped_shared_once(tmp_path: Path) -> None:
+    shared, private = tmp_path / "shared", tmp_path / "private"
+    for path in (shared, private):
+        path.write_bytes(bytes(8192))
+    child = subprocess.Popen([sys.executable, "-c", MAPS, str(shared), str(private)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "mapped\n"
+        files = procfs.shared_file_mappings([child.pid, 2**22 + 1])  # the second: no such pid
+    finally:
+        child.kill()
+        child.wait()
+    inode, private_inode = ((p.stat().st_dev, p.stat().st_ino) for p in (shared, private))
+    assert inode in files and private_inode not in files  # (glibc maps a cache file shared)
+    assert files[inode].startswith(f"/proc/{child.pid}/map_files/")
+    assert not any(os.major(dev) == 0 and os.minor(dev) == 1 for dev, _ in files)  # shmem
+
+
 def test_a_unix_socket_listens_only_after_listen(tmp_path: Path, monkeypatch) -> None:
     """CRIU's lazy-pages daemon binds its socket (the file appears) before it listens."""
     monkeypatch.chdir(tmp_path)

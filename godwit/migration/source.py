@@ -33,6 +33,7 @@ from godwit.errors import GodwitError
 from godwit.migration import MigrationOptions, default_max_freeze
 from godwit.migration.failure_logs import FailureLogs
 from godwit.migration.journal import Journal, Journals
+from godwit.migration.mapped_files import write_back_mapped_files
 from godwit.migration.report import EventStream
 from godwit.migration.states import DestinationState, Result, Stage
 from godwit.netns_carry import check_own_netns
@@ -429,12 +430,20 @@ class SourceMigration:
         with self.events.phase(phase):
             await faults.point("rootfs")
             if initial or self.manifest is None:
-                plan = await asyncio.to_thread(plan_tree, root)
+                plan = await asyncio.to_thread(self.plan_whole_rootfs, root, initial)
                 self.manifest = plan.manifest
             else:
                 changed, deleted = await asyncio.to_thread(changes_since, self.manifest, root)
                 plan = await asyncio.to_thread(plan_tree, root, changed, deleted)
             self.report.rootfs_bytes += await self.upload("rootfs", plan, phase)
+
+    def plan_whole_rootfs(self, root: Path, running: bool) -> TreePlan:
+        """Scan the whole rootfs. While the container runs, the files it maps shared are
+        written back first, and the scan counts from before that (see `mapped_files`)."""
+        started = time.time_ns()
+        if running:
+            write_back_mapped_files(self.ctx.store.pids(self.name))
+        return plan_tree(root, started_ns=started)
 
     async def arm(self) -> None:
         """Start the dump here and the restore there, each held just before CRIU: both at

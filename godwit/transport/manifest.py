@@ -94,9 +94,10 @@ def file_meta(st: os.stat_result, target: str | None) -> FileMeta | None:
 # ---- scans
 
 
-def scan_tree(root: Path | str) -> Manifest:
-    """lstat every entry under `root` (never following symlinks)."""
-    manifest = Manifest(scanned_ns=time.time_ns())
+def scan_tree(root: Path | str, started_ns: int | None = None) -> Manifest:
+    """lstat every entry under `root` (never following symlinks). `started_ns`: the time
+    the scan counts from when something it depends on ran before it (default: now)."""
+    manifest = Manifest(scanned_ns=time.time_ns() if started_ns is None else started_ns)
 
     def add(path: str, st: os.stat_result, dir_fd: int, name: str) -> None:
         try:
@@ -228,15 +229,17 @@ def _top_most(paths: Iterable[str]) -> list[str]:
 
 
 def plan_tree(
-    root: Path | str, paths: Iterable[str] | None = None, deleted: Iterable[str] = ()
+    root: Path | str, paths: Iterable[str] | None = None, deleted: Iterable[str] = (),
+    started_ns: int | None = None,
 ) -> TreePlan:
-    """Plan a transfer of `root`: the whole tree (paths=None) or only `paths` plus
-    `deleted` records. Paths of `paths` that no longer exist become deletions."""
+    """Plan a transfer of `root`: the whole tree (paths=None, scanned as by `scan_tree`)
+    or only `paths` plus `deleted` records. Paths of `paths` that no longer exist become
+    deletions."""
     root = Path(root)
     dels = {check_path(p) for p in deleted}
     manifest = None
     if paths is None:
-        manifest = scan_tree(root)
+        manifest = scan_tree(root, started_ns)
         entries = sorted(manifest.items())
     else:
         entries = _stat_paths(root, paths, dels)
