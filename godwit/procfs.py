@@ -138,6 +138,27 @@ def shared_file_mappings(pids: Iterable[int]) -> dict[tuple[int, int], str]:
     return files
 
 
+def files_open_for_writing(pids: Iterable[int]) -> list[str]:
+    """The /proc/PID/fd entries the processes hold open for writing (of any kind)."""
+    found = []
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fdinfo")
+        except OSError:
+            continue  # gone: it holds nothing any more
+        found += [f"/proc/{pid}/fd/{fd}" for fd in fds if _open_for_writing(pid, fd)]
+    return found
+
+
+def _open_for_writing(pid: int, fd: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+            flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
+    except (OSError, StopIteration):
+        return False  # closed meanwhile
+    return flags & os.O_ACCMODE != os.O_RDONLY
+
+
 _SO_ACCEPTCON = 0x10000  # /proc/net/unix flags: a listening socket
 
 

@@ -128,6 +128,15 @@ def test_shared_file_mappings_name_each_file_mapped_shared_once(tmp_path: Path) 
     assert not any(os.major(dev) == 0 and os.minor(dev) == 1 for dev, _ in files)  # shmem
 
 
+def test_files_open_for_writing_are_told_from_those_open_for_reading(tmp_path: Path) -> None:
+    written, read = tmp_path / "written", tmp_path / "read"
+    read.write_bytes(b"")
+    with open(written, "wb") as w, open(read, "rb") as r:
+        found = procfs.files_open_for_writing([os.getpid(), 2**22 + 1])
+        assert f"/proc/{os.getpid()}/fd/{w.fileno()}" in found
+        assert f"/proc/{os.getpid()}/fd/{r.fileno()}" not in found
+
+
 def test_a_unix_socket_listens_only_after_listen(tmp_path: Path, monkeypatch) -> None:
     """CRIU's lazy-pages daemon binds its socket (the file appears) before it listens."""
     monkeypatch.chdir(tmp_path)

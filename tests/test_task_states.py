@@ -3,6 +3,7 @@ task in stopped state (a job stopped by its shell), migrated with real runc and 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -70,9 +71,9 @@ def count(rootfs: Path) -> int:
         return 0
 
 
-def migrate(bed: Testbed, name: str, strategy: str) -> dict:
+def migrate(bed: Testbed, name: str, strategy: str, *options: str) -> dict:
     result = bed.godwit("migrate", name, "--to", "b", "--strategy", strategy, "--json",
-                        timeout=MIGRATE_TIMEOUT_S)
+                        *options, timeout=MIGRATE_TIMEOUT_S)
     assert "Traceback" not in result.stderr, result.stderr
     report = json.loads(result.stdout)
     assert result.returncode == 0 and report["result"] == "ok", report
@@ -240,4 +241,47 @@ def test_writes_through_a_shared_mapping_move_with_the_rootfs(bed: Testbed,
     moved = mapped_count(on_b)
     wait_for(lambda: mapped_count(on_b) > moved + 20,
              what="mapwriter to count on after the move (it exits if its mapping went back)")
+    bed.godwit("rm", name)
+
+
+# A shell writes 64 KiB to /data/held once and keeps it open for writing, beside the counter.
+HOLDS_A_WRITTEN_FILE = ("trap 'exit 0' TERM INT; exec 3>/data/held; "
+                        f"head -c 65536 /dev/urandom >&3; {COUNTER_LOOP}")
+CACHESTAT = 451  # x86_64 syscall number (Linux 6.5)
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(field, ctypes.c_uint64) for field in (
+        "nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently_evicted")]
+
+
+def dirty_pages(path: Path) -> int:
+    """Pages of `path` dirty in this host's page cache (cachestat(2))."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    found = _Cachestat()
+    with open(path, "rb") as f:
+        if libc.syscall(CACHESTAT, f.fileno(), ctypes.byref(_CachestatRange(0, 0)),
+                        ctypes.byref(found), 0):
+            raise OSError(ctypes.get_errno(), f"cachestat {path}")
+    return found.nr_dirty
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_shared_storage_is_written_back_before_the_restore(bed: Testbed,
+                                                           strategy: str) -> None:
+    """On shared storage (NFS) the destination reads what the source's page cache wrote
+    back, no more: the file the container wrote and holds open must be written back
+    before b restores from the storage."""
+    name = f"writer-{strategy}"
+    rootfs = start(bed, name, app_bundle(bed, name, HOLDS_A_WRITTEN_FILE))
+    wait_for(lambda: count(rootfs) >= 10, what="counter to reach 10")
+    assert dirty_pages(rootfs / "data/held") > 0, "written back before the test could see"
+    report = migrate(bed, name, strategy, "--shared-storage")
+    assert dirty_pages(rootfs / "data/held") == 0
+    phases = {phase["name"]: phase for phase in report["phases"]}
+    assert phases["rootfs-sync"]["ended"] <= phases["restore"]["started"], phases
     bed.godwit("rm", name)

@@ -33,9 +33,9 @@ from godwit.errors import GodwitError
 from godwit.migration import MigrationOptions, default_max_freeze
 from godwit.migration.failure_logs import FailureLogs
 from godwit.migration.journal import Journal, Journals
-from godwit.migration.mapped_files import write_back_mapped_files
 from godwit.migration.report import EventStream
 from godwit.migration.states import DestinationState, Result, Stage
+from godwit.migration.write_back import write_back_mapped_files, write_back_written_files
 from godwit.netns_carry import check_own_netns
 from godwit.network import ContainerNet, wants_own_netns
 from godwit.preflight import Need, check_file_locks, refusal, run_checks, verdict
@@ -305,7 +305,9 @@ class SourceMigration:
 
     async def steps_before_freeze(self) -> None:
         await self.prepare_destination()
-        if not self.shared:
+        if self.shared:
+            await self.write_back_rootfs(frozen=False)
+        else:
             await self.send_rootfs(initial=True)
         await self.before_freeze()
         await self.arm()
@@ -340,11 +342,12 @@ class SourceMigration:
         await self.cleanup_source()
 
     async def frozen_steps(self) -> None:
-        """The rootfs's frozen pass runs beside the dump: the container cannot change it
-        any more, and the dump writes only to its images."""
+        """The rootfs's frozen pass (or on shared storage, its write-back) runs beside the
+        dump: the container cannot change it any more, and the dump writes only to its
+        images."""
         await self.freeze()
         if self.shared:
-            await self.dump()
+            await run_together(self.dump(), self.write_back_rootfs(frozen=True))
         else:
             await run_together(self.dump(), self.send_rootfs(initial=False))
         await self.send_images_and_restore()
@@ -437,9 +440,17 @@ class SourceMigration:
                 plan = await asyncio.to_thread(plan_tree, root, changed, deleted)
             self.report.rootfs_bytes += await self.upload("rootfs", plan, phase)
 
+    async def write_back_rootfs(self, *, frozen: bool) -> None:
+        """On shared storage: write back the files the container may hold dirty, while it
+        runs and again once frozen, before the destination restores from the storage."""
+        with self.events.phase("rootfs-sync" if frozen else "rootfs"):
+            await faults.point("rootfs")
+            pids = self.ctx.store.pids(self.name)
+            await asyncio.to_thread(write_back_written_files, pids)
+
     def plan_whole_rootfs(self, root: Path, running: bool) -> TreePlan:
         """Scan the whole rootfs. While the container runs, the files it maps shared are
-        written back first, and the scan counts from before that (see `mapped_files`)."""
+        written back first, and the scan counts from before that (see `write_back`)."""
         started = time.time_ns()
         if running:
             write_back_mapped_files(self.ctx.store.pids(self.name))

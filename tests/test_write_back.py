@@ -1,4 +1,4 @@
-"""Writes through a shared mapping and the rootfs's passes (`godwit.migration.mapped_files`).
+"""Writes through a shared mapping and the rootfs's passes (`godwit.migration.write_back`).
 The container-level test is `test_task_states.py`'s shared-mapping test."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from godwit.migration.mapped_files import write_back_mapped_files
+from godwit.migration.write_back import write_back, write_back_mapped_files
 
 # Opening /proc/PID/map_files needs CAP_SYS_ADMIN (as CRIU does); and a disk filesystem,
 # for a tmpfs has no writeback.
@@ -37,3 +37,16 @@ def test_after_the_write_back_a_write_through_the_mapping_moves_the_ctime(
 
 def test_files_of_exited_processes_are_skipped() -> None:
     assert write_back_mapped_files([2**22 + 1]) == 0
+
+
+def test_only_regular_files_are_written_back_each_once(tmp_path: Path) -> None:
+    """A pipe's end is never opened (that could block), and two links to one file count once."""
+    reader, writer = os.pipe()
+    try:
+        with open(tmp_path / "file", "wb") as f:
+            f.write(b"dirty")
+            links = [f"/proc/self/fd/{fd}" for fd in (writer, f.fileno(), f.fileno())]
+            assert write_back(links) == 1
+    finally:
+        os.close(reader)
+        os.close(writer)
