@@ -52,8 +52,10 @@ from godwit.runc_features import RuncFeatures
 # 2.7: a source whose dump's images are small (post-copy without shared memory) asks for
 # them to be kept in memory (`ArmRequest.images_in_memory`: a tmpfs on the staging's images).
 # 2.8: a tree stream's file digests may be BLAKE3 (its header's flag bit 1); a source sends
-# sha256 to an older destination, which refuses the flag.
-PROTOCOL_VERSION = "2.8"
+# sha256 to an older destination, which refuses the flag. 2.9: a tree stream's records carry
+# the entries' extended attributes (`xattrs`: user.*, trusted.*, security.*, POSIX ACLs); an
+# older destination ignores the field, and its copy has none, as before.
+PROTOCOL_VERSION = "2.9"
 PAGES_WAIT_S = 5.0
 MigrationId = Annotated[str, msgspec.Meta(pattern="^[0-9a-f-]{1,64}$", max_length=64)]
 M = TypeVar("M")

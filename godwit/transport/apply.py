@@ -21,12 +21,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from godwit.transport.rules import KEEP_ALL, TreeRules
+from godwit.transport.rules import FILE_CAPS, KEEP_ALL, TreeRules
 from godwit.transport.safefs import (
     GONE,
     DirFds,
     create_temp_file,
     ensure_dir,
+    entry_path,
     lstat_at,
     open_root,
     pwrite_all,
@@ -35,6 +36,7 @@ from godwit.transport.safefs import (
     same_inode,
     set_dir_mode_mtime,
     set_mode_mtime,
+    set_xattrs,
 )
 from godwit.transport.wire import (
     DEVICE_TYPES,
@@ -42,6 +44,7 @@ from godwit.transport.wire import (
     Hasher,
     TransferError,
     TransferStats,
+    carried_xattr,
     check_path,
     header_extents,
     header_int,
@@ -49,6 +52,7 @@ from godwit.transport.wire import (
     header_mtime,
     header_owner,
     header_symlink_target,
+    header_xattrs,
     new_hasher,
 )
 
@@ -57,6 +61,10 @@ _WRITES_INFLIGHT = 8
 _NODE_TYPES = {"fifo": stat.S_IFIFO, "sock": stat.S_IFSOCK,
                "chr": stat.S_IFCHR, "blk": stat.S_IFBLK}
 _RDEV_MAX = 2**64 - 1
+
+
+def _replaceable_xattr(name: str) -> bool:
+    return carried_xattr(name) and (not name.startswith("security.") or name == FILE_CAPS)
 
 
 @dataclass
@@ -73,6 +81,7 @@ class IncomingFile:
     remaining: int  # data bytes still to come
     extents: list[tuple[int, int]] | None
     hasher: Hasher
+    xattrs: dict[str, bytes] = field(default_factory=dict)
     offset: int = 0  # dense files: next write offset
     ext_i: int = 0
     ext_pos: int = 0
@@ -200,8 +209,9 @@ class TreeWriter:
             raise TransferError(f"{cur.path[:200]}: {self.digest} mismatch")
         h = cur.header
         if self._chown:
-            os.fchown(cur.fd, *header_owner(h))
+            os.fchown(cur.fd, *header_owner(h))  # before the xattrs: chown drops file caps
         set_mode_mtime(cur.fd, self.rules.mode(h["mode"]), h["mtime_ns"])
+        self._set_xattrs(cur.fd, cur.xattrs, cur.path)
         os.close(cur.fd)
         self.incoming = None
         if cur.extents is not None:
@@ -218,6 +228,7 @@ class TreeWriter:
         header_mode(h)
         header_mtime(h)
         header_owner(h)
+        xattrs = self.rules.xattrs(header_xattrs(h, rel))
         extents = h.get("extents")
         if extents is not None:
             extents = header_extents(extents, size)
@@ -228,7 +239,7 @@ class TreeWriter:
         fd = create_temp_file(fd_dir, tmp)
         head = rel.rpartition("/")[0]
         self.incoming = IncomingFile(rel, head, name, tmp, fd, h, size, data_len, extents,
-                                     new_hasher(self.digest))
+                                     new_hasher(self.digest), xattrs)
         if extents is not None:
             os.ftruncate(fd, size)
         return self.incoming
@@ -249,22 +260,27 @@ class TreeWriter:
         mode = header_mode(h)
         mtime = header_mtime(h)
         uid, gid = header_owner(h)
+        xattrs = self.rules.xattrs(header_xattrs(h, rel))
         if rel:
             fd, name = self._parent(rel)
             ensure_dir(fd, name)
             if self._chown:
                 os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
-        elif self._chown:
-            os.fchown(self.root_fd, uid, gid)
+            self._set_xattrs(entry_path(fd, name), xattrs, rel)
+        else:
+            if self._chown:
+                os.fchown(self.root_fd, uid, gid)
+            self._set_xattrs(self.root_fd, xattrs, rel)
         self._dir_meta[rel] = (mode, mtime)
 
     def _symlink(self, rel: str, h: dict) -> None:
         target = header_symlink_target(h, rel)
         mtime = header_mtime(h)
         owner = header_owner(h)
+        xattrs = self.rules.xattrs(header_xattrs(h, rel))
         fd, name = self._parent(rel)
         self._install(fd, name, lambda tmp: os.symlink(target, tmp, dir_fd=fd),
-                      owner=owner, mode=None, mtime=mtime)
+                      owner=owner, mode=None, mtime=mtime, xattrs=xattrs)
 
     def _mknod(self, rel: str, h: dict) -> None:
         kind = h["type"]
@@ -276,13 +292,15 @@ class TreeWriter:
         else:
             rdev = 0
         owner = header_owner(h)
+        xattrs = self.rules.xattrs(header_xattrs(h, rel))
         fd, name = self._parent(rel)
         file_type = _NODE_TYPES[kind]
         self._install(fd, name, lambda tmp: os.mknod(tmp, mode | file_type, rdev, dir_fd=fd),
-                      owner=owner, mode=mode, mtime=mtime)
+                      owner=owner, mode=mode, mtime=mtime, xattrs=xattrs)
 
     def _install(self, fd: int, name: str, create: Callable[[str], None], *,
-                 owner: tuple[int, int], mode: int | None, mtime: int) -> None:
+                 owner: tuple[int, int], mode: int | None, mtime: int,
+                 xattrs: dict[str, bytes]) -> None:
         """Create a node under a temporary name, give it its metadata, rename it into place."""
         tmp = self._tmp()
         create(tmp)
@@ -291,11 +309,22 @@ class TreeWriter:
                 os.chown(tmp, *owner, dir_fd=fd, follow_symlinks=False)
             if mode is not None:  # mknod applies the umask; tmp is our new node
                 os.chmod(tmp, mode, dir_fd=fd)
+            self._set_xattrs(entry_path(fd, tmp), xattrs, self.where)
             os.utime(tmp, ns=(mtime, mtime), dir_fd=fd, follow_symlinks=False)
         except BaseException:
             os.unlink(tmp, dir_fd=fd)
             raise
         replace_entry(fd, tmp, name)
+
+    @staticmethod
+    def _set_xattrs(target: int | str, xattrs: dict[str, bytes], rel: str) -> None:
+        """The entry's extended attributes become exactly the record's (those a new entry
+        inherited, a default ACL's, or an updated one had, go), but for other security.*
+        ones, which this host's own security module may have set."""
+        try:
+            set_xattrs(target, xattrs, stale=_replaceable_xattr)
+        except OSError as e:
+            raise TransferError(f"{rel[:200]}: extended attributes: {e.strerror or e}") from e
 
     def _hardlink(self, rel: str, h: dict) -> None:
         try:

@@ -1,4 +1,5 @@
-"""What a received tree may hold: how many bytes, set-id bits, device nodes.
+"""What a received tree may hold: how many bytes, set-id bits and file capabilities,
+device nodes.
 
 The defaults keep everything (a faithful copy); a destination agent receiving a peer's
 tree passes stricter rules (see `godwit.migration.receiver`)."""
@@ -14,6 +15,7 @@ from godwit.transport.wire import TransferError
 
 ENTRY_COST = 256  # bytes charged per record: bounds inodes, not only data
 SETID_BITS = 0o6000
+FILE_CAPS = "security.capability"  # the extended attribute of a file's capabilities
 
 
 class UploadTooLarge(TransferError):
@@ -55,6 +57,13 @@ class TreeRules:
     def mode(self, mode: int) -> int:
         """A file's or node's mode as it may be applied here."""
         return mode if self.keep_setid else mode & ~SETID_BITS
+
+    def xattrs(self, xattrs: dict[str, bytes]) -> dict[str, bytes]:
+        """A file's extended attributes as they may be applied here: its capabilities go
+        with the set-id bits."""
+        if self.keep_setid or FILE_CAPS not in xattrs:
+            return xattrs
+        return {name: value for name, value in xattrs.items() if name != FILE_CAPS}
 
     def check_device(self, kind: str, rdev: int, where: str) -> None:
         if self.device_allowed is None:

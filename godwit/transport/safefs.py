@@ -13,7 +13,7 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -217,3 +217,45 @@ def set_dir_mode_mtime(parent_fd: int, name: str, mode: int, mtime_ns: int) -> N
         set_mode_mtime(fd, mode, mtime_ns)
     finally:
         os.close(fd)
+
+
+# ---- extended attributes: os.*xattr take no dir_fd, so an entry is named through /proc
+
+
+def entry_path(dir_fd: int, name: str) -> str:
+    """A path to `name` in directory `dir_fd` for calls without dir_fd (pass them
+    follow_symlinks=False so that `name` itself is not followed)."""
+    return f"/proc/self/fd/{dir_fd}/{name}"
+
+
+def get_xattrs(target: int | str, wanted: Callable[[str], bool]) -> dict[str, bytes]:
+    """The `wanted` extended attributes of an open file (fd) or an `entry_path`; {} where
+    the file system has none. One removed meanwhile is left out."""
+    follow: dict = {} if isinstance(target, int) else {"follow_symlinks": False}
+    try:
+        names = os.listxattr(target, **follow)
+    except OSError as e:
+        if e.errno == errno.EOPNOTSUPP:
+            return {}
+        raise
+    found = {}
+    for name in filter(wanted, names):
+        try:
+            found[name] = os.getxattr(target, name, **follow)
+        except OSError as e:
+            if e.errno != errno.ENODATA:
+                raise
+    return found
+
+
+def set_xattrs(target: int | str, xattrs: dict[str, bytes],
+               stale: Callable[[str], bool] | None = None) -> None:
+    """Set `xattrs` on an open file (fd) or an `entry_path`; with `stale`, first remove
+    the attributes it names that `xattrs` does not have (an entry updated in place)."""
+    follow: dict = {} if isinstance(target, int) else {"follow_symlinks": False}
+    if stale is not None:
+        for name in os.listxattr(target, **follow):
+            if stale(name) and name not in xattrs:
+                os.removexattr(target, name, **follow)
+    for name, value in xattrs.items():
+        os.setxattr(target, name, value, **follow)

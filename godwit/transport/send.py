@@ -17,7 +17,15 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import zstandard
 
 from godwit.transport.manifest import FileMeta, TreePlan
-from godwit.transport.safefs import DirFds, data_extents, open_regular, tree_dirs
+from godwit.transport.safefs import (
+    GONE,
+    DirFds,
+    data_extents,
+    entry_path,
+    get_xattrs,
+    open_regular,
+    tree_dirs,
+)
 from godwit.transport.wire import (
     DEFAULT_DIGEST,
     DEVICE_TYPES,
@@ -26,7 +34,9 @@ from godwit.transport.wire import (
     MAX_EXTENTS,
     TransferError,
     TransferStats,
+    carried_xattr,
     encode_record,
+    encode_xattrs,
     end_header,
     new_hasher,
     stream_header,
@@ -93,7 +103,7 @@ class _Framer:
                     yield from self._file(dirs, path, sent_inodes)
                 else:
                     stats.entries += 1
-                    yield encode_record(_entry_header(path, meta))
+                    yield encode_record(_entry_header(path, meta, _entry_xattrs(dirs, path)))
         yield encode_record(end_header(stats))
 
     def _file(self, dirs: DirFds, path: str, sent_inodes: dict) -> Iterator[bytes]:
@@ -112,7 +122,7 @@ class _Framer:
             if st.st_nlink > 1:
                 sent_inodes[key] = path
             extents = _sparse_extents(fd, st)
-            yield self._file_record(path, st, extents)
+            yield self._file_record(path, st, extents, get_xattrs(fd, carried_xattr))
             ranges = extents if extents is not None else [(0, st.st_size)]
             yield from self._file_data(fd, path, st.st_size, ranges)
         except OSError as e:
@@ -129,11 +139,13 @@ class _Framer:
             raise TransferError(f"{path}: {e.strerror}") from e
 
     def _file_record(self, path: str, st: os.stat_result,
-                     extents: list[tuple[int, int]] | None) -> bytes:
+                     extents: list[tuple[int, int]] | None, xattrs: dict[str, bytes]) -> bytes:
         h = {"type": "file", "path": path, "mode": stat.S_IMODE(st.st_mode)}
         h.update(uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns, size=st.st_size)
         if extents is not None:
             h["extents"] = extents
+        if xattrs:
+            h["xattrs"] = encode_xattrs(xattrs)
         self.stats.entries += 1
         self.stats.files += 1
         self.stats.bytes += st.st_size
@@ -184,7 +196,7 @@ def _sparse_extents(fd: int, st: os.stat_result) -> list[tuple[int, int]] | None
     return data_extents(fd, st.st_size, MAX_EXTENTS)
 
 
-def _entry_header(path: str, meta: FileMeta) -> dict:
+def _entry_header(path: str, meta: FileMeta, xattrs: dict[str, bytes]) -> dict:
     """The record header of anything but a regular file."""
     h: dict = {"type": meta.type, "path": path, "uid": meta.uid, "gid": meta.gid}
     h["mtime_ns"] = meta.mtime_ns
@@ -194,7 +206,22 @@ def _entry_header(path: str, meta: FileMeta) -> dict:
         h["mode"] = meta.mode
     if meta.type in DEVICE_TYPES:
         h["rdev"] = meta.rdev
+    if xattrs:
+        h["xattrs"] = encode_xattrs(xattrs)
     return h
+
+
+def _entry_xattrs(dirs: DirFds, path: str) -> dict[str, bytes]:
+    """The carried extended attributes of a tree entry ("." is the root), {} if it is gone."""
+    if path == ".":
+        return get_xattrs(dirs.root, carried_xattr)
+    head, _, name = path.rpartition("/")
+    try:
+        return get_xattrs(entry_path(dirs.open(head), name), carried_xattr)
+    except OSError as e:
+        if e.errno in GONE:
+            return {}  # removed since the scan: its record is stale, a later pass sends it
+        raise TransferError(f"{path}: {e.strerror}") from e
 
 
 class _TokenBucket:

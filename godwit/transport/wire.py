@@ -31,6 +31,11 @@ type         fields
 ``end``      entries (records before it), files (``file`` records), bytes (sum of ``size``)
 ===========  ===============================================================================
 
+Every record but ``hardlink``, ``delete`` and ``end`` may carry ``xattrs``, an object of
+extended attribute names (``user.*``, ``trusted.*``, ``security.*``, and the POSIX ACLs
+``system.posix_acl_access`` and ``system.posix_acl_default``) to base64 values; protocol
+2.9, an older receiver ignores the field.
+
 ``mode`` holds the permission bits only (``& 0o7777``); the file type comes from ``type``.
 The data of a ``file`` is ``size`` bytes, or the sum of the extent lengths for a sparse
 file. Nothing may follow the ``end`` record.
@@ -38,6 +43,8 @@ file. Nothing may follow the ``end`` record.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 from collections.abc import Callable
@@ -66,6 +73,14 @@ DIGEST_LEN = 32  # sha256's and BLAKE3's (default length) alike
 # 1.7 GB/s), on each side of every transfer; sha256 for receivers older than protocol 2.8.
 BLAKE3, SHA256 = "blake3", "sha256"
 DEFAULT_DIGEST = BLAKE3
+
+# The extended attributes a tree stream carries: the rest (other system.* names, such as
+# an NFSv4 ACL) are not copied.
+XATTR_PREFIXES = ("user.", "trusted.", "security.")
+XATTR_ACLS = ("system.posix_acl_access", "system.posix_acl_default")
+MAX_XATTRS = 256
+MAX_XATTR_NAME = 255
+MAX_XATTR_VALUE = 65536
 
 _UID_MAX = 2**32 - 2
 _MTIME_MIN, _MTIME_MAX = -(2**63), 2**63 - 1
@@ -239,3 +254,33 @@ def _is_extent(e: object, end: int, size: int) -> bool:
         and e[1] > 0
         and e[0] + e[1] <= size
     )
+
+
+def carried_xattr(name: str) -> bool:
+    """Is this extended attribute part of a copied tree?"""
+    return name.startswith(XATTR_PREFIXES) or name in XATTR_ACLS
+
+
+def encode_xattrs(xattrs: dict[str, bytes]) -> dict[str, str]:
+    return {name: base64.b64encode(value).decode() for name, value in xattrs.items()}
+
+
+def header_xattrs(h: dict, rel: str) -> dict[str, bytes]:
+    """The record's extended attributes ({} when it has none), names and values checked."""
+    raw = h.get("xattrs", {})
+    if not isinstance(raw, dict) or len(raw) > MAX_XATTRS:
+        raise TransferError(f"malformed header: bad xattrs for {rel[:200]!r}")
+    return {name: _xattr_value(name, value, rel) for name, value in raw.items()}
+
+
+def _xattr_value(name: object, value: object, rel: str) -> bytes:
+    if not (isinstance(name, str) and 0 < len(name) <= MAX_XATTR_NAME and "\0" not in name
+            and carried_xattr(name) and isinstance(value, str)):
+        raise TransferError(f"malformed header: bad xattr {str(name)[:80]!r} for {rel[:200]!r}")
+    try:
+        data = base64.b64decode(value, validate=True)
+    except binascii.Error as e:
+        raise TransferError(f"malformed header: xattr {name} of {rel[:200]!r}: {e}") from e
+    if len(data) > MAX_XATTR_VALUE:
+        raise TransferError(f"malformed header: xattr {name} of {rel[:200]!r} too large")
+    return data
