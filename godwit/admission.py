@@ -16,9 +16,12 @@ it explicitly; every key is optional::
      "capabilities": ["CAP_CHOWN"], "devices": [{"type": "c", "major": 10, "minor": 229}],
      "host_namespaces": [], "allow_hooks": false, "sysctls": ["kernel.domainname"],
      "subnets": ["10.0.0.0/24"], "reserved_addresses": ["10.0.0.11"],
-     "max_commit_timeout": 3600, "max_idle_timeout": 86400}
+     "max_commit_timeout": 3600, "max_idle_timeout": 86400, "strip_setid": false}
 
 Lists add to the defaults (capabilities to runc's set, storage roots to the state dir).
+``strip_setid`` makes received trees lose their set-id bits and file capabilities; by default
+they keep them, as the container's own files (under 0700 dirs, out of other local users'
+reach; what they grant inside the container stays within its admitted capabilities).
 ``subnets`` defaults to the networks of the container bridge's addresses; the host's own
 addresses and its default gateways are always reserved.
 
@@ -75,6 +78,7 @@ class Policy:
     reserved_addresses: frozenset[ipaddress.IPv4Address] = frozenset()
     max_commit_timeout: float = 3600.0
     max_idle_timeout: float = 86400.0
+    strip_setid: bool = False
     source: str = "the default policy"
 
 
@@ -122,12 +126,20 @@ def parse_policy(raw: dict[str, Any], state_dir: Path, source: str) -> Policy:
         capabilities=default.capabilities | {_cap(c) for c in _strings(raw, "capabilities")},
         devices=default.devices | devices,
         host_namespaces=frozenset(_strings(raw, "host_namespaces")),
-        allow_hooks=bool(raw.get("allow_hooks", False)),
+        allow_hooks=_flag(raw, "allow_hooks"),
+        strip_setid=_flag(raw, "strip_setid"),
         sysctls=frozenset(_strings(raw, "sysctls")),
         subnets=tuple(ipaddress.IPv4Network(s) for s in _strings(raw, "subnets")),
         reserved_addresses=frozenset(ipaddress.IPv4Address(a)
                                      for a in _strings(raw, "reserved_addresses")),
         source=source, **limits)
+
+
+def _flag(raw: dict[str, Any], key: str) -> bool:
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false")
+    return value
 
 
 def _strings(raw: dict[str, Any], key: str) -> list[str]:
@@ -391,6 +403,10 @@ class Admission:
         those the policy's ``devices`` list, as read now."""
         devices = load_policy(self.state_dir).devices
         return lambda kind, major, minor: _device_allowed((kind[0], major, minor), devices)
+
+    def keeps_setid(self) -> bool:
+        """Do received trees keep set-id bits and file capabilities (not ``strip_setid``)?"""
+        return not load_policy(self.state_dir).strip_setid
 
     def _now(self) -> tuple[Policy, HostFacts]:
         return load_policy(self.state_dir), host_facts(self.bridge)

@@ -96,7 +96,8 @@ class Agent:
         self.admission = Admission(state_dir, self.store.networking.bridge)
         self.failure_logs = FailureLogs(state_dir / "failed-logs")
         self.receiver = Receiver(self.store, state_dir, tls, self.failure_logs,
-                                 device_rule=self.admission.device_rule)
+                                 device_rule=self.admission.device_rule,
+                                 keeps_setid=self.admission.keeps_setid)
         self.migrations = Migrations(name, self.store, state_dir, self.describe_host, tls,
                                      self.failure_logs)
         self.etcd = cluster.migrations if cluster else None  # cluster mode

@@ -7,6 +7,7 @@ import ctypes
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -285,3 +286,31 @@ def test_shared_storage_is_written_back_before_the_restore(bed: Testbed,
     phases = {phase["name"]: phase for phase in report["phases"]}
     assert phases["rootfs-sync"]["ended"] <= phases["restore"]["started"], phases
     bed.godwit("rm", name)
+
+
+# File capabilities (vfs_cap_data, revision 2): effective, permitted cap_net_bind_service.
+CAP_NET_BIND_SERVICE = struct.pack("<5I", 0x02000001, 1 << 10, 0, 0, 0)
+
+
+def test_set_id_bits_file_capabilities_and_xattrs_move_with_the_rootfs(bed: Testbed) -> None:
+    """A rootfs copied to b is the same files: sudo-like set-id programs, a server binary
+    allowed to bind low ports, and extended attributes keep working there."""
+    bundle = app_bundle(bed, "meta", COUNTER_LOOP)
+    rootfs = bundle / "rootfs"
+    shutil.copy2(rootfs / "bin/busybox", rootfs / "bin/setuid-tool")
+    os.chmod(rootfs / "bin/setuid-tool", 0o4755)
+    shutil.copy2(rootfs / "bin/busybox", rootfs / "bin/low-port-server")
+    os.chown(rootfs / "bin/low-port-server", APP_UID, APP_GID)
+    os.setxattr(rootfs / "bin/low-port-server", "security.capability", CAP_NET_BIND_SERVICE)
+    os.setxattr(rootfs / "data", "user.backup", b"nightly")
+    start(bed, "meta", bundle)
+    wait_for(lambda: count(rootfs) >= 10, what="counter to reach 10")
+    migrate(bed, "meta", "stop-and-copy")
+    on_b = rootfs_on(bed, "meta", "b")
+    assert on_b != rootfs
+    assert os.stat(on_b / "bin/setuid-tool").st_mode & 0o7777 == 0o4755
+    server = on_b / "bin/low-port-server"
+    assert os.getxattr(server, "security.capability") == CAP_NET_BIND_SERVICE
+    assert os.stat(server).st_uid == APP_UID
+    assert os.getxattr(on_b / "data", "user.backup") == b"nightly"
+    bed.godwit("rm", "meta")

@@ -93,11 +93,14 @@ class Receiver:
 
     def __init__(self, store: ContainerStore, state_dir: Path,
                  tls: TLSFiles | None = None, failure_logs: FailureLogs | None = None,
-                 device_rule: Callable[[], DeviceRule] | None = None) -> None:
-        """`device_rule()`: which device nodes a received tree may hold (the admission
-        policy's, read per upload); without it none."""
+                 device_rule: Callable[[], DeviceRule] | None = None,
+                 keeps_setid: Callable[[], bool] | None = None) -> None:
+        """`device_rule()`: which device nodes a received tree may hold, `keeps_setid()`:
+        whether it keeps set-id bits and file capabilities (the admission policy's, read
+        per upload); without them no device nodes, no set-id bits, no capabilities."""
         self.store = store
         self.device_rule = device_rule or (lambda: _no_devices)
+        self.keeps_setid = keeps_setid or (lambda: False)
         self.budgets: dict[str, ByteBudget] = {}  # per migration: bytes its uploads may write
         self.tls = tls
         self.failure_logs = failure_logs
@@ -312,8 +315,8 @@ class Receiver:
         dest.mkdir(exist_ok=True)
         self.touch(migration_id)
         await faults.point("rootfs" if what == "rootfs" else "images")
-        rules = TreeRules(budget=self._budget(migration_id, request), keep_setid=False,
-                          device_allowed=self.device_rule())
+        rules = TreeRules(budget=self._budget(migration_id, request),
+                          keep_setid=self.keeps_setid(), device_allowed=self.device_rule())
         try:
             stats = await receive_tree(stream, dest, rules=rules,
                                        on_progress=lambda _: self.touch(migration_id))

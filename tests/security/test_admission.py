@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from godwit.admission import (
+    Admission,
     AdmissionError,
     HostFacts,
     Policy,
@@ -203,6 +204,15 @@ def test_incoming_checks_config_rootfs_numbers_and_address() -> None:
             POLICY, FACTS)
     refused("idle_timeout", check_incoming, request | {"idle_timeout": 1e12}, POLICY, FACTS)
     refused("config must be", check_incoming, request | {"config": []}, POLICY, FACTS)
+
+
+def test_received_trees_keep_set_id_bits_unless_the_policy_strips_them(tmp_path: Path) -> None:
+    admission = Admission(tmp_path, "no-such-bridge")
+    assert admission.keeps_setid()
+    (tmp_path / "policy.json").write_text(json.dumps({"strip_setid": True}))
+    assert not admission.keeps_setid()
+    (tmp_path / "policy.json").write_text(json.dumps({"strip_setid": "yes"}))
+    refused("strip_setid must be true or false", load_policy, tmp_path, tmp_path / "none")
 
 
 def test_a_broken_policy_file_is_one_line(tmp_path: Path) -> None:
