@@ -32,6 +32,9 @@ class FakeStore:
     def memory_usage(self, name: str) -> int:
         return 0
 
+    def pids(self, name: str) -> set[int]:
+        return set()  # no process: nothing held dirty to write back
+
 
 class FakeGate:
     def open(self) -> None:
@@ -176,6 +179,22 @@ def test_the_rootfs_frozen_pass_runs_beside_the_dump(tmp_path: Path, monkeypatch
     assert (what, phase) == ("rootfs", "rootfs-sync") and "changed" in paths
     assert moving.report.error == f"freeze deadline of {DEADLINE_S:g} s passed during dump"
     assert dump.returncode == -9 and moving.resumed
+
+
+def test_the_shared_storage_write_back_runs_beside_the_dump(tmp_path: Path,
+                                                          monkeypatch) -> None:
+    monkeypatch.setenv("GODWIT_FAULT", "dump:hang")
+
+    async def scenario() -> FrozenOnly:
+        held, _ = await hung_dump()
+        moving = migration(tmp_path, held)
+        await moving.execute()
+        return moving
+
+    report = asyncio.run(scenario()).report
+    phases = {phase.name: phase for phase in report.phases}
+    assert phases["rootfs-sync"].ended < phases["dump"].ended, "not beside the dump"
+    assert report.error == f"freeze deadline of {DEADLINE_S:g} s passed during dump"
 
 
 def test_a_failed_rootfs_pass_calls_off_the_dump_at_once(tmp_path: Path, monkeypatch) -> None:
