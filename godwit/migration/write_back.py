@@ -7,7 +7,8 @@ page cache unseen. The frozen pass trusts mtime and ctime (`changes_since`), so 
 would reach the destination as the first pass saw it, and the restored process would map
 an older file. Writing these files back before the first pass's scan makes every page of
 their mappings read-only again: the next write faults and moves the ctime, after the
-scan's start, which the frozen pass then sees (as a change, or as "racy").
+scan's start, which the frozen pass then sees (as a change, or as "racy"). A filesystem
+without writeback (tmpfs, ramfs) never moves the ctime for such writes: a known limit.
 
 On shared storage (an NFS export, say) a host's dirty pages reach the server on close,
 fsync or writeback, not before; the destination would restore against the older file.
