@@ -147,16 +147,21 @@ def test_the_report_names_the_step_that_overran(tmp_path: Path, monkeypatch,
     assert report.result == "failed" and report.outcome == "running on a (resumed)"
 
 
-def test_an_error_fault_fails_the_step_at_once(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("GODWIT_FAULT", "dump:error")
-
+def run_with_held_dump(tmp_path: Path) -> FrozenOnly:
+    """Execute a shared-storage migration whose dump is `hung_dump`'s (what it does then is
+    the fault's)."""
     async def scenario() -> FrozenOnly:
         held, _ = await hung_dump()
         moving = migration(tmp_path, held)
         await moving.execute()
         return moving
 
-    report = asyncio.run(scenario()).report
+    return asyncio.run(scenario())
+
+
+def test_an_error_fault_fails_the_step_at_once(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("GODWIT_FAULT", "dump:error")
+    report = run_with_held_dump(tmp_path).report
     assert report.error == "fault injected at dump" and report.result == "failed"
     assert report.downtime_s is not None and report.downtime_s < DEADLINE_S
 
@@ -184,14 +189,7 @@ def test_the_rootfs_frozen_pass_runs_beside_the_dump(tmp_path: Path, monkeypatch
 def test_the_shared_storage_write_back_runs_beside_the_dump(tmp_path: Path,
                                                           monkeypatch) -> None:
     monkeypatch.setenv("GODWIT_FAULT", "dump:hang")
-
-    async def scenario() -> FrozenOnly:
-        held, _ = await hung_dump()
-        moving = migration(tmp_path, held)
-        await moving.execute()
-        return moving
-
-    report = asyncio.run(scenario()).report
+    report = run_with_held_dump(tmp_path).report
     phases = {phase.name: phase for phase in report.phases}
     assert phases["rootfs-sync"].ended < phases["dump"].ended, "not beside the dump"
     assert report.error == f"freeze deadline of {DEADLINE_S:g} s passed during dump"
