@@ -1,5 +1,7 @@
-"""Processes as operators run them: non-root users, servers that drop privileges, and a
-task in stopped state (a job stopped by its shell), migrated with real runc and CRIU."""
+"""Processes as operators run them: non-root users, servers that drop privileges, a task
+in stopped state (a job stopped by its shell), and the files they hold (locks, deleted
+files, shared mappings, dirty pages on shared storage, set-id bits, capabilities and
+extended attributes), migrated with real runc and CRIU."""
 
 from __future__ import annotations
 
