@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -99,14 +99,18 @@ def fs_type(path: Path) -> str:
 def has_shared_memory(pids: Iterable[int]) -> bool:
     """Does any of these processes map shared memory that is not a file on disk (System V
     shm, shared anonymous memory, memfd)? CRIU dumps it apart from the tasks' pages."""
+    return any(_shared_memory(line) for _, line in _maps_lines(pids))
+
+
+def _maps_lines(pids: Iterable[int]) -> Iterator[tuple[int, str]]:
+    """(pid, line) of each process's /proc/PID/maps; a process gone maps nothing."""
     for pid in pids:
         try:
             maps = Path(f"/proc/{pid}/maps").read_text()
         except OSError:
-            continue  # gone: nothing of it to dump
-        if any(_shared_memory(line) for line in maps.splitlines()):
-            return True
-    return False
+            continue
+        for line in maps.splitlines():
+            yield pid, line
 
 
 def _shared_memory(maps_line: str) -> bool:
@@ -123,18 +127,13 @@ def shared_file_mappings(pids: Iterable[int]) -> dict[tuple[int, int], str]:
     /proc/PID/map_files entry of one of its mappings, which opens that very file. Shared
     memory and deleted files (see `_shared_memory`), which CRIU dumps itself, are left out."""
     files: dict[tuple[int, int], str] = {}
-    for pid in pids:
-        try:
-            maps = Path(f"/proc/{pid}/maps").read_text()
-        except OSError:
-            continue  # gone: it maps nothing any more
-        for line in maps.splitlines():
-            fields = line.split(maxsplit=5)
-            if len(fields) < 6 or fields[1][3:4] != "s" or _shared_memory(line):
-                continue
-            major, minor = (int(part, 16) for part in fields[3].split(":"))
-            inode = (os.makedev(major, minor), int(fields[4]))
-            files.setdefault(inode, f"/proc/{pid}/map_files/{fields[0]}")
+    for pid, line in _maps_lines(pids):
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or fields[1][3:4] != "s" or _shared_memory(line):
+            continue
+        major, minor = (int(part, 16) for part in fields[3].split(":"))
+        inode = (os.makedev(major, minor), int(fields[4]))
+        files.setdefault(inode, f"/proc/{pid}/map_files/{fields[0]}")
     return files
 
 
