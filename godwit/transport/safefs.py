@@ -231,7 +231,7 @@ def entry_path(dir_fd: int, name: str) -> str:
 def get_xattrs(target: int | str, wanted: Callable[[str], bool]) -> dict[str, bytes]:
     """The `wanted` extended attributes of an open file (fd) or an `entry_path`; {} where
     the file system has none. One removed meanwhile is left out."""
-    follow: dict = {} if isinstance(target, int) else {"follow_symlinks": False}
+    follow = _not_following(target)
     try:
         names = os.listxattr(target, **follow)
     except OSError as e:
@@ -249,13 +249,18 @@ def get_xattrs(target: int | str, wanted: Callable[[str], bool]) -> dict[str, by
 
 
 def set_xattrs(target: int | str, xattrs: dict[str, bytes],
-               stale: Callable[[str], bool] | None = None) -> None:
-    """Set `xattrs` on an open file (fd) or an `entry_path`; with `stale`, first remove
-    the attributes it names that `xattrs` does not have (an entry updated in place)."""
-    follow: dict = {} if isinstance(target, int) else {"follow_symlinks": False}
-    if stale is not None:
-        for name in os.listxattr(target, **follow):
-            if stale(name) and name not in xattrs:
-                os.removexattr(target, name, **follow)
+               stale: Callable[[str], bool]) -> None:
+    """Set `xattrs` on an open file (fd) or an `entry_path`, first removing the attributes
+    `stale` names that `xattrs` does not have (inherited, or left from an earlier copy)."""
+    follow = _not_following(target)
+    for name in os.listxattr(target, **follow):
+        if stale(name) and name not in xattrs:
+            os.removexattr(target, name, **follow)
     for name, value in xattrs.items():
         os.setxattr(target, name, value, **follow)
+
+
+def _not_following(target: int | str) -> dict[str, bool]:
+    """The *xattr keyword for `target`: a path's last component is not followed (an fd
+    takes no such keyword)."""
+    return {} if isinstance(target, int) else {"follow_symlinks": False}
